@@ -1,0 +1,1 @@
+"""client package (filled in by later issues)."""

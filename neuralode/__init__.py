@@ -1,0 +1,13 @@
+"""odeserve's core: Neural ODE solvers and models. Depends on torch only."""
+
+from .solvers import (
+    PIController,
+    Solution,
+    SolverError,
+    Status,
+    odeint,
+    odeint_adjoint,
+    solve_ivp,
+)
+
+__all__ = ["PIController", "Solution", "SolverError", "Status", "odeint", "odeint_adjoint", "solve_ivp"]

@@ -1,0 +1,1 @@
+"""server package (filled in by later issues)."""
