@@ -70,9 +70,10 @@ def integrate(
             rows = done.nonzero().squeeze(1)
             if rows.numel():
                 finished = ids[rows]
-                failed = rows[state.status[rows] != int(Status.SUCCESS)]
-                if failed.numel():
-                    stops.index_put_((torch.full_like(failed, n_stops - 1), ids[failed]), state.y[failed])
+                # The last stop is y1: the end state, or where a failed sample stopped. A sample
+                # whose t_eval ends at t1 in a batch where others' do not has t1 twice in its
+                # schedule; this write covers the second.
+                stops.index_put_((torch.full_like(finished, n_stops - 1), finished), state.y[rows])
                 t_reached = t_reached.index_put((finished,), state.t[rows])
                 for name, counter in counters.items():
                     counter.index_put_((finished,), getattr(state, name)[rows])

@@ -25,6 +25,7 @@ Norm = Callable[[Tensor], Tensor]
 """Maps scaled errors ``[B, *S]`` to one norm per sample ``[B]``."""
 
 _NO_LIMIT = torch.iinfo(torch.int64).max
+_LANDING_SLACK = 1.01
 
 
 def rms_norm(scaled: Tensor) -> Tensor:
@@ -170,7 +171,9 @@ class Stepper:
         tableau = self.method.tableau
         t, y = state.t, state.y
         remaining = state.t_stop - t
-        lands = state.dt.abs() >= remaining.abs()
+        # Stretch a step by up to 1% to land on the stop rather than leave a sliver (as in
+        # Hairer's DOPRI5); this also absorbs rounding in fixed steps that add up to a stop.
+        lands = state.dt.abs() * _LANDING_SLACK >= remaining.abs()
         dt = torch.where(lands, remaining, state.dt)
         dt_rows = _rows(dt, y)
 

@@ -27,6 +27,9 @@ class ButcherTableau:
     a: tuple[tuple[float, ...], ...]
     b: tuple[float, ...]
     b_err: tuple[float, ...] | None = None
+    fsal: bool = field(init=False)
+    """First Same As Last: the last stage is evaluated at the new point, so it is the next
+    step's first stage and an accepted step costs one evaluation less."""
 
     def __post_init__(self) -> None:
         stages = len(self.c)
@@ -46,21 +49,13 @@ class ButcherTableau:
                 raise ValueError(f"b_err must have {stages} entries, one per stage")
             if not math.isclose(sum(self.b_err), 0.0, abs_tol=_CONSISTENCY_TOLERANCE):
                 raise ValueError(f"b_err sums to {sum(self.b_err)!r}, not 0")
+        fsal = stages > 1 and self.c[-1] == 1.0 and self.a[-1] == self.b[:-1] and self.b[-1] == 0.0
+        object.__setattr__(self, "fsal", fsal)
 
     @property
     def stages(self) -> int:
         return len(self.c)
 
-    @property
-    def fsal(self) -> bool:
-        """First Same As Last: the last stage is evaluated at the new point, so it is the next
-        step's first stage and an accepted step costs one evaluation less."""
-        return (
-            self.stages > 1
-            and self.c[-1] == 1.0
-            and self.a[-1] == self.b[:-1]
-            and self.b[-1] == 0.0
-        )
 
 
 @dataclass(frozen=True)
