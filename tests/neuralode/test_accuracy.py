@@ -20,19 +20,32 @@ def _relative_error(y: np.ndarray, reference: np.ndarray, rtol: float) -> float:
 _CASES = [(m, r) for m in ADAPTIVE for r in (1e-4, 1e-6, 1e-8) if not (m == "bosh3" and r == 1e-8)]
 
 
+_SCIPY_SAME_ORDER = {"bosh3": "RK23", "dopri5": "RK45", "tsit5": "RK45"}
+
+
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
 @pytest.mark.parametrize("method, rtol", _CASES)
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_matches_scipy_dop853(problem, method, rtol, backward):
+    """Global error stays within 10x the tolerance, or within 2x of what scipy's own method of
+    the same order reaches at that tolerance (local error control does not bound the global
+    error on problems that amplify it, such as Lotka–Volterra)."""
+    from scipy.integrate import solve_ivp as scipy_solve_ivp
+
     if backward:
         y0, t_span = tuple(problem.reference()), (problem.t_span[1], problem.t_span[1] - BACKWARD_SPAN)
     else:
         y0, t_span = problem.y0, problem.t_span
     reference = problem.reference(t_span, y0)
+    atol = rtol * 1e-3
     solution = solve_ivp(
-        problem.torch_rhs, torch.tensor([y0], dtype=torch.float64), t_span, method=method, rtol=rtol, atol=rtol * 1e-3
+        problem.torch_rhs, torch.tensor([y0], dtype=torch.float64), t_span, method=method, rtol=rtol, atol=atol
     ).raise_for_status()
-    assert _relative_error(solution.y1[0].numpy(), reference, rtol) <= 10.0
+    scipy_same_order = scipy_solve_ivp(
+        problem.numpy_rhs, t_span, np.asarray(y0), method=_SCIPY_SAME_ORDER[method], rtol=rtol, atol=atol
+    ).y[:, -1]
+    bound = max(10.0, 2.0 * _relative_error(scipy_same_order, reference, rtol))
+    assert _relative_error(solution.y1[0].numpy(), reference, rtol) <= bound
     assert float(solution.t1) == t_span[1]
 
 

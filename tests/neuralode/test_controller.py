@@ -23,9 +23,9 @@ def test_accept_and_reject_per_sample():
 
 
 def test_factors_follow_the_pi_formula():
-    c = PIController(pcoeff=0.4, icoeff=0.3, safety=0.9)
+    c = PIController(pcoeff=0.2, icoeff=0.65, safety=0.9)
     _, dt, _ = decide(c, [0.5], prev=[0.2])
-    expected = 0.1 * 0.9 * 0.5 ** (-0.7 / K) * 0.2 ** (0.4 / K)
+    expected = 0.1 * 0.9 * 0.5 ** (-0.85 / K) * 0.2 ** (0.2 / K)
     assert math.isclose(float(dt), expected, rel_tol=1e-12)
 
 

@@ -1,0 +1,151 @@
+"""Solver overhead on the ODE-Net function, side by side with torchdiffeq in one run.
+
+For each batch size: NFE, wall time of the solve, and the ratio
+``solve_time / (NFE × time of one bare f evaluation at that batch)``, i.e. how much the solver
+adds on top of the function evaluations it needs. For our per-sample solver NFE is the mean
+over samples (finished samples are no longer evaluated); torchdiffeq's is one shared count.
+
+    python bench/solver_overhead.py [--device cpu|cuda] [--batch 1000 1] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from neuralode.models import ODEFunc
+from neuralode.solvers import solve_ivp
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _graph_f_time(func, t, z, repeats: int) -> float | None:
+    """Time of one f evaluation replayed as a CUDA graph (the floor for any GPU solver)."""
+    if z.device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            func(t, z)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        func(t, z)
+    return _median_time(graph.replay, z.device, repeats * 20)
+
+
+def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
+    import torchdiffeq
+
+    torch.manual_seed(0)
+    func = ODEFunc(64).to(device).eval()
+    z0 = torch.randn(batch, 64, 6, 6, device=device)
+    t_batch = torch.full((batch,), 0.5, device=device)
+
+    calls = {"n": 0}
+
+    def shared_time_func(t, z):  # torchdiffeq passes one scalar time
+        calls["n"] += 1
+        return func(t, z)
+
+    with torch.no_grad():
+        f_time = _median_time(lambda: func(t_batch, z0), device, repeats * 5)
+        graph_f_time = _graph_f_time(func, t_batch, z0, repeats)
+
+        ours = {}
+
+        def run_ours():
+            ours["solution"] = solve_ivp(func, z0, (0.0, 1.0), rtol=tol, atol=tol)
+
+        ours_time = _median_time(run_ours, device, repeats)
+        solution = ours["solution"].raise_for_status()
+        ours_nfe = solution.nfe.double().mean().item()
+
+        t = torch.tensor([0.0, 1.0], device=device)
+
+        def run_theirs():
+            calls["n"] = 0
+            torchdiffeq.odeint(shared_time_func, z0, t, rtol=tol, atol=tol, method="dopri5")
+
+        theirs_time = _median_time(run_theirs, device, repeats)
+        theirs_nfe = calls["n"]
+
+    row = {
+        "batch": batch,
+        "f_time_ms": f_time * 1e3,
+        "ours": {
+            "nfe_mean": ours_nfe,
+            "nfe_max": int(solution.nfe.max()),
+            "time_ms": ours_time * 1e3,
+            "ratio": ours_time / (ours_nfe * f_time),
+        },
+        "torchdiffeq": {"nfe": theirs_nfe, "time_ms": theirs_time * 1e3, "ratio": theirs_time / (theirs_nfe * f_time)},
+    }
+    if graph_f_time is not None:
+        row["graph_f_time_ms"] = graph_f_time * 1e3
+        row["ours"]["time_over_nfe_graph_f"] = ours_time / (ours_nfe * graph_f_time)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1000, 1])
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+    rows = [measure(batch, device, args.tol, args.repeats) for batch in args.batch]
+    print(f"solver overhead on ODEFunc(64) 64x6x6, dopri5, tol {args.tol:g}, float32, {device} ({machine})")
+    print(f"{'batch':>6} {'f ms':>8} | {'ours NFE':>9} {'ms':>9} {'ratio':>6} | {'tdq NFE':>8} {'ms':>9} {'ratio':>6} | speed-up")
+    for r in rows:
+        o, d = r["ours"], r["torchdiffeq"]
+        print(
+            f"{r['batch']:>6} {r['f_time_ms']:>8.3f} | {o['nfe_mean']:>9.1f} {o['time_ms']:>9.2f} {o['ratio']:>6.2f} |"
+            f" {d['nfe']:>8d} {d['time_ms']:>9.2f} {d['ratio']:>6.2f} | {d['time_ms'] / o['time_ms']:>6.2f}x"
+        )
+        if "graph_f_time_ms" in r:
+            print(f"{'':>6} CUDA-graph f {r['graph_f_time_ms']:.4f} ms; ours / (NFE x graph f) = {o['time_over_nfe_graph_f']:.2f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"solver_overhead_{device.type}.json"
+    record = {
+        "benchmark": "solver_overhead",
+        "machine": machine,
+        "device": str(device),
+        "torch": torch.__version__,
+        "tol": args.tol,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
