@@ -12,9 +12,9 @@ Two ways to carry dL/dθ:
 
 ``norm="seminorm"`` (any batch size): θ is left out of the state and out of error control
 (Kidger et al. 2021, "Hey, that's not an ODE"). The integral is a quadrature over the
-accepted steps with the method's own weights: after each step the accepted rows' stages are
-evaluated once more in a single batched vector–Jacobian product whose cotangents carry each
-sample's ``b_i * dt``. No per-sample copy of dL/dθ is ever made.
+accepted steps with the method's own weights: after each step the stages are evaluated once
+more and a single batched vector–Jacobian product, whose cotangents carry each sample's
+``b_i * dt`` (zero for rejected samples), adds them. No per-sample copy of dL/dθ is made.
 
 ``norm="full"`` (one sample, which is what ``odeint_adjoint`` solves): θ joins the state and
 its error counts, as in torchdiffeq's default; the norm is the largest RMS of the parts z, a, θ.
@@ -195,16 +195,22 @@ class _SeminormDynamics:
         return torch.stack([f.detach(), vjp_z.neg_()], 1)
 
     def quadrature(self, record: StepRecord) -> None:
-        rows = record.accepted.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        dt = record.dt[rows]
+        """Add the accepted rows' share of this step to dL/dθ, in one batched VJP.
+
+        Rejected rows get weight zero and are evaluated at the step's start point, which is
+        finite, so they add exactly nothing (a rejected stage may hold NaN, and NaN * 0 is
+        NaN). Keeping all rows avoids a host sync and keeps shapes static."""
+        accepted = record.accepted
+        start_t, start_y = record.stage_t[0], record.stage_y[0]
+        keep = _rows(accepted, start_y)
+        step = record.dt * accepted.to(record.dt.dtype)
         outputs, cotangents = [], []
         with torch.enable_grad():
             for i, b in self.weights:
-                y_i = record.stage_y[i][rows]
-                outputs.append(self.func(record.stage_t[i][rows], y_i[:, 0]))
-                cotangents.append(y_i[:, 1] * _rows(dt * -b, y_i[:, 1]))
+                t_i = torch.where(accepted, record.stage_t[i], start_t) if i else start_t
+                y_i = torch.where(keep, record.stage_y[i], start_y) if i else start_y
+                outputs.append(self.func(t_i, y_i[:, 0]))
+                cotangents.append(y_i[:, 1] * _rows(step * -b, y_i[:, 1]))
             grads = torch.autograd.grad(outputs, self.params, cotangents, allow_unused=True)
         for total, g in zip(self.grads, grads):
             if g is not None:
