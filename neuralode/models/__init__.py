@@ -1,5 +1,5 @@
-"""Neural ODE models: ODE-Net for images (more in the models issue)."""
+"""Neural ODE models: ODE-Net and the paper's baselines for MNIST; CNFs for densities."""
 
-from .odenet import ConcatConv2d, ODEFunc
+from .odenet import MLP, ConcatConv2d, ODEBlock, ODEFunc, ODENet, ResNet, count_parameters
 
-__all__ = ["ConcatConv2d", "ODEFunc"]
+__all__ = ["MLP", "ConcatConv2d", "ODEBlock", "ODEFunc", "ODENet", "ResNet", "count_parameters"]

@@ -155,11 +155,11 @@ def _dot(u: Tensor, v: Tensor) -> Tensor:
     return (u * v).flatten(1).sum(1)
 
 
-def _vjp(output: Tensor, inputs: Sequence[Tensor], cotangent: Tensor) -> list[Tensor]:
+def _vjp(output: Tensor, inputs: Sequence[Tensor], cotangent: Tensor, retain_graph: bool = False) -> list[Tensor]:
     """Vector–Jacobian product, with zeros for inputs the output does not depend on."""
     if not output.requires_grad:
         return [torch.zeros_like(x) for x in inputs]
-    grads = torch.autograd.grad(output, inputs, cotangent, allow_unused=True)
+    grads = torch.autograd.grad(output, inputs, cotangent, allow_unused=True, retain_graph=retain_graph)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
@@ -169,7 +169,8 @@ class _StatsSum:
         self.nfe, self.steps, self.rejected = zeros, zeros.clone(), zeros.clone()
 
     def add(self, trajectory: Trajectory, extra_nfe_per_step: int) -> None:
-        self.nfe = self.nfe + trajectory.nfe + extra_nfe_per_step * trajectory.steps
+        attempts = trajectory.steps + trajectory.rejected
+        self.nfe = self.nfe + trajectory.nfe + extra_nfe_per_step * attempts
         self.steps = self.steps + trajectory.steps
         self.rejected = self.rejected + trajectory.rejected
 
@@ -178,39 +179,54 @@ class _StatsSum:
 
 
 class _SeminormDynamics:
-    """State ``[B, 2, *S]`` = (z, a); dL/dθ by quadrature over accepted steps."""
+    """State ``[B, 2, *S]`` = (z, a); dL/dθ by quadrature over accepted steps.
+
+    Each stage's graph is kept until its step is decided, then one batched VJP over the
+    step's stages adds ``-b_i * dt * a_i · ∂f/∂θ`` for the accepted rows (rejected rows get
+    weight zero). Only the first stage of an FSAL method, computed in an earlier step, is
+    evaluated again.
+    """
 
     def __init__(self, func: Func, params: list[Tensor], stepper: Stepper, y0: Tensor) -> None:
         self.func, self.params = func, params
         self.stepper = replace(stepper, norm=_pairwise_norm)
         self.grads = [torch.zeros_like(p) for p in params]
         self.weights = [(i, b) for i, b in enumerate(stepper.method.tableau.b) if b != 0.0]
+        self.first_taped_stage = stepper.method.tableau.stages - self.stepper.evaluations_per_step
+        self.tape: list[tuple[Tensor, Tensor]] = []  # (f, a) of the stages of the step in progress
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
         z, a = y[:, 0], y[:, 1]
+        keep_graph = bool(self.params)
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             f = self.func(t, z)
-            (vjp_z,) = _vjp(f, [z], a)
+            (vjp_z,) = _vjp(f, [z], a, retain_graph=keep_graph)
+        if keep_graph:
+            self.tape.append((f, a))
         return torch.stack([f.detach(), vjp_z.neg_()], 1)
 
     def quadrature(self, record: StepRecord) -> None:
-        """Add the accepted rows' share of this step to dL/dθ, in one batched VJP.
-
-        Rejected rows get weight zero and are evaluated at the step's start point, which is
-        finite, so they add exactly nothing (a rejected stage may hold NaN, and NaN * 0 is
-        NaN). Keeping all rows avoids a host sync and keeps shapes static."""
-        accepted = record.accepted
+        """Add the accepted rows' share of this step to dL/dθ, in one batched VJP."""
+        taped = self.tape[-self.stepper.evaluations_per_step :]
+        self.tape = []
         start_t, start_y = record.stage_t[0], record.stage_y[0]
-        keep = _rows(accepted, start_y)
-        step = record.dt * accepted.to(record.dt.dtype)
+        step = record.dt * record.accepted.to(record.dt.dtype)
+        # A rejected row's stages may hold NaN, and NaN * 0 is NaN: then evaluate every stage
+        # again with rejected rows moved to the (finite) start point.
+        reuse_graphs = bool(record.error_finite.all())
+        keep = _rows(record.accepted, start_y)
         outputs, cotangents = [], []
         with torch.enable_grad():
             for i, b in self.weights:
-                t_i = torch.where(accepted, record.stage_t[i], start_t) if i else start_t
-                y_i = torch.where(keep, record.stage_y[i], start_y) if i else start_y
-                outputs.append(self.func(t_i, y_i[:, 0]))
-                cotangents.append(y_i[:, 1] * _rows(step * -b, y_i[:, 1]))
+                if reuse_graphs and i >= self.first_taped_stage:
+                    f, a = taped[i - self.first_taped_stage]
+                else:
+                    t_i = torch.where(record.accepted, record.stage_t[i], start_t) if i else start_t
+                    y_i = torch.where(keep, record.stage_y[i], start_y) if i else start_y
+                    f, a = self.func(t_i, y_i[:, 0]), y_i[:, 1]
+                outputs.append(f)
+                cotangents.append(a * _rows(step * -b, a))
             grads = torch.autograd.grad(outputs, self.params, cotangents, allow_unused=True)
         for total, g in zip(self.grads, grads):
             if g is not None:
@@ -219,7 +235,7 @@ class _SeminormDynamics:
     def solve(self, z: Tensor, a: Tensor, t_from: Tensor, t_to: Tensor, config: AdjointConfig, stats: _StatsSum) -> Tensor:
         out = _run(self.stepper, self, torch.stack([z, a], 1), t_from, t_to, config,
                    self.quadrature if self.params else None)  # fmt: skip
-        stats.add(out, len(self.weights) if self.params else 0)
+        stats.add(out, 1 if self.params and self.first_taped_stage else 0)
         return out.stops[-1][:, 1]
 
     def param_grads(self) -> list[Tensor]:

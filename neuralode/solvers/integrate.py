@@ -11,7 +11,7 @@ from torch import Tensor
 from .controller import PIController
 from .state import SolverState, StepRecord
 from .status import Status, raise_for_status
-from .stepper import Func, Stepper
+from .stepper import DEFAULT_MAX_STEPS, Func, Stepper
 from .tableau import get_method
 
 Tolerance = float | Tensor
@@ -131,7 +131,7 @@ def solve_ivp(
     atol: Tolerance = 1e-9,
     first_step: float | Tensor | None = None,
     step_size: float | None = None,
-    max_steps: int = 2**31 - 1,
+    max_steps: int = DEFAULT_MAX_STEPS,
     max_nfe: int | Tensor | None = None,
     controller: PIController | None = None,
     adjoint: bool = False,

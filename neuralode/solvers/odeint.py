@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .integrate import solve_ivp
+from .stepper import DEFAULT_MAX_STEPS
 
 _OPTIONS = {"step_size", "first_step", "max_num_steps"}
 _ADJOINT_OPTIONS = _OPTIONS | {"norm"}
@@ -93,7 +94,7 @@ def _odeint(func, y0, t, rtol, atol, method, options, adjoint: dict | None) -> T
         atol=atol,
         step_size=options.get("step_size"),
         first_step=options.get("first_step"),
-        max_steps=options.get("max_num_steps", 2**31 - 1),
+        max_steps=options.get("max_num_steps", DEFAULT_MAX_STEPS),
         adjoint=adjoint is not None,
         **(adjoint or {}),
     ).raise_for_status()

@@ -69,11 +69,13 @@ class StepRecord:
 
     ``stage_t[i]`` and ``stage_y[i]`` are the inputs at which stage ``i`` was evaluated (stage 0
     is the step's start point), ``dt`` the signed step tried, ``accepted`` the per-sample
-    decision. Rows are those of the state the step was given.
+    decision and ``error_finite`` whether its error estimate was finite (when it is, all of
+    the row's stages were). Rows are those of the state the step was given.
     """
 
     t: Tensor
     dt: Tensor
     accepted: Tensor
+    error_finite: Tensor
     stage_t: list[Tensor]
     stage_y: list[Tensor]

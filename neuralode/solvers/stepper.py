@@ -25,6 +25,9 @@ Norm = Callable[[Tensor], Tensor]
 """Maps scaled errors ``[B, *S]`` to one norm per sample ``[B]``."""
 
 _NO_LIMIT = torch.iinfo(torch.int64).max
+DEFAULT_MAX_STEPS = 100_000
+"""Attempts per sample unless told otherwise: a finite default turns a hopeless solve (a NaN
+wall next to the trajectory, say) into a MAX_STEPS status instead of a hang."""
 _LANDING_SLACK = 1.01
 
 
@@ -65,7 +68,7 @@ class Stepper:
     method: Method
     controller: PIController = field(default_factory=PIController)
     step_size: float | None = None
-    max_steps: int = 2**31 - 1
+    max_steps: int = DEFAULT_MAX_STEPS
     norm: Norm = rms_norm
 
     @staticmethod
@@ -224,7 +227,9 @@ class Stepper:
             status=status,
             sample_id=state.sample_id,
         )
-        record = StepRecord(t=t, dt=dt, accepted=accepted, stage_t=stage_t, stage_y=stage_y)
+        record = StepRecord(
+            t=t, dt=dt, accepted=accepted, error_finite=error_finite, stage_t=stage_t, stage_y=stage_y
+        )
         return self._apply_limits(new_state), record
 
     def _error_norm(self, y: Tensor, y_new: Tensor, dt: Tensor, ks: list[Tensor], state: SolverState) -> Tensor:

@@ -151,3 +151,33 @@ def test_adjoint_memory_does_not_grow_with_the_number_of_steps():
     direct_growth = _peak_rss_mib(30, "direct") - _peak_rss_mib(10, "direct")
     assert direct_growth > 200, "the probe must be able to see per-step storage"
     assert adjoint_growth < 40, adjoint_growth
+
+
+def test_rejected_rows_with_nan_stages_add_nothing_to_parameter_gradients():
+    """A trial step that runs into NaN is rejected; its stages must not poison dL/dθ."""
+    from neuralode.solvers.adjoint import _SeminormDynamics
+    from neuralode.solvers.stepper import Stepper
+
+    weight = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+    def func(t, z):  # NaN beyond |z| = 5: the big first step of row 1 runs into it
+        out = weight * z
+        return torch.where(z.abs() > 5, torch.full_like(out, float("nan")), out)
+
+    def one_step(z0):
+        stepper = Stepper.create("dopri5")
+        dynamics = _SeminormDynamics(func, [weight], stepper, z0)
+        y = torch.stack([z0, torch.ones_like(z0)], 1)
+        t0 = torch.zeros(len(z0), dtype=torch.float64)
+        end = torch.full_like(t0, 2.0)
+        tol = torch.full_like(t0, 1e-2)
+        state = dynamics.stepper.init(dynamics, y, t0, end, end, tol, tol, first_step=torch.full_like(t0, 1.0))
+        _, record = dynamics.stepper.step(dynamics, state)
+        dynamics.quadrature(record)
+        return record, dynamics.grads[0]
+
+    record, both = one_step(torch.tensor([[0.1], [4.5]], dtype=torch.float64))
+    assert record.accepted.tolist() == [True, False] and record.error_finite.tolist() == [True, False]
+    _, alone = one_step(torch.tensor([[0.1]], dtype=torch.float64))
+    assert torch.isfinite(both) and float(both) != 0.0
+    torch.testing.assert_close(both, alone, rtol=1e-14, atol=0)
