@@ -16,3 +16,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request) -> torch.device:
     """Every device this machine has: CPU always, CUDA where present."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST in torchvision's layout: ../shared/data, or $ODESERVE_DATA_DIR."""
+    import os
+
+    root = Path(os.environ.get("ODESERVE_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    if not (root / "MNIST" / "raw").is_dir():
+        raise FileNotFoundError(f"MNIST is expected under {root}/MNIST/raw (set ODESERVE_DATA_DIR)")
+    return root

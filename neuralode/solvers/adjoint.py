@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .integrate import BackwardStats, Problem, Trajectory, integrate
 from .state import StepRecord
 from .status import SolverError, Status
-from .stepper import Func, Stepper, _rows, rms_norm
+from .stepper import Func, Norm, Stepper, _rows, rms_norm
 from .tableau import get_method
 
 NORMS = ("seminorm", "full")
@@ -189,7 +189,7 @@ class _SeminormDynamics:
 
     def __init__(self, func: Func, params: list[Tensor], stepper: Stepper, y0: Tensor) -> None:
         self.func, self.params = func, params
-        self.stepper = replace(stepper, norm=_pairwise_norm)
+        self.stepper = replace(stepper, norm=_pairwise(stepper.norm))
         self.grads = [torch.zeros_like(p) for p in params]
         self.weights = [(i, b) for i, b in enumerate(stepper.method.tableau.b) if b != 0.0]
         self.first_taped_stage = stepper.method.tableau.stages - self.stepper.evaluations_per_step
@@ -250,10 +250,14 @@ class _FullNormDynamics:
         size = y0.numel()
         self.sizes = [size, size, sum(p.numel() for p in params)]
         self.stepper = replace(stepper, norm=self._norm)
+        self.state_norm = stepper.norm
         self.theta = y0.new_zeros(self.sizes[2])
 
     def _norm(self, scaled: Tensor) -> Tensor:
-        parts = [rms_norm(part) for part in scaled.split(self.sizes, dim=1) if part.shape[1]]
+        z, a, theta = scaled.split(self.sizes, dim=1)
+        parts = [self.state_norm(z.view(self.shape)), self.state_norm(a.view(self.shape))]
+        if theta.shape[1]:
+            parts.append(rms_norm(theta))
         return torch.stack(parts).amax(0)
 
     def __call__(self, t: Tensor, y: Tensor) -> Tensor:
@@ -275,8 +279,13 @@ class _FullNormDynamics:
         return [g.view_as(p) for g, p in zip(self.theta.split([p.numel() for p in self.params]), self.params)]
 
 
-def _pairwise_norm(scaled: Tensor) -> Tensor:
-    return torch.maximum(rms_norm(scaled[:, 0]), rms_norm(scaled[:, 1]))
+def _pairwise(norm: Norm) -> Norm:
+    """The forward solve's norm applied to z and to a separately; the larger one counts."""
+
+    def pairwise(scaled: Tensor) -> Tensor:
+        return torch.maximum(norm(scaled[:, 0]), norm(scaled[:, 1]))
+
+    return pairwise
 
 
 def _run(stepper: Stepper, dynamics: Func, y: Tensor, t_from: Tensor, t_to: Tensor,

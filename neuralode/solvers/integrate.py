@@ -11,7 +11,7 @@ from torch import Tensor
 from .controller import PIController
 from .state import SolverState, StepRecord
 from .status import Status, raise_for_status
-from .stepper import DEFAULT_MAX_STEPS, Func, Stepper
+from .stepper import DEFAULT_MAX_STEPS, Func, Norm, Stepper, rms_norm
 from .tableau import get_method
 
 Tolerance = float | Tensor
@@ -134,6 +134,7 @@ def solve_ivp(
     max_steps: int = DEFAULT_MAX_STEPS,
     max_nfe: int | Tensor | None = None,
     controller: PIController | None = None,
+    norm: Norm | None = None,
     adjoint: bool = False,
     adjoint_params: Iterable[Tensor] | None = None,
     adjoint_method: str | None = None,
@@ -151,7 +152,9 @@ def solve_ivp(
     t0 and not beyond t1) adds output times; steps land on them exactly.
 
     Failures are reported per sample in ``Solution.status``, not raised; call
-    ``raise_for_status()`` to raise. With ``adjoint=True`` gradients come from the adjoint
+    ``raise_for_status()`` to raise. ``norm`` maps scaled errors ``[B, *S]`` to one norm per
+    sample (default: RMS), e.g. to leave constant parts of an augmented state out of error
+    control. With ``adjoint=True`` gradients come from the adjoint
     method (O(1) memory in the number of steps); otherwise autograd backpropagates through
     the solver's operations.
     """
@@ -163,7 +166,11 @@ def solve_ivp(
         raise ValueError(f"step_size must be > 0, got {step_size}")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    stepper = Stepper(method_, controller or PIController(), step_size=step_size, max_steps=max_steps)
+    if norm is not None and not callable(norm):
+        raise TypeError("norm must be a callable mapping [B, ...] scaled errors to [B] norms")
+    stepper = Stepper(
+        method_, controller or PIController(), step_size=step_size, max_steps=max_steps, norm=norm or rms_norm
+    )
 
     backward = None
     if adjoint:

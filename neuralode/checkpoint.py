@@ -1,0 +1,117 @@
+"""Checkpoints: weights plus a model card, in one file, loaded without executing any code.
+
+The file is a ``torch.save`` of ``{"format", "card" (a JSON string), "state_dict"}`` and is
+read with ``torch.load(weights_only=True)``, whose unpickler only rebuilds tensors and plain
+containers: a file carrying a pickled object (the classic code-execution payload) is refused
+before anything runs. The card says how to rebuild the model; the weights must then fit it
+exactly, or loading fails with the names of what does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.registry import build_model
+
+FORMAT = "odeserve-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """The file is not a checkpoint we can load safely, or its card and weights disagree."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    card: dict[str, Any]
+    model: nn.Module
+
+    @property
+    def kind(self) -> str:
+        return self.card["kind"]
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:
+    """Write ``model``'s weights and ``card`` (which must name ``kind`` and ``hyper``)."""
+    for key in ("kind", "hyper"):
+        if key not in card:
+            raise ValueError(f"a model card needs {key!r}")
+    card = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": code_version(), **card}
+    card.setdefault("parameters", sum(p.numel() for p in model.parameters()))
+    payload = {
+        "format": FORMAT,
+        "card": json.dumps(card, sort_keys=True),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # readers never see a half-written file
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    return _read(Path(path))[0]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model a card describes and load its weights, in eval mode."""
+    path = Path(path)
+    card, state_dict = _read(path)
+    try:
+        model = build_model(card["kind"], card["hyper"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: the model card does not describe a model we can build: {error}") from None
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise CheckpointError(f"{path}: weights do not match the model card ({card['kind']}): {detail}") from None
+    return Checkpoint(card=card, model=model.to(device).eval())
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{path}: not a safe odeserve checkpoint (refused without executing it): {reason}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an {FORMAT} file")
+    try:
+        card = json.loads(payload["card"])
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable model card: {error}") from None
+    state_dict = payload.get("state_dict")
+    if not isinstance(card, dict) or not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: a checkpoint holds a model card and a state_dict")
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path}: the state_dict may only hold tensors")
+    return card, state_dict
+
+
+def code_version() -> str:
+    """The git revision of this code, with ``-dirty`` if the work tree has changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return revision + ("-dirty" if dirty else "")

@@ -1,0 +1,249 @@
+"""Continuous normalizing flows (Chen et al. 2018, §4; FFJORD) and the discrete planar flow.
+
+A CNF moves base samples z(0) ~ N(0, I) along dz/dt = f(t, z) to data x = z(T) and tracks
+the density by d log p(z(t))/dt = -tr(∂f/∂z). Both directions integrate one augmented state
+per sample, ``[z, l, ε]`` with dl/dt = -tr(∂f/∂z) and ε the Hutchinson noise (constant, so a
+sample's noise stays fixed for its whole solve and travels with it through any batching):
+
+* ``sample``: from z(0) ~ N(0, I) with l(0) = log N(z(0)) to T: x = z(T), log p(x) = l(T).
+* ``log_prob``: from x at T with l(T) = 0 back to 0: log p(x) = log N(z(0)) - l(0).
+
+The trace is exact (closed form for the planar dynamics, one autograd pass per dimension
+otherwise) or Hutchinson's estimate ε·(∂f/∂z)ε, unbiased, for high dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..solvers import Solution, rms_norm, solve_ivp
+
+Tolerance = float | Tensor
+TRACES = ("exact", "hutchinson")
+NOISES = ("rademacher", "gaussian")
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    return -0.5 * z.square().sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+
+
+def _time_column(t: Tensor, x: Tensor) -> Tensor:
+    return t.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+
+
+class ConcatSquashLinear(nn.Module):
+    """FFJORD's time-conditioned layer: ``Linear(x) * sigmoid(gate(t)) + bias(t)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(dim_in, dim_out)
+        self.gate = nn.Linear(1, dim_out)
+        self.bias = nn.Linear(1, dim_out, bias=False)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        tt = _time_column(t, x)
+        return self.layer(x) * torch.sigmoid(self.gate(tt)) + self.bias(tt)
+
+
+class ConcatSquashMLP(nn.Module):
+    """Dynamics f(t, z): concat-squash layers with tanh in between."""
+
+    def __init__(self, dim: int = 2, hidden: tuple[int, ...] | list[int] = (64, 64, 64)) -> None:
+        super().__init__()
+        sizes = [dim, *hidden, dim]
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            z = layer(t, z)
+            if i < len(self.layers) - 1:
+                z = torch.tanh(z)
+        return z
+
+
+class PlanarDynamics(nn.Module):
+    """The seed's planar CNF: dz/dt = (1/M) Σ_m u_m(t) tanh(w_m(t)·z + b_m(t)).
+
+    A small hypernetwork maps t to the width-M parameters (u is gated, as in the original
+    example). Its trace has a closed form: (1/M) Σ_m (1 - h_m²) u_m·w_m.
+    """
+
+    def __init__(self, dim: int = 2, width: int = 32, hidden: int = 32) -> None:
+        super().__init__()
+        self.dim, self.width = dim, width
+        self.hyper = nn.Sequential(
+            nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, width * (2 * dim + 2))
+        )
+
+    def _parameters_at(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = self.hyper(_time_column(t, z))
+        m, d = self.width, self.dim
+        w = p[:, : m * d].reshape(-1, m, d)
+        u = p[:, m * d : 2 * m * d].reshape(-1, m, d)
+        gate = torch.sigmoid(p[:, 2 * m * d : 2 * m * d + m])
+        b = p[:, 2 * m * d + m :]
+        return w, u * gate[:, :, None], b
+
+    def forward_with_trace(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        w, u, b = self._parameters_at(t, z)
+        h = torch.tanh(torch.einsum("bmd,bd->bm", w, z) + b)
+        f = torch.einsum("bm,bmd->bd", h, u) / self.width
+        trace = ((1 - h.square()) * (u * w).sum(2)).sum(1) / self.width
+        return f, trace
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        return self.forward_with_trace(t, z)[0]
+
+
+class CNF(nn.Module):
+    """A continuous normalizing flow on R^dim with a standard normal base at t = 0."""
+
+    def __init__(
+        self,
+        dynamics: nn.Module,
+        dim: int,
+        *,
+        trace: str = "exact",
+        noise: str = "rademacher",
+        t1: float = 1.0,
+        method: str = "dopri5",
+        tol: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if trace not in TRACES:
+            raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
+        if noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+        self.dynamics, self.dim = dynamics, dim
+        self.trace, self.noise, self.t1, self.method, self.tol = trace, noise, t1, method, tol
+
+    @property
+    def state_size(self) -> int:
+        return 2 * self.dim + 1 if self.trace == "hutchinson" else self.dim + 1
+
+    # ---- the augmented dynamics, usable by any solver or by the server's engine ----------
+    def augmented(self, t: Tensor, state: Tensor) -> Tensor:
+        """d[z, l, ε]/dt = [f, -tr(∂f/∂z), 0] for each row of ``state``."""
+        d = self.dim
+        differentiable = torch.is_grad_enabled()  # training: keep the trace differentiable
+        with torch.enable_grad():
+            z = state[:, :d]
+            if not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            if hasattr(self.dynamics, "forward_with_trace"):
+                f, trace = self.dynamics.forward_with_trace(t, z)
+            elif self.trace == "exact":
+                f = self.dynamics(t, z)
+                trace = sum(
+                    torch.autograd.grad(f[:, i].sum(), z, create_graph=differentiable, retain_graph=True)[0][:, i]
+                    for i in range(d)
+                )
+            else:
+                f = self.dynamics(t, z)
+                noise = state[:, d + 1 :]
+                (vjp,) = torch.autograd.grad(f, z, noise, create_graph=differentiable, retain_graph=True)
+                trace = (vjp * noise).sum(1)
+        if not differentiable:
+            f, trace = f.detach(), trace.detach()
+        parts = [f, -trace[:, None]]
+        if self.trace == "hutchinson":
+            parts.append(torch.zeros_like(f))
+        return torch.cat(parts, 1)
+
+    def error_norm(self, scaled: Tensor) -> Tensor:
+        """Error control over z and l only; ε never changes."""
+        return rms_norm(scaled[:, : self.dim + 1])
+
+    def initial_state(self, z: Tensor, log_density: Tensor, generator: torch.Generator | None) -> Tensor:
+        parts = [z, log_density[:, None]]
+        if self.trace == "hutchinson":
+            parts.append(self._noise(z, generator))
+        return torch.cat(parts, 1)
+
+    def _noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        return noise.sign() if self.noise == "rademacher" else noise
+
+    # ---- the two directions -------------------------------------------------------------
+    def sample(
+        self,
+        n: int,
+        *,
+        rtol: Tolerance | None = None,
+        atol: Tolerance | None = None,
+        generator: torch.Generator | None = None,
+        method: str | None = None,
+        max_nfe: int | Tensor | None = None,
+        adjoint: bool = False,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor, Solution]:
+        """``n`` samples and their log-densities, solving each at its own tolerance."""
+        device = device or next(self.parameters()).device
+        dtype = next(self.parameters()).dtype
+        z0 = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
+        state = self.initial_state(z0, standard_normal_log_prob(z0), generator)
+        solution = self._solve(state, (0.0, self.t1), rtol, atol, method, max_nfe, adjoint)
+        return solution.y1[:, : self.dim], solution.y1[:, self.dim], solution
+
+    def log_prob(
+        self,
+        x: Tensor,
+        *,
+        rtol: Tolerance | None = None,
+        atol: Tolerance | None = None,
+        generator: torch.Generator | None = None,
+        method: str | None = None,
+        max_nfe: int | Tensor | None = None,
+        adjoint: bool = False,
+    ) -> tuple[Tensor, Solution]:
+        """log p(x) for each row of ``x``, integrating back to the base distribution."""
+        state = self.initial_state(x, torch.zeros_like(x[:, 0]), generator)
+        solution = self._solve(state, (self.t1, 0.0), rtol, atol, method, max_nfe, adjoint)
+        z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]
+        return standard_normal_log_prob(z0) - integral, solution
+
+    def _solve(self, state, t_span, rtol, atol, method, max_nfe, adjoint) -> Solution:
+        return solve_ivp(
+            self.augmented,
+            state,
+            t_span,
+            method=method or self.method,
+            rtol=self.tol if rtol is None else rtol,
+            atol=self.tol if atol is None else atol,
+            max_nfe=max_nfe,
+            norm=self.error_norm,
+            adjoint=adjoint,
+            adjoint_params=tuple(self.dynamics.parameters()) if adjoint else None,
+        )
+
+
+class PlanarFlow(nn.Module):
+    """Rezende & Mohamed (2015): K layers z ← z + û h(w·z + b), h = tanh, with û constrained
+    so each layer is invertible; log|det| = log|1 + û·h'(w·z + b) w|."""
+
+    def __init__(self, dim: int = 2, layers: int = 8) -> None:
+        super().__init__()
+        self.dim = dim
+        self.u = nn.Parameter(torch.randn(layers, dim) * 0.1)
+        self.w = nn.Parameter(torch.randn(layers, dim) * 0.1)
+        self.b = nn.Parameter(torch.zeros(layers))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Push base samples through the flow: (x, sum of log|det| over layers)."""
+        log_det = torch.zeros_like(z[:, 0])
+        for u, w, b in zip(self.u, self.w, self.b):
+            wu = w @ u
+            u_hat = u + (nn.functional.softplus(wu) - 1 - wu) * w / w.square().sum()
+            pre = z @ w + b
+            z = z + u_hat * torch.tanh(pre)[:, None]
+            psi = (1 - torch.tanh(pre).square())[:, None] * w
+            log_det = log_det + torch.log((1 + psi @ u_hat).abs() + 1e-12)
+        return z, log_det
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        z0 = torch.randn(n, self.dim, generator=generator, device=self.u.device, dtype=self.u.dtype)
+        x, log_det = self(z0)
+        return x, standard_normal_log_prob(z0) - log_det

@@ -1,0 +1,104 @@
+"""``python -m training …``: train the paper's models and write checkpoints with model cards."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import default_data_dir
+
+
+def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float, out: str) -> None:
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                        help="dataset folder (torchvision layout; downloaded there when online). Default: %(default)s")
+    parser.add_argument("--out", type=Path, default=Path(out), help="checkpoint to write (log next to it). Default: %(default)s")
+    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training set. Default: %(default)s")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="per process. Default: %(default)s")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (one-cycle schedule). Default: %(default)s")
+    parser.add_argument("--tol", type=float, default=1e-3, help="solver rtol = atol during training. Default: %(default)s")
+    parser.add_argument("--method", default="dopri5", help="ODE solver. Default: %(default)s")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N. Default: %(default)s")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None,
+                        help="gradients by the adjoint method (default for ODE models that support it)")
+
+
+def _classifier(sub, kind: str, help_text: str) -> None:
+    parser = sub.add_parser(kind, help=help_text, description=help_text)
+    _common(parser, epochs=3, batch_size=128, lr=2e-3, out=f"runs/{kind}-mnist.pt")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps to warm up over")
+    parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--no-augment", action="store_true", help="no random-crop augmentation")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the data order (for reproducibility checks)")
+    parser.set_defaults(run=lambda args: _train_classifier(kind, args))
+
+
+def _train_classifier(kind: str, args: argparse.Namespace) -> None:
+    from .classifiers import train
+
+    train(kind, args)
+
+
+def _density(sub, kind: str, help_text: str) -> None:
+    parser = sub.add_parser(kind, help=help_text, description=help_text)
+    _common(parser, epochs=0, batch_size=512, lr=1e-3, out=f"runs/{kind}.pt")
+    parser.set_defaults(steps=1000, tol=1e-3)
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--data", help="toy density for maximum likelihood: 8gaussians, moons, circles, "
+                      "checkerboard, pinwheel, 2spirals")
+    task.add_argument("--target", help="energy target for reverse KL: U1, U2, U3, U4")
+    if kind == "cnf":
+        parser.add_argument("--dynamics", choices=["concatsquash", "planar"], default="concatsquash")
+        parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64], help="concatsquash layer widths")
+        parser.add_argument("--width", type=int, default=32, help="M, the planar dynamics' width")
+        parser.add_argument("--trace", choices=["exact", "hutchinson"], default="exact")
+        parser.add_argument("--t1", type=float, default=1.0, help="integration time")
+    else:
+        parser.add_argument("--layers", type=int, default=8, help="K, the number of planar layers")
+    parser.set_defaults(run=lambda args: _train_density(kind, args))
+
+
+def _train_density(kind: str, args: argparse.Namespace) -> None:
+    from .densities import train
+
+    train(kind, args)
+
+
+def _evaluate(sub) -> None:
+    text = "reproduce the seed's Table 1 on a checkpoint: error/likelihood, NFE and time vs tolerance"
+    parser = sub.add_parser("evaluate", help=text, description=text)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and PNG (default: next to the checkpoint)")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import run
+
+    run(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _classifier(sub, "odenet", "ODE-Net on MNIST, trained with the adjoint method")
+    _classifier(sub, "rknet", "RK-Net: ODE-Net trained by backpropagating through the solver")
+    _classifier(sub, "resnet", "ResNet baseline on MNIST (same downsampling, 6 residual blocks)")
+    _classifier(sub, "mlp", "1-layer MLP baseline on MNIST")
+    _density(sub, "cnf", "continuous normalizing flow on a 2-D toy density or energy target")
+    _density(sub, "planar-nf", "discrete planar normalizing flow (K layers) on an energy target")
+    _evaluate(sub)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

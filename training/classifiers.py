@@ -1,0 +1,249 @@
+"""Training and evaluating the MNIST classifiers: ODE-Net, RK-Net, ResNet, MLP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from neuralode.checkpoint import save_checkpoint
+from neuralode.models.registry import ODE_CLASSIFIERS, build_model
+
+from .common import Distributed, command_line, device_name, resolve_device, seed_everything, setup_logging
+from .data import ImageSet, batches, load_mnist, to_float
+
+log = logging.getLogger("training")
+
+TABLE_TOLERANCES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+AUGMENTATION = "random crop 28x28 after zero-padding 4"
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    tol: float | None
+    test_error: float
+    nfe_mean: float | None
+    nfe_max: int | None
+    time_per_1000_s: float
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def classify(model: nn.Module, kind: str, images: Tensor, tol: float | None) -> tuple[Tensor, Tensor | None]:
+    """Logits, and per-image NFE for ODE models."""
+    if kind in ODE_CLASSIFIERS:
+        logits, solution = model(images, rtol=tol, atol=tol)
+        return logits, solution.nfe
+    return model(images), None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, kind: str, data: ImageSet, device: torch.device, tol: float | None, batch_size: int = 1000
+) -> EvalRow:
+    """Test error, NFE and mean wall time per batch of ``batch_size`` on ``data``."""
+    model.eval()
+    errors, nfes, times = 0, [], []
+    for start in range(0, len(data), batch_size):
+        images = to_float(data.images[start : start + batch_size]).to(device)
+        labels = data.labels[start : start + batch_size].to(device)
+        _sync(device)
+        begin = time.perf_counter()
+        logits, nfe = classify(model, kind, images, tol)
+        _sync(device)
+        times.append((time.perf_counter() - begin) * batch_size / len(labels))
+        errors += int((logits.argmax(1) != labels).sum())
+        if nfe is not None:
+            nfes.append(nfe)
+    nfe_all = torch.cat(nfes).double() if nfes else None
+    return EvalRow(
+        tol=tol,
+        test_error=errors / len(data),
+        nfe_mean=None if nfe_all is None else float(nfe_all.mean()),
+        nfe_max=None if nfe_all is None else int(nfe_all.max()),
+        time_per_1000_s=sum(times) / len(times),
+    )
+
+
+def evaluation_table(model: nn.Module, kind: str, data: ImageSet, device: torch.device) -> list[EvalRow]:
+    tols = TABLE_TOLERANCES if kind in ODE_CLASSIFIERS else (None,)
+    return [evaluate(model, kind, data, device, tol) for tol in tols]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hyperparameters(kind: str, args: argparse.Namespace) -> dict:
+    if kind in ODE_CLASSIFIERS:
+        return {"channels": 64, "method": args.method, "tol": args.tol}
+    return {}
+
+
+def train(kind: str, args: argparse.Namespace) -> Path:
+    """Train ``kind`` on MNIST, evaluate it on the held-out test set, write a checkpoint."""
+    adjoint = _adjoint_choice(kind, args.adjoint)
+    device = resolve_device(args.device)
+    world = Distributed.from_environment(device)
+    device = world.device_for(device)
+    out = Path(args.out)
+    setup_logging(out.with_suffix(".log"), world.is_main)
+    generator = seed_everything(args.seed)
+
+    train_set = load_mnist(args.data_dir, train=True).head(args.train_subset)
+    test_set = load_mnist(args.data_dir, train=False).head(args.test_subset)
+    hyper = hyperparameters(kind, args)
+    model = build_model(kind, hyper).to(device)
+    if kind in ODE_CLASSIFIERS:
+        model.block.adjoint = adjoint
+    trained = nn.parallel.DistributedDataParallel(model) if world.enabled else model
+
+    steps_per_epoch = len(train_set) // (args.batch_size * world.world_size)
+    if steps_per_epoch == 0:
+        raise SystemExit("--batch-size is larger than the training set")
+    total_steps = args.steps or args.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = _optimizer(args, model)
+    schedule = warmup_cosine(optimizer, total_steps, args.warmup)
+    log.info(
+        "%s: %d parameters, %d training / %d test images, %d steps (%d epochs of %d) at batch %d x %d, tol %g, "
+        "adjoint %s, %s",
+        kind, sum(p.numel() for p in model.parameters()), len(train_set), len(test_set), total_steps, epochs,
+        steps_per_epoch, args.batch_size, world.world_size, args.tol, adjoint, device_name(device),
+    )  # fmt: skip
+
+    step, begin = 0, time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        epoch_begin = time.perf_counter()
+        running = _Running()
+        bar = tqdm(
+            total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch + 1}/{epochs}", disable=not world.is_main
+        )
+        for images, labels in batches(
+            train_set, args.batch_size, shuffle=not args.no_shuffle, augment=not args.no_augment, generator=generator,
+            rank=world.rank, world_size=world.world_size,
+        ):  # fmt: skip
+            if step >= total_steps:
+                break
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if kind in ODE_CLASSIFIERS:
+                logits, solution = trained(images)
+            else:
+                logits, solution = trained(images), None
+            loss = nn.functional.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            running.add(loss, logits, labels, solution)
+            bar.update(1)
+            bar.set_postfix(running.postfix(), refresh=False)
+        bar.close()
+        epoch_time = time.perf_counter() - epoch_begin
+        if world.is_main:
+            row = evaluate(model, kind, test_set, device, args.tol if kind in ODE_CLASSIFIERS else None)
+            log.info(
+                "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f; test error %.4f (%d images)",
+                epoch + 1, epoch_time, running.loss, running.accuracy, running.nfe_forward, running.nfe_backward,
+                row.test_error, len(test_set),
+            )  # fmt: skip
+    duration = time.perf_counter() - begin
+
+    path = out
+    if world.is_main:
+        table = evaluation_table(model, kind, test_set, device)
+        for row in table:
+            log.info("eval %s", row.as_dict())
+        card = {
+            "kind": kind,
+            "hyper": hyper,
+            "task": "classify",
+            "input": {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "classes": 10},
+            "dataset": {"name": "MNIST", "train_images": len(train_set), "test_images": len(test_set),
+                        "augmentation": None if args.no_augment else AUGMENTATION},
+            "training": {
+                "command": command_line(), "tol": args.tol if kind in ODE_CLASSIFIERS else None,
+                "method": args.method if kind in ODE_CLASSIFIERS else None, "adjoint": adjoint,
+                "epochs": epochs, "steps": total_steps, "batch_size": args.batch_size, "world_size": world.world_size,
+                "optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "device": device_name(device),
+                "duration_s": round(duration, 1), "images_per_s": round(total_steps * args.batch_size * world.world_size / duration, 1),
+            },
+            "metrics": {
+                "test_error": _row_at(table, args.tol if kind in ODE_CLASSIFIERS else None).test_error,
+                "table": [row.as_dict() for row in table],
+                "eval_device": device_name(device),
+            },
+        }  # fmt: skip
+        save_checkpoint(path, model, card)
+        log.info("wrote %s", path)
+    world.barrier()
+    world.close()
+    return path
+
+
+def _adjoint_choice(kind: str, requested: bool | None) -> bool:
+    """ODE-Net trains with the adjoint unless told otherwise; RK-Net is by definition
+    backpropagation through the solver; the other kinds have no ODE to adjoint."""
+    if kind == "odenet":
+        return True if requested is None else requested
+    if requested:
+        raise SystemExit(f"{kind} does not train with the adjoint" + (" (that is odenet)" if kind == "rknet" else ""))
+    return False
+
+
+def _row_at(table: list[EvalRow], tol: float | None) -> EvalRow:
+    return next((row for row in table if row.tol == tol), table[0])
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over a fraction ``warmup`` of the steps, then cosine decay to zero."""
+    warmup_steps = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+class _Running:
+    """Exponential moving averages for the progress bar."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay, self.n = decay, 0
+        self.loss = self.accuracy = self.nfe_forward = self.nfe_backward = 0.0
+
+    def _mix(self, old: float, new: float) -> float:
+        return new if self.n == 1 else self.decay * old + (1 - self.decay) * new
+
+    def add(self, loss: Tensor, logits: Tensor, labels: Tensor, solution) -> None:
+        self.n += 1
+        self.loss = self._mix(self.loss, float(loss.detach()))
+        self.accuracy = self._mix(self.accuracy, float((logits.argmax(1) == labels).float().mean()))
+        if solution is not None:
+            self.nfe_forward = self._mix(self.nfe_forward, float(solution.nfe.double().mean()))
+            if solution.backward is not None and solution.backward.nfe is not None:
+                self.nfe_backward = self._mix(self.nfe_backward, float(solution.backward.nfe.double().mean()))
+
+    def postfix(self) -> dict:
+        return {"loss": f"{self.loss:.3f}", "acc": f"{self.accuracy:.3f}", "nfe_f": f"{self.nfe_forward:.0f}",
+                "nfe_b": f"{self.nfe_backward:.0f}"}  # fmt: skip

@@ -1,0 +1,205 @@
+"""Training 2-D density models: CNFs by maximum likelihood on toy data or by reverse KL to an
+energy target, and the discrete planar flow by reverse KL (the seed's NF-vs-CNF comparison)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from neuralode.checkpoint import save_checkpoint
+from neuralode.models import CNF, PlanarFlow, build_model
+
+from .classifiers import warmup_cosine
+from .common import command_line, device_name, resolve_device, seed_everything, setup_logging
+from .toy import energy, sample_density
+
+log = logging.getLogger("training")
+
+TEST_POINTS = 5000
+TEST_SEED = 12345  # held-out test points come from their own stream
+TABLE_TOLERANCES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def cnf_hyper(args: argparse.Namespace) -> dict:
+    hyper = {"dim": 2, "dynamics": args.dynamics, "trace": args.trace, "t1": args.t1, "tol": args.tol, "method": args.method}
+    if args.dynamics == "planar":
+        hyper["width"] = args.width
+    else:
+        hyper["hidden"] = list(args.hidden)
+    return hyper
+
+
+def objective(model: nn.Module, args: argparse.Namespace, batch: int, generator: torch.Generator, device) -> tuple[Tensor, object]:
+    """The training loss and the solver stats (None for the discrete flow)."""
+    adjoint = bool(args.adjoint)
+    if args.target:  # reverse KL to p ∝ exp(-U), up to log Z: E_q[log q(x) + U(x)]
+        if isinstance(model, PlanarFlow):
+            x, log_q = model.sample(batch, generator=generator)
+            return (log_q + energy(args.target)(x)).mean(), None
+        x, log_q, solution = model.sample(batch, generator=generator, adjoint=adjoint, device=device)
+        return (log_q + energy(args.target)(x)).mean(), solution
+    data = sample_density(args.data, batch, generator).to(device)
+    log_p, solution = model.log_prob(data, adjoint=adjoint, generator=generator)
+    return -log_p.mean(), solution
+
+
+@torch.no_grad()
+def test_log_likelihood(model: CNF, data_name: str, tol: float, device, points: int = TEST_POINTS) -> dict:
+    data = sample_density(data_name, points, torch.Generator().manual_seed(TEST_SEED)).to(device)
+    begin = time.perf_counter()
+    log_p, solution = model.log_prob(data, rtol=tol, atol=tol, generator=torch.Generator(device=device).manual_seed(0))
+    return {
+        "tol": tol,
+        "test_log_likelihood": float(log_p.mean()),
+        "nfe_mean": float(solution.nfe.double().mean()),
+        "time_per_1000_s": (time.perf_counter() - begin) * 1000 / points,
+    }
+
+
+@torch.no_grad()
+def kl_estimate(model: nn.Module, target: str, tol: float | None, device, points: int = TEST_POINTS) -> dict:
+    generator = torch.Generator(device=device).manual_seed(TEST_SEED)
+    if isinstance(model, PlanarFlow):
+        x, log_q = model.sample(points, generator=generator)
+        return {"tol": None, "kl_plus_log_z": float((log_q + energy(target)(x)).mean())}
+    x, log_q, solution = model.sample(points, rtol=tol, atol=tol, generator=generator, device=device)
+    return {"tol": tol, "kl_plus_log_z": float((log_q + energy(target)(x)).mean()), "nfe_mean": float(solution.nfe.double().mean())}
+
+
+def train(kind: str, args: argparse.Namespace) -> Path:
+    if bool(args.data) == bool(args.target):
+        raise SystemExit("give exactly one of --data (maximum likelihood) or --target (reverse KL)")
+    if kind == "planar-nf" and not args.target:
+        raise SystemExit("planar-nf is not invertible in closed form: train it by --target (reverse KL)")
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    setup_logging(out.with_suffix(".log"), True)
+    generator = seed_everything(args.seed)
+    if device.type == "cuda":
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    if kind == "planar-nf":
+        hyper = {"dim": 2, "layers": args.layers}
+        args.adjoint = False
+    else:
+        hyper = cnf_hyper(args)
+        args.adjoint = True if args.adjoint is None else args.adjoint
+    model = build_model(kind, hyper).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    schedule = warmup_cosine(optimizer, args.steps, 0.02)
+    task = f"target {args.target}" if args.target else f"data {args.data}"
+    log.info("%s %s: %d parameters, %s, %d steps at batch %d, %s", kind, hyper, sum(p.numel() for p in model.parameters()),
+             task, args.steps, args.batch_size, device_name(device))  # fmt: skip
+
+    begin = time.perf_counter()
+    losses = []
+    bar = tqdm(range(args.steps), desc=kind)
+    for _ in bar:
+        loss, solution = objective(model, args, args.batch_size, generator, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        postfix = {"loss": f"{sum(losses[-20:]) / len(losses[-20:]):.3f}"}
+        if solution is not None:
+            postfix["nfe_f"] = f"{float(solution.nfe.double().mean()):.0f}"
+            if solution.backward is not None and solution.backward.nfe is not None:
+                postfix["nfe_b"] = f"{float(solution.backward.nfe.double().mean()):.0f}"
+        bar.set_postfix(postfix, refresh=False)
+    duration = time.perf_counter() - begin
+    final_loss = sum(losses[-50:]) / len(losses[-50:])
+    log.info("trained in %.1f s, final loss (mean of last 50) %.4f", duration, final_loss)
+
+    model.eval()
+    metrics: dict = {"final_train_loss": final_loss}
+    if args.target:
+        tols = (None,) if kind == "planar-nf" else TABLE_TOLERANCES
+        metrics["table"] = [kl_estimate(model, args.target, tol, device) for tol in tols]
+        at_training_tol = None if kind == "planar-nf" else args.tol
+        metrics["kl_plus_log_z"] = kl_estimate(model, args.target, at_training_tol, device)["kl_plus_log_z"]
+    else:
+        metrics["table"] = [test_log_likelihood(model, args.data, tol, device) for tol in TABLE_TOLERANCES]
+        metrics["test_log_likelihood"] = test_log_likelihood(model, args.data, args.tol, device)["test_log_likelihood"]
+    for row in metrics["table"]:
+        log.info("eval %s", row)
+    card = {
+        "kind": kind,
+        "hyper": hyper,
+        "task": "density",
+        "input": {"dim": 2, "dtype": "float32"},
+        "dataset": {"name": args.data or f"energy {args.target}", "test_points": TEST_POINTS, "test_seed": TEST_SEED},
+        "training": {
+            "command": command_line(), "objective": "reverse KL" if args.target else "maximum likelihood",
+            "tol": None if kind == "planar-nf" else args.tol, "adjoint": bool(args.adjoint), "steps": args.steps,
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": device_name(device),
+            "duration_s": round(duration, 1),
+        },
+        "metrics": metrics,
+    }  # fmt: skip
+    save_checkpoint(out, model, card)
+    log.info("wrote %s", out)
+    return out
+
+
+def density_grid(model: nn.Module, extent: float, resolution: int, tol: float, device) -> tuple[Tensor, Tensor]:
+    """log-density of a CNF on a square grid: (grid points [R*R, 2], log p [R*R])."""
+    axis = torch.linspace(-extent, extent, resolution, device=device)
+    xs, ys = torch.meshgrid(axis, axis, indexing="xy")
+    points = torch.stack([xs.flatten(), ys.flatten()], 1)
+    with torch.no_grad():
+        log_p, _ = model.log_prob(points, rtol=tol, atol=tol)
+    return points, log_p
+
+
+def grid_mass(log_p: Tensor, extent: float, resolution: int) -> float:
+    cell = (2 * extent / (resolution - 1)) ** 2
+    return float(log_p.double().exp().sum() * cell)
+
+
+def plot_density(model: nn.Module, card: dict, path: Path, device, tol: float = 1e-4) -> Path:
+    """Data (or target), learned density and samples side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extent, resolution = 4.0, 120
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    name = card["dataset"]["name"]
+    axis = torch.linspace(-extent, extent, resolution)
+    if name.startswith("energy "):
+        xs, ys = torch.meshgrid(axis, axis, indexing="xy")
+        target = torch.exp(-energy(name.split()[1])(torch.stack([xs.flatten(), ys.flatten()], 1)))
+        axes[0].imshow(target.reshape(resolution, resolution), origin="lower", extent=[-extent, extent] * 2)
+        axes[0].set_title(f"target exp(-{name.split()[1]})")
+    else:
+        data = sample_density(name, 20000, torch.Generator().manual_seed(TEST_SEED))
+        axes[0].hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=resolution, range=[[-extent, extent]] * 2)
+        axes[0].set_title(f"data: {name}")
+    if isinstance(model, CNF):
+        _, log_p = density_grid(model, extent, resolution, tol, device)
+        axes[1].imshow(log_p.exp().reshape(resolution, resolution).cpu(), origin="lower", extent=[-extent, extent] * 2)
+        axes[1].set_title(f"learned density (tol {tol:g})")
+        with torch.no_grad():
+            samples, _, _ = model.sample(20000, rtol=tol, atol=tol, generator=torch.Generator(device=device).manual_seed(0))
+    else:
+        axes[1].axis("off")
+        with torch.no_grad():
+            samples, _ = model.sample(20000, generator=torch.Generator(device=device).manual_seed(0))
+    samples = samples.cpu()
+    axes[2].hist2d(samples[:, 0].numpy(), samples[:, 1].numpy(), bins=resolution, range=[[-extent, extent]] * 2)
+    axes[2].set_title("samples")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{card['kind']} {card['hyper']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
