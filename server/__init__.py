@@ -1,1 +1,1 @@
-"""server package (filled in by later issues)."""
+"""odeserve's gRPC server: ``python -m server``."""

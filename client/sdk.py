@@ -1,0 +1,84 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import grpc
+
+from odeserve.v1 import odeserve_pb2 as pb
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
+
+from . import _convert as c
+
+
+class Client:
+    """A connection to an odeserve server; every call takes its own tolerance.
+
+    >>> with Client("127.0.0.1:50051") as client:
+    ...     result = client.classify(images, model="odenet-mnist", tol=1e-2)
+
+    ``timeout_s`` is the default deadline per call; ``tls`` a :class:`TLS` (or True for the
+    system's roots); ``token`` a bearer token sent with every call. UNAVAILABLE is retried
+    ``retries`` times with backoff. Failures raise :class:`OdeServeError`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = None,
+        tls: c.TLS | bool | None = None,
+        token: str | None = None,
+        retries: int = 3,
+        max_message_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        options = c.channel_options(max_message_bytes, retries)
+        if tls:
+            credentials = (tls if isinstance(tls, c.TLS) else c.TLS()).credentials()
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+        self.timeout_s, self._metadata = timeout_s, c.metadata(token)
+
+    def classify(self, images, *, model: str, tol=None, rtol=None, atol=None, method=None, max_nfe=None,
+                 version: str = "", timeout_s: float | None = None) -> c.ClassifyResult:  # fmt: skip
+        """Images as uint8 0–255 or float32 in [0, 1], shaped [N, 28, 28] or [N, 1, 28, 28]."""
+        request = pb.ClassifyRequest(model=model, version=version, images=c.images_tensor(images),
+                                     accuracy=c.accuracy(tol, rtol, atol, method, max_nfe))  # fmt: skip
+        return c.classify_result(self._call(self._stub.Classify, request, timeout_s))
+
+    def sample(self, n: int, *, model: str, tol=None, rtol=None, atol=None, method=None, max_nfe=None, seed: int = 0,
+               version: str = "", timeout_s: float | None = None) -> c.SampleResult:  # fmt: skip
+        """``n`` points and their log-densities; the same seed gives the same points."""
+        request = pb.SampleRequest(model=model, version=version, n=n, seed=seed,
+                                   accuracy=c.accuracy(tol, rtol, atol, method, max_nfe))  # fmt: skip
+        return c.sample_result(self._call(self._stub.Sample, request, timeout_s))
+
+    def log_density(self, points, *, model: str, tol=None, rtol=None, atol=None, method=None, max_nfe=None,
+                    version: str = "", timeout_s: float | None = None) -> c.LogDensityResult:  # fmt: skip
+        """Points as float32/float64 [N, D]."""
+        request = pb.LogDensityRequest(model=model, version=version, points=c.points_tensor(points),
+                                       accuracy=c.accuracy(tol, rtol, atol, method, max_nfe))  # fmt: skip
+        return c.log_density_result(self._call(self._stub.LogDensity, request, timeout_s))
+
+    def models(self, timeout_s: float | None = None) -> list[c.ModelInfo]:
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout_s)
+        return [c.model_info(m) for m in response.models]
+
+    def model(self, name: str, version: str = "", timeout_s: float | None = None) -> c.ModelInfo:
+        return c.model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name, version=version), timeout_s))
+
+    def _call(self, method, request, timeout_s: float | None):
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise c.to_error(error) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,126 @@
+"""Wiring and lifecycle: load checkpoints, start the engine, gRPC (with health and
+reflection) and /metrics; drain gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from odeserve.v1 import odeserve_pb2 as pb
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
+
+from .config import ServerConfig, parse_config
+from .engine import Engine
+from .metrics import Metrics
+from .models import load_models
+from .servicer import InferenceServicer
+
+log = logging.getLogger("server")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    return device
+
+
+class Server:
+    """A running odeserve: ``start()``, then ``stop()`` (or ``wait()`` for a signal)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.models = load_models(config.checkpoints, self.device)
+        if not self.models:
+            log.warning("no servable checkpoints in %s", config.checkpoints)
+        self.metrics = Metrics()
+        self.engine = Engine(
+            {name: m.adapter for name, m in self.models.items()},
+            self.device,
+            max_batch=config.max_batch,
+            max_queued=config.max_queued_items,
+            batching=config.batching,
+            max_delay=config.max_delay_ms / 1000,
+            stats=self.metrics,
+        )
+        self.servicer = InferenceServicer(self.models, self.engine, config, self.metrics)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(config.grpc_threads, thread_name_prefix="rpc"), options=options)
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        service_names = (
+            pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(service_names, self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise SystemExit(f"cannot listen on {config.host}:{config.port}")
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        self.grpc.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        self.health.set("", serving)
+        self.health.set(pb.DESCRIPTOR.services_by_name["Inference"].full_name, serving)
+        for name in self.models:
+            self.health.set(name, serving)
+        log.info("serving %d models on %s:%d (gRPC), metrics on %s:%d", len(self.models), self.config.host, self.port,
+                 self.config.metrics_host, self.metrics_port)  # fmt: skip
+        print(f"odeserve ready grpc={self.config.host}:{self.port} metrics={self.config.metrics_host}:{self.metrics_port}",
+              flush=True)  # fmt: skip
+
+    def stop(self) -> None:
+        """Drain: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish within the
+        grace period; then close."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_seconds
+        log.info("draining (grace %.0f s)", grace)
+        self.health.enter_graceful_shutdown()
+        self.servicer.draining.set()
+        end = time.monotonic() + grace
+        while not self.engine.idle and time.monotonic() < end:
+            time.sleep(0.02)
+        self.engine.close(timeout=max(0.0, end - time.monotonic()))
+        self.grpc.stop(grace=max(0.0, end - time.monotonic())).wait()
+        self._stopped.set()
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    server = Server(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Server configuration: defaults < config file (TOML) < ODESERVE_* environment < flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9090
+    checkpoints: Path = Path("checkpoints")
+    device: str = "auto"
+    batching: str = "continuous"
+    max_batch: int = 256
+    max_delay_ms: float = 5.0
+    max_queued_items: int = 4096
+    max_items_per_request: int = 1024
+    max_nfe: int = 10_000
+    min_tol: float = 1e-8
+    max_tol: float = 1.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    grace_seconds: float = 20.0
+    grpc_threads: int = 128
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batching not in ("continuous", "static"):
+            problems.append(f"batching must be continuous or static, got {self.batching!r}")
+        for name in ("max_batch", "max_queued_items", "max_items_per_request", "max_nfe", "max_message_bytes", "grpc_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if not 0 < self.min_tol <= self.max_tol:
+            problems.append("need 0 < min_tol <= max_tol")
+        if self.max_delay_ms < 0 or self.grace_seconds < 0:
+            problems.append("max_delay_ms and grace_seconds must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def as_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+_HELP = {
+    "host": "address for gRPC",
+    "port": "gRPC port (0: pick a free one)",
+    "metrics_host": "address for the Prometheus /metrics endpoint",
+    "metrics_port": "metrics port (0: pick a free one)",
+    "checkpoints": "folder whose *.pt checkpoints are served, by file name",
+    "device": "auto, cpu, cuda or cuda:N (auto: the GPU when present)",
+    "batching": "continuous (solver-step level) or static (collect, then solve to the end)",
+    "max_batch": "most items in one running batch",
+    "max_delay_ms": "static batching: longest wait for a full batch",
+    "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",
+    "max_items_per_request": "images or points per request, and Sample's n",
+    "max_nfe": "function evaluations per item before it stops with MAX_NFE",
+    "min_tol": "smallest tolerance a request may ask for",
+    "max_tol": "largest tolerance a request may ask for",
+    "max_message_bytes": "largest gRPC message accepted or sent",
+    "grace_seconds": "on SIGTERM, how long in-flight requests may take to finish",
+    "grpc_threads": "request handler threads (concurrent in-flight requests)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def _environment() -> dict[str, str]:
+    values = {}
+    for f in fields(ServerConfig):
+        key = f"ODESERVE_{f.name.upper()}"
+        if key in os.environ:
+            values[f.name] = os.environ[key]
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve odeserve checkpoints over gRPC; every request picks its own solver tolerance. "
+        "Each flag can also come from ODESERVE_<FLAG> in the environment or from a TOML --config file.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (same names, underscores)")
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        default = getattr(defaults, f.name)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(default),
+            default=None,
+            help=f"{_HELP[f.name]} (default: {default})",
+        )
+    args = parser.parse_args(argv)
+    values: dict = {}
+    if args.config is not None:
+        with args.config.open("rb") as handle:
+            values.update(tomllib.load(handle))
+    values.update(_environment())
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    unknown = set(values) - {f.name for f in fields(ServerConfig)}
+    if unknown:
+        parser.error(f"unknown settings: {', '.join(sorted(unknown))}")
+    try:
+        converted = {f.name: type(getattr(defaults, f.name))(values[f.name]) for f in fields(ServerConfig) if f.name in values}
+        return ServerConfig(**converted)
+    except ValueError as error:
+        parser.error(str(error))

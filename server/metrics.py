@@ -1,0 +1,70 @@
+"""Prometheus metrics, fed from the engine's and servicer's plain stats. The only module that
+imports prometheus_client. Names follow Prometheus conventions (base units, ``_total``,
+``_seconds``); labels are model, method, rpc, code/status, never a tolerance value."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .stats import ItemStats, QueueStats, RequestStats, Stats, StepStats
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+NFE_BUCKETS = tuple(float(2**k) for k in range(1, 15))  # 2 .. 16384 function evaluations
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("odeserve_requests_total", "Finished RPCs by gRPC status code.",
+                                ["model", "method", "rpc", "code"], registry=r)  # fmt: skip
+        self.latency = Histogram("odeserve_request_latency_seconds", "Server-side RPC latency.",
+                                 ["model", "method", "rpc"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.queue_wait = Histogram("odeserve_queue_wait_seconds", "Time a request waited for a batch slot.",
+                                    ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.compute = Histogram("odeserve_compute_seconds", "Time from a request's first item joining a batch to its last finishing.",
+                                 ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.nfe = Histogram("odeserve_item_nfe", "Function evaluations per item.",
+                             ["model", "method"], buckets=NFE_BUCKETS, registry=r)  # fmt: skip
+        self.items = Counter("odeserve_items_total", "Items that left the batch, by solve status.",
+                             ["model", "method", "status"], registry=r)  # fmt: skip
+        self.steps = Counter("odeserve_solver_steps_total", "Solver steps attempted, summed over the rows of the batch.",
+                             ["model", "method"], registry=r)  # fmt: skip
+        self.rejected = Counter("odeserve_rejected_steps_total", "Row-steps rejected by error control.",
+                                ["model", "method"], registry=r)  # fmt: skip
+        self.batch_steps = Counter("odeserve_batch_steps_total", "Solver steps over a running batch.",
+                                   ["model", "method"], registry=r)  # fmt: skip
+        self.batch_size = Gauge("odeserve_running_batch_size", "Rows in the running batch at the last step.",
+                                ["model", "method"], registry=r)  # fmt: skip
+        self.occupancy = Gauge("odeserve_batch_occupancy_ratio", "Running batch size over the batch limit.",
+                               ["model", "method"], registry=r)  # fmt: skip
+        self.queued = Gauge("odeserve_queued_items", "Items waiting for a batch slot.", ["model"], registry=r)
+        self.running = Gauge("odeserve_running_items", "Items in the running batch.", ["model"], registry=r)
+
+    def __call__(self, stats: Stats) -> None:
+        if isinstance(stats, StepStats):
+            self.batch_steps.labels(stats.model, stats.method).inc()
+            self.steps.labels(stats.model, stats.method).inc(stats.batch_size)
+            self.rejected.labels(stats.model, stats.method).inc(stats.rejected)
+            self.batch_size.labels(stats.model, stats.method).set(stats.batch_size)
+            self.occupancy.labels(stats.model, stats.method).set(stats.batch_size / stats.max_batch)
+        elif isinstance(stats, ItemStats):
+            histogram = self.nfe.labels(stats.model, stats.method)
+            for nfe, status in zip(stats.nfe, stats.statuses):
+                histogram.observe(nfe)
+                self.items.labels(stats.model, stats.method, status).inc()
+        elif isinstance(stats, QueueStats):
+            self.queued.labels(stats.model).set(stats.queued)
+            self.running.labels(stats.model).set(stats.running)
+        elif isinstance(stats, RequestStats):
+            self.requests.labels(stats.model, stats.method, stats.rpc, stats.code).inc()
+            self.latency.labels(stats.model, stats.method, stats.rpc).observe(stats.latency_seconds)
+            if stats.queue_seconds is not None:
+                self.queue_wait.labels(stats.model, stats.method).observe(stats.queue_seconds)
+            if stats.compute_seconds is not None:
+                self.compute.labels(stats.model, stats.method).observe(stats.compute_seconds)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose ``/metrics`` over HTTP; returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

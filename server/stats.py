@@ -1,0 +1,59 @@
+"""Plain statistics the engine and servicer emit; ``server.metrics`` turns them into
+Prometheus series. Nothing here knows about Prometheus, gRPC or torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One solver step over a running batch."""
+
+    model: str
+    method: str
+    batch_size: int
+    max_batch: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    model: str
+    queued: int
+    running: int
+
+
+@dataclass(frozen=True)
+class ItemStats:
+    """Items that left the batch, with what each cost."""
+
+    model: str
+    method: str
+    nfe: tuple[int, ...]
+    statuses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One finished RPC, successful or not."""
+
+    model: str
+    method: str
+    rpc: str
+    code: str  # gRPC status code name, e.g. "OK", "INVALID_ARGUMENT"
+    latency_seconds: float
+    queue_seconds: float | None = None
+    compute_seconds: float | None = None
+
+
+Stats = StepStats | QueueStats | ItemStats | RequestStats
+
+
+class StatsSink(Protocol):
+    def __call__(self, stats: Stats) -> None: ...
+
+
+def discard(stats: Stats) -> None:
+    """A sink for callers that do not collect metrics."""
