@@ -1,0 +1,134 @@
+"""``python -m client``: classify images, sample, evaluate log-densities, list models.
+
+    python -m client classify --model odenet-mnist --tol 1e-2 digit.png
+    python -m client sample --model cnf-8gaussians --n 5 --seed 1 --tol 1e-3
+    python -m client log-density --model cnf-8gaussians 0,0 1.5,-2
+    python -m client models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import TLS, Client, OdeServeError
+
+
+def _load_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        gray = image.convert("L")
+        if gray.size != (28, 28):
+            gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+        return np.asarray(gray, dtype=np.uint8)
+
+
+def _point(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is comma-separated numbers, got {text!r}") from None
+
+
+def _accuracy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a served model's name (see: models)")
+    parser.add_argument("--tol", type=float, help="rtol = atol (default: the model's)")
+    parser.add_argument("--rtol", type=float)
+    parser.add_argument("--atol", type=float)
+    parser.add_argument("--method", help="dopri5 (default), tsit5 or bosh3")
+    parser.add_argument("--max-nfe", type=int, help="stop each item after this many function evaluations")
+
+
+def _accuracy_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, tol=args.tol, rtol=args.rtol, atol=args.atol, method=args.method, max_nfe=args.max_nfe)
+
+
+def _items(result) -> dict:
+    return {"nfe": result.items.nfe.tolist(), "status": result.items.status,
+            "queue_seconds": result.timing.queue_seconds, "compute_seconds": result.timing.compute_seconds}  # fmt: skip
+
+
+def run(args: argparse.Namespace, client: Client) -> dict:
+    if args.command == "classify":
+        images = np.stack([_load_image(p) for p in args.images])
+        result = client.classify(images, **_accuracy_kwargs(args))
+        rows = [
+            {"image": str(p), "label": int(label), "probability": float(probs.max()), "nfe": int(nfe), "status": status}
+            for p, label, probs, nfe, status in zip(args.images, result.labels, result.probabilities, result.items.nfe, result.items.status)
+        ]  # fmt: skip
+        return {"predictions": rows, **_items(result)}
+    if args.command == "sample":
+        result = client.sample(args.n, seed=args.seed, **_accuracy_kwargs(args))
+        return {"points": result.points.tolist(), "log_density": result.log_density.tolist(), **_items(result)}
+    if args.command == "log-density":
+        result = client.log_density(np.asarray(args.points, dtype=np.float32), **_accuracy_kwargs(args))
+        return {"points": args.points, "log_density": result.log_density.tolist(), **_items(result)}
+    return {"models": [{"name": m.name, "version": m.version, "kind": m.kind, "task": m.task,
+                        "default_tol": m.default_tol, "device": m.device,
+                        "test_error": m.card.get("metrics", {}).get("test_error")} for m in client.models()]}  # fmt: skip
+
+
+def render(command: str, report: dict) -> str:
+    lines = []
+    if command == "classify":
+        lines.append(f"{'image':<30} {'label':>5} {'prob':>6} {'NFE':>5} status")
+        for row in report["predictions"]:
+            lines.append(f"{row['image']:<30} {row['label']:>5} {row['probability']:>6.3f} {row['nfe']:>5} {row['status']}")
+    elif command in ("sample", "log-density"):
+        points = report["points"]
+        lines.append(f"{'point':<28} {'log p':>9} {'NFE':>5} status")
+        for point, log_p, nfe, status in zip(points, report["log_density"], report["nfe"], report["status"]):
+            text = ", ".join(f"{v:.4f}" for v in point)
+            lines.append(f"{text:<28} {log_p:>9.4f} {nfe:>5} {status}")
+    else:
+        lines.append(f"{'name':<24} {'kind':<8} {'task':<9} {'tol':>7} {'version':<13} device")
+        for m in report["models"]:
+            lines.append(f"{m['name']:<24} {m['kind']:<8} {m['task']:<9} {m['default_tol']:>7g} {m['version']:<13} {m['device']}")
+    if "compute_seconds" in report:
+        lines.append(f"server: queue {report['queue_seconds'] * 1e3:.1f} ms, compute {report['compute_seconds'] * 1e3:.1f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=os.environ.get("ODESERVE_TARGET", "127.0.0.1:50051"), help="host:port (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument("--token", default=os.environ.get("ODESERVE_TOKEN"), help="bearer token")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate to verify the server (enables TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key, for mutual TLS")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub = parser.add_subparsers(dest="command", required=True)
+    classify = sub.add_parser("classify", parents=[output], help="classify 28x28 grayscale images (other sizes are resized)")
+    _accuracy(classify)
+    classify.add_argument("images", type=Path, nargs="+")
+    sample = sub.add_parser("sample", parents=[output], help="draw points from a density model")
+    _accuracy(sample)
+    sample.add_argument("--n", type=int, default=5)
+    sample.add_argument("--seed", type=int, default=0)
+    density = sub.add_parser("log-density", parents=[output], help="log-density of points under a density model")
+    _accuracy(density)
+    density.add_argument("points", type=_point, nargs="+", help="comma-separated coordinates, e.g. 0.5,-1")
+    sub.add_parser("models", parents=[output], help="list served models")
+    args = parser.parse_args(argv)
+
+    tls = TLS.from_files(args.tls_ca, args.tls_key, args.tls_cert) if args.tls_ca else None
+    try:
+        with Client(args.target, timeout_s=args.timeout, tls=tls, token=args.token) as client:
+            report = run(args, client)
+    except OdeServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else render(args.command, report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Real servers for the tests: ``python -m server`` in a subprocess on ephemeral ports."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "checkpoints"
+CLASSIFIER = "odenet-mnist"
+DENSITIES = ("cnf-8gaussians", "cnf-moons")
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    target: str
+    metrics_url: str
+    log: Path
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout)
+
+
+def start_server(checkpoints: Path, tmp: Path, *flags: str, timeout: float = 120.0) -> RunningServer:
+    out, log = tmp / "server.out", tmp / "server.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "--checkpoints", str(checkpoints), "--port", "0", "--metrics-port", "0", *flags],
+        cwd=ROOT, stdout=out.open("w"), stderr=log.open("w"),
+    )  # fmt: skip
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        match = re.search(r"odeserve ready grpc=(\S+) metrics=(\S+)", out.read_text())
+        if match:
+            return RunningServer(process, match.group(1), f"http://{match.group(2)}/metrics", log)
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    process.kill()
+    raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def shipped() -> Path:
+    missing = [name for name in (CLASSIFIER, *DENSITIES) if not (SHIPPED / f"{name}.pt").exists()]
+    if missing:
+        raise FileNotFoundError(f"shipped checkpoints missing from {SHIPPED}: {missing} (train them: see README)")
+    return SHIPPED
+
+
+@pytest.fixture(scope="session")
+def server(shipped, tmp_path_factory) -> RunningServer:
+    """The default server on the shipped checkpoints, shared by the tests that only read."""
+    running = start_server(shipped, tmp_path_factory.mktemp("server"))
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture
+def client(server):
+    from client import Client
+
+    with Client(server.target, timeout_s=120) as connection:
+        yield connection
