@@ -2,7 +2,7 @@
 
     python -m client classify --model odenet-mnist --tol 1e-2 digit.png
     python -m client sample --model cnf-8gaussians --n 5 --seed 1 --tol 1e-3
-    python -m client log-density --model cnf-8gaussians 0,0 1.5,-2
+    python -m client log-density --model cnf-8gaussians -- 0,0 -1.5,2    ("--" before points with a leading minus)
     python -m client models
 """
 

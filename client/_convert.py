@@ -97,6 +97,15 @@ class ModelInfo:
     card: dict = field(repr=False)
 
 
+def open_channel(grpc_module, target: str, tls: TLS | bool | None, max_message_bytes: int, retries: int):
+    """A channel from ``grpc`` or ``grpc.aio``, secure when ``tls`` is given."""
+    options = channel_options(max_message_bytes, retries)
+    if tls:
+        credentials = (tls if isinstance(tls, TLS) else TLS()).credentials()
+        return grpc_module.secure_channel(target, credentials, options=options)
+    return grpc_module.insecure_channel(target, options=options)
+
+
 def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, object]]:
     """Retry UNAVAILABLE (server restarting or draining) with backoff, via the service config."""
     service_config = {
@@ -132,7 +141,7 @@ def to_error(error: grpc.RpcError) -> OdeServeError:
 def encode(array: np.ndarray) -> pb.Tensor:
     array = np.ascontiguousarray(array)
     for name, dtype in _DTYPES.items():
-        if array.dtype == dtype or array.dtype == dtype.newbyteorder("="):
+        if array.dtype.newbyteorder("<") == dtype:  # any byte order in; little-endian out
             return pb.Tensor(dtype=name, shape=list(array.shape), data=array.astype(dtype, copy=False).tobytes())
     raise TypeError(f"arrays must be uint8, float32 or float64, got {array.dtype}")
 

@@ -21,12 +21,7 @@ class AsyncClient:
         retries: int = 3,
         max_message_bytes: int = 16 * 1024 * 1024,
     ) -> None:
-        options = c.channel_options(max_message_bytes, retries)
-        if tls:
-            credentials = (tls if isinstance(tls, c.TLS) else c.TLS()).credentials()
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._channel = c.open_channel(grpc.aio, target, tls, max_message_bytes, retries)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self.timeout_s, self._metadata = timeout_s, c.metadata(token)
 

@@ -126,7 +126,8 @@ class ModelWorker:
                     if self._closing and not self._pending:
                         return
                     self.stats(QueueStats(self.name, self.scheduler.queued, 0))
-                    self._lock.wait(timeout=self.scheduler.wake_after() or 0.5)
+                    wake_after = self.scheduler.wake_after()
+                    self._lock.wait(timeout=0.5 if wake_after is None else wake_after)
                     continue
                 queued = self.scheduler.queued
             try:

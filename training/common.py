@@ -12,16 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from neuralode.devices import resolve_device
+
+__all__ = ["Distributed", "command_line", "default_data_dir", "device_name", "resolve_device", "seed_everything", "setup_logging"]
+
 log = logging.getLogger("training")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
-    return device
 
 
 def device_name(device: torch.device) -> str:

@@ -34,7 +34,8 @@ def test_sample_log_density_and_models(server):
     sampled = json.loads(cli(server, "sample", "--model", DENSITIES[0], "--n", "3", "--seed", "5", "--json").stdout)
     assert len(sampled["points"]) == 3 and sampled["status"] == ["SUCCESS"] * 3
     points = [",".join(str(v) for v in p) for p in sampled["points"]]
-    density = json.loads(cli(server, "log-density", "--model", DENSITIES[0], "--tol", "1e-5", *points, "--json").stdout)
+    # "--" ends the options, so points that start with a minus sign are not read as flags.
+    density = json.loads(cli(server, "log-density", "--model", DENSITIES[0], "--tol", "1e-5", "--json", "--", *points).stdout)
     assert all(abs(a - b) < 0.05 for a, b in zip(density["log_density"], sampled["log_density"]))
     listing = cli(server, "models")
     assert CLASSIFIER in listing.stdout and DENSITIES[0] in listing.stdout
