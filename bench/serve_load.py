@@ -4,8 +4,9 @@
 * the gRPC path vs the in-process engine (same engine, no network), continuous batching.
 
 N clients each send one request after another for a fixed duration; every request classifies
-real MNIST test images at a tolerance drawn from a mixed distribution. Prints throughput,
-p50/p90/p99 latency and mean NFE per item, and writes ``bench/results/serve_load_<device>.json``.
+real MNIST test images at a tolerance drawn from a mixed distribution. Each configuration runs
+several times, interleaved; the medians of throughput, p50/p90/p99 latency and mean NFE per
+item are printed and written to ``bench/results/serve_load_<device>.json``.
 
     python bench/serve_load.py --data-dir ../shared/data [--clients 16] [--duration 20]
 """
@@ -73,42 +74,60 @@ class Load:
         }
 
 
-def grpc_run(load: Load, checkpoints: Path, model: str, tmp: Path, *flags: str) -> dict:
-    from conftest import start_server
+class GrpcTarget:
+    """A real server subprocess and a client connected to it."""
 
-    from client import Client
+    def __init__(self, checkpoints: Path, model: str, tmp: Path, *flags: str) -> None:
+        from conftest import start_server
 
-    server = start_server(checkpoints, tmp, *flags)
-    try:
-        with Client(server.target, timeout_s=600) as client:
-            return load.run(lambda images, tol: client.classify(images, model=model, tol=tol).items.nfe)
-    finally:
-        server.stop()
+        from client import Client
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.server = start_server(checkpoints, tmp, *flags)
+        self.client = Client(self.server.target, timeout_s=600)
+        self.model = model
+
+    def send(self, images: np.ndarray, tol: float):
+        return self.client.classify(images, model=self.model, tol=tol).items.nfe
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
 
 
-def in_process_run(load: Load, checkpoints: Path, model: str, max_batch: int) -> dict:
-    import torch
+class InProcessTarget:
+    """The same engine without gRPC: requests go straight to ``Engine.submit``."""
 
-    from server.config import ServerConfig
-    from server.engine import Engine
-    from server.models import load_models
-    from server.wire import classify_work
-    from odeserve.v1 import odeserve_pb2 as pb
+    def __init__(self, checkpoints: Path, model: str, max_batch: int) -> None:
+        import torch
 
-    models = load_models(checkpoints, torch.device("cpu"))
-    engine = Engine({model: models[model].adapter}, torch.device("cpu"), max_batch=max_batch)
-    config = ServerConfig()
+        from server.config import ServerConfig
+        from server.engine import Engine
+        from server.models import load_models
 
-    def send(images: np.ndarray, tol: float):
-        request = pb.ClassifyRequest(model=model, images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
-                                     accuracy=pb.Accuracy(tol=tol))  # fmt: skip
-        _, future = engine.submit(model, classify_work(request, models[model], config))
+        self.models = load_models(checkpoints, torch.device("cpu"))
+        self.engine = Engine({model: self.models[model].adapter}, torch.device("cpu"), max_batch=max_batch)
+        self.model, self.config = model, ServerConfig()
+
+    def send(self, images: np.ndarray, tol: float):
+        from odeserve.v1 import odeserve_pb2 as pb
+        from server.wire import classify_work
+
+        request = pb.ClassifyRequest(model=self.model, accuracy=pb.Accuracy(tol=tol),
+                                     images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()))  # fmt: skip
+        _, future = self.engine.submit(self.model, classify_work(request, self.models[self.model], self.config))
         return future.result().nfe
 
-    try:
-        return load.run(send)
-    finally:
-        engine.close()
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _median_row(runs: list[dict]) -> dict:
+    keys = ("throughput_items_per_s", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_nfe")
+    row = {key: float(np.median([run[key] for run in runs])) for key in keys}
+    row["requests"] = int(sum(run["requests"] for run in runs))
+    row["runs"] = runs
+    return row
 
 
 def main() -> None:
@@ -118,7 +137,8 @@ def main() -> None:
     parser.add_argument("--model", default="odenet-mnist")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--per-request", type=int, default=1, help="images per request")
-    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; medians are reported")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-delay-ms", type=float, default=10.0, help="static batching's collection window")
@@ -136,16 +156,25 @@ def main() -> None:
     load = Load(images, args.clients, args.duration, args.warmup, args.per_request, args.seed)
     batch_flags = ("--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {
-            "grpc continuous": grpc_run(load, args.checkpoints, args.model, Path(tmp), *batch_flags),
-            "grpc static": grpc_run(load, args.checkpoints, args.model, Path(tmp), *batch_flags, "--batching", "static"),
-            "in-process continuous": in_process_run(load, args.checkpoints, args.model, args.max_batch),
+        targets = {
+            "grpc continuous": GrpcTarget(args.checkpoints, args.model, Path(tmp) / "continuous", *batch_flags),
+            "grpc static": GrpcTarget(args.checkpoints, args.model, Path(tmp) / "static", *batch_flags, "--batching", "static"),
+            "in-process continuous": InProcessTarget(args.checkpoints, args.model, args.max_batch),
         }
+        runs: dict[str, list[dict]] = {name: [] for name in targets}
+        try:
+            for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits all alike
+                for name, target in targets.items():
+                    runs[name].append(load.run(target.send))
+        finally:
+            for target in targets.values():
+                target.close()
+    rows = {name: _median_row(results) for name, results in runs.items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
     mix = ", ".join(f"{share:.0%} at {tol:g}" for tol, share in TOLERANCES.items())
     print(f"serve_load: {args.model}, {args.clients} closed-loop clients, {args.per_request} image(s)/request, "
-          f"tolerances {mix}, {args.duration:g} s each, max batch {args.max_batch}; {machine}")  # fmt: skip
+          f"tolerances {mix}, median of {args.repeats} interleaved runs of {args.duration:g} s, max batch {args.max_batch}; {machine}")  # fmt: skip
     print(f"{'configuration':<24} {'items/s':>9} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'NFE':>6} {'requests':>9}")
     for name, r in rows.items():
         print(f"{name:<24} {r['throughput_items_per_s']:>9.1f} {r['latency_p50_ms']:>9.1f} {r['latency_p90_ms']:>9.1f} "

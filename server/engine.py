@@ -80,6 +80,8 @@ class ModelWorker:
         self._lock = threading.Condition()
         self._pending: dict[int, _Pending] = {}  # request id -> pending
         self._running: dict[int, Item] = {}  # item id -> item
+        self._finished: list[Outcome] = []  # solved, not yet handed back (static batching)
+        self.hold_until_batch_ends = batching == "static"
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -120,6 +122,7 @@ class ModelWorker:
             with self._lock:
                 self._fail(self.scheduler.purge())
                 self._fail(self.scheduler.dropped(self._running.values()), running=True)
+                self._hand_back()
                 joining = self.scheduler.admit(self.executor.running)
                 self._running.update((item.id, item) for item in joining)
                 if not self._running:
@@ -146,9 +149,17 @@ class ModelWorker:
                                          tuple(o.status.name for o in report.finished)))  # fmt: skip
             self.stats(QueueStats(self.name, queued, self.executor.running))
             with self._lock:
-                for report in reports:
-                    for outcome in report.finished:
-                        self._complete(outcome)
+                self._finished.extend(outcome for report in reports for outcome in report.finished)
+                self._hand_back()
+
+    def _hand_back(self) -> None:
+        """Complete finished items; static batching returns a batch as one unit, once its
+        last item is done (or has been dropped)."""
+        if self.hold_until_batch_ends and self.executor.running:
+            return
+        for outcome in self._finished:
+            self._complete(outcome)
+        self._finished.clear()
 
     def _complete(self, outcome: Outcome) -> None:
         item = self._running.pop(outcome.item_id, None)

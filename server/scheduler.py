@@ -6,7 +6,8 @@ without threads or sleeps.
 * ``continuous``: between any two solver steps, waiting items fill the free slots of the
   running batch (FIFO, up to ``max_batch``); finished items leave at every step.
 * ``static``: a batch starts only when nothing runs and either ``max_batch`` items wait or
-  the oldest has waited ``max_delay``; it runs to its end before the next one starts.
+  the oldest has waited ``max_delay``; it runs to its end before the next one starts, and
+  the engine hands its results back together, as a generic batching server does.
 """
 
 from __future__ import annotations
