@@ -106,7 +106,8 @@ class InProcessTarget:
         from server.models import load_models
 
         self.models = load_models(checkpoints, torch.device("cpu"))
-        self.engine = Engine({model: self.models[model].adapter}, torch.device("cpu"), max_batch=max_batch)
+        self.engine = Engine(torch.device("cpu"), max_batch=max_batch)
+        self.engine.add(self.models[model].key, self.models[model].adapter, label=model)
         self.model, self.config = model, ServerConfig()
 
     def send(self, images: np.ndarray, tol: float):
@@ -115,7 +116,7 @@ class InProcessTarget:
 
         request = pb.ClassifyRequest(model=self.model, accuracy=pb.Accuracy(tol=tol),
                                      images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()))  # fmt: skip
-        _, future = self.engine.submit(self.model, classify_work(request, self.models[self.model], self.config))
+        _, future = self.engine.submit(self.models[self.model].key, classify_work(request, self.models[self.model], self.config))
         return future.result().nfe
 
     def close(self) -> None:

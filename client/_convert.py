@@ -107,7 +107,10 @@ def open_channel(grpc_module, target: str, tls: TLS | bool | None, max_message_b
 
 
 def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, object]]:
-    """Retry UNAVAILABLE (server restarting or draining) with backoff, via the service config."""
+    """Retry, with backoff via the service config, what a restarting or draining server
+    answers: UNAVAILABLE, and CANCELLED, which gRPC gives calls a shutting-down server had
+    received but not yet handed to a handler (grpc/grpc#41785). odeserve itself never
+    cancels a call, so a CANCELLED status from the server always means "not processed"."""
     service_config = {
         "methodConfig": [
             {
@@ -117,13 +120,16 @@ def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, obj
                     "initialBackoff": "0.2s",
                     "maxBackoff": "2s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ]
     }
     return [
         ("grpc.service_config", json.dumps(service_config)),
+        # after a server restart, reconnect within ~2 s instead of gRPC's default of up to 2 min
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
         ("grpc.enable_retries", 1 if retries > 0 else 0),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),

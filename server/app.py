@@ -1,5 +1,5 @@
-"""Wiring and lifecycle: load checkpoints, start the engine, gRPC (with health and
-reflection) and /metrics; drain gracefully on SIGTERM."""
+"""Wiring and lifecycle: load checkpoints, start the engine, gRPC (with health, reflection,
+TLS and token auth) and /metrics; reload checkpoints on SIGHUP; drain gracefully on SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from neuralode.devices import resolve_device
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
+from .auth import TokenAuth, accepted_tokens, server_credentials
 from .config import ServerConfig, parse_config
 from .engine import Engine
 from .metrics import Metrics
@@ -38,7 +39,6 @@ class Server:
             log.warning("no servable checkpoints in %s", config.checkpoints)
         self.metrics = Metrics()
         self.engine = Engine(
-            {name: m.adapter for name, m in self.models.items()},
             self.device,
             max_batch=config.max_batch,
             max_queued=config.max_queued_items,
@@ -46,13 +46,21 @@ class Server:
             max_delay=config.max_delay_ms / 1000,
             stats=self.metrics,
         )
+        for model in self.models.values():
+            self.engine.add(model.key, model.adapter, label=model.name)
         self.servicer = InferenceServicer(self.models, self.engine, config, self.metrics)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(config.grpc_threads, thread_name_prefix="rpc"), options=options)
+        try:
+            tokens, credentials = accepted_tokens(config), server_credentials(config)
+        except OSError as error:
+            raise SystemExit(f"cannot read {error.filename}: {error.strerror}") from None
+        interceptors = [TokenAuth(tokens, self.metrics)] if tokens else []
+        executor = futures.ThreadPoolExecutor(config.grpc_threads, thread_name_prefix="rpc")
+        self.grpc = grpc.server(executor, options=options, interceptors=interceptors)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         service_names = (
@@ -61,9 +69,17 @@ class Server:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(service_names, self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
         if self.port == 0:
-            raise SystemExit(f"cannot listen on {config.host}:{config.port}")
+            raise SystemExit(f"cannot listen on {address}")
+        self.security = ("mutual TLS" if config.tls_client_ca else "TLS" if credentials else "plaintext") + (
+            f", {len(tokens)} bearer token(s)" if tokens else ""
+        )
+        self._reload_lock = threading.Lock()
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
 
@@ -75,10 +91,33 @@ class Server:
         self.health.set(pb.DESCRIPTOR.services_by_name["Inference"].full_name, serving)
         for name in self.models:
             self.health.set(name, serving)
-        log.info("serving %d models on %s:%d (gRPC), metrics on %s:%d", len(self.models), self.config.host, self.port,
-                 self.config.metrics_host, self.metrics_port)  # fmt: skip
+        log.info("serving %d models on %s:%d (gRPC, %s), metrics on %s:%d", len(self.models), self.config.host, self.port,
+                 self.security, self.config.metrics_host, self.metrics_port)  # fmt: skip
         print(f"odeserve ready grpc={self.config.host}:{self.port} metrics={self.config.metrics_host}:{self.metrics_port}",
               flush=True)  # fmt: skip
+
+    def reload(self) -> None:
+        """Re-read the checkpoints folder without downtime: new and changed files get new
+        workers, requests already accepted finish on the weights they started with, and a
+        file that no longer loads keeps its previous version serving."""
+        with self._reload_lock:
+            old = self.models
+            fresh = load_models(self.config.checkpoints, self.device, previous=old)
+            for model in fresh.values():
+                if old.get(model.name) is not model:
+                    self.engine.add(model.key, model.adapter, label=model.name)
+            self.models = self.servicer.models = fresh
+            for model in old.values():
+                if fresh.get(model.name) is not model:
+                    self.engine.retire(model.key)
+            serving, gone = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in fresh:
+                self.health.set(name, serving)
+            for name in old.keys() - fresh.keys():
+                self.health.set(name, gone)
+            changed = sorted(name for name in fresh if old.get(name) is not fresh[name])
+            log.info("reloaded %s: %d models, new or changed: %s, removed: %s", self.config.checkpoints, len(fresh),
+                     ", ".join(changed) or "none", ", ".join(sorted(old.keys() - fresh.keys())) or "none")  # fmt: skip
 
     def stop(self) -> None:
         """Drain: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish within the
@@ -101,13 +140,17 @@ class Server:
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log.info("settings: %s", config.as_dict())
     server = Server(config)
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     server.start()
-    while not stop.wait(0.5):
-        pass
+    while not stop.wait(0.2):
+        if reload.is_set():
+            reload.clear()
+            server.reload()
     server.stop()
     return 0
 

@@ -29,6 +29,11 @@ class ServerConfig:
     grace_seconds: float = 20.0
     grpc_threads: int = 128
     log_level: str = "INFO"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    token_file: str = ""
+    tokens: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -41,11 +46,19 @@ class ServerConfig:
             problems.append("need 0 < min_tol <= max_tol")
         if self.max_delay_ms < 0 or self.grace_seconds < 0:
             problems.append("max_delay_ms and grace_seconds must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if problems:
             raise ValueError("; ".join(problems))
 
     def as_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        """The settings, with secrets masked (safe to log)."""
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        if values["tokens"]:
+            values["tokens"] = "***"
+        return values
 
 
 _HELP = {
@@ -67,6 +80,11 @@ _HELP = {
     "grace_seconds": "on SIGTERM, how long in-flight requests may take to finish",
     "grpc_threads": "request handler threads (concurrent in-flight requests)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "tls_cert": "PEM certificate chain: serve gRPC over TLS",
+    "tls_key": "PEM private key for tls_cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    "token_file": "file of accepted bearer tokens, one per line ('#' comments); the inference service then needs one",
+    "tokens": "comma-separated accepted bearer tokens; prefer ODESERVE_TOKENS or token_file over a flag",
 }
 
 

@@ -25,11 +25,15 @@ from .stats import ItemStats, QueueStats, StatsSink, StepStats, discard
 
 log = logging.getLogger("server.engine")
 
-__all__ = ["Engine", "EngineClosed", "QueueFull", "RequestCancelled", "RequestExpired", "Result"]
+__all__ = ["Engine", "EngineClosed", "QueueFull", "RequestCancelled", "RequestExpired", "Result", "WorkerRetired"]
 
 
 class EngineClosed(Exception):
     """The engine is shutting down and takes no new work."""
+
+
+class WorkerRetired(EngineClosed):
+    """The model version asked for was replaced by a reload; the caller looks it up again."""
 
 
 class RequestCancelled(Exception):
@@ -90,7 +94,7 @@ class ModelWorker:
     def submit(self, works: list[Work], deadline: float | None) -> tuple[Request, Future]:
         with self._lock:
             if self._closing:
-                raise EngineClosed("the server is shutting down")
+                raise WorkerRetired(f"the worker for {self.name} takes no new work")
             request, _ = self.scheduler.submit(works, deadline)
             future: Future = Future()
             self._pending[request.id] = _Pending(request, future, works[0].method, [None] * len(works))
@@ -110,6 +114,10 @@ class ModelWorker:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     @property
     def idle(self) -> bool:
@@ -209,11 +217,14 @@ class ModelWorker:
 
 
 class Engine:
-    """One worker per served model, all on one device."""
+    """One worker per served model version, all on one device.
+
+    Workers are keyed by the caller (the server uses ``name@version``), so a reloaded model
+    gets a fresh worker while the retired one finishes what it accepted on the old weights.
+    """
 
     def __init__(
         self,
-        adapters: dict[str, Adapter],
         device: torch.device,
         *,
         max_batch: int = 256,
@@ -223,29 +234,55 @@ class Engine:
         clock: Clock = time.monotonic,
         stats: StatsSink = discard,
     ) -> None:
-        self.clock = clock
-        self.workers = {
-            name: ModelWorker(name, adapter, device, max_batch=max_batch, max_queued=max_queued, batching=batching,
-                              max_delay=max_delay, clock=clock, stats=stats)  # fmt: skip
-            for name, adapter in adapters.items()
-        }
+        self.device, self.clock, self.stats = device, clock, stats
+        self._settings = dict(max_batch=max_batch, max_queued=max_queued, batching=batching, max_delay=max_delay)
+        self.workers: dict[str, ModelWorker] = {}
+        self._retired: list[tuple[str, ModelWorker]] = []
+        self._lock = threading.Lock()
 
-    def submit(self, model: str, works: list[Work], timeout: float | None = None) -> tuple[Request, Future]:
-        """Queue a request's items; raises QueueFull (nothing queued) or EngineClosed."""
+    def add(self, key: str, adapter: Adapter, label: str | None = None) -> None:
+        """Start a worker for ``key``; ``label`` names it in stats (default: the key)."""
+        worker = ModelWorker(label or key, adapter, self.device, clock=self.clock, stats=self.stats, **self._settings)
+        with self._lock:
+            if key in self.workers:
+                raise ValueError(f"engine already has a worker for {key!r}")
+            self.workers[key] = worker
+
+    def retire(self, key: str) -> None:
+        """Stop giving ``key`` new work; what it accepted still runs to completion."""
+        with self._lock:
+            worker = self.workers.pop(key)
+            self._retired = [(k, w) for k, w in self._retired if w.alive]
+            self._retired.append((key, worker))
+        worker.stop_accepting()
+
+    def submit(self, key: str, works: list[Work], timeout: float | None = None) -> tuple[Request, Future]:
+        """Queue a request's items; raises QueueFull (nothing queued), WorkerRetired (the
+        model was reloaded meanwhile: look it up again) or EngineClosed."""
         deadline = None if timeout is None else self.clock() + timeout
-        return self.workers[model].submit(works, deadline)
+        worker = self.workers.get(key)
+        if worker is None:
+            raise WorkerRetired(f"no worker for {key!r}")
+        return worker.submit(works, deadline)
 
-    def cancel(self, model: str, request: Request) -> None:
-        self.workers[model].cancel(request)
+    def cancel(self, key: str, request: Request) -> None:
+        with self._lock:
+            worker = self.workers.get(key) or next((w for k, w in self._retired if k == key), None)
+        if worker is not None:
+            worker.cancel(request)
 
     @property
     def idle(self) -> bool:
-        return all(worker.idle for worker in self.workers.values())
+        with self._lock:
+            workers = [*self.workers.values(), *(w for _, w in self._retired)]
+        return all(worker.idle for worker in workers)
 
     def close(self, timeout: float = 30.0) -> None:
         """Refuse new work, let accepted requests finish within ``timeout``, stop the workers."""
         end = time.monotonic() + timeout
-        for worker in self.workers.values():
+        with self._lock:
+            workers = [*self.workers.values(), *(w for _, w in self._retired)]
+        for worker in workers:
             worker.stop_accepting()
-        for worker in self.workers.values():
+        for worker in workers:
             worker.join(max(0.0, end - time.monotonic()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from neuralode.checkpoint import CheckpointError, load_checkpoint
+from neuralode.checkpoint import load_checkpoint
 
 from .adapters import Adapter, adapter_for
 
@@ -27,22 +27,41 @@ class ServedModel:
     default_tol: float
     device: str
 
+    @property
+    def key(self) -> str:
+        """Names this model's engine worker; a reloaded checkpoint gets a worker of its own."""
+        return f"{self.name}@{self.version}"
 
-def load_models(directory: Path, device: torch.device) -> dict[str, ServedModel]:
+
+def load_models(
+    directory: Path, device: torch.device, previous: dict[str, ServedModel] | None = None
+) -> dict[str, ServedModel]:
     """Every loadable ``*.pt`` in ``directory``; anything unsafe, corrupt or not servable is
-    skipped with the reason logged, so one bad file never takes the others down."""
+    skipped with the reason logged, so one bad file never takes the others down.
+
+    With ``previous`` (a reload), unchanged files keep their loaded model, and a file that
+    no longer loads keeps serving its previous version rather than vanishing."""
+    previous = previous or {}
     models: dict[str, ServedModel] = {}
     for path in sorted(Path(directory).glob("*.pt")):
+        name, old = path.stem, previous.get(path.stem)
         try:
+            version = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            if old is not None and old.version == version:
+                models[name] = old
+                continue
             checkpoint = load_checkpoint(path, device)
             adapter = adapter_for(checkpoint.model)
-        except (CheckpointError, TypeError, OSError) as error:
-            log.error("not serving %s: %s", path.name, error)
+        except Exception as error:  # noqa: BLE001 - one bad file must never take the others down
+            if old is not None:
+                log.error("not reloading %s: %s; still serving version %s", path.name, error, old.version)
+                models[name] = old
+            else:
+                log.error("not serving %s: %s", path.name, error)
             continue
-        version = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         default_tol = float(checkpoint.card.get("training", {}).get("tol") or 1e-3)
-        models[path.stem] = ServedModel(
-            name=path.stem,
+        models[name] = ServedModel(
+            name=name,
             version=version,
             kind=checkpoint.kind,
             task=adapter.task,
@@ -51,5 +70,5 @@ def load_models(directory: Path, device: torch.device) -> dict[str, ServedModel]
             default_tol=default_tol,
             device=str(device),
         )
-        log.info("serving %s (%s, %s, version %s) on %s", path.stem, checkpoint.kind, adapter.task, version, device)
+        log.info("serving %s (%s, %s, version %s) on %s", name, checkpoint.kind, adapter.task, version, device)
     return models

@@ -17,11 +17,14 @@ from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
 from . import wire
 from .config import ServerConfig
-from .engine import Engine, EngineClosed, QueueFull, RequestCancelled, RequestExpired, Result
+from .engine import Engine, EngineClosed, QueueFull, RequestCancelled, RequestExpired, Result, WorkerRetired
 from .models import ServedModel
 from .stats import RequestStats, StatsSink
 
 log = logging.getLogger("server.servicer")
+
+
+_SUBMIT_ATTEMPTS = 3
 
 
 class Draining(Exception):
@@ -83,20 +86,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             if self.draining.is_set():
                 raise Draining("the server is shutting down; retry on another replica")
-            model = wire.find_model(self.models, request.model, request.version, task, rpc)
-            model_label = model.name
-            works = to_work(request, model, self.config)
-            method_label = works[0].method
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise RequestExpired()
-            engine_request, future = self.engine.submit(model.name, works, timeout=remaining)
-            if not context.add_callback(lambda: self.engine.cancel(model.name, engine_request)):
-                self.engine.cancel(model.name, engine_request)
+            for attempt in range(_SUBMIT_ATTEMPTS):
+                model = wire.find_model(self.models, request.model, request.version, task, rpc)
+                model_label = model.name
+                works = to_work(request, model, self.config)
+                method_label = works[0].method
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise RequestExpired()
+                try:
+                    engine_request, future = self.engine.submit(model.key, works, timeout=remaining)
+                    break
+                except WorkerRetired:  # reloaded between lookup and submit: the new version takes it
+                    if attempt == _SUBMIT_ATTEMPTS - 1 or self.draining.is_set():
+                        raise
+            if not context.add_callback(lambda: self.engine.cancel(model.key, engine_request)):
+                self.engine.cancel(model.key, engine_request)
             try:
                 result = future.result(timeout=remaining)
             except FutureTimeout:
-                self.engine.cancel(model.name, engine_request)
+                self.engine.cancel(model.key, engine_request)
                 raise
             response = to_response(result, model)
         except Exception as error:  # noqa: BLE001 - mapped to a status below, never swallowed

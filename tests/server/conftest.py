@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,11 +33,12 @@ class RunningServer:
         return self.process.wait(timeout)
 
 
-def start_server(checkpoints: Path, tmp: Path, *flags: str, timeout: float = 120.0) -> RunningServer:
+def start_server(checkpoints: Path, tmp: Path, *flags: str, timeout: float = 120.0, env: dict | None = None) -> RunningServer:
+    """``python -m server`` on free ports (``flags`` come last, so ``--port N`` wins)."""
     out, log = tmp / "server.out", tmp / "server.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--checkpoints", str(checkpoints), "--port", "0", "--metrics-port", "0", *flags],
-        cwd=ROOT, stdout=out.open("w"), stderr=log.open("w"),
+        cwd=ROOT, stdout=out.open("w"), stderr=log.open("w"), env={**os.environ, **(env or {})},
     )  # fmt: skip
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -55,6 +58,15 @@ def shipped() -> Path:
     if missing:
         raise FileNotFoundError(f"shipped checkpoints missing from {SHIPPED}: {missing} (train them: see README)")
     return SHIPPED
+
+
+@pytest.fixture(scope="session")
+def density_only(shipped, tmp_path_factory) -> Path:
+    """A checkpoints folder with one small CNF: servers that start fast, for tests of the
+    transport rather than the models."""
+    folder = tmp_path_factory.mktemp("density-only")
+    shutil.copy(shipped / f"{DENSITIES[0]}.pt", folder / f"{DENSITIES[0]}.pt")
+    return folder
 
 
 @pytest.fixture(scope="session")
