@@ -25,6 +25,7 @@ log = logging.getLogger("server.servicer")
 
 
 _SUBMIT_ATTEMPTS = 3
+_NO_DEADLINE = 10 * 365 * 24 * 3600.0  # seconds; gRPC reports "no deadline" as a far-off one
 
 
 class Draining(Exception):
@@ -92,6 +93,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 works = to_work(request, model, self.config)
                 method_label = works[0].method
                 remaining = context.time_remaining()
+                if remaining is not None and remaining > _NO_DEADLINE:  # gRPC's stand-in for "no deadline"
+                    remaining = None
                 if remaining is not None and remaining <= 0:
                     raise RequestExpired()
                 try:

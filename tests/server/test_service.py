@@ -110,3 +110,10 @@ def test_asyncio_client(server, mnist_test):
     (classified, sampled, models), error = asyncio.run(run())
     assert classified.labels.shape == (8,) and sampled.points.shape == (8, 2) and len(models) >= 3
     assert error.code == "INVALID_ARGUMENT" and "accuracy.tol" in error.message
+
+
+def test_a_call_without_a_deadline_is_served(server):
+    from client import Client
+
+    with Client(server.target) as client:  # no timeout_s: gRPC sends no deadline at all
+        assert client.log_density(np.zeros((2, 2), np.float32), model=DENSITIES[0], tol=1e-3).items.all_succeeded

@@ -1,0 +1,111 @@
+"""Limits that bound compute: a request at an extreme tolerance cannot monopolise the server,
+and cancelled or expired requests stop consuming solver steps (seen through /metrics)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import CLASSIFIER, DENSITIES, start_server
+
+from client import Client, OdeServeError
+
+DENSITY = DENSITIES[0]
+MAX_NFE = 3000
+
+
+def metric(metrics_url: str, name: str, model: str = DENSITY) -> float:
+    """The sum of a series over all its labels but the model."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    lines = [line for line in text.splitlines() if line.startswith(name + "{") and f'model="{model}"' in line]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+@pytest.fixture(scope="module")
+def permissive(shipped, tmp_path_factory):
+    """A server that lets requests ask for tol 1e-12, bounded only by max NFE per item."""
+    running = start_server(shipped, tmp_path_factory.mktemp("permissive"), "--min-tol", "1e-12", "--max-nfe", str(MAX_NFE))
+    yield running
+    assert running.stop() == 0
+
+
+def test_an_extreme_tolerance_cannot_monopolise_the_server(permissive):
+    noise = np.random.default_rng(0).integers(0, 255, (16, 28, 28), dtype=np.uint8)  # stiff inputs, too
+    digit = np.zeros((1, 28, 28), np.uint8)
+    with Client(permissive.target, timeout_s=300) as client:
+        alone = [_timed(lambda: client.classify(digit, model=CLASSIFIER, tol=1e-1))[1] for _ in range(5)]
+        hog: dict = {}
+
+        def monopolise():
+            hog["result"], hog["seconds"] = _timed(lambda: client.classify(noise, model=CLASSIFIER, tol=1e-12))
+            hog["finished"] = time.monotonic()
+
+        thread = threading.Thread(target=monopolise)
+        thread.start()
+        time.sleep(0.5)
+        beside = []
+        while thread.is_alive() and len(beside) < 20:
+            result, seconds = _timed(lambda: client.classify(digit, model=CLASSIFIER, tol=1e-1))
+            assert result.items.all_succeeded
+            beside.append((seconds, time.monotonic()))
+        thread.join(300)
+    statuses, nfe = hog["result"].items.status, hog["result"].items.nfe
+    assert set(statuses) == {"MAX_NFE"} and nfe.max() <= MAX_NFE  # stopped by the limit, per item
+    assert len(beside) >= 5, "too few normal requests completed while the hog ran"
+    assert all(done < hog["finished"] for _, done in beside[:5])  # served while it was still running
+    # Each normal request waits for a handful of shared steps, not for the hog to finish.
+    slowest = max(seconds for seconds, _ in beside)
+    assert slowest < hog["seconds"] / 5, (slowest, hog["seconds"], np.median(alone))
+
+
+def test_a_deadline_bounds_an_extreme_tolerance(permissive):
+    noise = np.random.default_rng(1).integers(0, 255, (16, 28, 28), dtype=np.uint8)
+    with Client(permissive.target, timeout_s=60) as client:
+        begin = time.monotonic()
+        with pytest.raises(OdeServeError) as error:
+            client.classify(noise, model=CLASSIFIER, tol=1e-12, timeout_s=1.0)
+        assert error.value.code == "DEADLINE_EXCEEDED"
+        assert time.monotonic() - begin < 3.0
+
+
+@pytest.mark.parametrize("ending", ["deadline", "cancel"])
+def test_ended_requests_stop_consuming_solver_steps(density_only, tmp_path, ending):
+    running = start_server(density_only, tmp_path)
+    steps = "odeserve_solver_steps_total"
+    points = np.random.default_rng(2).normal(size=(1024, 2)).astype(np.float32) * 3
+    try:
+        with Client(running.target, timeout_s=60, retries=0) as client:
+            if ending == "deadline":
+                with pytest.raises(OdeServeError) as error:
+                    client.log_density(points, model=DENSITY, tol=1e-8, timeout_s=0.5)
+                assert error.value.code == "DEADLINE_EXCEEDED"
+            else:
+                from client import _convert  # the SDK's blocking calls cannot be cancelled; use the stub's future
+                from odeserve.v1 import odeserve_pb2 as pb
+
+                request = pb.LogDensityRequest(model=DENSITY, points=_convert.points_tensor(points), accuracy=pb.Accuracy(tol=1e-8))
+                call = client._stub.LogDensity.future(request, timeout=60)
+                deadline = time.monotonic() + 30
+                while metric(running.metrics_url, steps) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert call.cancel()
+            deadline = time.monotonic() + 30  # the worker drops the items after the step in progress
+            while metric(running.metrics_url, "odeserve_running_items") > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            spent = metric(running.metrics_url, steps)
+            time.sleep(1.0)
+            assert metric(running.metrics_url, steps) == spent > 0  # no steps after the end
+            assert metric(running.metrics_url, "odeserve_running_items") == 0
+            assert metric(running.metrics_url, "odeserve_queued_items") == 0
+            assert client.log_density(points[:4], model=DENSITY, tol=1e-3).items.all_succeeded
+    finally:
+        assert running.stop() == 0
+
+
+def _timed(function):
+    begin = time.monotonic()
+    result = function()
+    return result, time.monotonic() - begin
