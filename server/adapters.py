@@ -33,7 +33,7 @@ class Adapter:
     task: str
     kinds: tuple[str, ...]
     dynamics: Callable[[Tensor, Tensor], Tensor]
-    norm: Norm = rms_norm
+    norm: Norm = staticmethod(rms_norm)  # a plain function, not a method of the adapter
 
     def start(self, kind: str, inputs: Tensor, seeds: list[int]) -> Start:
         raise NotImplementedError

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from neuralode.solvers import SolverState, Status, Stepper
+from neuralode.solvers.stepper import Norm
 from neuralode.solvers.tableau import get_method
 
 from .adapters import Adapter
@@ -50,8 +51,8 @@ class StepReport:
 
 
 class _Group:
-    def __init__(self, method: str, max_steps: int) -> None:
-        self.stepper = Stepper(get_method(method), max_steps=max_steps)
+    def __init__(self, method: str, max_steps: int, norm: Norm) -> None:
+        self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
         self.state: SolverState | None = None
         self.kinds: dict[int, str] = {}  # item id -> kind, for the rows of ``state``
 
@@ -76,7 +77,7 @@ class Executor:
         for item_id, work in items:
             by_group[(work.method, work.kind)].append((item_id, work))
         for (method, kind), batch in by_group.items():
-            group = self.groups.get(method) or self.groups.setdefault(method, _Group(method, self.max_steps))
+            group = self.groups.get(method) or self.groups.setdefault(method, _Group(method, self.max_steps, self.adapter.norm))
             inputs = torch.stack([work.inputs for _, work in batch])
             if self.device.type == "cuda":
                 inputs = inputs.pin_memory()
