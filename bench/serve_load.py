@@ -101,12 +101,14 @@ class InProcessTarget:
     def __init__(self, checkpoints: Path, model: str, max_batch: int) -> None:
         import torch
 
+        from neuralode.devices import resolve_device
         from server.config import ServerConfig
         from server.engine import Engine
         from server.models import load_models
 
-        self.models = load_models(checkpoints, torch.device("cpu"))
-        self.engine = Engine(torch.device("cpu"), max_batch=max_batch)
+        device = resolve_device("auto")  # where `python -m server` puts the models too
+        self.models = load_models(checkpoints, device)
+        self.engine = Engine(device, max_batch=max_batch)
         self.engine.add(self.models[model].key, self.models[model].adapter, label=model)
         self.model, self.config = model, ServerConfig()
 

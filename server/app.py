@@ -29,7 +29,8 @@ log = logging.getLogger("server")
 
 
 class Server:
-    """A running odeserve: ``start()``, then ``stop()`` (or ``wait()`` for a signal)."""
+    """A running odeserve: ``start()``, ``reload()`` the checkpoints at will, then ``stop()``
+    (``main`` wires these to the process start, SIGHUP and SIGTERM)."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config

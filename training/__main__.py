@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .common import default_data_dir
+from .presets import PRESETS
 
 
 def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float, out: str) -> None:
@@ -34,6 +35,14 @@ def _classifier(sub, kind: str, help_text: str) -> None:
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--no-augment", action="store_true", help="no random-crop augmentation")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the data order (for reproducibility checks)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds of training: after a short calibration, the step count (and the learning-rate "
+                        "schedule) is fitted to the measured step time; --epochs/--steps stay upper bounds")  # fmt: skip
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (0: only at the end)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                        help="TF32 for convolutions and matrix products on GPUs (solver state and error control stay float32)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a named recipe filling in the defaults of the flags above; explicit flags win (see training/presets.py)")
     parser.set_defaults(run=lambda args: _train_classifier(kind, args))
 
 
@@ -86,7 +95,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     run(args)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a ``--preset``'s values as defaults under the explicit flags."""
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _classifier(sub, "odenet", "ODE-Net on MNIST, trained with the adjoint method")
@@ -97,6 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     _density(sub, "planar-nf", "discrete planar normalizing flow (K layers) on an energy target")
     _evaluate(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        sub.choices[args.command].set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     args.run(args)
 
 

@@ -95,6 +95,8 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     world = Distributed.from_environment(device)
     device = world.device_for(device)
+    if device.type == "cuda":  # TF32 only inside convolutions and matrix products; the solver stays float32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     out = Path(args.out)
     setup_logging(out.with_suffix(".log"), world.is_main)
     generator = seed_everything(args.seed)
@@ -113,7 +115,9 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     total_steps = args.steps or args.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = _optimizer(args, model)
-    schedule = warmup_cosine(optimizer, total_steps, args.warmup)
+    plan = StepPlan(total_steps, args.warmup)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)
+    budget = TimeBudget(args.time_budget, device) if args.time_budget else None
     log.info(
         "%s: %d parameters, %d training / %d test images, %d steps (%d epochs of %d) at batch %d x %d, tol %g, "
         "adjoint %s, %s",
@@ -121,19 +125,18 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         steps_per_epoch, args.batch_size, world.world_size, args.tol, adjoint, device_name(device),
     )  # fmt: skip
 
-    step, begin = 0, time.perf_counter()
-    for epoch in range(epochs):
+    step, epoch, begin = 0, 0, time.perf_counter()
+    while step < plan.total:
+        epoch += 1
         model.train()
         epoch_begin = time.perf_counter()
         running = _Running()
-        bar = tqdm(
-            total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch + 1}/{epochs}", disable=not world.is_main
-        )
+        bar = tqdm(total=min(steps_per_epoch, plan.total - step), desc=f"epoch {epoch}", disable=not world.is_main)
         for images, labels in batches(
             train_set, args.batch_size, shuffle=not args.no_shuffle, augment=not args.no_augment, generator=generator,
             rank=world.rank, world_size=world.world_size,
         ):  # fmt: skip
-            if step >= total_steps:
+            if step >= plan.total:
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if kind in ODE_CLASSIFIERS:
@@ -149,14 +152,22 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             running.add(loss, logits, labels, solution)
             bar.update(1)
             bar.set_postfix(running.postfix(), refresh=False)
+            fitted = budget.fit(step, begin) if budget is not None else None
+            if fitted is not None:
+                plan.total = world.from_main(min(plan.total, fitted), device)
+                bar.total = min(steps_per_epoch, plan.total - step + bar.n)
+                log.info("time budget %.0f s: %.3f s per step, so %d steps in all", args.time_budget, budget.step_seconds, plan.total)
         bar.close()
         epoch_time = time.perf_counter() - epoch_begin
         if world.is_main:
-            row = evaluate(model, kind, test_set, device, args.tol if kind in ODE_CLASSIFIERS else None)
+            last = step >= plan.total
+            evaluated = ""
+            if last or (args.eval_every and epoch % args.eval_every == 0):
+                row = evaluate(model, kind, test_set, device, args.tol if kind in ODE_CLASSIFIERS else None)
+                evaluated = f"; test error {row.test_error:.4f} ({len(test_set)} images)"
             log.info(
-                "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f; test error %.4f (%d images)",
-                epoch + 1, epoch_time, running.loss, running.accuracy, running.nfe_forward, running.nfe_backward,
-                row.test_error, len(test_set),
+                "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f%s",
+                epoch, epoch_time, running.loss, running.accuracy, running.nfe_forward, running.nfe_backward, evaluated,
             )  # fmt: skip
     duration = time.perf_counter() - begin
 
@@ -175,9 +186,10 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             "training": {
                 "command": command_line(), "tol": args.tol if kind in ODE_CLASSIFIERS else None,
                 "method": args.method if kind in ODE_CLASSIFIERS else None, "adjoint": adjoint,
-                "epochs": epochs, "steps": total_steps, "batch_size": args.batch_size, "world_size": world.world_size,
+                "epochs": epoch, "steps": step, "batch_size": args.batch_size, "world_size": world.world_size,
+                "preset": args.preset, "time_budget_s": args.time_budget, "tf32": args.tf32,
                 "optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "device": device_name(device),
-                "duration_s": round(duration, 1), "images_per_s": round(total_steps * args.batch_size * world.world_size / duration, 1),
+                "duration_s": round(duration, 1), "images_per_s": round(step * args.batch_size * world.world_size / duration, 1),
             },
             "metrics": {
                 "test_error": _row_at(table, args.tol if kind in ODE_CLASSIFIERS else None).test_error,
@@ -206,17 +218,50 @@ def _row_at(table: list[EvalRow], tol: float | None) -> EvalRow:
     return next((row for row in table if row.tol == tol), table[0])
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over a fraction ``warmup`` of the steps, then cosine decay to zero."""
-    warmup_steps = max(1, round(warmup * total_steps))
+class StepPlan:
+    """Linear warm-up over a fraction ``warmup`` of the steps, then cosine decay to zero, over
+    ``total`` steps; ``total`` may be lowered while training (a time budget) and the decay
+    then follows the new end."""
 
-    def factor(step: int) -> float:
+    def __init__(self, total: int, warmup: float) -> None:
+        self.total, self.warmup = total, warmup
+
+    def factor(self, step: int) -> float:
+        warmup_steps = max(1, round(self.warmup * self.total))
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, self.total - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """A fixed-length :class:`StepPlan` as a scheduler."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, StepPlan(total_steps, warmup).factor)
+
+
+class TimeBudget:
+    """Fits the number of training steps to a wall-clock budget: times the steps after
+    ``first`` (kernels and allocator warmed up) until ``last`` or a tenth of the budget,
+    whichever comes first, then says once how many steps fit in what is left."""
+
+    def __init__(self, seconds: float, device: torch.device, first: int = 5, last: int = 25) -> None:
+        self.seconds, self.device, self.first, self.last = seconds, device, first, last
+        self.step_seconds: float | None = None
+        self._mark: float | None = None
+
+    def fit(self, step: int, began: float) -> int | None:
+        if self.step_seconds is not None or step < self.first:
+            return None
+        _sync(self.device)
+        now = time.perf_counter()
+        if self._mark is None:
+            self._mark = now
+            return None
+        if step < self.last and now - began < 0.1 * self.seconds:
+            return None
+        self.step_seconds = (now - self._mark) / (step - self.first)
+        left = self.seconds - (now - began)
+        return step + max(0, int(left / self.step_seconds))
 
 
 def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:

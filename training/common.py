@@ -69,6 +69,14 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def from_main(self, value: int, device: torch.device) -> int:
+        """Rank 0's ``value`` on every rank, so that all ranks take the same decision."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
     def close(self) -> None:
         if self.enabled:
             dist.destroy_process_group()

@@ -94,7 +94,7 @@ def test_data_parallel_training_matches_one_process(tmp_path, mnist_dir):
 
     def update(name: str) -> torch.Tensor:
         checkpoint = load_checkpoint(tmp_path / name)
-        return torch.cat([p.flatten() for p in checkpoint.model.parameters()]) - initial
+        return torch.cat([p.detach().flatten() for p in checkpoint.model.parameters()]) - initial.detach()
 
     ddp, single, half = update("ddp.pt"), update("single.pt"), update("half.pt")
     assert load_checkpoint(tmp_path / "ddp.pt").card["training"]["world_size"] == 2
@@ -141,3 +141,29 @@ def test_training_refuses_contradictory_flags(tmp_path):
     result = subprocess.run([sys.executable, "-m", "training", "planar-nf", "--data", "moons"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0 and "reverse KL" in result.stderr
+
+
+def test_a_preset_fills_defaults_and_explicit_flags_win():
+    from training.__main__ import parse
+    from training.presets import PRESETS
+
+    preset = parse(["odenet", "--preset", "gpu-paper"])
+    for name, value in PRESETS["gpu-paper"].items():
+        assert getattr(preset, name) == value, name
+    overridden = parse(["odenet", "--preset", "gpu-paper", "--batch-size", "64", "--no-tf32", "--device", "cpu"])
+    assert (overridden.batch_size, overridden.tf32, overridden.device) == (64, False, "cpu")
+    assert overridden.lr == PRESETS["gpu-paper"]["lr"]
+    assert parse(["odenet"]).batch_size == 128  # no preset, the plain defaults
+
+
+def test_a_time_budget_fits_the_steps_to_the_measured_step_time(tmp_path, mnist_dir):
+    out = tmp_path / "budget.pt"
+    _run("odenet", "--data-dir", str(mnist_dir), "--out", str(out), "--epochs", "100", "--batch-size", "8",
+         "--time-budget", "8", "--eval-every", "0", "--train-subset", "512", "--test-subset", "100",
+         "--device", "cpu", "--tol", "1e-2")  # fmt: skip
+    training = load_checkpoint(out).card["training"]
+    assert 25 <= training["steps"] < 100 * 64  # stopped by the budget, not by the epochs
+    assert training["time_budget_s"] == 8.0
+    assert training["duration_s"] < 8.0 * 1.5
+    log = out.with_suffix(".log").read_text()
+    assert "time budget 8 s:" in log and log.count("test error") == 1  # evaluated at the end only

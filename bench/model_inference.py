@@ -1,0 +1,110 @@
+"""ODE-Net inference on a checkpoint, ours vs torchdiffeq on the same weights, in one run:
+batch-1 latency and batch-1000 throughput at one tolerance (the whole model: downsampling,
+ODE block, head), with each side's NFE. Written for the GPU figures of the serving issue
+(targets on an H200: batch-1 ≤ 2 ms, ≥ 150k images/s at batch 1000); runs on the CPU too.
+
+    python bench/model_inference.py [--checkpoint checkpoints/odenet-mnist.pt] [--device cuda] [--tol 1e-3]
+
+Writes ``bench/results/model_inference_<device>.json`` with the device's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from neuralode.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: kernels, allocator, cuDNN algorithm choice
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
+    """Ours (per-sample solver) and torchdiffeq's odeint (one step size for the batch) on the
+    same weights and images."""
+    import torchdiffeq
+
+    device = images.device
+    block = model.block
+    calls = {"n": 0}
+
+    def counted(t, z):
+        calls["n"] += 1
+        return block.func(t, z)
+
+    def theirs():
+        calls["n"] = 0
+        z = model.downsample(images)
+        z1 = torchdiffeq.odeint(counted, z, torch.tensor([0.0, block.t1], device=device), rtol=tol, atol=tol, method="dopri5")[-1]
+        return model.head(z1)
+
+    result = {}
+
+    def ours():
+        result["logits"], result["solution"] = model(images, rtol=tol, atol=tol)
+
+    with torch.no_grad():
+        ours_s = _median_seconds(ours, device, repeats)
+        theirs_s = _median_seconds(theirs, device, repeats)
+        agree = float((theirs().argmax(1) == result["logits"].argmax(1)).float().mean())
+    n = len(images)
+    return {
+        "batch": n,
+        "ours": {"ms": ours_s * 1e3, "images_per_s": n / ours_s, "nfe_mean": float(result["solution"].nfe.double().mean())},
+        "torchdiffeq": {"ms": theirs_s * 1e3, "images_per_s": n / theirs_s, "nfe": calls["n"]},
+        "speedup": theirs_s / ours_s,
+        "same_label_fraction": agree,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "odenet-mnist.pt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 1000])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = load_checkpoint(args.checkpoint, device).model
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in args.batch:
+        images = torch.rand(batch, 1, 28, 28, generator=generator).to(device)
+        row = measure(model, images, args.tol, args.repeats)
+        rows.append(row)
+        print(f"batch {batch:5d}: ours {row['ours']['ms']:9.2f} ms ({row['ours']['images_per_s']:10.0f} images/s, "
+              f"NFE {row['ours']['nfe_mean']:.1f})   torchdiffeq {row['torchdiffeq']['ms']:9.2f} ms "
+              f"({row['torchdiffeq']['images_per_s']:10.0f} images/s, NFE {row['torchdiffeq']['nfe']})   "
+              f"{row['speedup']:.2f}x")  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    report = {"benchmark": "model_inference", "device": name, "torch": torch.__version__, "tol": args.tol,
+              "checkpoint": args.checkpoint.name, "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"model_inference_{device.type}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
