@@ -30,6 +30,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
     subset=(--test-subset 200) model_batches=(1 50) overhead_repeats=1
 fi
 
+"$PYTHON" -m pytest -q tests/neuralode/test_cuda_graphs.py 2>&1 | tee "$RESULTS/cuda_graphs_test.txt" || true
+
 checkpoint="$RESULTS/odenet-mnist-gpu.pt"
 "$PYTHON" -m training odenet --preset gpu-paper --device "$DEVICE" --time-budget "$BUDGET" "${subset[@]}" \
     --data-dir "$DATA" --out "$checkpoint" 2>&1 | tr '\r' '\n' | grep -v "it/s" | tee "$RESULTS/train.txt"

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from neuralode import solve_ivp
 from neuralode.checkpoint import load_checkpoint
+from neuralode.cuda_graphs import GraphedDynamics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,18 +64,35 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
     def ours():
         result["logits"], result["solution"] = model(images, rtol=tol, atol=tol)
 
+    graphed_func = GraphedDynamics(block.func)
+
+    def ours_graphed():
+        z = model.downsample(images)
+        solution = solve_ivp(graphed_func, z, (0.0, block.t1), method=block.method, rtol=tol, atol=tol)
+        result["graphed_logits"] = model.head(solution.y1)
+
+    n = len(images)
     with torch.no_grad():
         ours_s = _median_seconds(ours, device, repeats)
         theirs_s = _median_seconds(theirs, device, repeats)
         agree = float((theirs().argmax(1) == result["logits"].argmax(1)).float().mean())
-    n = len(images)
-    return {
-        "batch": n,
-        "ours": {"ms": ours_s * 1e3, "images_per_s": n / ours_s, "nfe_mean": float(result["solution"].nfe.double().mean())},
-        "torchdiffeq": {"ms": theirs_s * 1e3, "images_per_s": n / theirs_s, "nfe": calls["n"]},
-        "speedup": theirs_s / ours_s,
-        "same_label_fraction": agree,
-    }
+        row = {
+            "batch": n,
+            "ours": {"ms": ours_s * 1e3, "images_per_s": n / ours_s, "nfe_mean": float(result["solution"].nfe.double().mean())},
+            "torchdiffeq": {"ms": theirs_s * 1e3, "images_per_s": n / theirs_s, "nfe": calls["n"]},
+            "speedup": theirs_s / ours_s,
+            "same_label_fraction": agree,
+        }
+        if device.type == "cuda":  # f from CUDA graphs; a failure is recorded, not fatal
+            try:
+                graphed_s = _median_seconds(ours_graphed, device, repeats)
+                row["ours_cuda_graphs"] = {
+                    "ms": graphed_s * 1e3, "images_per_s": n / graphed_s, "sizes": graphed_func.captured_sizes,
+                    "max_abs_logit_difference": float((result["graphed_logits"] - result["logits"]).abs().max()),
+                }  # fmt: skip
+            except Exception as error:  # noqa: BLE001
+                row["ours_cuda_graphs"] = {"error": repr(error)}
+    return row
 
 
 def main() -> None:
@@ -97,6 +116,8 @@ def main() -> None:
               f"NFE {row['ours']['nfe_mean']:.1f})   torchdiffeq {row['torchdiffeq']['ms']:9.2f} ms "
               f"({row['torchdiffeq']['images_per_s']:10.0f} images/s, NFE {row['torchdiffeq']['nfe']})   "
               f"{row['speedup']:.2f}x")  # fmt: skip
+        if "ours_cuda_graphs" in row:
+            print(f"             ours with f from CUDA graphs: {row['ours_cuda_graphs']}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
     report = {"benchmark": "model_inference", "device": name, "torch": torch.__version__, "tol": args.tol,
               "checkpoint": args.checkpoint.name, "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
