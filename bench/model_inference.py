@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -22,22 +21,9 @@ import torch
 from neuralode import solve_ivp
 from neuralode.checkpoint import load_checkpoint
 from neuralode.cuda_graphs import GraphedDynamics
+from solver_overhead import median_seconds  # bench/ is on the path when a bench script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: kernels, allocator, cuDNN algorithm choice
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
 
 
 def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
@@ -73,8 +59,8 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
 
     n = len(images)
     with torch.no_grad():
-        ours_s = _median_seconds(ours, device, repeats)
-        theirs_s = _median_seconds(theirs, device, repeats)
+        ours_s = median_seconds(ours, device, repeats)
+        theirs_s = median_seconds(theirs, device, repeats)
         agree = float((theirs().argmax(1) == result["logits"].argmax(1)).float().mean())
         row = {
             "batch": n,
@@ -85,7 +71,7 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
         }
         if device.type == "cuda":  # f from CUDA graphs; a failure is recorded, not fatal
             try:
-                graphed_s = _median_seconds(ours_graphed, device, repeats)
+                graphed_s = median_seconds(ours_graphed, device, repeats)
                 row["ours_cuda_graphs"] = {
                     "ms": graphed_s * 1e3, "images_per_s": n / graphed_s, "sizes": graphed_func.captured_sizes,
                     "max_abs_logit_difference": float((result["graphed_logits"] - result["logits"]).abs().max()),

@@ -28,7 +28,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, device: torch.device, repeats: int) -> float:
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up, synchronised with the device."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -53,7 +54,7 @@ def _graph_f_time(func, t, z, repeats: int) -> float | None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         func(t, z)
-    return _median_time(graph.replay, z.device, repeats * 20)
+    return median_seconds(graph.replay, z.device, repeats * 20)
 
 
 def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
@@ -71,7 +72,7 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
         return func(t, z)
 
     with torch.no_grad():
-        f_time = _median_time(lambda: func(t_batch, z0), device, repeats * 5)
+        f_time = median_seconds(lambda: func(t_batch, z0), device, repeats * 5)
         graph_f_time = _graph_f_time(func, t_batch, z0, repeats)
 
         ours = {}
@@ -79,7 +80,7 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
         def run_ours():
             ours["solution"] = solve_ivp(func, z0, (0.0, 1.0), rtol=tol, atol=tol)
 
-        ours_time = _median_time(run_ours, device, repeats)
+        ours_time = median_seconds(run_ours, device, repeats)
         solution = ours["solution"].raise_for_status()
         ours_nfe = solution.nfe.double().mean().item()
 
@@ -89,7 +90,7 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
             calls["n"] = 0
             torchdiffeq.odeint(shared_time_func, z0, t, rtol=tol, atol=tol, method="dopri5")
 
-        theirs_time = _median_time(run_theirs, device, repeats)
+        theirs_time = median_seconds(run_theirs, device, repeats)
         theirs_nfe = calls["n"]
 
     row = {

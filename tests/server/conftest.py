@@ -9,15 +9,32 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "checkpoints"
 CLASSIFIER = "odenet-mnist"
 DENSITIES = ("cnf-8gaussians", "cnf-moons")
+
+
+def scrape(metrics_url: str) -> list:
+    """Every sample on a server's /metrics now (parsed by prometheus_client)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def value(samples: list, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def metric(metrics_url: str, name: str, **labels: str) -> float:
+    return value(scrape(metrics_url), name, **labels)
 
 
 @dataclass

@@ -9,14 +9,13 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSIFIER, DENSITIES, start_server
+from conftest import CLASSIFIER, DENSITIES, metric, start_server
 
 from client import Client, OdeServeError
 from neuralode.checkpoint import load_checkpoint
@@ -29,12 +28,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def gauge(metrics_url: str, series: str) -> float:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)]
-    return sum(values)
 
 
 class Load:
@@ -193,7 +186,7 @@ def test_sighup_reloads_without_downtime(shipped, tmp_path):
             in_flight: dict = {}
             thread = threading.Thread(target=lambda: in_flight.update(result=client.classify(slow_images, model="digits", tol=1e-7)))
             thread.start()
-            while gauge(running.metrics_url, 'odeserve_running_items{model="digits"}') == 0:
+            while metric(running.metrics_url, "odeserve_running_items", model="digits") == 0:
                 time.sleep(0.02)
             load = Load(running.target, clients=4, timeout_s=60, retries=0,
                         call=lambda c, i: c.classify(images[i:i + 1], model="digits", tol=1e-1))  # fmt: skip

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 
+import grpc
 import numpy as np
 import pytest
-from conftest import CLASSIFIER, DENSITIES, start_server
+from conftest import CLASSIFIER, DENSITIES, metric, start_server
 
 from client import Client, OdeServeError
+from odeserve.v1 import odeserve_pb2 as pb
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
 DENSITY = DENSITIES[0]
 MAX_NFE = 3000
-
-
-def metric(metrics_url: str, name: str, model: str = DENSITY) -> float:
-    """The sum of a series over all its labels but the model."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    lines = [line for line in text.splitlines() if line.startswith(name + "{") and f'model="{model}"' in line]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +78,24 @@ def test_ended_requests_stop_consuming_solver_steps(density_only, tmp_path, endi
                     client.log_density(points, model=DENSITY, tol=1e-8, timeout_s=0.5)
                 assert error.value.code == "DEADLINE_EXCEEDED"
             else:
-                from client import _convert  # the SDK's blocking calls cannot be cancelled; use the stub's future
-                from odeserve.v1 import odeserve_pb2 as pb
-
-                request = pb.LogDensityRequest(model=DENSITY, points=_convert.points_tensor(points), accuracy=pb.Accuracy(tol=1e-8))
-                call = client._stub.LogDensity.future(request, timeout=60)
+                # The SDK's blocking calls cannot be cancelled; a raw stub's future can.
+                channel = grpc.insecure_channel(running.target)
+                points_tensor = pb.Tensor(dtype="float32", shape=list(points.shape), data=points.tobytes())
+                request = pb.LogDensityRequest(model=DENSITY, points=points_tensor, accuracy=pb.Accuracy(tol=1e-8))
+                call = pb_grpc.InferenceStub(channel).LogDensity.future(request, timeout=60)
                 deadline = time.monotonic() + 30
-                while metric(running.metrics_url, steps) == 0 and time.monotonic() < deadline:
+                while metric(running.metrics_url, steps, model=DENSITY) == 0 and time.monotonic() < deadline:
                     time.sleep(0.02)
                 assert call.cancel()
+                channel.close()
             deadline = time.monotonic() + 30  # the worker drops the items after the step in progress
-            while metric(running.metrics_url, "odeserve_running_items") > 0 and time.monotonic() < deadline:
+            while metric(running.metrics_url, "odeserve_running_items", model=DENSITY) > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            spent = metric(running.metrics_url, steps)
+            spent = metric(running.metrics_url, steps, model=DENSITY)
             time.sleep(1.0)
-            assert metric(running.metrics_url, steps) == spent > 0  # no steps after the end
-            assert metric(running.metrics_url, "odeserve_running_items") == 0
-            assert metric(running.metrics_url, "odeserve_queued_items") == 0
+            assert metric(running.metrics_url, steps, model=DENSITY) == spent > 0  # no steps after the end
+            assert metric(running.metrics_url, "odeserve_running_items", model=DENSITY) == 0
+            assert metric(running.metrics_url, "odeserve_queued_items", model=DENSITY) == 0
             assert client.log_density(points[:4], model=DENSITY, tol=1e-3).items.all_succeeded
     finally:
         assert running.stop() == 0

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import DENSITIES, start_server
+from conftest import DENSITIES, metric, start_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,6 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import TLS, Client, OdeServeError
+from odeserve.v1 import odeserve_pb2 as pb
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
 DENSITY = DENSITIES[0]
 POINTS = np.zeros((2, 2), np.float32)
@@ -137,9 +138,6 @@ def test_missing_or_wrong_token_is_unauthenticated(pki, tls_server, token, messa
 
 def test_a_token_needs_the_bearer_scheme(pki, tls_server):
     channel = grpc.secure_channel(tls_server.target, trusting(pki).credentials())
-    from odeserve.v1 import odeserve_pb2 as pb
-    from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
-
     with channel, pytest.raises(grpc.RpcError) as error:
         pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=20, metadata=(("authorization", f"Basic {TOKENS[0]}"),))
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -152,9 +150,7 @@ def test_health_needs_no_token_and_refusals_are_counted(pki, tls_server):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(OdeServeError):
         log_density(tls_server.target, trusting(pki), None)
-    metrics = urllib.request.urlopen(tls_server.metrics_url, timeout=10).read().decode()
-    refused = [line for line in metrics.splitlines() if line.startswith("odeserve_requests_total{") and 'code="UNAUTHENTICATED"' in line]
-    assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1
+    assert metric(tls_server.metrics_url, "odeserve_requests_total", code="UNAUTHENTICATED") >= 1
 
 
 @pytest.mark.parametrize("tls", ["plaintext", "untrusted server"])
