@@ -120,10 +120,6 @@ class CNF(nn.Module):
         self.dynamics, self.dim = dynamics, dim
         self.trace, self.noise, self.t1, self.method, self.tol = trace, noise, t1, method, tol
 
-    @property
-    def state_size(self) -> int:
-        return 2 * self.dim + 1 if self.trace == "hutchinson" else self.dim + 1
-
     # ---- the augmented dynamics, usable by any solver or by the server's engine ----------
     def augmented(self, t: Tensor, state: Tensor) -> Tensor:
         """d[z, l, ε]/dt = [f, -tr(∂f/∂z), 0] for each row of ``state``."""

@@ -40,10 +40,6 @@ DENSITIES = frozenset({"cnf", "planar-nf"})
 """Kinds that sample 2-D points with their log-densities."""
 
 
-def register(kind: str, builder: Callable[..., nn.Module]) -> None:
-    _BUILDERS[kind] = builder
-
-
 def kinds() -> list[str]:
     return sorted(_BUILDERS)
 
