@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSIFIER, start_server
+from live_server import CLASSIFIER, start_server
 
 from client import Client
 from neuralode.checkpoint import load_checkpoint

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import CLASSIFIER, DENSITIES, ROOT
+from live_server import CLASSIFIER, DENSITIES, ROOT
 
 
 def cli(server, *args: str) -> subprocess.CompletedProcess:

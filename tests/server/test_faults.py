@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSIFIER, DENSITIES, metric, start_server
+from live_server import CLASSIFIER, DENSITIES, metric, start_server
 
 from client import Client, OdeServeError
 from neuralode.checkpoint import load_checkpoint

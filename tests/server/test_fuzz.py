@@ -8,11 +8,11 @@ from collections import Counter, defaultdict
 import grpc
 import numpy as np
 import pytest
-from conftest import CLASSIFIER, DENSITIES, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from live_server import CLASSIFIER, DENSITIES, start_server
 
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc

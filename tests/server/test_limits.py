@@ -9,7 +9,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import CLASSIFIER, DENSITIES, metric, start_server
+from live_server import CLASSIFIER, DENSITIES, metric, start_server
 
 from client import Client, OdeServeError
 from odeserve.v1 import odeserve_pb2 as pb

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import CLASSIFIER, DENSITIES, scrape, value
+from live_server import CLASSIFIER, DENSITIES, scrape, value
 
 from client import OdeServeError
 

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSIFIER, DENSITIES
+from live_server import CLASSIFIER, DENSITIES
 
 from client import OdeServeError
 from client.aio import AsyncClient

@@ -4,7 +4,7 @@ real server; no request lost, every response equal to the in-process reference."
 import importlib.util
 import sys
 
-from conftest import ROOT
+from live_server import ROOT
 
 
 def _soak_module():
