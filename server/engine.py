@@ -136,7 +136,7 @@ class ModelWorker:
                 if not self._running:
                     if self._closing and not self._pending:
                         return
-                    self.stats(QueueStats(self.name, self.scheduler.queued, 0))
+                    self.stats(QueueStats(self.name, self.scheduler.queued, 0, self.scheduler.max_queued))
                     wake_after = self.scheduler.wake_after()
                     self._lock.wait(timeout=0.5 if wake_after is None else wake_after)
                     continue
@@ -155,7 +155,7 @@ class ModelWorker:
                 if report.finished:
                     self.stats(ItemStats(self.name, report.method, tuple(o.nfe for o in report.finished),
                                          tuple(o.status.name for o in report.finished)))  # fmt: skip
-            self.stats(QueueStats(self.name, queued, self.executor.running))
+            self.stats(QueueStats(self.name, queued, self.executor.running, self.scheduler.max_queued))
             with self._lock:
                 self._finished.extend(outcome for report in reports for outcome in report.finished)
                 self._hand_back()

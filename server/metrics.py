@@ -39,6 +39,12 @@ class Metrics:
         self.occupancy = Gauge("odeserve_batch_occupancy_ratio", "Running batch size over the batch limit.",
                                ["model", "method"], registry=r)  # fmt: skip
         self.queued = Gauge("odeserve_queued_items", "Items waiting for a batch slot.", ["model"], registry=r)
+        self.queue_capacity = Gauge("odeserve_queue_capacity_items", "Most items a model's queue takes (beyond: RESOURCE_EXHAUSTED).",
+                                    ["model"], registry=r)  # fmt: skip
+        self.expected_nfe = Counter("odeserve_item_expected_nfe_total",
+                                    "The model card's NFE for the items served (at their tolerance, for the card's solver); "
+                                    "compare with odeserve_item_nfe_sum to see drift.",
+                                    ["model", "method"], registry=r)  # fmt: skip
         self.running = Gauge("odeserve_running_items", "Items in the running batch.", ["model"], registry=r)
 
     def __call__(self, stats: Stats) -> None:
@@ -56,6 +62,7 @@ class Metrics:
         elif isinstance(stats, QueueStats):
             self.queued.labels(stats.model).set(stats.queued)
             self.running.labels(stats.model).set(stats.running)
+            self.queue_capacity.labels(stats.model).set(stats.capacity)
         elif isinstance(stats, RequestStats):
             self.requests.labels(stats.model, stats.method, stats.rpc, stats.code).inc()
             self.latency.labels(stats.model, stats.method, stats.rpc).observe(stats.latency_seconds)
@@ -63,6 +70,8 @@ class Metrics:
                 self.queue_wait.labels(stats.model, stats.method).observe(stats.queue_seconds)
             if stats.compute_seconds is not None:
                 self.compute.labels(stats.model, stats.method).observe(stats.compute_seconds)
+            if stats.expected_nfe is not None:
+                self.expected_nfe.labels(stats.model, stats.method).inc(stats.expected_nfe)
 
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port."""

@@ -18,6 +18,7 @@ from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 from . import wire
 from .config import ServerConfig
 from .engine import Engine, EngineClosed, QueueFull, RequestCancelled, RequestExpired, Result, WorkerRetired
+from .executor import Work
 from .models import ServedModel
 from .stats import RequestStats, StatsSink
 
@@ -125,11 +126,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     latency_seconds=time.perf_counter() - begin,
                     queue_seconds=None if result is None else result.queue_seconds,
                     compute_seconds=None if result is None else result.compute_seconds,
+                    expected_nfe=None if result is None else _expected_nfe(model, works),
                 )
             )
         if code is not grpc.StatusCode.OK:
             context.abort(code, message)
         return response
+
+
+def _expected_nfe(model: ServedModel, works: list[Work]) -> float | None:
+    expected = [model.expected_nfe(work.method, work.rtol) for work in works]
+    return None if None in expected else sum(expected)
 
 
 def _status_for(error: Exception) -> tuple[grpc.StatusCode, str]:

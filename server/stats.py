@@ -23,6 +23,7 @@ class QueueStats:
     model: str
     queued: int
     running: int
+    capacity: int  # the most items this model's queue takes
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RequestStats:
     latency_seconds: float
     queue_seconds: float | None = None
     compute_seconds: float | None = None
+    expected_nfe: float | None = None  # the model card's NFE for these items, where it has one
 
 
 Stats = StepStats | QueueStats | ItemStats | RequestStats
