@@ -4,6 +4,7 @@
     python -m client sample --model cnf-8gaussians --n 5 --seed 1 --tol 1e-3
     python -m client log-density --model cnf-8gaussians -- 0,0 -1.5,2    ("--" before points with a leading minus)
     python -m client models
+    python -m client health [--service NAME]          (exit status 0 only when SERVING: a container health check)
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace, client: Client) -> dict:
     if args.command == "log-density":
         result = client.log_density(np.asarray(args.points, dtype=np.float32), **_accuracy_kwargs(args))
         return {"points": args.points, "log_density": result.log_density.tolist(), **_items(result)}
+    if args.command == "health":
+        return {"service": args.service, "status": client.health(args.service)}
     return {"models": [{"name": m.name, "version": m.version, "kind": m.kind, "task": m.task,
                         "default_tol": m.default_tol, "device": m.device,
                         "test_error": m.card.get("metrics", {}).get("test_error")} for m in client.models()]}  # fmt: skip
@@ -86,6 +89,8 @@ def render(command: str, report: dict) -> str:
         for point, log_p, nfe, status in zip(points, report["log_density"], report["nfe"], report["status"]):
             text = ", ".join(f"{v:.4f}" for v in point)
             lines.append(f"{text:<28} {log_p:>9.4f} {nfe:>5} {status}")
+    elif command == "health":
+        lines.append(report["status"])
     else:
         lines.append(f"{'name':<24} {'kind':<8} {'task':<9} {'tol':>7} {'version':<13} device")
         for m in report["models"]:
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     _accuracy(density)
     density.add_argument("points", type=_point, nargs="+", help="comma-separated coordinates, e.g. 0.5,-1")
     sub.add_parser("models", parents=[output], help="list served models")
+    health = sub.add_parser("health", parents=[output], help="the gRPC health status; exit status 0 only when SERVING")
+    health.add_argument("--service", default="", help="a model's name or odeserve.v1.Inference (default: the server)")
     args = parser.parse_args(argv)
 
     tls = TLS.from_files(args.tls_ca, args.tls_key, args.tls_cert) if args.tls_ca else None
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else render(args.command, report))
-    return 0
+    return 1 if args.command == "health" and report["status"] != "SERVING" else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
@@ -23,6 +24,7 @@ class AsyncClient:
     ) -> None:
         self._channel = c.open_channel(grpc.aio, target, tls, max_message_bytes, retries)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s, self._metadata = timeout_s, c.metadata(token)
 
     async def classify(self, images, *, model: str, tol=None, rtol=None, atol=None, method=None, max_nfe=None,
@@ -49,6 +51,11 @@ class AsyncClient:
 
     async def model(self, name: str, version: str = "", timeout_s: float | None = None) -> c.ModelInfo:
         return c.model_info(await self._call(self._stub.GetModel, pb.GetModelRequest(name=name, version=version), timeout_s))
+
+    async def health(self, service: str = "", timeout_s: float | None = None) -> str:
+        """As :meth:`client.Client.health`."""
+        response = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def _call(self, method, request, timeout_s: float | None):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
@@ -33,6 +34,7 @@ class Client:
     ) -> None:
         self._channel = c.open_channel(grpc, target, tls, max_message_bytes, retries)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s, self._metadata = timeout_s, c.metadata(token)
 
     def classify(self, images, *, model: str, tol=None, rtol=None, atol=None, method=None, max_nfe=None,
@@ -62,6 +64,12 @@ class Client:
 
     def model(self, name: str, version: str = "", timeout_s: float | None = None) -> c.ModelInfo:
         return c.model_info(self._call(self._stub.GetModel, pb.GetModelRequest(name=name, version=version), timeout_s))
+
+    def health(self, service: str = "", timeout_s: float | None = None) -> str:
+        """The standard gRPC health status ("SERVING", "NOT_SERVING" while draining) of the
+        server (``service=""``), its Inference service, or one model by name."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def _call(self, method, request, timeout_s: float | None):
         try:

@@ -44,3 +44,20 @@ def test_sample_log_density_and_models(server):
 def test_errors_exit_nonzero_with_the_reason(server):
     result = cli(server, "sample", "--model", "nope")
     assert result.returncode == 1 and "NOT_FOUND" in result.stderr
+
+
+def test_health_is_a_container_health_check(server):
+    serving = cli(server, "health")
+    assert serving.returncode == 0 and serving.stdout.strip() == "SERVING"
+    per_model = cli(server, "health", "--service", CLASSIFIER, "--json")
+    assert per_model.returncode == 0 and json.loads(per_model.stdout) == {"service": CLASSIFIER, "status": "SERVING"}
+    unknown = cli(server, "health", "--service", "nope")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+
+
+def test_health_fails_when_nothing_listens(tmp_path):
+    from deploy_tools import free_port
+
+    result = subprocess.run([sys.executable, "-m", "client", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2", "health"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
