@@ -47,8 +47,11 @@ class Metrics:
                                     ["model", "method"], registry=r)  # fmt: skip
         self.running = Gauge("odeserve_running_items", "Items in the running batch.", ["model"], registry=r)
 
+        self._stepped: dict[str, set[str]] = {}  # model -> solver methods with batch gauges
+
     def __call__(self, stats: Stats) -> None:
         if isinstance(stats, StepStats):
+            self._stepped.setdefault(stats.model, set()).add(stats.method)
             self.batch_steps.labels(stats.model, stats.method).inc()
             self.steps.labels(stats.model, stats.method).inc(stats.batch_size)
             self.rejected.labels(stats.model, stats.method).inc(stats.rejected)
@@ -63,6 +66,10 @@ class Metrics:
             self.queued.labels(stats.model).set(stats.queued)
             self.running.labels(stats.model).set(stats.running)
             self.queue_capacity.labels(stats.model).set(stats.capacity)
+            if stats.running == 0:  # an idle model's batch is empty, not the size of its last step
+                for method in self._stepped.get(stats.model, ()):
+                    self.batch_size.labels(stats.model, method).set(0)
+                    self.occupancy.labels(stats.model, method).set(0)
         elif isinstance(stats, RequestStats):
             self.requests.labels(stats.model, stats.method, stats.rpc, stats.code).inc()
             self.latency.labels(stats.model, stats.method, stats.rpc).observe(stats.latency_seconds)

@@ -38,8 +38,6 @@ def test_metrics_reflect_the_traffic(server, client):
     assert any(s.name == "odeserve_rejected_steps_total" for s in metrics)
     assert value(metrics, "odeserve_items_total", model=CLASSIFIER, status="SUCCESS") >= 15
     assert value(metrics, "odeserve_queued_items", model=CLASSIFIER) == 0
-    occupancy = value(metrics, "odeserve_batch_occupancy_ratio", model=CLASSIFIER)
-    assert 0 < occupancy <= 1
 
 
 def test_card_nfe_expectation_and_queue_capacity_are_exported(server, client, shipped):
@@ -76,3 +74,27 @@ def test_card_nfe_is_interpolated_as_a_power_law_in_the_tolerance():
     assert one_row.expected_nfe("dopri5", 1e-5) == 21.0
     no_table = ServedModel("m", "v", "cnf", "density", {"hyper": {"method": "dopri5"}}, adapter=None, default_tol=1e-3, device="cpu")
     assert no_table.expected_nfe("dopri5", 1e-3) is None
+
+
+def test_batch_gauges_follow_the_running_batch_and_empty_when_idle(server, client):
+    import threading
+    import time
+
+    def batch_gauges() -> tuple[float, float]:
+        metrics = scrape(server.metrics_url)
+        return (value(metrics, "odeserve_running_batch_size", model=CLASSIFIER),
+                value(metrics, "odeserve_batch_occupancy_ratio", model=CLASSIFIER))  # fmt: skip
+
+    images = np.random.default_rng(0).integers(0, 256, (32, 28, 28), dtype=np.uint8)  # noise: many steps
+    busy = threading.Thread(target=client.classify, args=(images,), kwargs=dict(model=CLASSIFIER, tol=1e-6))
+    busy.start()
+    seen = []
+    while busy.is_alive():
+        seen.append(batch_gauges())
+        time.sleep(0.05)
+    busy.join()
+    assert any(0 < size <= 32 and occupancy == size / 256 for size, occupancy in seen), seen[:20]  # default max_batch 256
+    end = time.monotonic() + 5
+    while batch_gauges() != (0, 0) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert batch_gauges() == (0, 0)
