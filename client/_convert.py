@@ -97,21 +97,25 @@ class ModelInfo:
     card: dict = field(repr=False)
 
 
-def open_channel(grpc_module, target: str, tls: TLS | bool | None, max_message_bytes: int, retries: int):
+def open_channel(grpc_module, target: str, tls: TLS | bool | None, max_message_bytes: int, retries: int,
+                 load_balancing: str = "pick_first"):  # fmt: skip
     """A channel from ``grpc`` or ``grpc.aio``, secure when ``tls`` is given."""
-    options = channel_options(max_message_bytes, retries)
+    options = channel_options(max_message_bytes, retries, load_balancing)
     if tls:
         credentials = (tls if isinstance(tls, TLS) else TLS()).credentials()
         return grpc_module.secure_channel(target, credentials, options=options)
     return grpc_module.insecure_channel(target, options=options)
 
 
-def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, object]]:
+def channel_options(max_message_bytes: int, retries: int, load_balancing: str = "pick_first") -> list[tuple[str, object]]:
     """Retry, with backoff via the service config, what a restarting or draining server
     answers: UNAVAILABLE, and CANCELLED, which gRPC gives calls a shutting-down server had
     received but not yet handed to a handler (grpc/grpc#41785). odeserve itself never
     cancels a call, so a CANCELLED status from the server always means "not processed"."""
+    if load_balancing not in ("pick_first", "round_robin"):
+        raise ValueError(f"load_balancing must be pick_first or round_robin, got {load_balancing!r}")
     service_config = {
+        "loadBalancingConfig": [{load_balancing: {}}],
         "methodConfig": [
             {
                 "name": [{"service": SERVICE}],

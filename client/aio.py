@@ -21,8 +21,9 @@ class AsyncClient:
         token: str | None = None,
         retries: int = 3,
         max_message_bytes: int = 16 * 1024 * 1024,
+        load_balancing: str = "pick_first",
     ) -> None:
-        self._channel = c.open_channel(grpc.aio, target, tls, max_message_bytes, retries)
+        self._channel = c.open_channel(grpc.aio, target, tls, max_message_bytes, retries, load_balancing)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s, self._metadata = timeout_s, c.metadata(token)

@@ -19,7 +19,9 @@ class Client:
 
     ``timeout_s`` is the default deadline per call; ``tls`` a :class:`TLS` (or True for the
     system's roots); ``token`` a bearer token sent with every call. UNAVAILABLE is retried
-    ``retries`` times with backoff. Failures raise :class:`OdeServeError`.
+    ``retries`` times with backoff. Failures raise :class:`OdeServeError`. With replicas behind
+    one name (``dns:///odeserve-headless:50051``, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``),
+    ``load_balancing="round_robin"`` spreads calls over all of them instead of one connection.
     """
 
     def __init__(
@@ -31,8 +33,9 @@ class Client:
         token: str | None = None,
         retries: int = 3,
         max_message_bytes: int = 16 * 1024 * 1024,
+        load_balancing: str = "pick_first",
     ) -> None:
-        self._channel = c.open_channel(grpc, target, tls, max_message_bytes, retries)
+        self._channel = c.open_channel(grpc, target, tls, max_message_bytes, retries, load_balancing)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout_s, self._metadata = timeout_s, c.metadata(token)

@@ -55,6 +55,9 @@ class Server:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
+        if config.max_connection_age_s > 0:  # a GOAWAY after this; calls in flight get the grace period to finish
+            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]  # fmt: skip
         try:
             tokens, credentials = accepted_tokens(config), server_credentials(config)
         except OSError as error:

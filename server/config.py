@@ -27,6 +27,7 @@ class ServerConfig:
     max_tol: float = 1.0
     max_message_bytes: int = 16 * 1024 * 1024
     grace_seconds: float = 20.0
+    max_connection_age_s: float = 0.0
     grpc_threads: int = 128
     log_level: str = "INFO"
     tls_cert: str = ""
@@ -44,8 +45,8 @@ class ServerConfig:
                 problems.append(f"{name} must be >= 1")
         if not 0 < self.min_tol <= self.max_tol:
             problems.append("need 0 < min_tol <= max_tol")
-        if self.max_delay_ms < 0 or self.grace_seconds < 0:
-            problems.append("max_delay_ms and grace_seconds must be >= 0")
+        if self.max_delay_ms < 0 or self.grace_seconds < 0 or self.max_connection_age_s < 0:
+            problems.append("max_delay_ms, grace_seconds and max_connection_age_s must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -78,6 +79,7 @@ _HELP = {
     "max_tol": "largest tolerance a request may ask for",
     "max_message_bytes": "largest gRPC message accepted or sent",
     "grace_seconds": "on SIGTERM, how long in-flight requests may take to finish",
+    "max_connection_age_s": "close client connections after this long (0: never), so clients of scaled-out replicas reconnect and rebalance",
     "grpc_threads": "request handler threads (concurrent in-flight requests)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tls_cert": "PEM certificate chain: serve gRPC over TLS",
