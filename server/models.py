@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,6 +34,12 @@ class ServedModel:
         """Names this model's engine worker; a reloaded checkpoint gets a worker of its own."""
         return f"{self.name}@{self.version}"
 
+    @cached_property
+    def _card_nfe(self) -> list[tuple[float, float]]:
+        """(log tol, log mean NFE) of the card's evaluation table, loosest tolerance last."""
+        table = sorted((row["tol"], row["nfe_mean"]) for row in self.card.get("metrics", {}).get("table", ()))
+        return [(math.log(tol), math.log(nfe)) for tol, nfe in table]
+
     def expected_nfe(self, method: str, tol: float) -> float | None:
         """The model card's mean NFE per item at ``tol``, the baseline against which served
         NFE is watched for drift (inputs unlike the evaluation set need more steps).
@@ -40,17 +47,15 @@ class ServedModel:
         Interpolated linearly in (log tol, log NFE) between the card's evaluated tolerances,
         extrapolated along the tightest segment below them, and held at the loosest one's NFE
         above them (a solve never takes fewer steps than at a loose tolerance), as with a
-        one-row table. None when the
-        card has no table or ``method`` is not the solver it was measured with. Sampling and
-        log-density solves of a CNF share its table: they cost within 8% of each other (shipped
-        CNFs, tol 1e-4..1e-1)."""
-        table = sorted((row["tol"], row["nfe_mean"]) for row in self.card.get("metrics", {}).get("table", ()))
-        if not table or method != self.card.get("hyper", {}).get("method"):
+        one-row table. None when the card has no table or ``method`` is not the solver it was
+        measured with. Sampling and log-density solves of a CNF share its table: they cost
+        within 8% of each other (shipped CNFs, tol 1e-4..1e-1)."""
+        points = self._card_nfe
+        if not points or method != self.card.get("hyper", {}).get("method"):
             return None
-        if tol >= table[-1][0] or len(table) == 1:
-            return float(table[-1][1])
-        points = [(math.log(t), math.log(n)) for t, n in table]
         x = math.log(tol)
+        if x >= points[-1][0] or len(points) == 1:
+            return math.exp(points[-1][1])
         (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if x <= b[0])
         return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 

@@ -135,8 +135,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 def _expected_nfe(model: ServedModel, works: list[Work]) -> float | None:
-    expected = [model.expected_nfe(work.method, work.rtol) for work in works]
-    return None if None in expected else sum(expected)
+    """The card's NFE for a request's items, which share one method and tolerance."""
+    per_item = model.expected_nfe(works[0].method, works[0].rtol)
+    return None if per_item is None else per_item * len(works)
 
 
 def _status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
