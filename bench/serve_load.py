@@ -1,47 +1,139 @@
-"""Closed-loop load on the service, side by side in one run:
+"""Serving under contention, side by side in one run, on real MNIST and the shipped models.
 
-* continuous (solver-step) batching vs static batching, both through gRPC;
-* the gRPC path vs the in-process engine (same engine, no network), continuous batching.
-
-N clients each send one request after another for a fixed duration; every request classifies
-real MNIST test images at a tolerance drawn from a mixed distribution. Each configuration runs
-several times, interleaved; the medians of throughput, p50/p90/p99 latency and mean NFE per
-item are printed and written to ``bench/results/serve_load_<device>.json``.
+1. **Mixed load**: requests of 1–256 images (log-uniform) at a tolerance drawn from 50% 1e-1,
+   30% 1e-3, 20% 1e-5. Configurations: the fair scheduler (Engine v2), continuous batching with
+   first-come-first-served admission (the engine before v2), static batching — all through
+   gRPC — and the fair scheduler in-process (no gRPC). Throughput comes from N closed-loop
+   clients (saturation); latency from open-loop Poisson arrivals at one rate for all, a
+   fraction of static batching's closed-loop rate. (In a closed loop the mean latency is
+   clients / throughput by Little's law, so its percentiles mix throughput into latency; they
+   are reported too.) Runs are interleaved; medians of throughput, latency percentiles
+   (overall and per tolerance class) and mean NFE are reported.
+2. **Contention**: 512 images at tol 1e-8, then after 1 s one image at tol 1e-1; the small
+   request's latency against its idle latency (target: within max(5x idle, 500 ms)).
+3. **Hostile**: LogDensity of 1,024 points at tol 1e-8 on cnf-moons (the costliest valid
+   request: points not finite in float32, which ran every item to the NFE limit, are now
+   refused), then 0.1 s later ``Sample n=1``: the sample's latency (target: <= 1 s).
+4. **Auto tolerance under overload**: open-loop arrivals at twice the rate the fair server
+   sustains at tol 1e-4, each request one image with a 1 s deadline: fixed tol 1e-4 vs
+   ``auto_tol``: fraction answered on time, accuracy of the answers, mean NFE.
 
     python bench/serve_load.py --data-dir ../shared/data [--clients 16] [--duration 20]
+
+Writes ``bench/results/serve_load_<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "server"))  # the test harness starts real servers
 
+from odeserve.v1 import odeserve_pb2 as pb  # noqa: E402
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc  # noqa: E402
+
 TOLERANCES = {1e-1: 0.5, 1e-3: 0.3, 1e-5: 0.2}  # tolerance: share of requests
+CLASSIFIER, MOONS = "odenet-mnist", "cnf-moons"
+POLICIES = {"fair": ("--policy", "fair"), "fifo": ("--policy", "fifo"), "static": ("--batching", "static")}
 
 
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-class Load:
-    def __init__(self, images: np.ndarray, clients: int, duration: float, warmup: float, per_request: int, seed: int) -> None:
-        self.images, self.clients, self.duration, self.warmup, self.per_request, self.seed = images, clients, duration, warmup, per_request, seed
+def classify_request(images: np.ndarray, **accuracy) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(model=CLASSIFIER, accuracy=pb.Accuracy(**accuracy),
+                              images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()))  # fmt: skip
 
-    def run(self, send) -> dict:
-        """``send(images, tol) -> nfe array``; returns the measured figures."""
-        records: list[tuple[float, float, float]] = []  # (end time, latency, mean nfe)
+
+class GrpcTarget:
+    """A real server subprocess and a channel to it."""
+
+    def __init__(self, checkpoints: Path, tmp: Path, *flags: str) -> None:
+        from live_server import start_server
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.server = start_server(checkpoints, tmp, *flags)
+        self.channel = grpc.insecure_channel(self.server.target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    def classify(self, images: np.ndarray, tol: float) -> list[int]:
+        return list(self.stub.Classify(classify_request(images, tol=tol), timeout=600).items.nfe)
+
+    def submit(self, images: np.ndarray, tol: float, done) -> None:
+        """``done(nfe or None)`` is called when the request ends."""
+        future = self.stub.Classify.future(classify_request(images, tol=tol), timeout=600)
+        future.add_done_callback(lambda f: done(None if f.exception() else list(f.result().items.nfe)))
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop()
+
+
+class InProcessTarget:
+    """The same engine without gRPC: requests go straight to ``Engine.submit``."""
+
+    def __init__(self, checkpoints: Path, max_batch: int) -> None:
+        from neuralode.devices import resolve_device
+        from server.config import ServerConfig
+        from server.engine import Engine
+        from server.models import load_models
+
+        device = resolve_device("auto")  # where `python -m server` puts the models too
+        self.model = load_models(checkpoints, device)[CLASSIFIER]
+        self.engine = Engine(device, max_batch=max_batch)
+        self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER)
+        self.config = ServerConfig()
+
+    def classify(self, images: np.ndarray, tol: float) -> list[int]:
+        from server.wire import classify_work
+
+        works = classify_work(classify_request(images, tol=tol), self.model, self.config)
+        return self.engine.submit(self.model.key, works)[1].result().nfe
+
+    def submit(self, images: np.ndarray, tol: float, done) -> None:
+        from server.wire import classify_work
+
+        works = classify_work(classify_request(images, tol=tol), self.model, self.config)
+        future = self.engine.submit(self.model.key, works)[1]
+        future.add_done_callback(lambda f: done(None if f.exception() else f.result().nfe))
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# ---- 1. mixed load -----------------------------------------------------------------------
+class MixedLoad:
+    """Requests of 1–``max_images`` images (log-uniform) at the tolerance mix, drawn from a
+    seeded generator, so every configuration gets the same sequence."""
+
+    def __init__(self, images: np.ndarray, duration: float, warmup: float, max_images: int, seed: int) -> None:
+        self.images, self.duration, self.warmup, self.max_images, self.seed = images, duration, warmup, max_images, seed
+
+    def draw(self, rng: random.Random) -> tuple[np.ndarray, float]:
+        tol = rng.choices(list(TOLERANCES), weights=list(TOLERANCES.values()))[0]
+        size = min(self.max_images, int(math.exp(rng.uniform(0.0, math.log(self.max_images + 1)))))
+        return self.images[rng.sample(range(len(self.images)), size)], tol
+
+    def closed_loop(self, target, clients: int) -> dict:
+        """``clients`` clients, each sending its next request when the last one returns: the
+        throughput at saturation."""
+        records: list[tuple[float, float, float, int, float]] = []  # (end, latency, tol, images, mean nfe)
         lock = threading.Lock()
         start = time.monotonic()
         stop_at = start + self.warmup + self.duration
@@ -49,153 +141,303 @@ class Load:
         def client(index: int) -> None:
             rng = random.Random(self.seed + index)
             while time.monotonic() < stop_at:
-                tol = rng.choices(list(TOLERANCES), weights=list(TOLERANCES.values()))[0]
-                batch = self.images[rng.sample(range(len(self.images)), self.per_request)]
+                batch, tol = self.draw(rng)
                 begin = time.monotonic()
-                nfe = send(batch, tol)
+                nfe = target.classify(batch, tol)
                 end = time.monotonic()
                 with lock:
-                    records.append((end, end - begin, float(np.mean(nfe))))
+                    records.append((end, end - begin, tol, len(batch), float(np.mean(nfe))))
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(self.clients)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         window = [r for r in records if start + self.warmup <= r[0] <= stop_at]
-        latencies = [r[1] for r in window]
-        return {
-            "requests": len(window),
-            "throughput_items_per_s": len(window) * self.per_request / self.duration,
-            "latency_p50_ms": _percentile(latencies, 50) * 1e3,
-            "latency_p90_ms": _percentile(latencies, 90) * 1e3,
-            "latency_p99_ms": _percentile(latencies, 99) * 1e3,
-            "mean_nfe": statistics.fmean(r[2] for r in window) if window else float("nan"),
-        }
+        row = _latencies(window)
+        row["throughput_items_per_s"] = sum(r[3] for r in window) / self.duration
+        row["requests_per_s"] = len(window) / self.duration
+        return row
+
+    def open_loop(self, target, rate: float) -> dict:
+        """Poisson arrivals at ``rate`` requests/s, whatever the server does: latency at a
+        given load. Latency counts from each request's scheduled arrival."""
+        rng = random.Random(self.seed)
+        records: list[tuple[float, float, float, int, float]] = []
+        lock = threading.Lock()
+        pending = threading.Semaphore(0)
+        start = time.monotonic()
+        stop_at = start + self.warmup + self.duration
+        arrival, sent = start, 0
+        while arrival < stop_at:
+            batch, tol = self.draw(rng)
+            time.sleep(max(0.0, arrival - time.monotonic()))
+
+            def done(nfe, arrival=arrival, tol=tol, size=len(batch)) -> None:
+                end = time.monotonic()
+                if nfe is not None and arrival >= start + self.warmup:
+                    with lock:
+                        records.append((end, end - arrival, tol, size, float(np.mean(nfe))))
+                pending.release()
+
+            target.submit(batch, tol, done)
+            sent += 1
+            arrival += rng.expovariate(rate)
+        for _ in range(sent):
+            pending.acquire(timeout=600)
+        row = _latencies(records)
+        row["offered_requests_per_s"] = rate
+        return row
 
 
-class GrpcTarget:
-    """A real server subprocess and a client connected to it."""
-
-    def __init__(self, checkpoints: Path, model: str, tmp: Path, *flags: str) -> None:
-        from conftest import start_server
-
-        from client import Client
-
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.server = start_server(checkpoints, tmp, *flags)
-        self.client = Client(self.server.target, timeout_s=600)
-        self.model = model
-
-    def send(self, images: np.ndarray, tol: float):
-        return self.client.classify(images, model=self.model, tol=tol).items.nfe
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.stop()
-
-
-class InProcessTarget:
-    """The same engine without gRPC: requests go straight to ``Engine.submit``."""
-
-    def __init__(self, checkpoints: Path, model: str, max_batch: int) -> None:
-        import torch
-
-        from neuralode.devices import resolve_device
-        from server.config import ServerConfig
-        from server.engine import Engine
-        from server.models import load_models
-
-        device = resolve_device("auto")  # where `python -m server` puts the models too
-        self.models = load_models(checkpoints, device)
-        self.engine = Engine(device, max_batch=max_batch)
-        self.engine.add(self.models[model].key, self.models[model].adapter, label=model)
-        self.model, self.config = model, ServerConfig()
-
-    def send(self, images: np.ndarray, tol: float):
-        from odeserve.v1 import odeserve_pb2 as pb
-        from server.wire import classify_work
-
-        request = pb.ClassifyRequest(model=self.model, accuracy=pb.Accuracy(tol=tol),
-                                     images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()))  # fmt: skip
-        _, future = self.engine.submit(self.models[self.model].key, classify_work(request, self.models[self.model], self.config))
-        return future.result().nfe
-
-    def close(self) -> None:
-        self.engine.close()
+def _latencies(records: list[tuple[float, float, float, int, float]]) -> dict:
+    row = {
+        "requests": len(records),
+        "latency_p50_ms": _percentile([r[1] for r in records], 50) * 1e3,
+        "latency_p99_ms": _percentile([r[1] for r in records], 99) * 1e3,
+        "mean_nfe": statistics.fmean(r[4] for r in records) if records else float("nan"),
+    }
+    for tol in TOLERANCES:
+        latencies = [r[1] for r in records if r[2] == tol]
+        row[f"p50_ms_tol_{tol:g}"] = _percentile(latencies, 50) * 1e3
+        row[f"p99_ms_tol_{tol:g}"] = _percentile(latencies, 99) * 1e3
+    return row
 
 
 def _median_row(runs: list[dict]) -> dict:
-    keys = ("throughput_items_per_s", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "mean_nfe")
-    row = {key: float(np.median([run[key] for run in runs])) for key in keys}
+    row = {key: float(np.median([run[key] for run in runs])) for key in runs[0] if key != "requests"}
     row["requests"] = int(sum(run["requests"] for run in runs))
     row["runs"] = runs
     return row
+
+
+# ---- 2. contention and 3. hostile ----------------------------------------------------------
+def contention(target: GrpcTarget, images: np.ndarray) -> dict:
+    small = classify_request(images[512:513], tol=1e-1)
+    idle = []
+    for _ in range(5):
+        begin = time.monotonic()
+        target.stub.Classify(small, timeout=60)
+        idle.append(time.monotonic() - begin)
+    big = target.stub.Classify.future(classify_request(images[:512], tol=1e-8), timeout=900)
+    time.sleep(1.0)
+    begin = time.monotonic()
+    target.stub.Classify(small, timeout=900)
+    loaded = time.monotonic() - begin
+    big_running = not big.done()
+    big.cancel()
+    idle_s = float(np.median(idle))
+    bound = max(5 * idle_s, 0.5)
+    return {"idle_ms": idle_s * 1e3, "under_load_ms": loaded * 1e3, "target_ms": bound * 1e3,
+            "big_still_running": big_running, "meets_target": loaded <= bound}  # fmt: skip
+
+
+def hostile(target: GrpcTarget) -> dict:
+    points = np.random.default_rng(0).normal(scale=3.0, size=(1024, 2))
+    request = pb.LogDensityRequest(model=MOONS, accuracy=pb.Accuracy(tol=1e-8),
+                                   points=pb.Tensor(dtype="float64", shape=[1024, 2], data=points.astype("<f8").tobytes()))  # fmt: skip
+    big = target.stub.LogDensity.future(request, timeout=900)
+    time.sleep(0.1)  # the whole request takes about a second on the CPU
+    begin = time.monotonic()
+    target.stub.Sample(pb.SampleRequest(model=MOONS, n=1, accuracy=pb.Accuracy(tol=1e-1)), timeout=900)
+    seconds = time.monotonic() - begin
+    big_running = not big.done()
+    big.cancel()
+    return {"sample_ms": seconds * 1e3, "target_ms": 1000.0, "hostile_still_running": big_running, "meets_target": seconds <= 1.0}
+
+
+# ---- 4. auto tolerance under overload -------------------------------------------------------
+def capacity(target: GrpcTarget, images: np.ndarray, tol: float, clients: int, seconds: float) -> float:
+    """Requests per second the server sustains with one image per request at ``tol``."""
+    done = []
+    stop_at = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        rng = random.Random(index)
+        while time.monotonic() < stop_at:
+            target.stub.Classify(classify_request(images[rng.randrange(len(images))][None], tol=tol), timeout=600)
+            done.append(time.monotonic())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(done) / seconds
+
+
+def overload(target: GrpcTarget, images: np.ndarray, labels: np.ndarray, rate: float, seconds: float, auto: bool, seed: int) -> dict:
+    """Poisson arrivals at ``rate``; each request has a 1 s deadline."""
+    rng = random.Random(seed)
+    outcomes: list[tuple[bool, bool | None, float]] = []  # (on time, correct, mean nfe)
+    lock = threading.Lock()
+    futures = []
+    accuracy = dict(auto_tol=True) if auto else dict(tol=1e-4)
+    end = time.monotonic() + seconds
+    next_at = time.monotonic()
+    while next_at < end:
+        time.sleep(max(0.0, next_at - time.monotonic()))
+        index = rng.randrange(len(images))
+        future = target.stub.Classify.future(classify_request(images[index][None], **accuracy), timeout=1.0)
+
+        def record(f, index=index):
+            try:
+                response = f.result()
+                row = (True, response.labels[0] == labels[index], float(np.mean(response.items.nfe)))
+            except grpc.RpcError:
+                row = (False, None, float("nan"))
+            with lock:
+                outcomes.append(row)
+
+        future.add_done_callback(record)
+        futures.append(future)
+        next_at += rng.expovariate(rate)
+    for future in futures:
+        try:
+            future.result()
+        except grpc.RpcError:
+            pass
+    time.sleep(0.2)
+    answered = [o for o in outcomes if o[0]]
+    return {
+        "requests": len(outcomes),
+        "on_time_fraction": len(answered) / max(1, len(outcomes)),
+        "accuracy_of_answers": statistics.fmean(o[1] for o in answered) if answered else float("nan"),
+        "mean_nfe": statistics.fmean(o[2] for o in answered) if answered else float("nan"),
+    }
+
+
+def _relative(path: Path) -> str:
+    return os.path.relpath(path, ROOT)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
-    parser.add_argument("--model", default="odenet-mnist")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--per-request", type=int, default=1, help="images per request")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; medians are reported")
+    parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of the mixed load")
+    parser.add_argument("--offered-load", type=float, default=0.7,
+                        help="open-loop arrival rate of the mixed load, as a fraction of static batching's closed-loop rate")
+    parser.add_argument("--max-images", type=int, default=256, help="largest request of the mixed load")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per mixed-load run")
+    parser.add_argument("--repeats", type=int, default=3, help="mixed-load runs per configuration; medians are reported")
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-delay-ms", type=float, default=10.0, help="static batching's collection window")
+    parser.add_argument("--overload-seconds", type=float, default=20.0)
+    parser.add_argument("--capacity-clients", type=int, default=128,
+                        help="closed-loop clients that measure the capacity at tol 1e-4 (enough to fill the batch)")
+    parser.add_argument("--sections", default="mixed,contention,hostile,auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-
-    import tempfile
+    sections = set(args.sections.split(","))
 
     import torch
 
     from training.data import load_mnist
 
-    images = load_mnist(args.data_dir, train=False, download=False).images[:2000, 0].numpy()
-    load = Load(images, args.clients, args.duration, args.warmup, args.per_request, args.seed)
+    test = load_mnist(args.data_dir, train=False, download=False)
+    images, labels = test.images[:2000, 0].numpy(), test.labels[:2000].numpy()
+    record: dict = {}
     batch_flags = ("--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms))
     with tempfile.TemporaryDirectory() as tmp:
-        targets = {
-            "grpc continuous": GrpcTarget(args.checkpoints, args.model, Path(tmp) / "continuous", *batch_flags),
-            "grpc static": GrpcTarget(args.checkpoints, args.model, Path(tmp) / "static", *batch_flags, "--batching", "static"),
-            "in-process continuous": InProcessTarget(args.checkpoints, args.model, args.max_batch),
-        }
-        runs: dict[str, list[dict]] = {name: [] for name in targets}
+        targets = {name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags) for name, flags in POLICIES.items()}
         try:
-            for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits all alike
-                for name, target in targets.items():
-                    runs[name].append(load.run(target.send))
+            if "mixed" in sections:
+                load = MixedLoad(images, args.duration, args.warmup, args.max_images, args.seed)
+                mixed_targets = {f"grpc {name}": target for name, target in targets.items()}
+                mixed_targets["in-process fair"] = InProcessTarget(args.checkpoints, args.max_batch)
+                closed: dict[str, list[dict]] = {name: [] for name in mixed_targets}
+                for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits all alike
+                    for name, target in mixed_targets.items():
+                        closed[name].append(load.closed_loop(target, args.clients))
+                closed_rows = {name: _median_row(results) for name, results in closed.items()}
+                rate = args.offered_load * closed_rows["grpc static"]["requests_per_s"]
+                opened: dict[str, list[dict]] = {name: [] for name in mixed_targets}
+                for _ in range(args.repeats):
+                    for name, target in mixed_targets.items():
+                        opened[name].append(load.open_loop(target, rate))
+                mixed_targets["in-process fair"].close()
+                open_rows = {name: _median_row(results) for name, results in opened.items()}
+                record["mixed"] = {"closed_loop": closed_rows, "open_loop": open_rows}
+                ratios = {}
+                for policy in ("fair", "fifo"):
+                    c, o = closed_rows[f"grpc {policy}"], open_rows[f"grpc {policy}"]
+                    ratios[f"{policy}_over_static_throughput"] = c["throughput_items_per_s"] / closed_rows["grpc static"]["throughput_items_per_s"]
+                    ratios[f"{policy}_over_static_p99_open_loop"] = o["latency_p99_ms"] / open_rows["grpc static"]["latency_p99_ms"]
+                    ratios[f"{policy}_p99_loose_over_tight_open_loop"] = o["p99_ms_tol_0.1"] / o["p99_ms_tol_1e-05"]
+                    ratios[f"{policy}_over_static_p99_closed_loop"] = c["latency_p99_ms"] / closed_rows["grpc static"]["latency_p99_ms"]
+                ratios["grpc_over_in_process_throughput"] = (closed_rows["grpc fair"]["throughput_items_per_s"]
+                                                             / closed_rows["in-process fair"]["throughput_items_per_s"])  # fmt: skip
+                record["mixed_ratios"] = ratios
+            if "contention" in sections:
+                record["contention"] = {name: contention(targets[name], images) for name in ("fair", "fifo")}
+            if "hostile" in sections:
+                record["hostile"] = {name: hostile(targets[name]) for name in ("fair", "fifo")}
+            if "auto" in sections:
+                fair_target = targets["fair"]
+                sustained = capacity(fair_target, images, 1e-4, args.capacity_clients, args.overload_seconds / 2)
+                rate = 2 * sustained
+                record["auto"] = {"capacity_requests_per_s_at_1e-4": sustained, "offered_requests_per_s": rate}
+                for repeat in range(2):  # interleaved
+                    for name, auto in (("fixed 1e-4", False), ("auto", True)):
+                        result = overload(fair_target, images, labels, rate, args.overload_seconds, auto, args.seed + repeat)
+                        record["auto"].setdefault(name, []).append(result)
         finally:
             for target in targets.values():
                 target.close()
-    rows = {name: _median_row(results) for name, results in runs.items()}
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
-    mix = ", ".join(f"{share:.0%} at {tol:g}" for tol, share in TOLERANCES.items())
-    print(f"serve_load: {args.model}, {args.clients} closed-loop clients, {args.per_request} image(s)/request, "
-          f"tolerances {mix}, median of {args.repeats} interleaved runs of {args.duration:g} s, max batch {args.max_batch}; {machine}")  # fmt: skip
-    print(f"{'configuration':<24} {'items/s':>9} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'NFE':>6} {'requests':>9}")
-    for name, r in rows.items():
-        print(f"{name:<24} {r['throughput_items_per_s']:>9.1f} {r['latency_p50_ms']:>9.1f} {r['latency_p90_ms']:>9.1f} "
-              f"{r['latency_p99_ms']:>9.1f} {r['mean_nfe']:>6.1f} {r['requests']:>9d}")  # fmt: skip
-    ratios = {
-        "continuous_over_static_throughput": rows["grpc continuous"]["throughput_items_per_s"] / rows["grpc static"]["throughput_items_per_s"],
-        "continuous_over_static_p99": rows["grpc continuous"]["latency_p99_ms"] / rows["grpc static"]["latency_p99_ms"],
-        "grpc_over_in_process_throughput": rows["grpc continuous"]["throughput_items_per_s"] / rows["in-process continuous"]["throughput_items_per_s"],
-    }  # fmt: skip
-    for name, value in ratios.items():
-        print(f"{name}: {value:.2f}")
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    _print(record, args, machine)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_load_{device}.json"
-    record = {"benchmark": "serve_load", "machine": machine, "date": time.strftime("%Y-%m-%d"), "settings": {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "tolerance_mix": {str(k): v for k, v in TOLERANCES.items()},
-        "rows": rows, "ratios": ratios}  # fmt: skip
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    settings = {k: _relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    command = "python bench/serve_load.py " + " ".join(sys.argv[1:])
+    document = {"benchmark": "serve_load", "machine": machine, "date": time.strftime("%Y-%m-%d"), "command": command,
+                "settings": settings, "tolerance_mix": {str(k): v for k, v in TOLERANCES.items()}, **record}  # fmt: skip
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {_relative(path)}")
+
+
+def _print(record: dict, args, machine: str) -> None:
+    print(f"serve_load on {machine}; {args.clients} clients; max batch {args.max_batch}")
+    if "mixed" in record:
+        mix = ", ".join(f"{share:.0%} at {tol:g}" for tol, share in TOLERANCES.items())
+        print(f"\n1. mixed load: 1-{args.max_images} images/request, tolerances {mix}; median of {args.repeats} "
+              f"interleaved runs of {args.duration:g} s")  # fmt: skip
+        for loop, rows in record["mixed"].items():
+            what = (f"{args.clients} clients, each sending when its last request returns" if loop == "closed_loop" else
+                    f"Poisson arrivals at {next(iter(rows.values()))['offered_requests_per_s']:.1f} requests/s "
+                    f"({args.offered_load:.0%} of static's closed-loop rate)")  # fmt: skip
+            print(f"{loop.replace('_', ' ')}: {what}")
+            print(f"  {'configuration':<18} {'items/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99 1e-1':>9} {'p99 1e-3':>9} "
+                  f"{'p99 1e-5':>9} {'NFE':>6} {'requests':>8}")  # fmt: skip
+            for name, r in rows.items():
+                items = f"{r['throughput_items_per_s']:>8.1f}" if "throughput_items_per_s" in r else f"{'':>8}"
+                print(f"  {name:<18} {items} {r['latency_p50_ms']:>8.0f} {r['latency_p99_ms']:>8.0f} "
+                      f"{r['p99_ms_tol_0.1']:>9.0f} {r['p99_ms_tol_0.001']:>9.0f} {r['p99_ms_tol_1e-05']:>9.0f} "
+                      f"{r['mean_nfe']:>6.1f} {r['requests']:>8d}")  # fmt: skip
+        for name, value in record["mixed_ratios"].items():
+            print(f"  {name}: {value:.2f}")
+    if "contention" in record:
+        print("\n2. contention: 512 images at 1e-8, then 1 image at 1e-1")
+        for name, r in record["contention"].items():
+            print(f"  {name:<5} idle {r['idle_ms']:.0f} ms, under load {r['under_load_ms']:.0f} ms "
+                  f"(target {r['target_ms']:.0f} ms: {'met' if r['meets_target'] else 'missed'})")  # fmt: skip
+    if "hostile" in record:
+        print("\n3. hostile: 1,024 points at 1e-8 on cnf-moons, then Sample n=1")
+        for name, r in record["hostile"].items():
+            print(f"  {name:<5} Sample n=1 took {r['sample_ms']:.0f} ms (target 1000 ms: {'met' if r['meets_target'] else 'missed'})")
+    if "auto" in record:
+        a = record["auto"]
+        print(f"\n4. overload: capacity {a['capacity_requests_per_s_at_1e-4']:.1f} requests/s at 1e-4, offered "
+              f"{a['offered_requests_per_s']:.1f}/s, 1 s deadlines")  # fmt: skip
+        for name in ("fixed 1e-4", "auto"):
+            for r in a[name]:
+                print(f"  {name:<10} on time {r['on_time_fraction']:.1%}, accuracy {r['accuracy_of_answers']:.2%}, "
+                      f"mean NFE {r['mean_nfe']:.1f} ({r['requests']} requests)")  # fmt: skip
 
 
 if __name__ == "__main__":

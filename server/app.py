@@ -22,8 +22,9 @@ from .auth import TokenAuth, accepted_tokens, server_credentials
 from .config import ServerConfig, parse_config
 from .engine import Engine
 from .metrics import Metrics
-from .models import load_models
+from .models import ServedModel, load_models
 from .servicer import InferenceServicer
+from .wire import auto_tolerances
 
 log = logging.getLogger("server")
 
@@ -39,18 +40,20 @@ class Server:
         if not self.models:
             log.warning("no servable checkpoints in %s", config.checkpoints)
         self.metrics = Metrics()
+        self.health = health.HealthServicer(experimental_non_blocking=True)
         self.engine = Engine(
             self.device,
             max_batch=config.max_batch,
             max_queued=config.max_queued_items,
-            batching=config.batching,
+            policy="static" if config.batching == "static" else config.policy,
             max_delay=config.max_delay_ms / 1000,
+            default_priority=config.default_priority,
             stats=self.metrics,
+            health=self._model_health,
         )
         for model in self.models.values():
-            self.engine.add(model.key, model.adapter, label=model.name)
+            self._add_worker(model)
         self.servicer = InferenceServicer(self.models, self.engine, config, self.metrics)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -87,6 +90,16 @@ class Server:
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
 
+    def _add_worker(self, model: ServedModel) -> None:
+        self.engine.add(model.key, model.adapter, label=model.name, expected_nfe=model.expected_nfe,
+                        tolerances=auto_tolerances(model, self.config))  # fmt: skip
+
+    def _model_health(self, name: str, serving: bool) -> None:
+        """A model's worker is recovering from a crash (``serving=False``) or back."""
+        if name in self.models:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            self.health.set(name, status)
+
     def start(self) -> None:
         self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
         self.grpc.start()
@@ -109,7 +122,7 @@ class Server:
             fresh = load_models(self.config.checkpoints, self.device, previous=old)
             for model in fresh.values():
                 if old.get(model.name) is not model:
-                    self.engine.add(model.key, model.adapter, label=model.name)
+                    self._add_worker(model)
             self.models = self.servicer.models = fresh
             for model in old.values():
                 if fresh.get(model.name) is not model:

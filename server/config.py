@@ -18,11 +18,16 @@ class ServerConfig:
     checkpoints: Path = Path("checkpoints")
     device: str = "auto"
     batching: str = "continuous"
+    policy: str = "fair"
+    priority_levels: int = 3
+    default_priority: int = 2
     max_batch: int = 256
     max_delay_ms: float = 5.0
     max_queued_items: int = 4096
     max_items_per_request: int = 1024
     max_nfe: int = 10_000
+    max_request_nfe: int = 1_000_000
+    max_abs_input: float = 1e6
     min_tol: float = 1e-8
     max_tol: float = 1.0
     max_message_bytes: int = 16 * 1024 * 1024
@@ -40,7 +45,14 @@ class ServerConfig:
         problems = []
         if self.batching not in ("continuous", "static"):
             problems.append(f"batching must be continuous or static, got {self.batching!r}")
-        for name in ("max_batch", "max_queued_items", "max_items_per_request", "max_nfe", "max_message_bytes", "grpc_threads"):
+        if self.policy not in ("fair", "fifo"):
+            problems.append(f"policy must be fair or fifo, got {self.policy!r}")
+        if not 1 <= self.default_priority <= self.priority_levels:
+            problems.append("need 1 <= default_priority <= priority_levels")
+        if not self.max_abs_input > 0:
+            problems.append("max_abs_input must be > 0")
+        for name in ("max_batch", "max_queued_items", "max_items_per_request", "max_nfe", "max_request_nfe",
+                     "max_message_bytes", "grpc_threads"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if not 0 < self.min_tol <= self.max_tol:
@@ -70,11 +82,16 @@ _HELP = {
     "checkpoints": "folder whose *.pt checkpoints are served, by file name",
     "device": "auto, cpu, cuda or cuda:N (auto: the GPU when present)",
     "batching": "continuous (solver-step level) or static (collect, then solve to the end)",
+    "policy": "continuous batching: fair (priority levels, then a fair share of the batch per request, with preemption) or fifo (first come, first served)",
+    "priority_levels": "request priorities 1 (most urgent) .. this; a request's 0 means default_priority",
+    "default_priority": "the level of requests that do not set one",
     "max_batch": "most items in one running batch",
     "max_delay_ms": "static batching: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",
     "max_items_per_request": "images or points per request, and Sample's n",
     "max_nfe": "function evaluations per item before it stops with MAX_NFE",
+    "max_request_nfe": "function evaluations over all items of one request (a request's max_total_nfe can only lower it)",
+    "max_abs_input": "largest magnitude of a LogDensity coordinate (larger, or not finite in float32: INVALID_ARGUMENT)",
     "min_tol": "smallest tolerance a request may ask for",
     "max_tol": "largest tolerance a request may ask for",
     "max_message_bytes": "largest gRPC message accepted or sent",

@@ -1,8 +1,10 @@
-"""The engine: per model, a worker thread that runs solver steps over all running items.
+"""The engine: per model, a worker thread whose loop is ``schedule → step → update``.
 
-Requests come in from any thread (``submit`` returns a future); the worker admits queued
-items between steps (``Scheduler``), advances the batch (``Executor``), completes requests
-as their last item finishes, and reports plain stats. No gRPC here.
+Requests come in from any thread (``submit`` returns a future). The scheduler owns every
+request's state and decides each step's batch; the executor applies that and steps; the
+worker only moves between the two, resolves futures and reports plain stats. Any exception
+in an iteration fails the requests it touched (never a hang), the model reads NOT_SERVING
+while a fresh executor replaces the old one, and the worker carries on. No gRPC here.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,13 +23,41 @@ import torch
 from neuralode.solvers import Status
 
 from .adapters import Adapter
-from .executor import Executor, Outcome, Work
-from .scheduler import Clock, Item, QueueFull, Request, Scheduler
-from .stats import ItemStats, QueueStats, StatsSink, StepStats, discard
+from .executor import Executor, ExecutorOutputs, Work, step_cost
+from .scheduler import (
+    BudgetExhausted,
+    Cancelled,
+    Candidate,
+    Clock,
+    Expired,
+    Plan,
+    QueueFull,
+    Request,
+    Scheduler,
+    State,
+)
+from .stats import ItemStats, QueueStats, RequestEndStats, StatsSink, StepStats, WorkerStats, discard
 
 log = logging.getLogger("server.engine")
 
-__all__ = ["Engine", "EngineClosed", "QueueFull", "RequestCancelled", "RequestExpired", "Result", "WorkerRetired"]
+__all__ = [
+    "BudgetExhausted",
+    "Engine",
+    "EngineClosed",
+    "QueueFull",
+    "RequestCancelled",
+    "RequestExpired",
+    "Result",
+    "Scheduling",
+    "WorkerFailed",
+    "WorkerRetired",
+]
+
+RequestCancelled, RequestExpired = Cancelled, Expired
+HealthSink = Callable[[str, bool], None]
+"""Told ``(model label, serving)`` when a worker starts and stops recovering from a crash."""
+
+_RESTART_BACKOFF = (0.0, 0.1, 0.5, 2.0)  # seconds NOT_SERVING after consecutive crashes
 
 
 class EngineClosed(Exception):
@@ -36,12 +68,23 @@ class WorkerRetired(EngineClosed):
     """The model version asked for was replaced by a reload; the caller looks it up again."""
 
 
-class RequestCancelled(Exception):
-    pass
+class WorkerFailed(Exception):
+    """The model's worker crashed while the request was in its batch; it was restarted."""
 
 
-class RequestExpired(Exception):
-    pass
+@dataclass(frozen=True)
+class Scheduling:
+    """How a request is scheduled, beyond its items' own accuracy settings.
+
+    ``priority``: lower is more urgent (None: the server's default). ``budget``: most function
+    evaluations over all items. ``auto``: solve at the tightest of ``tolerances`` (the model
+    card's, tightest first) predicted to finish within ``latency_target`` seconds, or by the
+    deadline when no target is given."""
+
+    priority: int | None = None
+    budget: int | None = None
+    auto: bool = False
+    latency_target: float | None = None
 
 
 @dataclass
@@ -53,14 +96,9 @@ class Result:
     statuses: list[Status]
     queue_seconds: float
     compute_seconds: float
-
-
-@dataclass(eq=False)
-class _Pending:
-    request: Request
-    future: Future
-    method: str
-    outcomes: list[Outcome | None] = field(default_factory=list)
+    rtol: float
+    atol: float
+    preemptions: int = 0
 
 
 class ModelWorker:
@@ -72,32 +110,54 @@ class ModelWorker:
         *,
         max_batch: int,
         max_queued: int,
-        batching: str,
+        policy: str,
         max_delay: float,
+        default_priority: int,
         clock: Clock,
         stats: StatsSink,
+        health: HealthSink,
+        expected_nfe: Callable[[str, float], float | None],
+        tolerances: Sequence[float],
     ) -> None:
-        self.name, self.clock, self.stats = name, clock, stats
-        self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, mode=batching, max_delay=max_delay, clock=clock)
-        self.executor = Executor(adapter, device)
+        self.name, self.adapter, self.device, self.clock = name, adapter, device, clock
+        self.stats, self.health, self.expected_nfe = stats, health, expected_nfe
+        self.tolerances = sorted(tolerances)
         self.max_batch = max_batch
+        self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
+                                   default_priority=default_priority, clock=clock)  # fmt: skip
+        self.executor = Executor(adapter, device)
         self._lock = threading.Condition()
-        self._pending: dict[int, _Pending] = {}  # request id -> pending
-        self._running: dict[int, Item] = {}  # item id -> item
-        self._finished: list[Outcome] = []  # solved, not yet handed back (static batching)
-        self.hold_until_batch_ends = batching == "static"
+        self._futures: dict[int, Future] = {}
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self._crashes = 0
+        self.restarts = 0
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
     # ---- called from request threads ---------------------------------------------------
-    def submit(self, works: list[Work], deadline: float | None) -> tuple[Request, Future]:
+    def submit(self, works: list[Work], deadline: float | None, scheduling: Scheduling) -> tuple[Request, Future]:
+        """Queue a request's items (which share one method and tolerance)."""
+        method, tol = works[0].method, works[0].rtol
+        cost = step_cost(method)
+        candidates: list[Candidate] = []
+        if scheduling.auto:
+            candidates = [Candidate(t, cost.with_expected(self.expected_nfe(method, t))) for t in self.tolerances]
+        else:
+            cost = cost.with_expected(self.expected_nfe(method, tol))
         with self._lock:
             if self._closing:
                 raise WorkerRetired(f"the worker for {self.name} takes no new work")
-            request, _ = self.scheduler.submit(works, deadline)
+            if not self._thread.is_alive():
+                raise EngineClosed(f"the worker for {self.name} has stopped")
+            try:
+                request = self.scheduler.submit(works, cost=cost, priority=scheduling.priority, deadline=deadline,
+                                                budget=scheduling.budget, candidates=candidates,
+                                                latency_target=scheduling.latency_target)  # fmt: skip
+            except BudgetExhausted:
+                self.stats(RequestEndStats(self.name, "budget_exhausted"))
+                raise
             future: Future = Future()
-            self._pending[request.id] = _Pending(request, future, works[0].method, [None] * len(works))
+            self._futures[request.id] = future
             self._lock.notify()
         return request, future
 
@@ -122,98 +182,113 @@ class ModelWorker:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not self._pending
+            return not self._futures
 
     # ---- the worker thread ---------------------------------------------------------------
-    def _loop(self) -> None:
+    def _run(self) -> None:
         while True:
-            with self._lock:
-                self._fail(self.scheduler.purge())
-                self._fail(self.scheduler.dropped(self._running.values()), running=True)
-                self._hand_back()
-                joining = self.scheduler.admit(self.executor.running)
-                self._running.update((item.id, item) for item in joining)
-                if not self._running:
-                    if self._closing and not self._pending:
-                        return
-                    self.stats(QueueStats(self.name, self.scheduler.queued, 0, self.scheduler.max_queued))
-                    wake_after = self.scheduler.wake_after()
-                    self._lock.wait(timeout=0.5 if wake_after is None else wake_after)
-                    continue
-                queued = self.scheduler.queued
             try:
-                if joining:
-                    self.executor.join([(item.id, item.payload) for item in joining])
-                reports = self.executor.step()
-            except Exception as error:  # a model bug must fail its requests, not the server
-                log.exception("model %s failed a step", self.name)
-                with self._lock:
-                    self._abort(error)
+                if not self._iterate():
+                    return
+                self._crashes = 0
+            except Exception as error:  # noqa: BLE001 - a crash fails its requests, never the worker
+                self._recover(error)
+
+    def _iterate(self) -> bool:
+        """One ``schedule → step → update``; False once closing and nothing is left."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+            self._resolve(plan.ended)
+            idle = not plan.steps and not plan.drop
+            if idle:
+                if self._closing and self.scheduler.idle:
+                    return False
+                queued = self.scheduler.queued
+                self._lock.wait(timeout=0.5 if plan.wake_after is None else plan.wake_after)
+        if idle:
+            self.stats(QueueStats(self.name, queued, 0, self.scheduler.max_queued))
+            return True
+        outputs = self.executor.step(plan)
+        with self._lock:
+            finished = self.scheduler.update(outputs)
+            self._resolve(finished)
+            queued = self.scheduler.queued
+        self._report(plan, outputs, queued)
+        return True
+
+    def _report(self, plan: Plan, outputs: ExecutorOutputs, queued: int) -> None:
+        parked = Counter(item.payload.method for item in plan.park)
+        for group in outputs.groups:
+            if group.batch_size:
+                self.stats(StepStats(self.name, group.method, group.batch_size, self.max_batch, group.rejected,
+                                     preempted=parked[group.method]))  # fmt: skip
+            if group.finished:
+                self.stats(ItemStats(self.name, group.method, tuple(o.nfe for o in group.finished),
+                                     tuple(o.status.name for o in group.finished)))  # fmt: skip
+        self.stats(QueueStats(self.name, queued, self.executor.running, self.scheduler.max_queued))
+
+    def _resolve(self, requests: list[Request]) -> None:
+        """Hand ended requests back to their callers (under the lock)."""
+        for request in requests:
+            future = self._futures.pop(request.id, None)
+            if future is None or future.done():
                 continue
-            for report in reports:
-                self.stats(StepStats(self.name, report.method, report.batch_size, self.max_batch, report.rejected))
-                if report.finished:
-                    self.stats(ItemStats(self.name, report.method, tuple(o.nfe for o in report.finished),
-                                         tuple(o.status.name for o in report.finished)))  # fmt: skip
-            self.stats(QueueStats(self.name, queued, self.executor.running, self.scheduler.max_queued))
+            if request.state is not State.FINISHED:
+                if isinstance(request.error, BudgetExhausted):
+                    self.stats(RequestEndStats(self.name, "budget_exhausted"))
+                future.set_exception(request.error)
+                continue
+            try:
+                future.set_result(self._result(request))
+            except Exception as error:  # noqa: BLE001 - a bad result fails its own request only
+                log.exception("model %s could not assemble a result", self.name)
+                future.set_exception(WorkerFailed(f"the result could not be assembled: {type(error).__name__}"))
+
+    def _result(self, request: Request) -> Result:
+        outcomes = [item.outcome for item in request.items]
+        now = self.clock()
+        started = request.started_at if request.started_at is not None else now
+        work: Work = request.items[0].payload
+        return Result(
+            outputs={name: np.stack([o.outputs[name].numpy() for o in outcomes]) for name in outcomes[0].outputs},
+            nfe=[o.nfe for o in outcomes],
+            statuses=[o.status for o in outcomes],
+            queue_seconds=started - request.enqueued_at,
+            compute_seconds=(request.finished_at or now) - started,
+            rtol=work.rtol if request.tol is None else request.tol,
+            atol=work.atol if request.tol is None else request.tol,
+            preemptions=request.preemptions,
+        )
+
+    def _recover(self, error: Exception) -> None:
+        """Fail what the crashed iteration touched, then carry on with a fresh executor."""
+        log.exception("model %s: the worker failed; restarting it", self.name)
+        pause = _RESTART_BACKOFF[min(self._crashes, len(_RESTART_BACKOFF) - 1)]
+        self._crashes += 1
+        self.restarts += 1
+        try:
+            self.health(self.name, False)
+            failure = WorkerFailed(f"the model's worker failed ({type(error).__name__}: {str(error)[:200]}) "
+                                   "and was restarted; the request's items were stopped")  # fmt: skip
             with self._lock:
-                self._finished.extend(outcome for report in reports for outcome in report.finished)
-                self._hand_back()
+                self.executor = Executor(self.adapter, self.device)
+                self._resolve(self.scheduler.fail_started(failure))
+            self.stats(WorkerStats(self.name, "restart"))
+        except Exception:  # noqa: BLE001 - recovery itself must never end the worker
+            log.exception("model %s: recovering from a failure failed too", self.name)
+        time.sleep(pause)
+        try:
+            self.health(self.name, True)
+        except Exception:  # noqa: BLE001
+            log.exception("model %s: the health sink failed", self.name)
 
-    def _hand_back(self) -> None:
-        """Complete finished items; static batching returns a batch as one unit, once its
-        last item is done (or has been dropped)."""
-        if self.hold_until_batch_ends and self.executor.running:
-            return
-        for outcome in self._finished:
-            self._complete(outcome)
-        self._finished.clear()
 
-    def _complete(self, outcome: Outcome) -> None:
-        item = self._running.pop(outcome.item_id, None)
-        if item is None:
-            return
-        pending = self._pending.get(item.request.id)
-        if pending is None:
-            return
-        pending.outcomes[item.index] = outcome
-        item.request.done += 1
-        if item.request.done == item.request.items:
-            del self._pending[item.request.id]
-            now = self.clock()
-            started = item.request.started_at if item.request.started_at is not None else now
-            outcomes = pending.outcomes
-            outputs = {name: np.stack([o.outputs[name].numpy() for o in outcomes]) for name in outcomes[0].outputs}
-            pending.future.set_result(
-                Result(
-                    outputs=outputs,
-                    nfe=[o.nfe for o in outcomes],
-                    statuses=[o.status for o in outcomes],
-                    queue_seconds=started - item.request.enqueued_at,
-                    compute_seconds=now - started,
-                )
-            )
+def _no_card(method: str, tol: float) -> float | None:
+    return None
 
-    def _fail(self, items: list[Item], running: bool = False) -> None:
-        if not items:
-            return
-        if running:
-            self.executor.drop({item.id for item in items})
-            for item in items:
-                self._running.pop(item.id, None)
-        for item in items:
-            pending = self._pending.pop(item.request.id, None)
-            if pending is not None and not pending.future.done():
-                error = RequestCancelled() if item.request.cancelled else RequestExpired()
-                pending.future.set_exception(error)
 
-    def _abort(self, error: Exception) -> None:
-        self.executor.drop(set(self._running))
-        self._running.clear()
-        for pending in self._pending.values():
-            if not pending.future.done() and pending.request.started_at is not None:
-                pending.future.set_exception(error)
-        self._pending = {k: p for k, p in self._pending.items() if not p.future.done()}
+def _serving(name: str, serving: bool) -> None:
+    """A health sink for callers without a health service."""
 
 
 class Engine:
@@ -229,20 +304,34 @@ class Engine:
         *,
         max_batch: int = 256,
         max_queued: int = 4096,
-        batching: str = "continuous",
+        policy: str = "fair",
         max_delay: float = 0.005,
+        default_priority: int = 1,
         clock: Clock = time.monotonic,
         stats: StatsSink = discard,
+        health: HealthSink = _serving,
     ) -> None:
-        self.device, self.clock, self.stats = device, clock, stats
-        self._settings = dict(max_batch=max_batch, max_queued=max_queued, batching=batching, max_delay=max_delay)
+        self.device, self.clock, self.stats, self.health = device, clock, stats, health
+        self._settings = dict(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
+                              default_priority=default_priority)  # fmt: skip
         self.workers: dict[str, ModelWorker] = {}
         self._retired: list[tuple[str, ModelWorker]] = []
         self._lock = threading.Lock()
 
-    def add(self, key: str, adapter: Adapter, label: str | None = None) -> None:
-        """Start a worker for ``key``; ``label`` names it in stats (default: the key)."""
-        worker = ModelWorker(label or key, adapter, self.device, clock=self.clock, stats=self.stats, **self._settings)
+    def add(
+        self,
+        key: str,
+        adapter: Adapter,
+        label: str | None = None,
+        *,
+        expected_nfe: Callable[[str, float], float | None] = _no_card,
+        tolerances: Sequence[float] = (),
+    ) -> None:
+        """Start a worker for ``key``; ``label`` names it in stats and health (default: the
+        key). ``expected_nfe(method, tol)`` is the model card's NFE per item and
+        ``tolerances`` the card's evaluated ones, for deadlines and ``auto`` requests."""
+        worker = ModelWorker(label or key, adapter, self.device, clock=self.clock, stats=self.stats, health=self.health,
+                             expected_nfe=expected_nfe, tolerances=tolerances, **self._settings)  # fmt: skip
         with self._lock:
             if key in self.workers:
                 raise ValueError(f"engine already has a worker for {key!r}")
@@ -256,14 +345,16 @@ class Engine:
             self._retired.append((key, worker))
         worker.stop_accepting()
 
-    def submit(self, key: str, works: list[Work], timeout: float | None = None) -> tuple[Request, Future]:
-        """Queue a request's items; raises QueueFull (nothing queued), WorkerRetired (the
-        model was reloaded meanwhile: look it up again) or EngineClosed."""
+    def submit(
+        self, key: str, works: list[Work], timeout: float | None = None, scheduling: Scheduling = Scheduling()
+    ) -> tuple[Request, Future]:
+        """Queue a request's items; raises QueueFull or BudgetExhausted (nothing queued),
+        WorkerRetired (the model was reloaded meanwhile: look it up again) or EngineClosed."""
         deadline = None if timeout is None else self.clock() + timeout
         worker = self.workers.get(key)
         if worker is None:
             raise WorkerRetired(f"no worker for {key!r}")
-        return worker.submit(works, deadline)
+        return worker.submit(works, deadline, scheduling)
 
     def cancel(self, key: str, request: Request) -> None:
         with self._lock:

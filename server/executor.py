@@ -1,15 +1,17 @@
-"""The torch side of the engine: one model's running batch, advanced one solver step at a time.
+"""The torch side of the engine: one model's rows of solver state, advanced one step at a time.
 
-Rows are items from any request and any tolerance; each row's ``sample_id`` is its item's id.
-Items join (``join``) and leave (``drop``, or by finishing in ``step``) between steps. Rows
-that use different methods run as separate groups, each stepped in turn.
+Rows are items from any request and any tolerance; each row's ``sample_id`` is its item's
+id. ``step(plan)`` applies the scheduler's plan — drop, park, resume, join — and then attempts
+one solver step on every running row. A parked item's row is kept aside untouched, so it
+resumes exactly where it stopped. Rows that use different methods run as separate groups.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -19,6 +21,9 @@ from neuralode.solvers.stepper import Norm
 from neuralode.solvers.tableau import get_method
 
 from .adapters import Adapter
+from .scheduler import Cost, Item, Plan, StepOutputs
+
+_RUNNING = int(Status.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -43,122 +48,213 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class StepReport:
+class GroupStep:
+    """One group's step, for stats."""
+
     method: str
     batch_size: int
     rejected: int
     finished: list[Outcome]
 
 
+@dataclass(frozen=True)
+class ExecutorOutputs(StepOutputs):
+    groups: list[GroupStep] = field(default_factory=list)
+
+
+@functools.cache
+def step_cost(method: str) -> Cost:
+    """Function evaluations to start an item and per attempted step, for the scheduler's
+    budgets and predictions."""
+    stepper = Stepper(get_method(method))
+    start = int(stepper.method.tableau.fsal or stepper.adaptive) + int(stepper.adaptive)
+    return Cost(start=start, step=stepper.evaluations_per_step)
+
+
+@dataclass(frozen=True)
+class _Parked:
+    method: str
+    kind: str
+    row: SolverState
+
+
 class _Group:
+    """The running rows of one method; ``ids`` and ``kinds`` mirror the rows on the host, so
+    knowing which item a row is never needs the device."""
+
     def __init__(self, method: str, max_steps: int, norm: Norm) -> None:
+        self.method = method
         self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
         self.state: SolverState | None = None
-        self.kinds: dict[int, str] = {}  # item id -> kind, for the rows of ``state``
+        self.ids: list[int] = []
+        self.kinds: list[str] = []
 
     @property
     def size(self) -> int:
-        return 0 if self.state is None else self.state.batch_size
+        return len(self.ids)
+
+    def add(self, state: SolverState, ids: list[int], kinds: list[str]) -> None:
+        self.state = state if self.state is None else SolverState.cat([self.state, state])
+        self.ids += ids
+        self.kinds += kinds
+
+    def keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.ids):
+            return
+        if rows:
+            self.state = self.state.select(torch.tensor(rows, device=self.state.t.device))
+        else:
+            self.state = None
+        self.ids = [self.ids[r] for r in rows]
+        self.kinds = [self.kinds[r] for r in rows]
 
 
 class Executor:
     def __init__(self, adapter: Adapter, device: torch.device, max_steps: int = 100_000) -> None:
         self.adapter, self.device, self.max_steps = adapter, device, max_steps
         self.groups: dict[str, _Group] = {}
+        self.parked: dict[int, _Parked] = {}
 
     @property
     def running(self) -> int:
         return sum(group.size for group in self.groups.values())
 
     @torch.no_grad()
-    def join(self, items: list[tuple[int, Work]]) -> None:
-        """Start the ODEs of new items: their initial evaluations run now, on them alone."""
-        by_group: dict[tuple[str, str], list[tuple[int, Work]]] = defaultdict(list)
-        for item_id, work in items:
-            by_group[(work.method, work.kind)].append((item_id, work))
-        for (method, kind), batch in by_group.items():
-            group = self.groups.get(method) or self.groups.setdefault(method, _Group(method, self.max_steps, self.adapter.norm))
-            inputs = torch.stack([work.inputs for _, work in batch])
-            if self.device.type == "cuda":
-                inputs = inputs.pin_memory()
-            inputs = inputs.to(self.device, non_blocking=True)
-            start = self.adapter.start(kind, inputs, [work.seed for _, work in batch])
-            dtype, device = start.y0.dtype, start.y0.device
-
-            def column(values: list[float], dtype=dtype) -> Tensor:
-                return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-            state = group.stepper.init(
-                self.adapter.dynamics,
-                start.y0,
-                start.t0,
-                start.t_end,
-                start.t_end,
-                column([w.rtol for _, w in batch]),
-                column([w.atol for _, w in batch]),
-                max_nfe=column([w.max_nfe for _, w in batch], torch.int64),
-                sample_id=column([i for i, _ in batch], torch.int64),
-            )
-            group.state = state if group.state is None else SolverState.cat([group.state, state])
-            group.kinds.update((item_id, kind) for item_id, _ in batch)
-
-    def drop(self, item_ids: set[int]) -> None:
-        """Remove rows (cancelled or expired items) before the next step."""
+    def step(self, plan: Plan) -> ExecutorOutputs:
+        """Apply ``plan``, then one attempted solver step for every running row."""
+        self._drop({item.id for item in plan.drop})
+        self._park({item.id for item in plan.park})
+        self._resume(plan.resume)
+        nfe: dict[int, int] = {}
+        finished: dict[int, Outcome] = {}
+        groups = []
+        started_done = self._join(plan.join, nfe)
         for group in self.groups.values():
-            if group.state is None or not group.kinds.keys() & item_ids:
-                continue
-            keep = [row for row, i in enumerate(group.state.sample_id.tolist()) if i not in item_ids]
-            self._keep(group, keep)
-
-    @torch.no_grad()
-    def step(self) -> list[StepReport]:
-        """One attempted solver step for every running row; finished rows leave."""
-        reports = []
-        for method, group in self.groups.items():
             if group.state is None:
                 continue
-            size = group.state.batch_size
-            state, record = group.stepper.step(self.adapter.dynamics, group.state)
-            group.state = state
-            done = state.status != int(Status.RUNNING)
-            # The one host synchronisation per step: are any rows done, and how many rejected?
-            any_done, rejected = torch.stack([done.any().long(), (~record.accepted).sum()]).tolist()
-            finished = self._finish(group, done) if any_done else []
-            reports.append(StepReport(method, size, rejected, finished))
-        return reports
+            size = group.size
+            group.state, record = group.stepper.step(self.adapter.dynamics, group.state)
+            # The one host synchronisation per step: every row's status and NFE, and rejections.
+            status, counts, accepted = torch.stack(
+                [group.state.status, group.state.nfe, record.accepted.long()]
+            ).tolist()
+            nfe.update(zip(group.ids, counts))
+            outcomes = self._finish(group, status, counts)
+            finished.update((o.item_id, o) for o in outcomes)
+            groups.append(GroupStep(group.method, size, size - sum(accepted), outcomes))
+        for group_step in started_done:
+            finished.update((o.item_id, o) for o in group_step.finished)
+        groups.extend(started_done)
+        return ExecutorOutputs(nfe=nfe, finished=finished, groups=groups)
 
-    def _finish(self, group: _Group, done: Tensor) -> list[Outcome]:
+    # ---- plan changes ----------------------------------------------------------------------
+    def _group(self, method: str) -> _Group:
+        if method not in self.groups:
+            self.groups[method] = _Group(method, self.max_steps, self.adapter.norm)
+        return self.groups[method]
+
+    def _drop(self, item_ids: set[int]) -> None:
+        """Discard rows (cancelled, expired, failed) whether running or parked."""
+        for item_id in item_ids & self.parked.keys():
+            del self.parked[item_id]
+        for group in self.groups.values():
+            if item_ids.intersection(group.ids):
+                group.keep([row for row, i in enumerate(group.ids) if i not in item_ids])
+
+    def _park(self, item_ids: set[int]) -> None:
+        for group in self.groups.values():
+            rows = [row for row, i in enumerate(group.ids) if i in item_ids]
+            if not rows:
+                continue
+            parked = group.state.select(torch.tensor(rows, device=group.state.t.device))
+            for position, row in enumerate(rows):
+                single = parked.select(torch.tensor([position], device=parked.t.device))
+                self.parked[group.ids[row]] = _Parked(group.method, group.kinds[row], single)
+            group.keep([row for row, i in enumerate(group.ids) if i not in item_ids])
+
+    def _resume(self, items: list[Item]) -> None:
+        by_method: dict[str, list[tuple[int, _Parked]]] = defaultdict(list)
+        for item in items:
+            parked = self.parked.pop(item.id)
+            by_method[parked.method].append((item.id, parked))
+        for method, rows in by_method.items():
+            self._group(method).add(
+                SolverState.cat([parked.row for _, parked in rows]),
+                [item_id for item_id, _ in rows],
+                [parked.kind for _, parked in rows],
+            )
+
+    def _join(self, items: list[Item], nfe: dict[int, int]) -> list[GroupStep]:
+        """Start the ODEs of new items: their initial evaluations run now, on them alone.
+        Items whose start already ends their solve (a non-finite f, a budget too small to
+        start) leave at once."""
+        by_group: dict[tuple[str, str], list[tuple[int, Work]]] = defaultdict(list)
+        for item in items:
+            work: Work = item.payload
+            if item.request.tol is not None:  # an ``auto`` request: the scheduler chose its tolerance
+                work = replace(work, rtol=item.request.tol, atol=item.request.tol)
+            by_group[(work.method, work.kind)].append((item.id, work))
+        ended = []
+        for (method, kind), batch in by_group.items():
+            group = self._group(method)
+            state = self._start(group, kind, batch)
+            ids = [item_id for item_id, _ in batch]
+            status, counts = torch.stack([state.status, state.nfe]).tolist()
+            nfe.update(zip(ids, counts))
+            running = [row for row, s in enumerate(status) if s == _RUNNING]
+            if len(running) < len(ids):
+                starting = _Group(method, self.max_steps, self.adapter.norm)
+                starting.add(state, ids, [kind] * len(ids))
+                outcomes = self._finish(starting, status, counts)
+                ended.append(GroupStep(method, 0, 0, outcomes))
+                state, ids = starting.state, starting.ids
+            if ids:
+                group.add(state, ids, [kind] * len(ids))
+        return ended
+
+    def _start(self, group: _Group, kind: str, batch: list[tuple[int, Work]]) -> SolverState:
+        inputs = torch.stack([work.inputs for _, work in batch])
+        if self.device.type == "cuda":
+            inputs = inputs.pin_memory()
+        inputs = inputs.to(self.device, non_blocking=True)
+        start = self.adapter.start(kind, inputs, [work.seed for _, work in batch])
+        dtype, device = start.y0.dtype, start.y0.device
+
+        def column(values: list[float], dtype=dtype) -> Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return group.stepper.init(
+            self.adapter.dynamics,
+            start.y0,
+            start.t0,
+            start.t_end,
+            start.t_end,
+            column([w.rtol for _, w in batch]),
+            column([w.atol for _, w in batch]),
+            max_nfe=column([w.max_nfe for _, w in batch], torch.int64),
+            sample_id=column([i for i, _ in batch], torch.int64),
+        )
+
+    def _finish(self, group: _Group, status: list[int], nfe: list[int]) -> list[Outcome]:
+        """Outcomes of the rows whose solve ended (status no longer RUNNING); they leave."""
+        done = [row for row, s in enumerate(status) if s != _RUNNING]
+        if not done:
+            return []
         state = group.state
-        rows = done.nonzero().squeeze(1)
-        ids = state.sample_id[rows].tolist()
-        statuses = [Status(s) for s in state.status[rows].tolist()]
-        nfe = state.nfe[rows].tolist()
-        y1 = state.y[rows]
-        outputs: list[dict[str, Tensor]] = [{} for _ in ids]
+        y1 = state.y.index_select(0, torch.tensor(done, device=state.t.device))
+        outputs: list[dict[str, Tensor]] = [{} for _ in done]
         by_kind: dict[str, list[int]] = defaultdict(list)
-        for position, item_id in enumerate(ids):
-            by_kind[group.kinds.pop(item_id)].append(position)
+        for position, row in enumerate(done):
+            by_kind[group.kinds[row]].append(position)
         for kind, positions in by_kind.items():
             result = self.adapter.finish(kind, y1[positions])
             for name, values in result.items():
                 values = values.float().cpu()
                 for j, position in enumerate(positions):
                     value = values[j]
-                    if statuses[position] != Status.SUCCESS:
+                    if status[done[position]] != int(Status.SUCCESS):
                         value = torch.full_like(value, math.nan)
                     outputs[position][name] = value
-        keep = (~done).nonzero().squeeze(1)
-        group.state = state.select(keep) if keep.numel() else None
-        return [Outcome(i, out, n, s) for i, out, n, s in zip(ids, outputs, nfe, statuses)]
-
-    @staticmethod
-    def _keep(group: _Group, rows: list[int]) -> None:
-        state = group.state
-        kept_ids = set()
-        if rows:
-            index = torch.tensor(rows, device=state.t.device)
-            group.state = state.select(index)
-            kept_ids = set(group.state.sample_id.tolist())
-        else:
-            group.state = None
-        group.kinds = {i: k for i, k in group.kinds.items() if i in kept_ids}
+        outcomes = [Outcome(group.ids[row], out, nfe[row], Status(status[row])) for row, out in zip(done, outputs)]
+        group.keep([row for row, s in enumerate(status) if s == _RUNNING])
+        return outcomes

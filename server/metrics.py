@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .stats import ItemStats, QueueStats, RequestStats, Stats, StepStats
+from .stats import ItemStats, QueueStats, RequestEndStats, RequestStats, Stats, StepStats, WorkerStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 NFE_BUCKETS = tuple(float(2**k) for k in range(1, 15))  # 2 .. 16384 function evaluations
+TOLERANCE_BUCKETS = tuple(10.0**k for k in range(-8, 1))  # the decades a card's table spans
 
 
 class Metrics:
@@ -20,8 +21,8 @@ class Metrics:
                                 ["model", "method", "rpc", "code"], registry=r)  # fmt: skip
         self.latency = Histogram("odeserve_request_latency_seconds", "Server-side RPC latency.",
                                  ["model", "method", "rpc"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("odeserve_queue_wait_seconds", "Time a request waited for a batch slot.",
-                                    ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.queue_wait = Histogram("odeserve_queue_wait_seconds", "Time a request waited for a batch slot, by priority level.",
+                                    ["model", "method", "priority"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.compute = Histogram("odeserve_compute_seconds", "Time from a request's first item joining a batch to its last finishing.",
                                  ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.nfe = Histogram("odeserve_item_nfe", "Function evaluations per item.",
@@ -46,6 +47,15 @@ class Metrics:
                                     "compare with odeserve_item_nfe_sum to see drift.",
                                     ["model", "method"], registry=r)  # fmt: skip
         self.running = Gauge("odeserve_running_items", "Items in the running batch.", ["model"], registry=r)
+        self.preemptions = Counter("odeserve_preemptions_total", "Items parked to give other requests their share of the batch.",
+                                   ["model", "method"], registry=r)  # fmt: skip
+        self.budget_exhausted = Counter("odeserve_budget_exhausted_total",
+                                        "Requests refused or stopped because their NFE budget could not pay for them.",
+                                        ["model"], registry=r)  # fmt: skip
+        self.restarts = Counter("odeserve_worker_restarts_total", "Model workers restarted after a crash.",
+                                ["model"], registry=r)  # fmt: skip
+        self.auto_tol = Histogram("odeserve_auto_tolerance", "Tolerance chosen for auto_tol requests.",
+                                  ["model"], buckets=TOLERANCE_BUCKETS, registry=r)  # fmt: skip
 
         self._stepped: dict[str, set[str]] = {}  # model -> solver methods with batch gauges
 
@@ -57,6 +67,8 @@ class Metrics:
             self.rejected.labels(stats.model, stats.method).inc(stats.rejected)
             self.batch_size.labels(stats.model, stats.method).set(stats.batch_size)
             self.occupancy.labels(stats.model, stats.method).set(stats.batch_size / stats.max_batch)
+            if stats.preempted:
+                self.preemptions.labels(stats.model, stats.method).inc(stats.preempted)
         elif isinstance(stats, ItemStats):
             histogram = self.nfe.labels(stats.model, stats.method)
             for nfe, status in zip(stats.nfe, stats.statuses):
@@ -74,11 +86,18 @@ class Metrics:
             self.requests.labels(stats.model, stats.method, stats.rpc, stats.code).inc()
             self.latency.labels(stats.model, stats.method, stats.rpc).observe(stats.latency_seconds)
             if stats.queue_seconds is not None:
-                self.queue_wait.labels(stats.model, stats.method).observe(stats.queue_seconds)
+                self.queue_wait.labels(stats.model, stats.method, str(stats.priority)).observe(stats.queue_seconds)
+            if stats.auto_tol is not None:
+                self.auto_tol.labels(stats.model).observe(stats.auto_tol)
             if stats.compute_seconds is not None:
                 self.compute.labels(stats.model, stats.method).observe(stats.compute_seconds)
             if stats.expected_nfe is not None:
                 self.expected_nfe.labels(stats.model, stats.method).inc(stats.expected_nfe)
+
+        elif isinstance(stats, RequestEndStats):
+            self.budget_exhausted.labels(stats.model).inc()
+        elif isinstance(stats, WorkerStats):
+            self.restarts.labels(stats.model).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics`` over HTTP; returns the bound port."""

@@ -40,6 +40,11 @@ class ServedModel:
         table = sorted((row["tol"], row["nfe_mean"]) for row in self.card.get("metrics", {}).get("table", ()))
         return [(math.log(tol), math.log(nfe)) for tol, nfe in table]
 
+    @property
+    def card_tolerances(self) -> list[float]:
+        """The tolerances the card's evaluation table measured, tightest first."""
+        return sorted(float(row["tol"]) for row in self.card.get("metrics", {}).get("table", ()))
+
     def expected_nfe(self, method: str, tol: float) -> float | None:
         """The model card's mean NFE per item at ``tol``, the baseline against which served
         NFE is watched for drift (inputs unlike the evaluation set need more steps).

@@ -17,8 +17,17 @@ from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
 from . import wire
 from .config import ServerConfig
-from .engine import Engine, EngineClosed, QueueFull, RequestCancelled, RequestExpired, Result, WorkerRetired
-from .executor import Work
+from .engine import (
+    BudgetExhausted,
+    Engine,
+    EngineClosed,
+    QueueFull,
+    RequestCancelled,
+    RequestExpired,
+    Result,
+    WorkerFailed,
+    WorkerRetired,
+)
 from .models import ServedModel
 from .stats import RequestStats, StatsSink
 
@@ -38,6 +47,8 @@ _ERRORS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (wire.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (wire.NotFound, grpc.StatusCode.NOT_FOUND),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BudgetExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WorkerFailed, grpc.StatusCode.INTERNAL),
     (EngineClosed, grpc.StatusCode.UNAVAILABLE),
     (RequestExpired, grpc.StatusCode.DEADLINE_EXCEEDED),
     (FutureTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -79,11 +90,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         request,
         context: grpc.ServicerContext,
         to_work: Callable,
-        to_response: Callable[[Result, ServedModel], object],
+        to_response: Callable[[Result, ServedModel, str], object],
     ):
         begin = time.perf_counter()
         model_label, method_label = "unknown", "none"
         result: Result | None = None
+        scheduling = None
         code, message = grpc.StatusCode.OK, ""
         try:
             if self.draining.is_set():
@@ -98,8 +110,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     remaining = None
                 if remaining is not None and remaining <= 0:
                     raise RequestExpired()
+                scheduling = wire.scheduling_settings(request.accuracy, request.scheduling, remaining, self.config)
                 try:
-                    engine_request, future = self.engine.submit(model.key, works, timeout=remaining)
+                    engine_request, future = self.engine.submit(model.key, works, timeout=remaining, scheduling=scheduling)
                     break
                 except WorkerRetired:  # reloaded between lookup and submit: the new version takes it
                     if attempt == _SUBMIT_ATTEMPTS - 1 or self.draining.is_set():
@@ -111,7 +124,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             except FutureTimeout:
                 self.engine.cancel(model.key, engine_request)
                 raise
-            response = to_response(result, model)
+            response = to_response(result, model, method_label)
         except Exception as error:  # noqa: BLE001 - mapped to a status below, never swallowed
             code, message = _status_for(error)
             if code is grpc.StatusCode.INTERNAL:
@@ -126,7 +139,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     latency_seconds=time.perf_counter() - begin,
                     queue_seconds=None if result is None else result.queue_seconds,
                     compute_seconds=None if result is None else result.compute_seconds,
-                    expected_nfe=None if result is None else _expected_nfe(model, works),
+                    expected_nfe=None if result is None else _expected_nfe(model, works[0].method, result.rtol, len(works)),
+                    priority=None if scheduling is None else scheduling.priority,
+                    auto_tol=result.rtol if result is not None and scheduling.auto else None,
                 )
             )
         if code is not grpc.StatusCode.OK:
@@ -134,10 +149,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
 
-def _expected_nfe(model: ServedModel, works: list[Work]) -> float | None:
+def _expected_nfe(model: ServedModel, method: str, tol: float, items: int) -> float | None:
     """The card's NFE for a request's items, which share one method and tolerance."""
-    per_item = model.expected_nfe(works[0].method, works[0].rtol)
-    return None if per_item is None else per_item * len(works)
+    per_item = model.expected_nfe(method, tol)
+    return None if per_item is None else per_item * items
 
 
 def _status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
@@ -156,7 +171,7 @@ def _timing(result: Result) -> pb.Timing:
     return pb.Timing(queue_seconds=result.queue_seconds, compute_seconds=result.compute_seconds)
 
 
-def _classify_response(result: Result, model: ServedModel) -> pb.ClassifyResponse:
+def _classify_response(result: Result, model: ServedModel, method: str) -> pb.ClassifyResponse:
     probabilities = result.outputs["probabilities"].astype(np.float32)
     labels = np.where(np.isnan(probabilities).any(1), -1, probabilities.argmax(1))
     return pb.ClassifyResponse(
@@ -165,23 +180,26 @@ def _classify_response(result: Result, model: ServedModel) -> pb.ClassifyRespons
         items=wire.item_stats(result.nfe, result.statuses),
         timing=_timing(result),
         model_version=model.version,
+        solved=wire.solved(result.rtol, result.atol, method, result.preemptions),
     )
 
 
-def _sample_response(result: Result, model: ServedModel) -> pb.SampleResponse:
+def _sample_response(result: Result, model: ServedModel, method: str) -> pb.SampleResponse:
     return pb.SampleResponse(
         points=wire.encode_tensor(result.outputs["points"].astype(np.float32)),
         log_density=wire.encode_tensor(result.outputs["log_density"].astype(np.float32)),
         items=wire.item_stats(result.nfe, result.statuses),
         timing=_timing(result),
         model_version=model.version,
+        solved=wire.solved(result.rtol, result.atol, method, result.preemptions),
     )
 
 
-def _log_density_response(result: Result, model: ServedModel) -> pb.LogDensityResponse:
+def _log_density_response(result: Result, model: ServedModel, method: str) -> pb.LogDensityResponse:
     return pb.LogDensityResponse(
         log_density=wire.encode_tensor(result.outputs["log_density"].astype(np.float32)),
         items=wire.item_stats(result.nfe, result.statuses),
         timing=_timing(result),
         model_version=model.version,
+        solved=wire.solved(result.rtol, result.atol, method, result.preemptions),
     )

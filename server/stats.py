@@ -16,6 +16,7 @@ class StepStats:
     batch_size: int
     max_batch: int
     rejected: int
+    preempted: int = 0  # items parked by the plan of this step
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,22 @@ class ItemStats:
 
 
 @dataclass(frozen=True)
+class RequestEndStats:
+    """A request the engine ended before it finished, for a reason worth counting."""
+
+    model: str
+    reason: str  # "budget_exhausted"
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A model worker's life: ``restart`` after it crashed."""
+
+    model: str
+    event: str
+
+
+@dataclass(frozen=True)
 class RequestStats:
     """One finished RPC, successful or not."""
 
@@ -48,9 +65,11 @@ class RequestStats:
     queue_seconds: float | None = None
     compute_seconds: float | None = None
     expected_nfe: float | None = None  # the model card's NFE for these items, where it has one
+    priority: int | None = None  # the request's priority level, once validated
+    auto_tol: float | None = None  # the tolerance chosen for an ``auto`` request
 
 
-Stats = StepStats | QueueStats | ItemStats | RequestStats
+Stats = StepStats | QueueStats | ItemStats | RequestEndStats | WorkerStats | RequestStats
 
 
 class StatsSink(Protocol):

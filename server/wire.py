@@ -13,6 +13,7 @@ from odeserve.v1 import odeserve_pb2 as pb
 
 from .adapters import CLASSIFY, LOG_DENSITY, SAMPLE
 from .config import ServerConfig
+from .engine import Scheduling
 from .executor import Work
 from .models import ServedModel
 
@@ -67,7 +68,10 @@ def find_model(models: dict[str, ServedModel], name: str, version: str, task: st
 
 
 def accuracy_settings(accuracy: pb.Accuracy, model: ServedModel, config: ServerConfig) -> tuple[float, float, str, int]:
-    """(rtol, atol, method, max_nfe) for a request, with the model's and server's defaults."""
+    """(rtol, atol, method, max_nfe) for a request, with the model's and server's defaults.
+    For ``auto_tol`` the tolerances are the model's default until the engine chooses."""
+    if accuracy.auto_tol:
+        return _auto_settings(accuracy, model, config)
     given = {name: getattr(accuracy, name) for name in ("tol", "rtol", "atol")}
     for name, value in given.items():
         if math.isnan(value) or math.isinf(value):
@@ -89,6 +93,43 @@ def accuracy_settings(accuracy: pb.Accuracy, model: ServedModel, config: ServerC
         raise InvalidArgument(f"accuracy.method must be one of {', '.join(SERVED_METHODS)}, got {accuracy.method!r}")
     max_nfe = min(accuracy.max_nfe or config.max_nfe, config.max_nfe)
     return rtol, atol, method, max_nfe
+
+
+def _auto_settings(accuracy: pb.Accuracy, model: ServedModel, config: ServerConfig) -> tuple[float, float, str, int]:
+    if accuracy.tol or accuracy.rtol or accuracy.atol:
+        raise InvalidArgument("accuracy: auto_tol chooses the tolerance; leave tol, rtol and atol unset")
+    target = accuracy.latency_target_seconds
+    if math.isnan(target) or math.isinf(target) or target < 0:
+        raise InvalidArgument(f"accuracy.latency_target_seconds must be a finite number >= 0, got {target!r}")
+    method = accuracy.method or DEFAULT_METHOD
+    card_method = model.card.get("hyper", {}).get("method")
+    if not auto_tolerances(model, config):
+        raise InvalidArgument(f"accuracy.auto_tol: the card of model {model.name!r} has no NFE table within the "
+                              f"served tolerances [{config.min_tol:g}, {config.max_tol:g}]")  # fmt: skip
+    if method != card_method:
+        raise InvalidArgument(f"accuracy.auto_tol needs the method the model card was measured with ({card_method}), "
+                              f"got {method!r}")  # fmt: skip
+    max_nfe = min(accuracy.max_nfe or config.max_nfe, config.max_nfe)
+    return model.default_tol, model.default_tol, method, max_nfe
+
+
+def auto_tolerances(model: ServedModel, config: ServerConfig) -> list[float]:
+    """The card's evaluated tolerances that requests may be served at, for ``auto_tol``."""
+    return [tol for tol in model.card_tolerances if config.min_tol <= tol <= config.max_tol]
+
+
+def scheduling_settings(accuracy: pb.Accuracy, scheduling: pb.Scheduling, deadline: float | None,
+                        config: ServerConfig) -> Scheduling:  # fmt: skip
+    """The engine's scheduling for a request: priority level, NFE budget, auto tolerance."""
+    priority = scheduling.priority or config.default_priority
+    if priority > config.priority_levels:
+        raise InvalidArgument(f"scheduling.priority must be 0 (the default, {config.default_priority}) or 1 .. "
+                              f"{config.priority_levels}, got {scheduling.priority}")  # fmt: skip
+    budget = min(scheduling.max_total_nfe or config.max_request_nfe, config.max_request_nfe)
+    target = accuracy.latency_target_seconds or None
+    if accuracy.auto_tol and target is None and deadline is None:
+        raise InvalidArgument("accuracy.auto_tol needs latency_target_seconds or a deadline on the call")
+    return Scheduling(priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target)
 
 
 def _count(n: int, field: str, config: ServerConfig) -> None:
@@ -143,12 +184,23 @@ def log_density_work(request: pb.LogDensityRequest, model: ServedModel, config: 
         raise InvalidArgument(f"points must have shape [N, {dim}], got {list(request.points.shape)}")
     _count(points.shape[0], "points", config)
     _finite(points, "points")
+    points = points.astype(np.float32)  # what the model computes in
+    if not np.isfinite(points).all():
+        bad = int(np.argwhere(~np.isfinite(points))[0][0])
+        raise InvalidArgument(f"points: item {bad} is beyond float32's range (about ±3.4e38), which the model computes in")
+    if np.abs(points).max() > config.max_abs_input:
+        bad = int(np.argwhere(np.abs(points) > config.max_abs_input)[0][0])
+        raise InvalidArgument(f"points: coordinates must lie within ±{config.max_abs_input:g} (item {bad})")
     rtol, atol, method, max_nfe = accuracy_settings(request.accuracy, model, config)
-    tensor = torch.from_numpy(points.astype(np.float32))
+    tensor = torch.from_numpy(points)
     return [Work(LOG_DENSITY, row, rtol, atol, method, max_nfe) for row in tensor]
 
 
 # ---- results -> responses ---------------------------------------------------------------------
+def solved(rtol: float, atol: float, method: str, preemptions: int) -> pb.Solved:
+    return pb.Solved(rtol=rtol, atol=atol, method=method, preemptions=preemptions)
+
+
 def item_stats(nfe: list[int], statuses: list[Status]) -> pb.ItemStats:
     return pb.ItemStats(nfe=nfe, status=[int(s) for s in statuses])
 

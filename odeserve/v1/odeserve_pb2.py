@@ -24,43 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aodeserve/v1/odeserve.proto\x12\x0bodeserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"T\n\x08\x41\x63\x63uracy\x12\x0b\n\x03tol\x18\x01 \x01(\x01\x12\x0c\n\x04rtol\x18\x02 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x03 \x01(\x01\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07max_nfe\x18\x05 \x01(\r\"B\n\tItemStats\x12\x0b\n\x03nfe\x18\x01 \x03(\r\x12(\n\x06status\x18\x02 \x03(\x0e\x32\x18.odeserve.v1.SolveStatus\"8\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"\x7f\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12\'\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x0b\x32\x15.odeserve.v1.Accuracy\"\xb1\x01\n\x10\x43lassifyResponse\x12\x0e\n\x06labels\x18\x01 \x03(\x05\x12*\n\rprobabilities\x18\x02 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12%\n\x05items\x18\x03 \x01(\x0b\x32\x16.odeserve.v1.ItemStats\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.odeserve.v1.Timing\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"q\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\'\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x0b\x32\x15.odeserve.v1.Accuracy\"\xc2\x01\n\x0eSampleResponse\x12#\n\x06points\x18\x01 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12(\n\x0blog_density\x18\x02 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12%\n\x05items\x18\x03 \x01(\x0b\x32\x16.odeserve.v1.ItemStats\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.odeserve.v1.Timing\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x81\x01\n\x11LogDensityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06points\x18\x03 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12\'\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x0b\x32\x15.odeserve.v1.Accuracy\"\xa1\x01\n\x12LogDensityResponse\x12(\n\x0blog_density\x18\x01 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12%\n\x05items\x18\x02 \x01(\x0b\x32\x16.odeserve.v1.ItemStats\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.odeserve.v1.Timing\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.odeserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"~\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x11\n\tcard_json\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x61ult_tol\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t*\xbe\x01\n\x0bSolveStatus\x12\x1c\n\x18SOLVE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14SOLVE_STATUS_SUCCESS\x10\x01\x12\x1a\n\x16SOLVE_STATUS_MAX_STEPS\x10\x02\x12\x18\n\x14SOLVE_STATUS_MAX_NFE\x10\x03\x12$\n SOLVE_STATUS_STEP_SIZE_UNDERFLOW\x10\x04\x12\x1b\n\x17SOLVE_STATUS_NON_FINITE\x10\x05\x32\xf7\x02\n\tInference\x12G\n\x08\x43lassify\x12\x1c.odeserve.v1.ClassifyRequest\x1a\x1d.odeserve.v1.ClassifyResponse\x12\x41\n\x06Sample\x12\x1a.odeserve.v1.SampleRequest\x1a\x1b.odeserve.v1.SampleResponse\x12M\n\nLogDensity\x12\x1e.odeserve.v1.LogDensityRequest\x1a\x1f.odeserve.v1.LogDensityResponse\x12M\n\nListModels\x12\x1e.odeserve.v1.ListModelsRequest\x1a\x1f.odeserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.odeserve.v1.GetModelRequest\x1a\x16.odeserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aodeserve/v1/odeserve.proto\x12\x0bodeserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x86\x01\n\x08\x41\x63\x63uracy\x12\x0b\n\x03tol\x18\x01 \x01(\x01\x12\x0c\n\x04rtol\x18\x02 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x03 \x01(\x01\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07max_nfe\x18\x05 \x01(\r\x12\x10\n\x08\x61uto_tol\x18\x06 \x01(\x08\x12\x1e\n\x16latency_target_seconds\x18\x07 \x01(\x01\"5\n\nScheduling\x12\x10\n\x08priority\x18\x01 \x01(\r\x12\x15\n\rmax_total_nfe\x18\x02 \x01(\x04\"I\n\x06Solved\x12\x0c\n\x04rtol\x18\x01 \x01(\x01\x12\x0c\n\x04\x61tol\x18\x02 \x01(\x01\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x13\n\x0bpreemptions\x18\x04 \x01(\r\"B\n\tItemStats\x12\x0b\n\x03nfe\x18\x01 \x03(\r\x12(\n\x06status\x18\x02 \x03(\x0e\x32\x18.odeserve.v1.SolveStatus\"8\n\x06Timing\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\"\xac\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12\'\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x0b\x32\x15.odeserve.v1.Accuracy\x12+\n\nscheduling\x18\x05 \x01(\x0b\x32\x17.odeserve.v1.Scheduling\"\xd6\x01\n\x10\x43lassifyResponse\x12\x0e\n\x06labels\x18\x01 \x03(\x05\x12*\n\rprobabilities\x18\x02 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12%\n\x05items\x18\x03 \x01(\x0b\x32\x16.odeserve.v1.ItemStats\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.odeserve.v1.Timing\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12#\n\x06solved\x18\x06 \x01(\x0b\x32\x13.odeserve.v1.Solved\"\x9e\x01\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\'\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x0b\x32\x15.odeserve.v1.Accuracy\x12+\n\nscheduling\x18\x06 \x01(\x0b\x32\x17.odeserve.v1.Scheduling\"\xe7\x01\n\x0eSampleResponse\x12#\n\x06points\x18\x01 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12(\n\x0blog_density\x18\x02 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12%\n\x05items\x18\x03 \x01(\x0b\x32\x16.odeserve.v1.ItemStats\x12#\n\x06timing\x18\x04 \x01(\x0b\x32\x13.odeserve.v1.Timing\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12#\n\x06solved\x18\x06 \x01(\x0b\x32\x13.odeserve.v1.Solved\"\xae\x01\n\x11LogDensityRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06points\x18\x03 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12\'\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x0b\x32\x15.odeserve.v1.Accuracy\x12+\n\nscheduling\x18\x05 \x01(\x0b\x32\x17.odeserve.v1.Scheduling\"\xc6\x01\n\x12LogDensityResponse\x12(\n\x0blog_density\x18\x01 \x01(\x0b\x32\x13.odeserve.v1.Tensor\x12%\n\x05items\x18\x02 \x01(\x0b\x32\x16.odeserve.v1.ItemStats\x12#\n\x06timing\x18\x03 \x01(\x0b\x32\x13.odeserve.v1.Timing\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12#\n\x06solved\x18\x05 \x01(\x0b\x32\x13.odeserve.v1.Solved\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.odeserve.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"~\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x11\n\tcard_json\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x66\x61ult_tol\x18\x06 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t*\xbe\x01\n\x0bSolveStatus\x12\x1c\n\x18SOLVE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14SOLVE_STATUS_SUCCESS\x10\x01\x12\x1a\n\x16SOLVE_STATUS_MAX_STEPS\x10\x02\x12\x18\n\x14SOLVE_STATUS_MAX_NFE\x10\x03\x12$\n SOLVE_STATUS_STEP_SIZE_UNDERFLOW\x10\x04\x12\x1b\n\x17SOLVE_STATUS_NON_FINITE\x10\x05\x32\xf7\x02\n\tInference\x12G\n\x08\x43lassify\x12\x1c.odeserve.v1.ClassifyRequest\x1a\x1d.odeserve.v1.ClassifyResponse\x12\x41\n\x06Sample\x12\x1a.odeserve.v1.SampleRequest\x1a\x1b.odeserve.v1.SampleResponse\x12M\n\nLogDensity\x12\x1e.odeserve.v1.LogDensityRequest\x1a\x1f.odeserve.v1.LogDensityResponse\x12M\n\nListModels\x12\x1e.odeserve.v1.ListModelsRequest\x1a\x1f.odeserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.odeserve.v1.GetModelRequest\x1a\x16.odeserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'odeserve.v1.odeserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SOLVESTATUS']._serialized_start=1488
-  _globals['_SOLVESTATUS']._serialized_end=1678
+  _globals['_SOLVESTATUS']._serialized_start=1917
+  _globals['_SOLVESTATUS']._serialized_end=2107
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=95
-  _globals['_ACCURACY']._serialized_start=97
-  _globals['_ACCURACY']._serialized_end=181
-  _globals['_ITEMSTATS']._serialized_start=183
-  _globals['_ITEMSTATS']._serialized_end=249
-  _globals['_TIMING']._serialized_start=251
-  _globals['_TIMING']._serialized_end=307
-  _globals['_CLASSIFYREQUEST']._serialized_start=309
-  _globals['_CLASSIFYREQUEST']._serialized_end=436
-  _globals['_CLASSIFYRESPONSE']._serialized_start=439
-  _globals['_CLASSIFYRESPONSE']._serialized_end=616
-  _globals['_SAMPLEREQUEST']._serialized_start=618
-  _globals['_SAMPLEREQUEST']._serialized_end=731
-  _globals['_SAMPLERESPONSE']._serialized_start=734
-  _globals['_SAMPLERESPONSE']._serialized_end=928
-  _globals['_LOGDENSITYREQUEST']._serialized_start=931
-  _globals['_LOGDENSITYREQUEST']._serialized_end=1060
-  _globals['_LOGDENSITYRESPONSE']._serialized_start=1063
-  _globals['_LOGDENSITYRESPONSE']._serialized_end=1224
-  _globals['_LISTMODELSREQUEST']._serialized_start=1226
-  _globals['_LISTMODELSREQUEST']._serialized_end=1245
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1247
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1307
-  _globals['_GETMODELREQUEST']._serialized_start=1309
-  _globals['_GETMODELREQUEST']._serialized_end=1357
-  _globals['_MODELINFO']._serialized_start=1359
-  _globals['_MODELINFO']._serialized_end=1485
-  _globals['_INFERENCE']._serialized_start=1681
-  _globals['_INFERENCE']._serialized_end=2056
+  _globals['_ACCURACY']._serialized_start=98
+  _globals['_ACCURACY']._serialized_end=232
+  _globals['_SCHEDULING']._serialized_start=234
+  _globals['_SCHEDULING']._serialized_end=287
+  _globals['_SOLVED']._serialized_start=289
+  _globals['_SOLVED']._serialized_end=362
+  _globals['_ITEMSTATS']._serialized_start=364
+  _globals['_ITEMSTATS']._serialized_end=430
+  _globals['_TIMING']._serialized_start=432
+  _globals['_TIMING']._serialized_end=488
+  _globals['_CLASSIFYREQUEST']._serialized_start=491
+  _globals['_CLASSIFYREQUEST']._serialized_end=663
+  _globals['_CLASSIFYRESPONSE']._serialized_start=666
+  _globals['_CLASSIFYRESPONSE']._serialized_end=880
+  _globals['_SAMPLEREQUEST']._serialized_start=883
+  _globals['_SAMPLEREQUEST']._serialized_end=1041
+  _globals['_SAMPLERESPONSE']._serialized_start=1044
+  _globals['_SAMPLERESPONSE']._serialized_end=1275
+  _globals['_LOGDENSITYREQUEST']._serialized_start=1278
+  _globals['_LOGDENSITYREQUEST']._serialized_end=1452
+  _globals['_LOGDENSITYRESPONSE']._serialized_start=1455
+  _globals['_LOGDENSITYRESPONSE']._serialized_end=1653
+  _globals['_LISTMODELSREQUEST']._serialized_start=1655
+  _globals['_LISTMODELSREQUEST']._serialized_end=1674
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1676
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1736
+  _globals['_GETMODELREQUEST']._serialized_start=1738
+  _globals['_GETMODELREQUEST']._serialized_end=1786
+  _globals['_MODELINFO']._serialized_start=1788
+  _globals['_MODELINFO']._serialized_end=1914
+  _globals['_INFERENCE']._serialized_start=2110
+  _globals['_INFERENCE']._serialized_end=2485
 # @@protoc_insertion_point(module_scope)

@@ -33,18 +33,42 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Accuracy(_message.Message):
-    __slots__ = ("tol", "rtol", "atol", "method", "max_nfe")
+    __slots__ = ("tol", "rtol", "atol", "method", "max_nfe", "auto_tol", "latency_target_seconds")
     TOL_FIELD_NUMBER: _ClassVar[int]
     RTOL_FIELD_NUMBER: _ClassVar[int]
     ATOL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MAX_NFE_FIELD_NUMBER: _ClassVar[int]
+    AUTO_TOL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_TARGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     tol: float
     rtol: float
     atol: float
     method: str
     max_nfe: int
-    def __init__(self, tol: _Optional[float] = ..., rtol: _Optional[float] = ..., atol: _Optional[float] = ..., method: _Optional[str] = ..., max_nfe: _Optional[int] = ...) -> None: ...
+    auto_tol: bool
+    latency_target_seconds: float
+    def __init__(self, tol: _Optional[float] = ..., rtol: _Optional[float] = ..., atol: _Optional[float] = ..., method: _Optional[str] = ..., max_nfe: _Optional[int] = ..., auto_tol: _Optional[bool] = ..., latency_target_seconds: _Optional[float] = ...) -> None: ...
+
+class Scheduling(_message.Message):
+    __slots__ = ("priority", "max_total_nfe")
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOTAL_NFE_FIELD_NUMBER: _ClassVar[int]
+    priority: int
+    max_total_nfe: int
+    def __init__(self, priority: _Optional[int] = ..., max_total_nfe: _Optional[int] = ...) -> None: ...
+
+class Solved(_message.Message):
+    __slots__ = ("rtol", "atol", "method", "preemptions")
+    RTOL_FIELD_NUMBER: _ClassVar[int]
+    ATOL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    rtol: float
+    atol: float
+    method: str
+    preemptions: int
+    def __init__(self, rtol: _Optional[float] = ..., atol: _Optional[float] = ..., method: _Optional[str] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class ItemStats(_message.Message):
     __slots__ = ("nfe", "status")
@@ -63,82 +87,94 @@ class Timing(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "accuracy")
+    __slots__ = ("model", "version", "images", "accuracy", "scheduling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     images: Tensor
     accuracy: Accuracy
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ...) -> None: ...
+    scheduling: Scheduling
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., scheduling: _Optional[_Union[Scheduling, _Mapping]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("labels", "probabilities", "items", "timing", "model_version")
+    __slots__ = ("labels", "probabilities", "items", "timing", "model_version", "solved")
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOLVED_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.RepeatedScalarFieldContainer[int]
     probabilities: Tensor
     items: ItemStats
     timing: Timing
     model_version: str
-    def __init__(self, labels: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., items: _Optional[_Union[ItemStats, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    solved: Solved
+    def __init__(self, labels: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., items: _Optional[_Union[ItemStats, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model_version: _Optional[str] = ..., solved: _Optional[_Union[Solved, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "version", "n", "seed", "accuracy")
+    __slots__ = ("model", "version", "n", "seed", "accuracy", "scheduling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     n: int
     seed: int
     accuracy: Accuracy
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ...) -> None: ...
+    scheduling: Scheduling
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., scheduling: _Optional[_Union[Scheduling, _Mapping]] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("points", "log_density", "items", "timing", "model_version")
+    __slots__ = ("points", "log_density", "items", "timing", "model_version", "solved")
     POINTS_FIELD_NUMBER: _ClassVar[int]
     LOG_DENSITY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOLVED_FIELD_NUMBER: _ClassVar[int]
     points: Tensor
     log_density: Tensor
     items: ItemStats
     timing: Timing
     model_version: str
-    def __init__(self, points: _Optional[_Union[Tensor, _Mapping]] = ..., log_density: _Optional[_Union[Tensor, _Mapping]] = ..., items: _Optional[_Union[ItemStats, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    solved: Solved
+    def __init__(self, points: _Optional[_Union[Tensor, _Mapping]] = ..., log_density: _Optional[_Union[Tensor, _Mapping]] = ..., items: _Optional[_Union[ItemStats, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model_version: _Optional[str] = ..., solved: _Optional[_Union[Solved, _Mapping]] = ...) -> None: ...
 
 class LogDensityRequest(_message.Message):
-    __slots__ = ("model", "version", "points", "accuracy")
+    __slots__ = ("model", "version", "points", "accuracy", "scheduling")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POINTS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     points: Tensor
     accuracy: Accuracy
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., points: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ...) -> None: ...
+    scheduling: Scheduling
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., points: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[_Union[Accuracy, _Mapping]] = ..., scheduling: _Optional[_Union[Scheduling, _Mapping]] = ...) -> None: ...
 
 class LogDensityResponse(_message.Message):
-    __slots__ = ("log_density", "items", "timing", "model_version")
+    __slots__ = ("log_density", "items", "timing", "model_version", "solved")
     LOG_DENSITY_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOLVED_FIELD_NUMBER: _ClassVar[int]
     log_density: Tensor
     items: ItemStats
     timing: Timing
     model_version: str
-    def __init__(self, log_density: _Optional[_Union[Tensor, _Mapping]] = ..., items: _Optional[_Union[ItemStats, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    solved: Solved
+    def __init__(self, log_density: _Optional[_Union[Tensor, _Mapping]] = ..., items: _Optional[_Union[ItemStats, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model_version: _Optional[str] = ..., solved: _Optional[_Union[Solved, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -9,7 +9,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from live_server import CLASSIFIER, DENSITIES, metric, start_server
+from live_server import CLASSIFIER, DENSITIES, metric, scrape, start_server, value
 
 from client import Client, OdeServeError
 from odeserve.v1 import odeserve_pb2 as pb
@@ -89,7 +89,12 @@ def test_ended_requests_stop_consuming_solver_steps(density_only, tmp_path, endi
                 assert call.cancel()
                 channel.close()
             deadline = time.monotonic() + 30  # the worker drops the items after the step in progress
-            while metric(running.metrics_url, "odeserve_running_items", model=DENSITY) > 0 and time.monotonic() < deadline:
+
+            def ended() -> bool:  # a step was taken, and the batch emptied since
+                samples = scrape(running.metrics_url)
+                return value(samples, steps, model=DENSITY) > 0 and value(samples, "odeserve_running_items", model=DENSITY) == 0
+
+            while not ended() and time.monotonic() < deadline:
                 time.sleep(0.05)
             spent = metric(running.metrics_url, steps, model=DENSITY)
             time.sleep(1.0)

@@ -1,8 +1,28 @@
-"""The scheduler on an injected clock: no torch, no gRPC, no threads."""
+"""The scheduler with a fake executor on an injected clock: no torch, no gRPC, no threads.
+
+Each fake item is an ODE that needs a known number of steps; a step costs ``STEP`` function
+evaluations per row and ``seconds_per_row`` of fake time per row of the batch."""
+
+from __future__ import annotations
 
 import pytest
 
-from server.scheduler import QueueFull, Scheduler
+from server.scheduler import (
+    BudgetExhausted,
+    Cancelled,
+    Candidate,
+    Cost,
+    Expired,
+    Plan,
+    QueueFull,
+    Scheduler,
+    State,
+    StepOutputs,
+    StepTimer,
+)
+
+START, STEP = 2, 6
+COST = Cost(start=START, step=STEP)
 
 
 class FakeClock:
@@ -13,70 +33,321 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+class FakeExecutor:
+    """Rows that finish after ``payload`` steps (an item's payload is its number of steps).
+    Parked rows keep their progress, as solver rows do."""
+
+    def __init__(self, clock: FakeClock, seconds_per_row: float = 0.001) -> None:
+        self.clock, self.seconds_per_row = clock, seconds_per_row
+        self.running: dict[int, list] = {}  # item id -> [steps done, steps needed, nfe]
+        self.parked: dict[int, list] = {}
+        self.batch_sizes: list[int] = []
+
+    def step(self, plan: Plan) -> StepOutputs:
+        for item in plan.drop:
+            self.running.pop(item.id, None) or self.parked.pop(item.id)
+        for item in plan.park:
+            self.parked[item.id] = self.running.pop(item.id)
+        for item in plan.resume:
+            self.running[item.id] = self.parked.pop(item.id)
+        for item in plan.join:
+            self.running[item.id] = [0, item.payload, START]
+        assert len(self.running) == plan.running
+        self.batch_sizes.append(len(self.running))
+        finished = {}
+        for item_id, row in self.running.items():
+            row[0] += 1
+            row[2] += STEP
+            if row[0] == row[1]:
+                finished[item_id] = ("done", row[2])
+        nfe = {item_id: row[2] for item_id, row in self.running.items()}
+        for item_id in finished:
+            del self.running[item_id]
+        self.clock.now += self.seconds_per_row * max(len(nfe), 1)
+        return StepOutputs(nfe=nfe, finished=finished)
 
 
-def test_continuous_fills_free_slots_in_arrival_order(clock):
-    scheduler = Scheduler(max_batch=4, max_queued=100, clock=clock)
-    first, _ = scheduler.submit(["a1", "a2", "a3"])
-    second, _ = scheduler.submit(["b1", "b2"])
-    assert [i.payload for i in scheduler.admit(running=0)] == ["a1", "a2", "a3", "b1"]
-    assert scheduler.admit(running=4) == []
-    assert [i.payload for i in scheduler.admit(running=3)] == ["b2"]
-    assert first.started_at == second.started_at == 100.0
+class Harness:
+    def __init__(self, **settings) -> None:
+        self.clock = FakeClock()
+        self.executor = FakeExecutor(self.clock, settings.pop("seconds_per_row", 0.001))
+        self.scheduler = Scheduler(clock=self.clock, **{"max_batch": 8, "max_queued": 10_000, **settings})
+        self.steps = 0
+        self.ended: list = []
+
+    def submit(self, steps: list[int], **options):
+        options.setdefault("cost", COST)
+        return self.scheduler.submit(steps, **options)
+
+    def step(self) -> Plan:
+        plan = self.scheduler.schedule()
+        self.ended += plan.ended
+        if plan.steps or plan.drop:
+            self.ended += self.scheduler.update(self.executor.step(plan))
+            self.steps += 1
+        return plan
+
+    def run_until(self, request, limit: int = 10_000) -> int:
+        """Steps until ``request`` ends, waiting (on the fake clock) whenever nothing can
+        step; returns how many steps were taken."""
+        begin = self.steps
+        for _ in range(limit):
+            if request.ended:
+                return self.steps - begin
+            plan = self.step()
+            if not plan.steps:
+                self.clock.now += plan.wake_after or 0.001
+        raise AssertionError("the request never ended")
 
 
-def test_queue_overflow_is_refused_at_once_and_queues_nothing(clock):
-    scheduler = Scheduler(max_batch=2, max_queued=3, clock=clock)
-    scheduler.submit(["a", "b"])
+# ---- continuous batching, first come first served ------------------------------------------
+def test_fifo_fills_free_slots_in_arrival_order_and_never_preempts():
+    h = Harness(max_batch=4, policy="fifo")
+    first = h.submit([5, 5, 5])
+    second = h.submit([5, 5])
+    plan = h.step()
+    assert [i.payload for i in plan.join] == [5, 5, 5, 5]
+    assert [i.request for i in plan.join] == [first] * 3 + [second]
+    late = h.submit([1])
+    assert h.step().join == [] and not plan.park
+    assert h.run_until(first) == 3  # steps 3..5 of its items
+    h.run_until(late)
+    assert late.started_at > first.started_at
+    assert first.preemptions == second.preemptions == 0
+
+
+def test_queue_overflow_is_refused_at_once_and_queues_nothing():
+    h = Harness(max_batch=2, max_queued=3)
+    h.submit([1, 1])
     with pytest.raises(QueueFull, match="2 items queued; 2 more would exceed the limit of 3"):
-        scheduler.submit(["c", "d"])
-    assert scheduler.queued == 2
-    scheduler.submit(["c"])
-    assert scheduler.queued == 3
+        h.submit([1, 1])
+    assert h.scheduler.queued == 2
+    h.submit([1])
+    assert h.scheduler.queued == 3
 
 
-def test_static_waits_for_a_full_batch_or_the_delay(clock):
-    scheduler = Scheduler(max_batch=3, max_queued=100, mode="static", max_delay=0.010, clock=clock)
-    scheduler.submit(["a"])
-    assert scheduler.admit(running=0) == []
-    assert scheduler.wake_after() == pytest.approx(0.010)
-    clock.now += 0.004
-    scheduler.submit(["b"])
-    assert scheduler.admit(running=0) == []
-    clock.now += 0.006  # the oldest item has now waited max_delay
-    assert [i.payload for i in scheduler.admit(running=0)] == ["a", "b"]
+# ---- static batching ---------------------------------------------------------------------------
+def test_static_waits_for_a_full_batch_or_the_delay():
+    h = Harness(max_batch=3, policy="static", max_delay=0.010)
+    h.submit([1])
+    plan = h.step()
+    assert not plan.steps and plan.wake_after == pytest.approx(0.010)
+    h.clock.now += 0.004
+    h.submit([1])
+    assert not h.step().steps
+    h.clock.now += 0.006  # the oldest item has now waited max_delay
+    assert len(h.step().join) == 2
 
 
-def test_static_starts_a_full_batch_at_once_but_never_joins_a_running_one(clock):
-    scheduler = Scheduler(max_batch=2, max_queued=100, mode="static", max_delay=10.0, clock=clock)
-    scheduler.submit(["a", "b", "c"])
-    assert [i.payload for i in scheduler.admit(running=0)] == ["a", "b"]
-    clock.now += 60
-    assert scheduler.admit(running=1) == []  # "c" waits for the running batch to finish
-    assert [i.payload for i in scheduler.admit(running=0)] == ["c"]
+def test_static_runs_a_batch_to_its_end_and_hands_its_requests_back_together():
+    h = Harness(max_batch=2, policy="static", max_delay=10.0)
+    quick, slow = h.submit([1]), h.submit([3])
+    late = h.submit([1])
+    h.step()
+    assert quick.state is State.FINISHED and h.ended == []  # held until the batch ends
+    h.step()
+    assert h.ended == []
+    h.step()
+    assert h.ended == [quick, slow] and late.state is State.WAITING
+    h.run_until(late)
+    assert late.started_at >= slow.finished_at
 
 
-def test_cancelled_and_expired_requests_leave_queue_and_batch(clock):
-    scheduler = Scheduler(max_batch=10, max_queued=100, clock=clock)
-    cancelled, _ = scheduler.submit(["x1", "x2"])
-    expiring, _ = scheduler.submit(["y1"], deadline=clock.now + 1.0)
-    kept, _ = scheduler.submit(["z1"])
-    running = scheduler.admit(running=0)
-    scheduler.submit(["w1"])
-    late, _ = scheduler.submit(["v1"], deadline=clock.now + 0.5)
-    scheduler.cancel(cancelled)
-    clock.now += 2.0
-    assert sorted(i.payload for i in scheduler.dropped(running)) == ["x1", "x2", "y1"]
-    assert [i.payload for i in scheduler.purge()] == ["v1"]
-    assert [i.payload for i in scheduler.admit(running=1)] == ["w1"]
-    assert not kept.expired(clock.now) and expiring.expired(clock.now) and late.expired(clock.now)
+# ---- cancellation and deadlines ------------------------------------------------------------------
+def test_cancelled_and_expired_requests_leave_queue_and_batch_at_the_next_step():
+    h = Harness(max_batch=10)
+    cancelled = h.submit([50, 50])
+    expiring = h.submit([50], deadline=h.clock.now + 1.0)
+    kept = h.submit([50])
+    h.step()
+    late = h.submit([50], deadline=h.clock.now + 0.5)
+    h.scheduler.cancel(cancelled)
+    h.clock.now += 2.0
+    plan = h.step()
+    assert sorted(i.request.id for i in plan.drop) == sorted([cancelled.id, cancelled.id, expiring.id])
+    assert cancelled.state is State.CANCELLED and isinstance(cancelled.error, Cancelled)
+    assert expiring.state is State.EXPIRED and late.state is State.EXPIRED and isinstance(late.error, Expired)
+    assert all(i.state is State.CANCELLED for i in cancelled.items)
+    assert kept.state is State.RUNNING and set(h.executor.running) == {kept.items[0].id}
 
 
-def test_invalid_settings_are_refused(clock):
-    with pytest.raises(ValueError, match="batching mode"):
-        Scheduler(max_batch=1, max_queued=1, mode="dynamic", clock=clock)
+def test_a_request_that_cannot_meet_its_deadline_leaves_early():
+    h = Harness(max_batch=8, seconds_per_row=0.010)  # a step of 4 rows: 40 ms
+    background = h.submit([1000] * 4)
+    for _ in range(20):  # the timer learns the step time
+        h.step()
+    expensive = Cost(START, STEP, expected=START + 100 * STEP)  # the card says ~100 steps, 4 s here
+    doomed = h.submit([100], cost=expensive, deadline=h.clock.now + 1.0)
+    h.step()
+    assert doomed.state is State.EXPIRED and "cannot finish by its deadline" in str(doomed.error)
+    assert h.clock.now < doomed.deadline  # it left long before its deadline
+    feasible = h.submit([10], cost=Cost(START, STEP, expected=START + 10 * STEP), deadline=h.clock.now + 1.0)
+    h.run_until(feasible)
+    assert feasible.state is State.FINISHED and background.state is State.RUNNING
+
+
+# ---- fair share and preemption -----------------------------------------------------------------
+def test_a_small_request_preempts_a_big_one_for_its_share_and_the_big_one_resumes():
+    h = Harness(max_batch=8)
+    big = h.submit([40] * 32)
+    for _ in range(3):
+        h.step()
+    small = h.submit([3])
+    plan = h.step()
+    assert [i.request for i in plan.join] == [small] and [i.request for i in plan.park] == [big]
+    assert h.run_until(small) == 2  # its 3 steps, the first taken in the step it joined
+    plan = h.step()
+    assert [i.request for i in plan.resume] == [big] and big.preemptions == 1
+    h.run_until(big)
+    assert big.state is State.FINISHED and all(i.nfe == START + 40 * STEP for i in big.items)
+    assert max(h.executor.batch_sizes) == 8
+
+
+def test_shares_are_max_min_fair_with_remainders_to_the_earliest_deadline():
+    h = Harness(max_batch=10)
+    a = h.submit([100] * 2)  # needs less than a third: gets all it asks for
+    b = h.submit([100] * 20)
+    c = h.submit([100] * 20, deadline=h.clock.now + 1000)
+    h.step()
+    running = {r.id: sum(1 for i in r.items if i.state is State.RUNNING) for r in (a, b, c)}
+    assert running == {a.id: 2, b.id: 4, c.id: 4}
+    d = h.submit([100] * 20, deadline=h.clock.now + 500)
+    h.step()
+    running = {r.id: sum(1 for i in r.items if i.state is State.RUNNING) for r in (a, b, c, d)}
+    assert running == {a.id: 2, b.id: 2, c.id: 3, d.id: 3}  # 8 slots over three: 3, 3, 2 by deadline
+    assert sum(running.values()) == 10
+
+
+def test_a_hostile_request_gets_only_its_share():
+    """1,024 expensive items (each stopping only at its NFE limit) beside a one-item request."""
+    h = Harness(max_batch=256)
+    hostile = h.submit([10_000 // STEP] * 1024)
+    for _ in range(5):
+        h.step()
+    sample = h.submit([4])
+    assert h.run_until(sample) == 4
+    assert hostile.state is State.RUNNING
+
+
+def test_fair_share_does_not_churn_when_many_single_item_requests_arrive():
+    h = Harness(max_batch=4)
+    requests = [h.submit([5]) for _ in range(6)]
+    plan = h.step()
+    assert [i.request for i in plan.join] == requests[:4]
+    parked = 0
+    while not all(r.ended for r in requests):
+        parked += len(h.step().park)
+    assert parked == 0  # requests of one item each run to the end once admitted
+
+
+def test_preempted_items_keep_their_progress_and_nfe():
+    h = Harness(max_batch=2)
+    big = h.submit([6, 6])
+    h.step()
+    h.step()
+    small = h.submit([2])
+    h.run_until(small)
+    h.run_until(big)
+    assert big.preemptions == 1
+    assert [i.nfe for i in big.items] == [START + 6 * STEP] * 2  # exactly 6 steps each, parked or not
+    assert big.nfe == sum(i.nfe for i in big.items)
+
+
+# ---- priorities ---------------------------------------------------------------------------------
+def test_an_urgent_level_takes_its_slots_first_and_lower_levels_share_the_rest():
+    h = Harness(max_batch=6, default_priority=2)
+    normal = h.submit([50] * 6)
+    h.step()
+    urgent = h.submit([5] * 4, priority=1)
+    background = h.submit([5] * 4, priority=3)
+    plan = h.step()
+    assert {i.request.id for i in plan.join} == {urgent.id}
+    assert sum(1 for i in normal.items if i.state is State.RUNNING) == 2
+    h.run_until(urgent)
+    assert background.state is State.WAITING  # the default level still fills the batch
+    h.run_until(normal)
+    h.run_until(background)
+    assert urgent.finished_at < normal.finished_at < background.finished_at
+
+
+# ---- budgets ----------------------------------------------------------------------------------
+def test_a_budget_too_small_to_start_is_refused_at_once():
+    h = Harness()
+    with pytest.raises(BudgetExhausted, match="budget of 20 cannot pay for 4 items"):
+        h.submit([3] * 4, budget=20)
+    assert h.scheduler.queued == 0
+
+
+def test_a_request_stops_before_a_step_would_exceed_its_budget():
+    h = Harness(max_batch=5)
+    budget = 4 * START + 4 * STEP * 5 + 3  # five steps for its four items, not six
+    greedy = h.submit([50] * 4, budget=budget)
+    other = h.submit([8])
+    h.run_until(greedy)
+    assert greedy.state is State.FAILED and isinstance(greedy.error, BudgetExhausted)
+    assert greedy.nfe <= budget and greedy.nfe == 4 * (START + 5 * STEP)
+    assert "budget of 131 is spent" in str(greedy.error)
+    h.run_until(other)
+    assert other.state is State.FINISHED and not h.executor.running and not h.executor.parked
+
+
+# ---- load-adaptive tolerance ------------------------------------------------------------------
+CANDIDATES = [Candidate(1e-4, Cost(START, STEP, START + 40 * STEP)),
+              Candidate(1e-2, Cost(START, STEP, START + 10 * STEP)),
+              Candidate(1e-1, Cost(START, STEP, START + 3 * STEP))]  # fmt: skip
+
+
+def test_auto_picks_the_tightest_tolerance_predicted_to_meet_the_target_and_loosens_under_load():
+    h = Harness(max_batch=64, seconds_per_row=0.001)
+    for _ in range(5):
+        h.run_until(h.submit([2]))  # the timer learns: 1 ms per row
+    idle = h.submit([40], candidates=CANDIDATES, latency_target=0.5)
+    assert idle.tol == 1e-4 and idle.cost.expected == START + 40 * STEP
+    h.run_until(idle)
+    crowd = h.submit([10_000] * 60)
+    for _ in range(30):
+        h.step()
+    assert h.scheduler.timer.predict(61) == pytest.approx(0.061, rel=0.05)
+    loaded = h.submit([10], candidates=CANDIDATES, latency_target=0.7)
+    assert loaded.tol == 1e-2  # 40 steps of 61 ms would take 2.4 s; 10 steps take 0.61 s
+    hopeless = h.submit([3], candidates=CANDIDATES, latency_target=0.01)
+    assert hopeless.tol == 1e-1  # nothing meets 10 ms: the loosest
+    assert crowd.state is State.RUNNING
+
+
+def test_auto_without_a_target_or_deadline_takes_the_tightest():
+    h = Harness()
+    assert h.submit([1], candidates=CANDIDATES).tol == 1e-4
+
+
+# ---- crashes --------------------------------------------------------------------------------------
+def test_fail_started_fails_what_was_in_the_batch_and_keeps_the_waiting():
+    h = Harness(max_batch=2, policy="fifo")
+    running = h.submit([5, 5])
+    waiting = h.submit([5])
+    h.step()
+    failed = h.scheduler.fail_started(RuntimeError("boom"))
+    assert failed == [running] and running.state is State.FAILED
+    assert waiting.state is State.WAITING
+    h.executor = FakeExecutor(h.clock)
+    h.run_until(waiting)
+    assert waiting.state is State.FINISHED
+
+
+# ---- the step timer -----------------------------------------------------------------------------
+def test_the_step_timer_fits_overhead_and_per_row_cost():
+    timer = StepTimer()
+    assert timer.predict(10) == 0.0
+    for batch in (1, 8, 64, 1, 8, 64):
+        timer.observe(batch, 0.002 + 0.0005 * batch)
+    assert timer.predict(32) == pytest.approx(0.002 + 0.0005 * 32, rel=1e-6)
+    single = StepTimer()
+    single.observe(10, 0.02)
+    assert single.predict(20) == pytest.approx(0.04)
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Scheduler(max_batch=1, max_queued=1, policy="dynamic")
     with pytest.raises(ValueError, match=">= 1"):
-        Scheduler(max_batch=0, max_queued=1, clock=clock)
+        Scheduler(max_batch=0, max_queued=1)
