@@ -11,12 +11,14 @@ failed. The server's resident memory is read at the start (after warm-up) and at
 
     python bench/soak.py --data-dir ../shared/data                  # >= 20,000 requests, 64 clients
     python bench/soak.py --data-dir ../shared/data --duration 600   # the 10-minute soak
+    python bench/soak.py --data-dir ../shared/data --clients 32 --max-images 256 --duration 300 --name soak_cpu_mixed
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -83,23 +85,25 @@ def allowed(tol: float) -> float:
     return min(0.05, 20 * tol)
 
 
-def build_pool(checkpoints: Path, data_dir: Path, size: int, seed: int) -> list[Case]:
+def build_pool(checkpoints: Path, data_dir: Path, size: int, seed: int, max_images: int = 2) -> list[Case]:
     """``size`` cases of each RPC, with references computed in this process (per-sample
-    solves, so each item's reference is what it gives alone)."""
+    solves, so each item's reference is what it gives alone). Classify cases hold one or two
+    images, or with ``max_images`` above 2, 1 to ``max_images`` (log-uniform)."""
     import torch
 
     from neuralode.checkpoint import load_checkpoint
     from training.data import load_mnist
 
     rng = np.random.default_rng(seed)
-    images = load_mnist(data_dir, train=False, download=False).images[: 2 * size, 0].numpy()
+    images = load_mnist(data_dir, train=False, download=False).images[:, 0].numpy()
     classifier = load_checkpoint(checkpoints / f"{CLASSIFIER}.pt").model
     densities = {name: load_checkpoint(checkpoints / f"{name}.pt").model for name in DENSITIES}
     pool = []
     with torch.no_grad():
         for i in range(size):
             tol = TOLERANCES[i % len(TOLERANCES)]
-            batch = images[2 * i : 2 * i + 1 + i % 2]  # one or two images
+            count = 1 + i % 2 if max_images <= 2 else min(max_images, int(np.exp(rng.uniform(0, np.log(max_images + 1)))))
+            batch = images[rng.choice(len(images), count, replace=False)]
             logits, solution = classifier(torch.from_numpy(batch[:, None]).float() / 255, rtol=tol, atol=tol)
             expected = {"probabilities": torch.softmax(logits, 1).numpy(), "nfe": solution.nfe.numpy()}
             pool.append(Case("classify", CLASSIFIER, tol, batch, expected))
@@ -117,11 +121,12 @@ def build_pool(checkpoints: Path, data_dir: Path, size: int, seed: int) -> list[
     return pool
 
 
-def resident_mb(pid: int) -> float:
+def resident_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory now (``VmRSS``) or at its peak (``VmHWM``), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
 
 
 def run_load(target: str, pool: list[Case], clients: int, requests: int, duration: float, seed: int,
@@ -205,6 +210,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000, help="at least this many requests")
     parser.add_argument("--duration", type=float, default=0.0, help="and at least this many seconds")
     parser.add_argument("--pool", type=int, default=48, help="cases per RPC")
+    parser.add_argument("--max-images", type=int, default=2, help="largest Classify case (above 2: sizes log-uniform from 1)")
     parser.add_argument("--warmup", type=int, default=500, help="requests before the start RSS is read")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -213,7 +219,7 @@ def main() -> None:
 
     from conftest import start_server
 
-    pool = build_pool(args.checkpoints, args.data_dir, args.pool, args.seed)
+    pool = build_pool(args.checkpoints, args.data_dir, args.pool, args.seed, args.max_images)
     workdir = ROOT / "runs" / "soak"
     workdir.mkdir(parents=True, exist_ok=True)
     server = start_server(args.checkpoints, workdir)
@@ -231,15 +237,17 @@ def main() -> None:
 
         summary = run_load(server.target, pool, args.clients, args.requests, args.duration, args.seed, progress)
         rss.append((summary["seconds"], resident_mb(server.process.pid)))
+        peak_mb = resident_mb(server.process.pid, "VmHWM")
     finally:
         exit_code = server.stop()
     start_mb, end_mb = rss[0][1], rss[-1][1]
     report = {
         "benchmark": "soak",
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} threads",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "device": "cpu",
         "date": time.strftime("%Y-%m-%d"),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
+        "settings": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "pool": {"cases": len(pool), "tolerances": TOLERANCES, "exact": EXACT,
                  "allowed_deviation": {str(tol): allowed(tol) for tol in TOLERANCES}},  # fmt: skip
         "warmup": {k: warm[k] for k in ("requests", "lost", "wrong")},
@@ -247,6 +255,7 @@ def main() -> None:
         "rss_mb_start": round(start_mb, 1),
         "rss_mb_end": round(end_mb, 1),
         "rss_growth_percent": round(100 * (end_mb - start_mb) / start_mb, 1),
+        "rss_mb_peak": round(peak_mb, 1),
         "rss_trace_mb": rss,
         "server_exit_code": exit_code,
     }
@@ -259,7 +268,8 @@ def main() -> None:
           f"largest deviation by tol {report['max_deviation_by_tol']}")  # fmt: skip
     for example in report["wrong_examples"]:
         print("  wrong:", example)
-    print(f"server RSS {start_mb:.0f} MB at start, {end_mb:.0f} MB at end ({report['rss_growth_percent']:+.1f}%), exit code {exit_code}")
+    print(f"server RSS {start_mb:.0f} MB at start, {end_mb:.0f} MB at end ({report['rss_growth_percent']:+.1f}%), "
+          f"peak {peak_mb:.0f} MB, exit code {exit_code}")  # fmt: skip
     name = args.name or ("soak_cpu" if args.duration == 0 else f"soak_cpu_{int(args.duration)}s")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")

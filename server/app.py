@@ -1,37 +1,40 @@
-"""Wiring and lifecycle: load checkpoints, start the engine, gRPC (with health, reflection,
-TLS and token auth) and /metrics; reload checkpoints on SIGHUP; drain gracefully on SIGTERM."""
+"""Wiring and lifecycle: load checkpoints, start the engine, the asyncio gRPC front end (with
+health, reflection, TLS and token auth) and /metrics; reload checkpoints on SIGHUP; drain
+gracefully on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
-import threading
 import time
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from neuralode.devices import resolve_device
-from odeserve.v1 import odeserve_pb2 as pb
-from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
-from .auth import TokenAuth, accepted_tokens, server_credentials
 from .config import ServerConfig, parse_config
 from .engine import Engine
+from .frontend import Frontend
 from .metrics import Metrics
 from .models import ServedModel, load_models
-from .servicer import InferenceServicer
-from .wire import auto_tolerances
+from .service import InferenceService
+from .v1 import SERVICE as V1_SERVICE
+from .v1 import V1
+from .validation import auto_tolerances
 
 log = logging.getLogger("server")
 
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
 
 class Server:
-    """A running odeserve: ``start()``, ``reload()`` the checkpoints at will, then ``stop()``
-    (``main`` wires these to the process start, SIGHUP and SIGTERM)."""
+    """A running odeserve: ``await start()``, ``await reload()`` the checkpoints at will, then
+    ``await stop()`` (``main`` wires these to the process start, SIGHUP and SIGTERM)."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -40,7 +43,8 @@ class Server:
         if not self.models:
             log.warning("no servable checkpoints in %s", config.checkpoints)
         self.metrics = Metrics()
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = health_aio.HealthServicer()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.engine = Engine(
             self.device,
             max_batch=config.max_batch,
@@ -53,122 +57,117 @@ class Server:
         )
         for model in self.models.values():
             self._add_worker(model)
-        self.servicer = InferenceServicer(self.models, self.engine, config, self.metrics)
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
-        if config.max_connection_age_s > 0:  # a GOAWAY after this; calls in flight get the grace period to finish
-            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                        ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]  # fmt: skip
+        self.service = InferenceService(self.models, self.engine, config)
+        self.v1 = V1(self.service)
         try:
-            tokens, credentials = accepted_tokens(config), server_credentials(config)
+            self.frontend = Frontend(config, self.service, self.v1.rpcs(), self.metrics, self._standard_services)
         except OSError as error:
             raise SystemExit(f"cannot read {error.filename}: {error.strerror}") from None
-        interceptors = [TokenAuth(tokens, self.metrics)] if tokens else []
-        executor = futures.ThreadPoolExecutor(config.grpc_threads, thread_name_prefix="rpc")
-        self.grpc = grpc.server(executor, options=options, interceptors=interceptors)
-        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        service_names = (
-            pb.DESCRIPTOR.services_by_name["Inference"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(service_names, self.grpc)
         address = f"{config.host}:{config.port}"
-        if credentials is None:
-            self.port = self.grpc.add_insecure_port(address)
-        else:
-            self.port = self.grpc.add_secure_port(address, credentials)
+        self.port = self.frontend.listen(address)
         if self.port == 0:
             raise SystemExit(f"cannot listen on {address}")
-        self.security = ("mutual TLS" if config.tls_client_ca else "TLS" if credentials else "plaintext") + (
-            f", {len(tokens)} bearer token(s)" if tokens else ""
-        )
-        self._reload_lock = threading.Lock()
+        security = "mutual TLS" if config.tls_client_ca else "TLS" if self.frontend.credentials else "plaintext"
+        self.security = security + (f", {self.frontend.tokens} bearer token(s)" if self.frontend.tokens else "")
         self.metrics_port: int | None = None
-        self._stopped = threading.Event()
+        self._metrics_server: asyncio.Server | None = None
+        self._reload_lock = asyncio.Lock()
+        self._stopped = False
+
+    def _standard_services(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (V1_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
 
     def _add_worker(self, model: ServedModel) -> None:
         self.engine.add(model.key, model.adapter, label=model.name, expected_nfe=model.expected_nfe,
                         tolerances=auto_tolerances(model, self.config))  # fmt: skip
 
     def _model_health(self, name: str, serving: bool) -> None:
-        """A model's worker is recovering from a crash (``serving=False``) or back."""
-        if name in self.models:
-            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            self.health.set(name, status)
+        """From a worker thread: its model is recovering from a crash, or back."""
+        if self.loop is not None and name in self.models:
+            asyncio.run_coroutine_threadsafe(self.health.set(name, SERVING if serving else NOT_SERVING), self.loop)
 
-    def start(self) -> None:
-        self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
-        self.grpc.start()
-        serving = health_pb2.HealthCheckResponse.SERVING
-        self.health.set("", serving)
-        self.health.set(pb.DESCRIPTOR.services_by_name["Inference"].full_name, serving)
-        for name in self.models:
-            self.health.set(name, serving)
-        log.info("serving %d models on %s:%d (gRPC, %s), metrics on %s:%d", len(self.models), self.config.host, self.port,
-                 self.security, self.config.metrics_host, self.metrics_port)  # fmt: skip
-        print(f"odeserve ready grpc={self.config.host}:{self.port} metrics={self.config.metrics_host}:{self.metrics_port}",
-              flush=True)  # fmt: skip
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        config = self.config
+        self._metrics_server = await self.metrics.serve(config.metrics_host, config.metrics_port,
+                                                        max_connections=config.metrics_max_connections,
+                                                        read_timeout=config.metrics_read_timeout_s)  # fmt: skip
+        self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+        await self.frontend.server.start()
+        for name in ("", V1_SERVICE, *self.models):
+            await self.health.set(name, SERVING)
+        log.info("serving %d models on %s:%d (gRPC, %s), metrics on %s:%d", len(self.models), config.host, self.port,
+                 self.security, config.metrics_host, self.metrics_port)  # fmt: skip
+        print(f"odeserve ready grpc={config.host}:{self.port} metrics={config.metrics_host}:{self.metrics_port}", flush=True)
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
         """Re-read the checkpoints folder without downtime: new and changed files get new
         workers, requests already accepted finish on the weights they started with, and a
         file that no longer loads keeps its previous version serving."""
-        with self._reload_lock:
+        async with self._reload_lock:
             old = self.models
-            fresh = load_models(self.config.checkpoints, self.device, previous=old)
+            fresh = await asyncio.to_thread(load_models, self.config.checkpoints, self.device, previous=old)
             for model in fresh.values():
                 if old.get(model.name) is not model:
                     self._add_worker(model)
-            self.models = self.servicer.models = fresh
+            self.models = self.service.models = fresh
             for model in old.values():
                 if fresh.get(model.name) is not model:
                     self.engine.retire(model.key)
-            serving, gone = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
             for name in fresh:
-                self.health.set(name, serving)
+                await self.health.set(name, SERVING)
             for name in old.keys() - fresh.keys():
-                self.health.set(name, gone)
+                await self.health.set(name, NOT_SERVING)
             changed = sorted(name for name in fresh if old.get(name) is not fresh[name])
             log.info("reloaded %s: %d models, new or changed: %s, removed: %s", self.config.checkpoints, len(fresh),
                      ", ".join(changed) or "none", ", ".join(sorted(old.keys() - fresh.keys())) or "none")  # fmt: skip
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Drain: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish within the
         grace period; then close."""
-        if self._stopped.is_set():
+        if self._stopped:
             return
+        self._stopped = True
         grace = self.config.grace_seconds
         log.info("draining (grace %.0f s)", grace)
-        self.health.enter_graceful_shutdown()
-        self.servicer.draining.set()
+        await self.health.enter_graceful_shutdown()
+        self.service.draining = True
         end = time.monotonic() + grace
         while not self.engine.idle and time.monotonic() < end:
-            time.sleep(0.02)
-        self.engine.close(timeout=max(0.0, end - time.monotonic()))
-        self.grpc.stop(grace=max(0.0, end - time.monotonic())).wait()
-        self._stopped.set()
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(self.engine.close, max(0.0, end - time.monotonic()))
+        await self.frontend.server.stop(max(0.0, end - time.monotonic()))
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> None:
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await server.start()
+    await stop.wait()
+    await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log.info("settings: %s", config.as_dict())
-    server = Server(config)
-    stop, reload = threading.Event(), threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
-    server.start()
-    while not stop.wait(0.2):
-        if reload.is_set():
-            reload.clear()
-            server.reload()
-    server.stop()
+    asyncio.run(serve(config))
     return 0
 
 

@@ -33,7 +33,16 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     grace_seconds: float = 20.0
     max_connection_age_s: float = 0.0
-    grpc_threads: int = 128
+    max_concurrent_rpcs: int = 4096
+    max_concurrent_streams: int = 256
+    request_read_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_client_ping_interval_s: float = 10.0
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    metrics_max_connections: int = 256
+    metrics_read_timeout_s: float = 5.0
     log_level: str = "INFO"
     tls_cert: str = ""
     tls_key: str = ""
@@ -52,13 +61,17 @@ class ServerConfig:
         if not self.max_abs_input > 0:
             problems.append("max_abs_input must be > 0")
         for name in ("max_batch", "max_queued_items", "max_items_per_request", "max_nfe", "max_request_nfe",
-                     "max_message_bytes", "grpc_threads"):  # fmt: skip
+                     "max_message_bytes", "max_concurrent_rpcs", "max_concurrent_streams", "max_inflight_bytes",
+                     "metrics_max_connections"):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if not 0 < self.min_tol <= self.max_tol:
             problems.append("need 0 < min_tol <= max_tol")
         if self.max_delay_ms < 0 or self.grace_seconds < 0 or self.max_connection_age_s < 0:
             problems.append("max_delay_ms, grace_seconds and max_connection_age_s must be >= 0")
+        timeouts = ("request_read_timeout_s", "handshake_timeout_s", "keepalive_time_s", "keepalive_timeout_s",
+                    "min_client_ping_interval_s", "metrics_read_timeout_s")  # fmt: skip
+        problems += [f"{name} must be > 0" for name in timeouts if not getattr(self, name) > 0]
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -97,7 +110,16 @@ _HELP = {
     "max_message_bytes": "largest gRPC message accepted or sent",
     "grace_seconds": "on SIGTERM, how long in-flight requests may take to finish",
     "max_connection_age_s": "close client connections after this long (0: never), so clients of scaled-out replicas reconnect and rebalance",
-    "grpc_threads": "request handler threads (concurrent in-flight requests)",
+    "max_concurrent_rpcs": "calls the server holds at once, over all connections (beyond: RESOURCE_EXHAUSTED)",
+    "max_concurrent_streams": "calls one client connection may have open at once (HTTP/2 streams)",
+    "request_read_timeout_s": "a call must send its request message within this, or the server ends it",
+    "handshake_timeout_s": "a new connection must finish its HTTP/2 (and TLS) handshake within this",
+    "keepalive_time_s": "the server pings a connection idle this long, to find dead peers",
+    "keepalive_timeout_s": "a connection whose keepalive ping is unanswered this long is closed",
+    "min_client_ping_interval_s": "clients pinging more often than this without calls are disconnected",
+    "max_inflight_bytes": "bytes of requests in flight (messages, decoded inputs, solver state); beyond: RESOURCE_EXHAUSTED",
+    "metrics_max_connections": "connections the /metrics endpoint serves at once (more are closed at once)",
+    "metrics_read_timeout_s": "a /metrics client must send its request within this",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tls_cert": "PEM certificate chain: serve gRPC over TLS",
     "tls_key": "PEM private key for tls_cert",

@@ -21,6 +21,7 @@ from neuralode.solvers.stepper import Norm
 from neuralode.solvers.tableau import get_method
 
 from .adapters import Adapter
+from .api import Kind
 from .scheduler import Cost, Item, Plan, StepOutputs
 
 _RUNNING = int(Status.RUNNING)
@@ -28,15 +29,14 @@ _RUNNING = int(Status.RUNNING)
 
 @dataclass(frozen=True)
 class Work:
-    """What one item asks for. ``inputs`` is the item's raw input row (on the CPU)."""
+    """What one item asks for. ``inputs`` is its row as the adapter prepared it (on the CPU)."""
 
-    kind: str
+    kind: Kind
     inputs: Tensor
     rtol: float
     atol: float
     method: str
     max_nfe: int
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def step_cost(method: str) -> Cost:
 @dataclass(frozen=True)
 class _Parked:
     method: str
-    kind: str
+    kind: Kind
     row: SolverState
 
 
@@ -87,13 +87,13 @@ class _Group:
         self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
         self.state: SolverState | None = None
         self.ids: list[int] = []
-        self.kinds: list[str] = []
+        self.kinds: list[Kind] = []
 
     @property
     def size(self) -> int:
         return len(self.ids)
 
-    def add(self, state: SolverState, ids: list[int], kinds: list[str]) -> None:
+    def add(self, state: SolverState, ids: list[int], kinds: list[Kind]) -> None:
         self.state = state if self.state is None else SolverState.cat([self.state, state])
         self.ids += ids
         self.kinds += kinds
@@ -188,7 +188,7 @@ class Executor:
         """Start the ODEs of new items: their initial evaluations run now, on them alone.
         Items whose start already ends their solve (a non-finite f, a budget too small to
         start) leave at once."""
-        by_group: dict[tuple[str, str], list[tuple[int, Work]]] = defaultdict(list)
+        by_group: dict[tuple[str, Kind], list[tuple[int, Work]]] = defaultdict(list)
         for item in items:
             work: Work = item.payload
             if item.request.tol is not None:  # an ``auto`` request: the scheduler chose its tolerance
@@ -212,12 +212,12 @@ class Executor:
                 group.add(state, ids, [kind] * len(ids))
         return ended
 
-    def _start(self, group: _Group, kind: str, batch: list[tuple[int, Work]]) -> SolverState:
+    def _start(self, group: _Group, kind: Kind, batch: list[tuple[int, Work]]) -> SolverState:
         inputs = torch.stack([work.inputs for _, work in batch])
         if self.device.type == "cuda":
             inputs = inputs.pin_memory()
         inputs = inputs.to(self.device, non_blocking=True)
-        start = self.adapter.start(kind, inputs, [work.seed for _, work in batch])
+        start = self.adapter.start(kind, inputs)
         dtype, device = start.y0.dtype, start.y0.device
 
         def column(values: list[float], dtype=dtype) -> Tensor:
@@ -243,7 +243,7 @@ class Executor:
         state = group.state
         y1 = state.y.index_select(0, torch.tensor(done, device=state.t.device))
         outputs: list[dict[str, Tensor]] = [{} for _ in done]
-        by_kind: dict[str, list[int]] = defaultdict(list)
+        by_kind: dict[Kind, list[int]] = defaultdict(list)
         for position, row in enumerate(done):
             by_kind[group.kinds[row]].append(position)
         for kind, positions in by_kind.items():

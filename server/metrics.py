@@ -4,7 +4,9 @@ imports prometheus_client. Names follow Prometheus conventions (base units, ``_t
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .stats import ItemStats, QueueStats, RequestEndStats, RequestStats, Stats, StepStats, WorkerStats
 
@@ -99,7 +101,43 @@ class Metrics:
         elif isinstance(stats, WorkerStats):
             self.restarts.labels(stats.model).inc()
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` over HTTP; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+    async def serve(self, host: str, port: int, *, max_connections: int, read_timeout: float) -> asyncio.Server:
+        """Serve ``GET /metrics`` on the event loop: no thread per connection; a client that has
+        not sent its request head within ``read_timeout`` seconds is dropped, and beyond
+        ``max_connections`` a new connection drops the one that has waited longest, so slow
+        clients can neither pile up nor keep a scraper out."""
+        waiting: dict[asyncio.StreamWriter, None] = {}  # connections yet to send their request, oldest first
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if len(waiting) >= max_connections:
+                next(iter(waiting)).close()
+            waiting[writer] = None
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), read_timeout)
+                waiting.pop(writer, None)
+                writer.write(self._response(head))
+                await asyncio.wait_for(writer.drain(), read_timeout)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                pass
+            finally:
+                waiting.pop(writer, None)
+                writer.close()
+
+        return await asyncio.start_server(handle, host, port, limit=16 * 1024)
+
+    def _response(self, head: bytes) -> bytes:
+        method, _, rest = head.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD"):
+            return _http(405, b"text/plain", b"only GET /metrics\n")
+        if path not in (b"/metrics", b"/"):
+            return _http(404, b"text/plain", b"see /metrics\n")
+        body = generate_latest(self.registry)
+        return _http(200, CONTENT_TYPE_LATEST.encode(), body if method == b"GET" else b"", length=len(body))
+
+
+def _http(status: int, content_type: bytes, body: bytes, length: int | None = None) -> bytes:
+    reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed"}[status]
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+        status, reason, content_type, len(body) if length is None else length)
+    return head + body

@@ -14,6 +14,7 @@ import torch
 from neuralode.checkpoint import load_checkpoint
 
 from .adapters import Adapter, adapter_for
+from .api import Task
 
 log = logging.getLogger("server.models")
 
@@ -23,7 +24,7 @@ class ServedModel:
     name: str
     version: str  # content hash of the checkpoint file
     kind: str
-    task: str  # "classify" or "density"
+    task: Task
     card: dict
     adapter: Adapter
     default_tol: float

@@ -186,7 +186,11 @@ class StepTimer:
     """Seconds per solver step as a function of batch size, fitted online.
 
     A step costs a fixed overhead plus a share per row; both are estimated by least squares
-    with exponential forgetting, so the estimate follows the machine's load."""
+    with exponential forgetting, so the estimate follows the machine's load. Once a few steps
+    were seen, an observation counts as at most ``OUTLIER`` times the prediction: one step
+    stalled by the machine must not make every deadline look hopeless."""
+
+    OUTLIER = 3.0
 
     def __init__(self, memory: float = 0.95) -> None:
         self.memory = memory
@@ -197,6 +201,8 @@ class StepTimer:
         return self._sums[0] > 0
 
     def observe(self, batch: int, seconds: float) -> None:
+        if self._sums[0] >= 5:
+            seconds = min(seconds, self.OUTLIER * self.predict(batch))
         w, sb, st, sbb, sbt = (self.memory * s for s in self._sums)
         self._sums = [w + 1, sb + batch, st + seconds, sbb + batch * batch, sbt + batch * seconds]
 

@@ -195,7 +195,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "task", "card_json", "default_tol", "device")
+    __slots__ = ("name", "version", "kind", "task", "card_json", "default_tol", "device", "signatures", "limits", "tensor_encoding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,9 @@ class ModelInfo(_message.Message):
     CARD_JSON_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_ENCODING_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     kind: str
@@ -210,4 +213,49 @@ class ModelInfo(_message.Message):
     card_json: str
     default_tol: float
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., task: _Optional[str] = ..., card_json: _Optional[str] = ..., default_tol: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    signatures: _containers.RepeatedCompositeFieldContainer[RpcSignature]
+    limits: Limits
+    tensor_encoding: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., task: _Optional[str] = ..., card_json: _Optional[str] = ..., default_tol: _Optional[float] = ..., device: _Optional[str] = ..., signatures: _Optional[_Iterable[_Union[RpcSignature, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., tensor_encoding: _Optional[str] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "dtypes", "shape", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtypes: _containers.RepeatedScalarFieldContainer[str]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    description: str
+    def __init__(self, name: _Optional[str] = ..., dtypes: _Optional[_Iterable[str]] = ..., shape: _Optional[_Iterable[int]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class RpcSignature(_message.Message):
+    __slots__ = ("rpc", "inputs", "outputs")
+    RPC_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    rpc: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    def __init__(self, rpc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("min_tol", "max_tol", "max_items_per_request", "max_nfe", "max_request_nfe", "priority_levels", "default_priority", "methods")
+    MIN_TOL_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_NFE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_NFE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    min_tol: float
+    max_tol: float
+    max_items_per_request: int
+    max_nfe: int
+    max_request_nfe: int
+    priority_levels: int
+    default_priority: int
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, min_tol: _Optional[float] = ..., max_tol: _Optional[float] = ..., max_items_per_request: _Optional[int] = ..., max_nfe: _Optional[int] = ..., max_request_nfe: _Optional[int] = ..., priority_levels: _Optional[int] = ..., default_priority: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -93,7 +93,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """One model and its card.
+        """One model: its card, the inputs and outputs of each RPC it answers, and the server's
+        limits. Everything a client needs without this file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

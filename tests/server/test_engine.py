@@ -13,7 +13,8 @@ import torch
 from live_server import DENSITIES
 
 from neuralode.checkpoint import load_checkpoint
-from server.adapters import LOG_DENSITY, adapter_for
+from server.adapters import Limits, adapter_for
+from server.api import Kind
 from server.engine import Engine, Scheduling, WorkerFailed
 from server.executor import Work
 from server.metrics import Metrics
@@ -29,9 +30,20 @@ def model(shipped):
     return load_checkpoint(shipped / f"{DENSITY}.pt").model.eval()
 
 
-def _works(n: int, tol: float = 1e-3, seed: int = 0) -> list[Work]:
-    points = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
-    return [Work(LOG_DENSITY, row, tol, tol, "dopri5", 10_000) for row in points]
+def _points(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def make_works(model):
+    """Log-density items at random points, prepared by the model's own adapter."""
+    adapter = adapter_for(model)
+
+    def make(n: int, tol: float = 1e-3, seed: int = 0) -> list[Work]:
+        rows = adapter.prepare(Kind.LOG_DENSITY, {"points": _points(n, seed).numpy()}, Limits(1024, 1e6))
+        return [Work(Kind.LOG_DENSITY, row, tol, tol, "dopri5", 10_000) for row in rows]
+
+    return make
 
 
 class Faults:
@@ -65,9 +77,9 @@ class FaultyAdapter:
         self.inner, self.faults = inner, faults
         self.task, self.dynamics, self.norm = inner.task, inner.dynamics, inner.norm
 
-    def start(self, kind, inputs, seeds):
+    def start(self, kind, rows):
         self.faults.trip("join")
-        return self.inner.start(kind, inputs, seeds)
+        return self.inner.start(kind, rows)
 
     def finish(self, kind, y1):
         self.faults.trip("adapter")
@@ -90,24 +102,24 @@ def engine(model):
     engine.close(timeout=30)
 
 
-def test_requests_through_the_worker_match_the_model_in_process(engine, model):
-    works = _works(6, tol=1e-5)
+def test_requests_through_the_worker_match_the_model_in_process(engine, model, make_works):
+    works = make_works(6, tol=1e-5)
     _, future = engine.submit("cnf", works)
     result = future.result(RESULT_TIMEOUT)
     with torch.no_grad():
-        expected, solution = model.log_prob(torch.stack([w.inputs for w in works]), rtol=1e-5, atol=1e-5)
+        expected, solution = model.log_prob(_points(6), rtol=1e-5, atol=1e-5)
     assert result.nfe == solution.nfe.tolist()
     torch.testing.assert_close(torch.from_numpy(result.outputs["log_density"]), expected, rtol=0, atol=1e-5)
     assert (result.rtol, result.atol) == (1e-5, 1e-5)
 
 
 @pytest.mark.parametrize("place", ["stats", "adapter", "join"])
-def test_a_crash_fails_the_request_it_touched_and_the_worker_recovers(engine, place):
+def test_a_crash_fails_the_request_it_touched_and_the_worker_recovers(engine, place, make_works):
     engine.faults.armed.add(place)
-    _, future = engine.submit("cnf", _works(4))
+    _, future = engine.submit("cnf", make_works(4))
     with pytest.raises(WorkerFailed, match=f"RuntimeError: injected fault in {place}.*was restarted"):
         future.result(RESULT_TIMEOUT)  # a clear error, not a hang
-    _, again = engine.submit("cnf", _works(4))
+    _, again = engine.submit("cnf", make_works(4))
     assert len(again.result(RESULT_TIMEOUT).nfe) == 4
     assert engine.faults.health == [(DENSITY, False), (DENSITY, True)]
     assert engine.workers["cnf"].restarts == 1
@@ -115,14 +127,14 @@ def test_a_crash_fails_the_request_it_touched_and_the_worker_recovers(engine, pl
     assert engine.metrics.restarts.labels(DENSITY)._value.get() == 1
 
 
-def test_requests_still_waiting_survive_a_crash(model):
+def test_requests_still_waiting_survive_a_crash(model, make_works):
     faults = Faults()
     engine = Engine(torch.device("cpu"), max_batch=2, policy="fifo", health=faults.health_sink)
     engine.add("cnf", FaultyAdapter(adapter_for(model), faults), label=DENSITY)
     try:
         faults.armed.add("adapter")
-        _, running = engine.submit("cnf", _works(2, tol=1e-6))
-        _, waiting = engine.submit("cnf", _works(2, seed=1))
+        _, running = engine.submit("cnf", make_works(2, tol=1e-6))
+        _, waiting = engine.submit("cnf", make_works(2, seed=1))
         with pytest.raises(WorkerFailed):
             running.result(RESULT_TIMEOUT)
         assert len(waiting.result(RESULT_TIMEOUT).nfe) == 2
@@ -130,35 +142,35 @@ def test_requests_still_waiting_survive_a_crash(model):
         engine.close(timeout=30)
 
 
-def test_a_request_over_its_budget_fails_without_exceeding_it(engine):
+def test_a_request_over_its_budget_fails_without_exceeding_it(engine, make_works):
     with pytest.raises(BudgetExhausted, match="cannot pay for 8 items"):
-        engine.submit("cnf", _works(8), scheduling=Scheduling(budget=10))
-    _, future = engine.submit("cnf", _works(8, tol=1e-8), scheduling=Scheduling(budget=500))
+        engine.submit("cnf", make_works(8), scheduling=Scheduling(budget=10))
+    _, future = engine.submit("cnf", make_works(8, tol=1e-8), scheduling=Scheduling(budget=500))
     with pytest.raises(BudgetExhausted, match="budget of 500 is spent"):
         future.result(RESULT_TIMEOUT)
     assert engine.metrics.budget_exhausted.labels(DENSITY)._value.get() == 2
 
 
-def test_auto_solves_at_a_card_tolerance_and_reports_it(model, shipped):
+def test_auto_solves_at_a_card_tolerance_and_reports_it(model, shipped, make_works):
     from server.models import load_models
 
     served = load_models(shipped, torch.device("cpu"))[DENSITY]
     engine = Engine(torch.device("cpu"), max_batch=64)
     engine.add("cnf", served.adapter, label=DENSITY, expected_nfe=served.expected_nfe, tolerances=served.card_tolerances)
     try:
-        _, future = engine.submit("cnf", _works(4), scheduling=Scheduling(auto=True, latency_target=30.0))
+        _, future = engine.submit("cnf", make_works(4), scheduling=Scheduling(auto=True, latency_target=30.0))
         result = future.result(RESULT_TIMEOUT)
         assert result.rtol == result.atol == min(served.card_tolerances)  # an idle server: the tightest
     finally:
         engine.close(timeout=30)
 
 
-def test_a_cancelled_request_resolves_and_leaves_the_batch(engine):
-    request, future = engine.submit("cnf", _works(16, tol=1e-8))
+def test_a_cancelled_request_resolves_and_leaves_the_batch(engine, make_works):
+    request, future = engine.submit("cnf", make_works(16, tol=1e-8))
     engine.cancel("cnf", request)
     with pytest.raises(Exception) as raised:
         future.result(RESULT_TIMEOUT)
     assert type(raised.value).__name__ == "Cancelled" and not isinstance(raised.value, FutureTimeout)
-    _, after = engine.submit("cnf", _works(2))
+    _, after = engine.submit("cnf", make_works(2))
     after.result(RESULT_TIMEOUT)
     assert engine.workers["cnf"].executor.running == 0

@@ -11,7 +11,8 @@ from live_server import CLASSIFIER
 from neuralode.checkpoint import load_checkpoint
 from neuralode.models import build_model
 from neuralode.solvers import Status
-from server.adapters import CLASSIFY, LOG_DENSITY, Adapter, Start, adapter_for
+from server.adapters import Adapter, Limits, Start, adapter_for
+from server.api import Kind
 from server.executor import Executor, Work, step_cost
 from server.scheduler import Item, Plan, Scheduler
 
@@ -24,7 +25,7 @@ class ElementwiseAdapter(Adapter):
     def dynamics(self, t, y):
         return torch.sin(t[:, None] * y) - y**3
 
-    def start(self, kind, inputs, seeds):
+    def start(self, kind, inputs):
         t0 = torch.zeros(len(inputs), dtype=inputs.dtype)
         return Start(inputs, t0, t0 + 3.0)
 
@@ -51,7 +52,7 @@ def _run(executor: Executor, plan: Plan, until: set[int] | None = None, steps: i
 
 def test_a_parked_row_resumes_bit_identically_among_other_rows():
     tolerances = (1e-3, 1e-6, 1e-9)
-    works = [Work(CLASSIFY, torch.tensor([0.5, -1.2, 2.0]) * (i + 1), tol, tol, "dopri5", 100_000)
+    works = [Work(Kind.CLASSIFY, torch.tensor([0.5, -1.2, 2.0]) * (i + 1), tol, tol, "dopri5", 100_000)
              for i, tol in enumerate(tolerances)]  # fmt: skip
     plain = Executor(ElementwiseAdapter(), torch.device("cpu"))
     items = _items(works)
@@ -73,7 +74,7 @@ def test_a_preempted_odenet_item_equals_its_unpreempted_solve_bit_for_bit(shippe
     """The shipped ODE-Net, one row in the batch at each step in both runs."""
     adapter = adapter_for(load_checkpoint(shipped / f"{CLASSIFIER}.pt").model)
     images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    work, other = (Work(CLASSIFY, image, 1e-5, 1e-5, "dopri5", 10_000) for image in images)
+    work, other = (Work(Kind.CLASSIFY, image, 1e-5, 1e-5, "dopri5", 10_000) for image in images)
 
     alone = Executor(adapter, torch.device("cpu"))
     item = _items([work])[0]
@@ -91,7 +92,7 @@ def test_a_preempted_odenet_item_equals_its_unpreempted_solve_bit_for_bit(shippe
 
 def test_dropping_discards_running_and_parked_rows():
     executor = Executor(ElementwiseAdapter(), torch.device("cpu"))
-    items = _items([Work(CLASSIFY, torch.ones(3) * i, 1e-9, 1e-9, "dopri5", 100_000) for i in range(1, 5)])
+    items = _items([Work(Kind.CLASSIFY, torch.ones(3) * i, 1e-9, 1e-9, "dopri5", 100_000) for i in range(1, 5)])
     executor.step(Plan(join=items))
     executor.step(Plan(park=items[:1]))
     executor.step(Plan(drop=items[:2]))
@@ -102,8 +103,8 @@ def test_dropping_discards_running_and_parked_rows():
 def test_an_item_whose_start_already_ends_it_leaves_at_once():
     """max_nfe too small to start: the item ends at its start, with NaN outputs."""
     executor = Executor(ElementwiseAdapter(), torch.device("cpu"))
-    starved, fine = _items([Work(CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 1),
-                            Work(CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 10_000)])  # fmt: skip
+    starved, fine = _items([Work(Kind.CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 1),
+                            Work(Kind.CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 10_000)])  # fmt: skip
     outputs = executor.step(Plan(join=[starved, fine]))
     assert starved.id in outputs.finished and outputs.finished[starved.id].status is Status.MAX_NFE
     assert torch.isnan(outputs.finished[starved.id].outputs["y"]).all()
@@ -115,10 +116,12 @@ def test_a_hutchinson_cnf_is_solved_with_its_own_error_norm():
     torch.manual_seed(0)
     model = build_model("cnf", {"hidden": [16, 16], "trace": "hutchinson", "noise": "gaussian"}).eval()
     points = torch.randn(5, 2) * 2
+    adapter = adapter_for(model)
     with torch.no_grad():
-        expected, solution = model.log_prob(points, rtol=1e-5, atol=1e-5, generator=torch.Generator().manual_seed(7))
-        executor = Executor(adapter_for(model), torch.device("cpu"))
-        items = _items([Work(LOG_DENSITY, row, 1e-5, 1e-5, "dopri5", 10_000, seed=7) for row in points])
+        expected, solution = model.log_prob(points, rtol=1e-5, atol=1e-5, generator=torch.Generator().manual_seed(0))
+        rows = adapter.prepare(Kind.LOG_DENSITY, {"points": points.numpy()}, Limits(max_items=10, max_abs_input=1e6))
+        executor = Executor(adapter, torch.device("cpu"))
+        items = _items([Work(Kind.LOG_DENSITY, row, 1e-5, 1e-5, "dopri5", 10_000) for row in rows])
         results = _run(executor, Plan(join=items), until={i.id for i in items})
     assert [results[i.id].nfe for i in items] == solution.nfe.tolist()
     torch.testing.assert_close(torch.stack([results[i.id].outputs["log_density"] for i in items]), expected,

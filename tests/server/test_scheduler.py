@@ -344,6 +344,8 @@ def test_the_step_timer_fits_overhead_and_per_row_cost():
     single = StepTimer()
     single.observe(10, 0.02)
     assert single.predict(20) == pytest.approx(0.04)
+    timer.observe(32, 60.0)  # a step the machine stalled
+    assert timer.predict(32) < 0.05
 
 
 def test_invalid_settings_are_refused():

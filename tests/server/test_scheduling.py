@@ -41,9 +41,10 @@ def _timed(call, request, **kwargs):
     return response, time.monotonic() - begin
 
 
-def _wait_until_running(metrics_url: str, model: str, at_least: int, timeout: float = 60.0) -> None:
+def _wait_until_running(metrics_url: str, model: str, at_least: int, call, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while metric(metrics_url, "odeserve_running_items", model=model) < at_least:
+        assert not call.done(), f"the big request ended early: {call.exception() or 'OK'}"
         assert time.monotonic() < end, "the big request never started"
         time.sleep(0.05)
 
@@ -55,7 +56,7 @@ def test_a_small_loose_request_is_served_while_a_big_tight_one_holds_the_batch(s
     preempted_before = metric(server.metrics_url, "odeserve_preemptions_total", model=CLASSIFIER)
     big = stub.Classify.future(_classify(images[:512], tol=1e-8), timeout=600)
     try:
-        _wait_until_running(server.metrics_url, CLASSIFIER, 256)
+        _wait_until_running(server.metrics_url, CLASSIFIER, 128, big)
         small, seconds = _timed(stub.Classify, _classify(images[512:513], tol=1e-1), timeout=60)
         assert not big.done(), "the big request should still be running"
         assert small.items.status == [pb.SOLVE_STATUS_SUCCESS] and small.labels[0] >= 0
@@ -77,7 +78,7 @@ def test_a_hostile_density_request_gets_only_its_share(server, stub):
             model=MOONS, points=pb.Tensor(dtype="float64", shape=[1024, 2], data=points.astype("<f8").tobytes()),
             accuracy=pb.Accuracy(tol=1e-8)), timeout=600)  # fmt: skip
         try:
-            _wait_until_running(server.metrics_url, MOONS, 256)
+            _wait_until_running(server.metrics_url, MOONS, 128, hostile)
             sample, seconds = _timed(stub.Sample, pb.SampleRequest(model=MOONS, n=1, accuracy=pb.Accuracy(tol=1e-1)), timeout=60)
             assert not hostile.done()
             assert sample.items.status == [pb.SOLVE_STATUS_SUCCESS]

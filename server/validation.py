@@ -1,0 +1,87 @@
+"""A request's accuracy and scheduling settings, checked against the server's limits and
+resolved with the model's defaults. Protocol-neutral: every wire protocol's requests pass here."""
+
+from __future__ import annotations
+
+import math
+
+from neuralode.solvers import METHODS
+
+from .api import Accuracy, Code, RequestError, Scheduling, invalid, quoted
+from .config import ServerConfig
+from .engine import Scheduling as EngineScheduling
+from .models import ServedModel
+
+SERVED_METHODS = tuple(sorted(name for name, method in METHODS.items() if method.adaptive))
+DEFAULT_METHOD = "dopri5"
+
+
+def accuracy_settings(accuracy: Accuracy, model: ServedModel, config: ServerConfig) -> tuple[float, float, str, int]:
+    """(rtol, atol, method, max_nfe) for a request, with the model's and server's defaults.
+    For ``auto_tol`` the tolerances are the model's default until the engine chooses."""
+    method = accuracy.method or DEFAULT_METHOD
+    if method not in SERVED_METHODS:
+        raise invalid(f"accuracy.method must be one of {', '.join(SERVED_METHODS)}, got {quoted(accuracy.method)}")
+    max_nfe = min(accuracy.max_nfe or config.max_nfe, config.max_nfe)
+    if accuracy.auto_tol:
+        _check_auto(accuracy, model, method, config)
+        return model.default_tol, model.default_tol, method, max_nfe
+    given = {"tol": accuracy.tol, "rtol": accuracy.rtol, "atol": accuracy.atol}
+    for name, value in given.items():
+        if math.isnan(value) or math.isinf(value):
+            raise invalid(f"accuracy.{name} must be a finite number, got {value!r}")
+        if value < 0:
+            raise invalid(f"accuracy.{name} must be > 0 (0 means unset: the model's default), got {value!r}")
+    if given["tol"] and (given["rtol"] or given["atol"]):
+        raise invalid("accuracy: give tol, or rtol and atol, not both")
+    rtol = given["tol"] or given["rtol"] or model.default_tol
+    atol = given["tol"] or given["atol"] or model.default_tol
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not config.min_tol <= value <= config.max_tol:
+            label = "tol" if given["tol"] else name
+            raise invalid(f"accuracy.{label} must be between {config.min_tol:g} and {config.max_tol:g}, got {value!r}")
+    return rtol, atol, method, max_nfe
+
+
+def _check_auto(accuracy: Accuracy, model: ServedModel, method: str, config: ServerConfig) -> None:
+    if accuracy.tol or accuracy.rtol or accuracy.atol:
+        raise invalid("accuracy: auto_tol chooses the tolerance; leave tol, rtol and atol unset")
+    target = accuracy.latency_target_seconds
+    if math.isnan(target) or math.isinf(target) or target < 0:
+        raise invalid(f"accuracy.latency_target_seconds must be a finite number >= 0, got {target!r}")
+    if not auto_tolerances(model, config):
+        raise invalid(f"accuracy.auto_tol: the card of model {quoted(model.name)} has no NFE table within the "
+                      f"served tolerances [{config.min_tol:g}, {config.max_tol:g}]")  # fmt: skip
+    card_method = model.card.get("hyper", {}).get("method")
+    if method != card_method:
+        raise invalid(f"accuracy.auto_tol needs the method the model card was measured with ({card_method}), got {method!r}")
+
+
+def auto_tolerances(model: ServedModel, config: ServerConfig) -> list[float]:
+    """The card's evaluated tolerances that requests may be served at, for ``auto_tol``."""
+    return [tol for tol in model.card_tolerances if config.min_tol <= tol <= config.max_tol]
+
+
+def scheduling_settings(accuracy: Accuracy, scheduling: Scheduling, deadline: float | None,
+                        config: ServerConfig) -> EngineScheduling:  # fmt: skip
+    """The engine's scheduling for a request: priority level, NFE budget, auto tolerance."""
+    priority = scheduling.priority or config.default_priority
+    if not 1 <= priority <= config.priority_levels:
+        raise invalid(f"scheduling.priority must be 0 (the default, {config.default_priority}) or 1 .. "
+                      f"{config.priority_levels}, got {scheduling.priority}")  # fmt: skip
+    budget = min(scheduling.max_total_nfe or config.max_request_nfe, config.max_request_nfe)
+    target = accuracy.latency_target_seconds or None
+    if accuracy.auto_tol and target is None and deadline is None:
+        raise invalid("accuracy.auto_tol needs latency_target_seconds or a deadline on the call")
+    return EngineScheduling(priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target)
+
+
+def find_model(models: dict[str, ServedModel], name: str, version: str) -> ServedModel:
+    if not name:
+        raise invalid("model must name a served model (see ListModels)")
+    model = models.get(name)  # a dictionary lookup: names never touch the file system
+    if model is None:
+        raise RequestError(Code.NOT_FOUND, f"model {quoted(name)} is not served (see ListModels)")
+    if version and version != model.version:
+        raise RequestError(Code.NOT_FOUND, f"model {quoted(name)} has no version {quoted(version)} (serving {model.version})")
+    return model
