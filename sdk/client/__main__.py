@@ -57,7 +57,7 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
     """--model and a flag per request option (--tol, --max-nfe, ...)."""
     parser.add_argument("--model", required=True, help="a served model's name (see: models)")
     for option in REQUEST_OPTIONS:
-        parser.add_argument(f"--{option.name.replace('_', '-')}", type=option.value_type, help=option.help)
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=option.cli_type, help=option.help)
 
 
 def _request_kwargs(args: argparse.Namespace) -> dict:

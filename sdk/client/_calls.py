@@ -68,18 +68,28 @@ class Option:
     name: str
     hint: Any  # e.g. float | None
     help: str
+    parser: Callable[[str], Any] | None = None  # for the command line, where the type alone is not one
 
     @property
-    def value_type(self) -> type:
-        """The type of a value given (float, for float | None)."""
-        (value_type,) = [t for t in typing.get_args(self.hint) or (self.hint,) if t is not type(None)]
-        return value_type
+    def cli_type(self) -> Callable[[str], Any]:
+        """What turns a value given on the command line into the option's: ``parser``, or the
+        option's one type (float, for float | None)."""
+        if self.parser is not None:
+            return self.parser
+        types = [t for t in typing.get_args(self.hint) or (self.hint,) if t is not type(None)]
+        if len(types) != 1:
+            raise TypeError(f"request option {self.name}: Annotated[{self.hint}, help, parser] needs the parser")
+        return types[0]
 
 
 def options_of(typed_dict: type) -> list[Option]:
-    """The fields of an options TypedDict whose fields are ``Annotated[type, "help"]``."""
-    hints = typing.get_type_hints(typed_dict, include_extras=True)
-    return [Option(name, typing.get_args(hint)[0], " ".join(hint.__metadata__)) for name, hint in hints.items()]
+    """The fields of an options TypedDict, each ``Annotated[type, "help"]`` or, where the
+    command line cannot parse a value by calling the type, ``Annotated[type, "help", parser]``."""
+    options = []
+    for name, hint in typing.get_type_hints(typed_dict, include_extras=True).items():
+        help_text, *parser = hint.__metadata__
+        options.append(Option(name, typing.get_args(hint)[0], help_text, *parser))
+    return options
 
 
 def _request_fields(options: RequestOptions) -> dict[str, Any]:

@@ -157,7 +157,8 @@ def _presented_as(describe: Callable[..., Call[Any]], method: Callable[..., Any]
     hints = typing.get_type_hints(describe, include_extras=True)
     returns = re.fullmatch(r"Call\[(.+)\]", str(describe.__annotations__["return"]))
     if typing.get_origin(hints["return"]) is not Call or returns is None:
-        raise TypeError(f"{describe.__qualname__} must be annotated to return Call[<result type>]")
+        raise TypeError(f"{describe.__qualname__} must be annotated to return Call[<result type>], as a string "
+                        "(from __future__ import annotations)")  # fmt: skip
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     doc = inspect.getdoc(describe) or ""
     for parameter in inspect.signature(describe).parameters.values():

@@ -67,6 +67,19 @@ def test_sample_log_density_and_models(server):
     assert CLASSIFIER in listing.stdout and DENSITIES[0] in listing.stdout
 
 
+def test_every_request_option_is_a_flag(server):
+    def nfe_and_status(*flags: str) -> tuple[list[int], list[str]]:
+        result = cli(server, "sample", "--model", DENSITIES[0], "--n", "4", "--seed", "2", "--json", *flags)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        return report["nfe"], report["status"]
+
+    tight = nfe_and_status("--tol", "1e-5")
+    assert nfe_and_status("--rtol", "1e-5", "--atol", "1e-5") == tight
+    assert nfe_and_status("--tol", "1e-5", "--method", "bosh3")[0] != tight[0]
+    assert nfe_and_status("--tol", "1e-5", "--max-nfe", "8")[1] == ["MAX_NFE"] * 4
+
+
 def test_errors_exit_nonzero_with_the_reason(server):
     result = cli(server, "sample", "--model", "nope")
     assert result.returncode == 1 and "NOT_FOUND" in result.stderr
