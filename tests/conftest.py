@@ -1,3 +1,6 @@
+"""Fixtures for every test folder: devices, the real MNIST, the shipped checkpoints and servers on them."""
+
+import shutil
 import sys
 from pathlib import Path
 
@@ -8,6 +11,8 @@ import torch
 for package in Path(__file__).parent.iterdir():
     if package.is_dir():
         sys.path.insert(0, str(package))
+
+from live_server import CLASSIFIER, DENSITIES, SHIPPED, RunningServer, start_server  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -27,3 +32,37 @@ def mnist_dir() -> Path:
     if not (root / "MNIST" / "raw").is_dir():
         raise FileNotFoundError(f"MNIST is expected under {root}/MNIST/raw (set ODESERVE_DATA_DIR)")
     return root
+
+
+@pytest.fixture(scope="session")
+def mnist_test_digits(mnist_dir):
+    """The real MNIST test set as a client sends it: uint8 images [10000, 28, 28], int labels."""
+    from training.data import load_mnist
+
+    test = load_mnist(mnist_dir, train=False, download=False)
+    return test.images[:, 0].numpy(), test.labels.numpy()
+
+
+@pytest.fixture(scope="session")
+def shipped() -> Path:
+    missing = [name for name in (CLASSIFIER, *DENSITIES) if not (SHIPPED / f"{name}.pt").exists()]
+    if missing:
+        raise FileNotFoundError(f"shipped checkpoints missing from {SHIPPED}: {missing} (train them: see README)")
+    return SHIPPED
+
+
+@pytest.fixture(scope="session")
+def density_only(shipped, tmp_path_factory) -> Path:
+    """A checkpoints folder with one small CNF: servers that start fast, for tests of the
+    transport rather than the models."""
+    folder = tmp_path_factory.mktemp("density-only")
+    shutil.copy(shipped / f"{DENSITIES[0]}.pt", folder / f"{DENSITIES[0]}.pt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(shipped, tmp_path_factory) -> RunningServer:
+    """The default server on the shipped checkpoints, shared by the tests that only read."""
+    running = start_server(shipped, tmp_path_factory.mktemp("server"))
+    yield running
+    assert running.stop() == 0

@@ -17,17 +17,33 @@ from pathlib import Path
 
 import numpy as np
 
-from . import TLS, Client, OdeServeError
+from . import TLS, Client, OdeServeError, RequestOptions
+from ._calls import options_of
+
+REQUEST_OPTIONS = options_of(RequestOptions)
+
+
+class UsageError(Exception):
+    """Something the command line was given cannot be used: one line on stderr, exit status 2."""
 
 
 def _load_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        gray = image.convert("L")
-        if gray.size != (28, 28):
-            gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
-        return np.asarray(gray, dtype=np.uint8)
+    """Any image Pillow reads as a [28, 28] uint8 array: converted to grayscale (colour and
+    alpha dropped), resized with Lanczos when it is not 28x28."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise UsageError("reading image files needs Pillow: pip install 'odeserve-client[cli]' (or pillow)") from None
+    try:
+        with Image.open(path) as image:
+            gray = image.convert("L")
+    except UnidentifiedImageError:
+        raise UsageError(f"{path}: not an image file Pillow can read (PNG, JPEG, BMP, ...)") from None
+    except (OSError, Image.DecompressionBombError) as error:
+        raise UsageError(f"{path}: {getattr(error, 'strerror', None) or error}") from None
+    if gray.size != (28, 28):
+        gray = gray.resize((28, 28), Image.Resampling.LANCZOS)
+    return np.asarray(gray, dtype=np.uint8)
 
 
 def _point(text: str) -> list[float]:
@@ -37,17 +53,15 @@ def _point(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"a point is comma-separated numbers, got {text!r}") from None
 
 
-def _accuracy(parser: argparse.ArgumentParser) -> None:
+def _request_options(parser: argparse.ArgumentParser) -> None:
+    """--model and a flag per request option (--tol, --max-nfe, ...)."""
     parser.add_argument("--model", required=True, help="a served model's name (see: models)")
-    parser.add_argument("--tol", type=float, help="rtol = atol (default: the model's)")
-    parser.add_argument("--rtol", type=float)
-    parser.add_argument("--atol", type=float)
-    parser.add_argument("--method", help="dopri5 (default), tsit5 or bosh3")
-    parser.add_argument("--max-nfe", type=int, help="stop each item after this many function evaluations")
+    for option in REQUEST_OPTIONS:
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=option.cli_type, help=option.help)
 
 
-def _accuracy_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, tol=args.tol, rtol=args.rtol, atol=args.atol, method=args.method, max_nfe=args.max_nfe)
+def _request_kwargs(args: argparse.Namespace) -> dict:
+    return {"model": args.model, **{option.name: getattr(args, option.name) for option in REQUEST_OPTIONS}}
 
 
 def _items(result) -> dict:
@@ -58,17 +72,17 @@ def _items(result) -> dict:
 def run(args: argparse.Namespace, client: Client) -> dict:
     if args.command == "classify":
         images = np.stack([_load_image(p) for p in args.images])
-        result = client.classify(images, **_accuracy_kwargs(args))
+        result = client.classify(images, **_request_kwargs(args))
         rows = [
             {"image": str(p), "label": int(label), "probability": float(probs.max()), "nfe": int(nfe), "status": status}
             for p, label, probs, nfe, status in zip(args.images, result.labels, result.probabilities, result.items.nfe, result.items.status)
         ]  # fmt: skip
         return {"predictions": rows, **_items(result)}
     if args.command == "sample":
-        result = client.sample(args.n, seed=args.seed, **_accuracy_kwargs(args))
+        result = client.sample(args.n, seed=args.seed, **_request_kwargs(args))
         return {"points": result.points.tolist(), "log_density": result.log_density.tolist(), **_items(result)}
     if args.command == "log-density":
-        result = client.log_density(np.asarray(args.points, dtype=np.float32), **_accuracy_kwargs(args))
+        result = client.log_density(np.asarray(args.points, dtype=np.float32), **_request_kwargs(args))
         return {"points": args.points, "log_density": result.log_density.tolist(), **_items(result)}
     if args.command == "health":
         return {"service": args.service, "status": client.health(args.service)}
@@ -111,15 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub = parser.add_subparsers(dest="command", required=True)
-    classify = sub.add_parser("classify", parents=[output], help="classify 28x28 grayscale images (other sizes are resized)")
-    _accuracy(classify)
-    classify.add_argument("images", type=Path, nargs="+")
+    classify = sub.add_parser("classify", parents=[output], help="classify image files like MNIST digits (white on black)",
+                              description="Each image is converted to grayscale (colour and alpha dropped) and resized "
+                                          "to 28x28 when it is another size; MNIST digits are white on black.")  # fmt: skip
+    _request_options(classify)
+    classify.add_argument("images", type=Path, nargs="+", help="PNG, JPEG, ... files (needs Pillow)")
     sample = sub.add_parser("sample", parents=[output], help="draw points from a density model")
-    _accuracy(sample)
+    _request_options(sample)
     sample.add_argument("--n", type=int, default=5)
     sample.add_argument("--seed", type=int, default=0)
     density = sub.add_parser("log-density", parents=[output], help="log-density of points under a density model")
-    _accuracy(density)
+    _request_options(density)
     density.add_argument("points", type=_point, nargs="+", help="comma-separated coordinates, e.g. 0.5,-1")
     sub.add_parser("models", parents=[output], help="list served models")
     health = sub.add_parser("health", parents=[output], help="the gRPC health status; exit status 0 only when SERVING")
@@ -133,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except OdeServeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2) if args.json else render(args.command, report))
     return 1 if args.command == "health" and report["status"] != "SERVING" else 0
 

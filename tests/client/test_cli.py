@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from live_server import CLASSIFIER, DENSITIES, ROOT
 
 
@@ -12,22 +13,47 @@ def cli(server, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def test_classify_png_files(server, mnist_dir, tmp_path):
+def test_classify_png_files(server, mnist_test_digits, tmp_path):
     from PIL import Image
 
-    from training.data import load_mnist
-
-    test = load_mnist(mnist_dir, train=False, download=False)
+    images, labels = mnist_test_digits
     paths = []
     for i in range(3):
         path = tmp_path / f"digit{i}.png"
-        Image.fromarray(test.images[i, 0].numpy()).save(path)
+        Image.fromarray(images[i]).save(path)
         paths.append(str(path))
     table = cli(server, "classify", "--model", CLASSIFIER, "--tol", "1e-2", *paths)
     assert table.returncode == 0, table.stderr
     assert "label" in table.stdout and "SUCCESS" in table.stdout
     report = json.loads(cli(server, "classify", "--model", CLASSIFIER, "--tol", "1e-2", "--json", *paths).stdout)
-    assert [row["label"] for row in report["predictions"]] == test.labels[:3].tolist()
+    assert [row["label"] for row in report["predictions"]] == labels[:3].tolist()
+
+
+def test_colour_and_other_sizes_are_converted_to_28x28_grayscale(server, mnist_test_digits, tmp_path):
+    from PIL import Image
+
+    images, labels = mnist_test_digits
+    digits = [Image.fromarray(images[i]) for i in range(3)]
+    files = {"rgb.png": digits[0].convert("RGB").resize((56, 56)), "rgba.png": digits[1].convert("RGBA"),
+             "small.jpg": digits[2].resize((20, 20))}  # fmt: skip
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    result = cli(server, "classify", "--model", CLASSIFIER, "--json", *(str(tmp_path / name) for name in files))
+    assert result.returncode == 0, result.stderr
+    assert [row["label"] for row in json.loads(result.stdout)["predictions"]] == labels[:3].tolist()
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("missing.png", None, "No such file or directory"),
+    ("notes.png", b"not an image\n", "not an image file Pillow can read"),
+])  # fmt: skip
+def test_an_unreadable_image_is_one_line_and_exit_status_2(server, tmp_path, name, content, reason):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    result = cli(server, "classify", "--model", CLASSIFIER, str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {path}: {reason}") and len(result.stderr.splitlines()) == 1
 
 
 def test_sample_log_density_and_models(server):
@@ -39,6 +65,19 @@ def test_sample_log_density_and_models(server):
     assert all(abs(a - b) < 0.05 for a, b in zip(density["log_density"], sampled["log_density"]))
     listing = cli(server, "models")
     assert CLASSIFIER in listing.stdout and DENSITIES[0] in listing.stdout
+
+
+def test_every_request_option_is_a_flag(server):
+    def nfe_and_status(*flags: str) -> tuple[list[int], list[str]]:
+        result = cli(server, "sample", "--model", DENSITIES[0], "--n", "4", "--seed", "2", "--json", *flags)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        return report["nfe"], report["status"]
+
+    tight = nfe_and_status("--tol", "1e-5")
+    assert nfe_and_status("--rtol", "1e-5", "--atol", "1e-5") == tight
+    assert nfe_and_status("--tol", "1e-5", "--method", "bosh3")[0] != tight[0]
+    assert nfe_and_status("--tol", "1e-5", "--max-nfe", "8")[1] == ["MAX_NFE"] * 4
 
 
 def test_errors_exit_nonzero_with_the_reason(server):

@@ -1,0 +1,155 @@
+"""Every call of the SDK, described once: its typed signature and docstring, how its request is
+built, and how its response becomes the caller's result. ``Client`` and ``AsyncClient`` are
+shells that send what these functions return (``client._shell``), so a new call, or a new
+keyword, is written here and nowhere else.
+
+A keyword every compute call takes (how its items are solved) is a field of ``RequestOptions``
+and a line of ``_request_fields``: the signatures and docstrings of both shells and the
+command line's flags follow from it. A keyword of one call is a parameter of its function.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, TypedDict, TypeVar, Unpack
+
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from odeserve.v1 import odeserve_pb2 as pb
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
+
+from ._convert import (
+    ClassifyResult,
+    LogDensityResult,
+    ModelInfo,
+    SampleResult,
+    classify_result,
+    images_tensor,
+    log_density_result,
+    model_info,
+    model_infos,
+    points_tensor,
+    sample_result,
+)
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One RPC ready to send: the generated stub class and its method, the request, what turns
+    the response into the result, and the call's deadline (None: the client's default)."""
+
+    stub: type
+    method: str
+    request: Any
+    result: Callable[[Any], R]
+    timeout_s: float | None
+
+
+class RequestOptions(TypedDict, total=False):
+    """Request options (keywords of classify, sample and log_density; left out or None: the
+    server's default):"""
+
+    tol: Annotated[float | None, "rtol = atol = tol (default: the model card's tolerance)"]
+    rtol: Annotated[float | None, "relative tolerance, with atol, instead of tol"]
+    atol: Annotated[float | None, "absolute tolerance, with rtol"]
+    method: Annotated[str | None, '"dopri5" (default), "tsit5" or "bosh3"']
+    max_nfe: Annotated[int | None, "stop each item after this many function evaluations (its status: MAX_NFE)"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One request option as the shells' signatures and the command line present it."""
+
+    name: str
+    hint: Any  # e.g. float | None
+    help: str
+    parser: Callable[[str], Any] | None = None  # for the command line, where the type alone is not one
+
+    @property
+    def cli_type(self) -> Callable[[str], Any]:
+        """What turns a value given on the command line into the option's: ``parser``, or the
+        option's one type (float, for float | None)."""
+        if self.parser is not None:
+            return self.parser
+        types = [t for t in typing.get_args(self.hint) or (self.hint,) if t is not type(None)]
+        if len(types) != 1:
+            raise TypeError(f"request option {self.name}: Annotated[{self.hint}, help, parser] needs the parser")
+        return types[0]
+
+
+def options_of(typed_dict: type) -> list[Option]:
+    """The fields of an options TypedDict, each ``Annotated[type, "help"]`` or, where the
+    command line cannot parse a value by calling the type, ``Annotated[type, "help", parser]``."""
+    options = []
+    for name, hint in typing.get_type_hints(typed_dict, include_extras=True).items():
+        help_text, *parser = hint.__metadata__
+        options.append(Option(name, typing.get_args(hint)[0], help_text, *parser))
+    return options
+
+
+def _request_fields(options: RequestOptions) -> dict[str, Any]:
+    """The fields every compute request has, from the caller's request options."""
+    unknown = sorted(options.keys() - RequestOptions.__annotations__.keys())
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the request options are "
+                        f"{', '.join(RequestOptions.__annotations__)}")  # fmt: skip
+    accuracy = pb.Accuracy(tol=options.get("tol") or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
+                           method=options.get("method") or "", max_nfe=options.get("max_nfe") or 0)  # fmt: skip
+    return {"accuracy": accuracy}
+
+
+def classify(images: npt.ArrayLike, *, model: str, version: str = "", timeout_s: float | None = None,
+             **options: Unpack[RequestOptions]) -> Call[ClassifyResult]:  # fmt: skip
+    """Labels and class probabilities of MNIST-shaped images, and what each solve cost.
+
+    images: uint8 in 0..255 or float32 in [0, 1] (float64 is sent as float32), shaped
+    [N, 28, 28] or [N, 1, 28, 28]. version: "" for whichever version is served. timeout_s:
+    this call's deadline instead of the client's.
+    """
+    request = pb.ClassifyRequest(model=model, version=version, images=images_tensor(images), **_request_fields(options))
+    return Call(pb_grpc.InferenceStub, "Classify", request, classify_result, timeout_s)
+
+
+def sample(n: int, *, model: str, seed: int = 0, version: str = "", timeout_s: float | None = None,
+           **options: Unpack[RequestOptions]) -> Call[SampleResult]:  # fmt: skip
+    """``n`` points drawn from a density model, with their log-densities; the same seed gives
+    the same points."""
+    request = pb.SampleRequest(model=model, version=version, n=n, seed=seed, **_request_fields(options))
+    return Call(pb_grpc.InferenceStub, "Sample", request, sample_result, timeout_s)
+
+
+def log_density(points: npt.ArrayLike, *, model: str, version: str = "", timeout_s: float | None = None,
+                **options: Unpack[RequestOptions]) -> Call[LogDensityResult]:  # fmt: skip
+    """Exact log-densities of points under a density model.
+
+    points: float32 or float64, shaped [N, D] (other dtypes are sent as float32).
+    """
+    request = pb.LogDensityRequest(model=model, version=version, points=points_tensor(points), **_request_fields(options))
+    return Call(pb_grpc.InferenceStub, "LogDensity", request, log_density_result, timeout_s)
+
+
+def models(timeout_s: float | None = None) -> Call[list[ModelInfo]]:
+    """Every served model with its card."""
+    return Call(pb_grpc.InferenceStub, "ListModels", pb.ListModelsRequest(), model_infos, timeout_s)
+
+
+def model(name: str, version: str = "", timeout_s: float | None = None) -> Call[ModelInfo]:
+    """One served model with its card; NOT_FOUND when there is none of that name."""
+    return Call(pb_grpc.InferenceStub, "GetModel", pb.GetModelRequest(name=name, version=version), model_info, timeout_s)
+
+
+def health(service: str = "", timeout_s: float | None = None) -> Call[str]:
+    """The standard gRPC health status ("SERVING", "NOT_SERVING" while draining) of the
+    server (``service=""``), its Inference service ("odeserve.v1.Inference"), or one model by
+    name."""
+    request = health_pb2.HealthCheckRequest(service=service)
+    return Call(health_pb2_grpc.HealthStub, "Check", request, _serving_status, timeout_s)
+
+
+def _serving_status(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -1,0 +1,158 @@
+"""One SDK, two shells: every call, through ``Client`` and through ``AsyncClient``, against a
+real server on the shipped checkpoints; and what ``help()`` shows of them."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import pydoc
+
+import numpy as np
+import pytest
+from live_server import CLASSIFIER, DENSITIES, start_server
+
+import client._calls as calls
+from client import AsyncClient, Client, OdeServeError
+
+DENSITY = DENSITIES[0]
+DESCRIBED = [f for name, f in vars(calls).items() if inspect.isfunction(f) and f.__module__ == calls.__name__
+             and not name.startswith("_") and inspect.signature(f).return_annotation.startswith("Call[")]  # fmt: skip
+
+
+class Driven:
+    """An ``AsyncClient`` driven from synchronous test code on its own event loop, so one test
+    body exercises both shells: ``driven.classify(...)`` awaits ``client.classify(...)``."""
+
+    def __init__(self, target: str, **kwargs) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.client = self.loop.run_until_complete(self._open(target, kwargs))
+
+    @staticmethod
+    async def _open(target: str, kwargs: dict) -> AsyncClient:
+        return AsyncClient(target, **kwargs)
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+        return lambda *args, **kwargs: self.loop.run_until_complete(method(*args, **kwargs))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.close())
+        self.loop.close()
+
+
+def connect(shell: str, target: str, **kwargs) -> Client | Driven:
+    return Client(target, **kwargs) if shell == "Client" else Driven(target, **kwargs)
+
+
+SHELLS = ["Client", "AsyncClient"]
+
+
+@pytest.fixture(scope="module", params=SHELLS)
+def sdk(request, server):
+    connection = connect(request.param, server.target, timeout_s=120)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def mnist_test(mnist_test_digits):
+    images, labels = mnist_test_digits
+    return images[:64], labels[:64]
+
+
+def test_classify_real_mnist(sdk, mnist_test):
+    images, labels = mnist_test
+    result = sdk.classify(images, model=CLASSIFIER, tol=1e-2)
+    assert result.items.all_succeeded and result.model_version
+    assert result.probabilities.shape == (64, 10) and result.labels.shape == (64,)
+    np.testing.assert_array_equal(result.labels, result.probabilities.argmax(1))
+    assert (result.labels == labels).mean() > 0.95
+    assert result.timing.compute_seconds > 0
+
+
+def test_every_request_option_reaches_the_server(sdk, mnist_test):
+    images = mnist_test[0][:8]
+    loose, tight = (sdk.classify(images, model=CLASSIFIER, rtol=tol, atol=tol) for tol in (1e-1, 1e-5))
+    assert loose.items.nfe.mean() < tight.items.nfe.mean()
+    assert sdk.classify(images, model=CLASSIFIER, tol=1e-5).items.nfe.tolist() == tight.items.nfe.tolist()
+    other_method = sdk.classify(images, model=CLASSIFIER, tol=1e-5, method="bosh3")
+    assert other_method.items.all_succeeded and other_method.items.nfe.tolist() != tight.items.nfe.tolist()
+    capped = sdk.classify(images, model=CLASSIFIER, tol=1e-5, max_nfe=8)
+    assert capped.items.status == ["MAX_NFE"] * 8 and (capped.labels == -1).all()
+
+
+def test_sample_and_log_density_agree(sdk):
+    first = sdk.sample(32, model=DENSITY, tol=1e-5, seed=3)
+    np.testing.assert_array_equal(sdk.sample(32, model=DENSITY, tol=1e-5, seed=3).points, first.points)
+    assert first.points.shape == (32, 2) and first.items.all_succeeded
+    density = sdk.log_density(first.points, model=DENSITY, tol=1e-5)
+    np.testing.assert_allclose(density.log_density, first.log_density, atol=2e-3)
+
+
+def test_models_model_and_health(sdk):
+    assert {m.name for m in sdk.models()} >= {CLASSIFIER, *DENSITIES}
+    card = sdk.model(CLASSIFIER)
+    assert card.task == "classify" and card.card["metrics"]["test_error"] <= 0.015
+    assert sdk.health() == "SERVING" and sdk.health(DENSITY) == "SERVING"
+
+
+def test_failures_raise_odeserve_error_with_the_code(sdk, mnist_test):
+    with pytest.raises(OdeServeError) as invalid:
+        sdk.classify(mnist_test[0][:2], model=CLASSIFIER, tol=2.0)
+    assert invalid.value.code == "INVALID_ARGUMENT" and "accuracy.tol" in invalid.value.message
+    with pytest.raises(OdeServeError, match="NOT_FOUND"):
+        sdk.model("no-such-model")
+    with pytest.raises(OdeServeError, match="DEADLINE_EXCEEDED"):  # a call's own deadline wins over the client's
+        sdk.classify(mnist_test[0][:2], model=CLASSIFIER, tol=1e-5, timeout_s=1e-6)
+
+
+def test_an_unknown_keyword_is_a_type_error_before_anything_is_sent(sdk):
+    with pytest.raises(TypeError, match="'tols'.*tol, rtol, atol, method, max_nfe"):
+        sdk.sample(2, model=DENSITY, tols=1e-3)
+    with pytest.raises(TypeError):
+        sdk.models(verbose=True)
+
+
+@pytest.fixture(scope="module")
+def token_server(density_only, tmp_path_factory):
+    running = start_server(density_only, tmp_path_factory.mktemp("token"), env={"ODESERVE_TOKENS": "sdk-token-51e0"})
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_token_goes_with_every_call(shell, token_server):
+    for token, expected in (("sdk-token-51e0", None), ("wrong", "UNAUTHENTICATED"), (None, "UNAUTHENTICATED")):
+        connection = connect(shell, token_server.target, timeout_s=30, token=token, retries=0)
+        try:
+            if expected is None:
+                assert connection.sample(2, model=DENSITY, tol=1e-3).items.all_succeeded
+            else:
+                with pytest.raises(OdeServeError, match=expected):
+                    connection.sample(2, model=DENSITY, tol=1e-3)
+        finally:
+            connection.close()
+
+
+def test_both_shells_offer_every_described_call_with_its_signature_and_docstring():
+    assert {f.__name__ for f in DESCRIBED} == {"classify", "sample", "log_density", "models", "model", "health"}
+    for describe in DESCRIBED:
+        blocking, awaitable = getattr(Client, describe.__name__), getattr(AsyncClient, describe.__name__)
+        assert inspect.signature(blocking) == inspect.signature(awaitable)
+        assert inspect.iscoroutinefunction(awaitable) and not inspect.iscoroutinefunction(blocking)
+        assert blocking.__doc__ == awaitable.__doc__ and blocking.__doc__.startswith(inspect.getdoc(describe))
+        returns = inspect.signature(blocking).return_annotation
+        assert returns == inspect.signature(describe).return_annotation.removeprefix("Call[").removesuffix("]")
+
+
+def test_help_spells_out_the_request_options_with_their_types():
+    signature = inspect.signature(Client.classify)
+    assert list(signature.parameters) == ["self", "images", "model", "version", "timeout_s",
+                                          "tol", "rtol", "atol", "method", "max_nfe"]  # fmt: skip
+    assert signature.parameters["max_nfe"].annotation == "int | None" and signature.parameters["tol"].default is None
+    assert signature.return_annotation == "ClassifyResult"
+    text = pydoc.render_doc(AsyncClient.log_density, renderer=pydoc.plaintext)
+    assert "async log_density(self, points: 'npt.ArrayLike', *, model: 'str'" in text
+    assert "max_nfe: 'int | None' = None) -> 'LogDensityResult'" in text
+    assert "Exact log-densities" in text and "tol       rtol = atol = tol" in text
+    assert "models(self, timeout_s: 'float | None' = None) -> 'list[ModelInfo]'" in pydoc.render_doc(Client.models, renderer=pydoc.plaintext)
