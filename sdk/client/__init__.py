@@ -2,7 +2,7 @@
 and the ``python -m client`` command line."""
 
 from ._calls import RequestOptions
-from ._convert import ClassifyResult, Items, LogDensityResult, ModelInfo, SampleResult, Timing
+from ._convert import ClassifyResult, Items, LogDensityResult, ModelInfo, SampleResult, Solved, Timing
 from ._shell import TLS, OdeServeError
 from .aio import AsyncClient
 from .sdk import Client
@@ -18,5 +18,6 @@ __all__ = [
     "OdeServeError",
     "RequestOptions",
     "SampleResult",
+    "Solved",
     "Timing",
 ]

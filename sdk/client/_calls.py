@@ -13,7 +13,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypedDict, TypeVar, Unpack
+from typing import Annotated, Any, Generic, Literal, TypedDict, TypeVar, Unpack
 
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,15 +50,25 @@ class Call(Generic[R]):
     timeout_s: float | None
 
 
+def _tolerance(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 class RequestOptions(TypedDict, total=False):
     """Request options (keywords of classify, sample and log_density; left out or None: the
     server's default):"""
 
-    tol: Annotated[float | None, "rtol = atol = tol (default: the model card's tolerance)"]
+    tol: Annotated[float | Literal["auto"] | None,
+                   'rtol = atol = tol (default: the model card\'s tolerance); "auto": the tightest of the card\'s '
+                   "tolerances predicted to finish within latency_target_s or the call's deadline (result.solved says "
+                   "which)", _tolerance]  # fmt: skip
     rtol: Annotated[float | None, "relative tolerance, with atol, instead of tol"]
     atol: Annotated[float | None, "absolute tolerance, with rtol"]
     method: Annotated[str | None, '"dopri5" (default), "tsit5" or "bosh3"']
     max_nfe: Annotated[int | None, "stop each item after this many function evaluations (its status: MAX_NFE)"]
+    latency_target_s: Annotated[float | None, 'with tol="auto": the latency to aim for (default: the deadline)']
+    priority: Annotated[int | None, "1 is the most urgent level (default: the server's default level)"]
+    max_total_nfe: Annotated[int | None, "most function evaluations over all items; beyond: RESOURCE_EXHAUSTED"]
 
 
 @dataclass(frozen=True)
@@ -98,9 +108,13 @@ def _request_fields(options: RequestOptions) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the request options are "
                         f"{', '.join(RequestOptions.__annotations__)}")  # fmt: skip
-    accuracy = pb.Accuracy(tol=options.get("tol") or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
-                           method=options.get("method") or "", max_nfe=options.get("max_nfe") or 0)  # fmt: skip
-    return {"accuracy": accuracy}
+    tol = options.get("tol")
+    auto = tol == "auto"
+    accuracy = pb.Accuracy(tol=0.0 if auto else tol or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
+                           method=options.get("method") or "", max_nfe=options.get("max_nfe") or 0, auto_tol=auto,
+                           latency_target_seconds=options.get("latency_target_s") or 0.0)  # fmt: skip
+    scheduling = pb.Scheduling(priority=options.get("priority") or 0, max_total_nfe=options.get("max_total_nfe") or 0)
+    return {"accuracy": accuracy, "scheduling": scheduling}
 
 
 def classify(images: npt.ArrayLike, *, model: str, version: str = "", timeout_s: float | None = None,

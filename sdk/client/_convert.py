@@ -34,12 +34,24 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Solved:
+    """The accuracy the server solved with (the request's own, the model's default, or what
+    ``tol="auto"`` chose), and how often the request's items were parked for others."""
+
+    rtol: float
+    atol: float
+    method: str
+    preemptions: int
+
+
+@dataclass(frozen=True)
 class ClassifyResult:
     labels: np.ndarray  # [N] int; -1 where the solve failed
     probabilities: np.ndarray  # [N, 10]
     items: Items
     timing: Timing
     model_version: str
+    solved: Solved
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class SampleResult:
     items: Items
     timing: Timing
     model_version: str
+    solved: Solved
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ class LogDensityResult:
     items: Items
     timing: Timing
     model_version: str
+    solved: Solved
 
 
 @dataclass(frozen=True)
@@ -104,19 +118,25 @@ def timing(message: pb.Timing) -> Timing:
     return Timing(message.queue_seconds, message.compute_seconds)
 
 
+def solved(message: pb.Solved) -> Solved:
+    return Solved(message.rtol, message.atol, message.method, message.preemptions)
+
+
+def _common(response) -> dict:
+    return {"items": items(response.items), "timing": timing(response.timing), "model_version": response.model_version,
+            "solved": solved(response.solved)}  # fmt: skip
+
+
 def classify_result(response: pb.ClassifyResponse) -> ClassifyResult:
-    return ClassifyResult(np.asarray(response.labels, dtype=np.int64), decode(response.probabilities),
-                          items(response.items), timing(response.timing), response.model_version)  # fmt: skip
+    return ClassifyResult(np.asarray(response.labels, dtype=np.int64), decode(response.probabilities), **_common(response))
 
 
 def sample_result(response: pb.SampleResponse) -> SampleResult:
-    return SampleResult(decode(response.points), decode(response.log_density), items(response.items),
-                        timing(response.timing), response.model_version)  # fmt: skip
+    return SampleResult(decode(response.points), decode(response.log_density), **_common(response))
 
 
 def log_density_result(response: pb.LogDensityResponse) -> LogDensityResult:
-    return LogDensityResult(decode(response.log_density), items(response.items), timing(response.timing),
-                            response.model_version)  # fmt: skip
+    return LogDensityResult(decode(response.log_density), **_common(response))
 
 
 def model_info(message: pb.ModelInfo) -> ModelInfo:

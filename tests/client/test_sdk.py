@@ -106,8 +106,25 @@ def test_failures_raise_odeserve_error_with_the_code(sdk, mnist_test):
         sdk.classify(mnist_test[0][:2], model=CLASSIFIER, tol=1e-5, timeout_s=1e-6)
 
 
+def test_scheduling_options_and_auto_tolerance_reach_the_server(sdk, mnist_test, shipped):
+    from neuralode.checkpoint import read_card
+
+    images = mnist_test[0][:4]
+    table = sorted(row["tol"] for row in read_card(shipped / f"{CLASSIFIER}.pt")["metrics"]["table"])
+    relaxed = sdk.classify(images, model=CLASSIFIER, tol="auto", latency_target_s=60.0, priority=1)
+    assert relaxed.solved.rtol == relaxed.solved.atol == table[0] and relaxed.solved.method == "dopri5"
+    hurried = sdk.classify(images, model=CLASSIFIER, tol="auto", latency_target_s=1e-6)
+    assert hurried.solved.rtol == table[-1] and hurried.items.nfe.mean() < relaxed.items.nfe.mean()
+    with pytest.raises(OdeServeError, match="RESOURCE_EXHAUSTED.*budget of 10 cannot pay for 4 items"):
+        sdk.classify(images, model=CLASSIFIER, tol=1e-2, max_total_nfe=10)
+    with pytest.raises(OdeServeError, match="INVALID_ARGUMENT.*scheduling.priority"):
+        sdk.classify(images, model=CLASSIFIER, tol=1e-2, priority=9)
+    fixed = sdk.log_density(np.zeros((2, 2), np.float32), model=DENSITY, tol=1e-4, method="tsit5")
+    assert (fixed.solved.rtol, fixed.solved.atol, fixed.solved.method, fixed.solved.preemptions) == (1e-4, 1e-4, "tsit5", 0)
+
+
 def test_an_unknown_keyword_is_a_type_error_before_anything_is_sent(sdk):
-    with pytest.raises(TypeError, match="'tols'.*tol, rtol, atol, method, max_nfe"):
+    with pytest.raises(TypeError, match="'tols'.*tol, rtol, atol, method, max_nfe, latency_target_s, priority, max_total_nfe"):
         sdk.sample(2, model=DENSITY, tols=1e-3)
     with pytest.raises(TypeError):
         sdk.models(verbose=True)
@@ -147,12 +164,12 @@ def test_both_shells_offer_every_described_call_with_its_signature_and_docstring
 
 def test_help_spells_out_the_request_options_with_their_types():
     signature = inspect.signature(Client.classify)
-    assert list(signature.parameters) == ["self", "images", "model", "version", "timeout_s",
-                                          "tol", "rtol", "atol", "method", "max_nfe"]  # fmt: skip
+    assert list(signature.parameters) == ["self", "images", "model", "version", "timeout_s", "tol", "rtol", "atol",
+                                          "method", "max_nfe", "latency_target_s", "priority", "max_total_nfe"]  # fmt: skip
     assert signature.parameters["max_nfe"].annotation == "int | None" and signature.parameters["tol"].default is None
     assert signature.return_annotation == "ClassifyResult"
     text = pydoc.render_doc(AsyncClient.log_density, renderer=pydoc.plaintext)
     assert "async log_density(self, points: 'npt.ArrayLike', *, model: 'str'" in text
-    assert "max_nfe: 'int | None' = None) -> 'LogDensityResult'" in text
+    assert "max_total_nfe: 'int | None' = None) -> 'LogDensityResult'" in text
     assert "Exact log-densities" in text and "tol       rtol = atol = tol" in text
     assert "models(self, timeout_s: 'float | None' = None) -> 'list[ModelInfo]'" in pydoc.render_doc(Client.models, renderer=pydoc.plaintext)
