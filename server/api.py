@@ -8,7 +8,7 @@ scheduling, auth and metrics exist once, behind these types. No gRPC, no torch h
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,10 +123,14 @@ class Scheduling:
 
 @dataclass(frozen=True)
 class InferenceRequest:
+    """``inputs`` decodes the request's arrays (by the signature's input names; scalars as 0-d
+    arrays) when the service asks, after the model and settings were checked: so every
+    protocol reports a request's problems in the same order, with the same messages."""
+
     kind: Kind
     model: str
     version: str
-    inputs: Mapping[str, np.ndarray]  # by the signature's input names; scalars as 0-d arrays
+    inputs: Callable[[], Mapping[str, np.ndarray]]
     accuracy: Accuracy = Accuracy()
     scheduling: Scheduling = Scheduling()
 

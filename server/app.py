@@ -5,6 +5,7 @@ gracefully on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -22,6 +23,8 @@ from .engine import Engine
 from .frontend import Frontend
 from .metrics import Metrics
 from .models import ServedModel, load_models
+from .open_inference import SERVICE as OIP_SERVICE
+from .open_inference import OpenInference
 from .service import InferenceService
 from .v1 import SERVICE as V1_SERVICE
 from .v1 import V1
@@ -58,9 +61,9 @@ class Server:
         for model in self.models.values():
             self._add_worker(model)
         self.service = InferenceService(self.models, self.engine, config)
-        self.v1 = V1(self.service)
+        rpcs = [*V1(self.service).rpcs(), *OpenInference(self.service, version=_version()).rpcs()]
         try:
-            self.frontend = Frontend(config, self.service, self.v1.rpcs(), self.metrics, self._standard_services)
+            self.frontend = Frontend(config, self.service, rpcs, self.metrics, self._standard_services)
         except OSError as error:
             raise SystemExit(f"cannot read {error.filename}: {error.strerror}") from None
         address = f"{config.host}:{config.port}"
@@ -76,7 +79,7 @@ class Server:
 
     def _standard_services(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (V1_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (V1_SERVICE, OIP_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
 
     def _add_worker(self, model: ServedModel) -> None:
@@ -96,7 +99,7 @@ class Server:
                                                         read_timeout=config.metrics_read_timeout_s)  # fmt: skip
         self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         await self.frontend.server.start()
-        for name in ("", V1_SERVICE, *self.models):
+        for name in ("", V1_SERVICE, OIP_SERVICE, *self.models):
             await self.health.set(name, SERVING)
         log.info("serving %d models on %s:%d (gRPC, %s), metrics on %s:%d", len(self.models), config.host, self.port,
                  self.security, config.metrics_host, self.metrics_port)  # fmt: skip
@@ -142,6 +145,13 @@ class Server:
         if self._metrics_server is not None:
             self._metrics_server.close()
         log.info("stopped")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("odeserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def serve(config: ServerConfig) -> None:

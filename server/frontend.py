@@ -67,19 +67,23 @@ def accepted_tokens(config: ServerConfig) -> list[bytes]:
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Refuses calls to the protected services without ``authorization: Bearer <token>``
-    naming an accepted token (UNAUTHENTICATED). Every accepted token is compared in constant
+    """Refuses calls to the protocols' services — all but their open probes (OIP's ServerLive,
+    ServerReady) — without ``authorization: Bearer <token>`` naming an accepted token
+    (UNAUTHENTICATED). Every accepted token is compared in constant
     time, so timing reveals neither a token nor which one matched. Refusals are counted under
     the RPC's name when it is one of ours, else under ``unknown``."""
 
-    def __init__(self, tokens: list[bytes], services: set[str], rpc_names: dict[str, str], stats: StatsSink) -> None:
+    def __init__(self, tokens: list[bytes], rpcs: Sequence[Rpc], stats: StatsSink) -> None:
         if not tokens:
             raise ValueError("token authentication needs at least one token")
-        self._tokens, self._prefixes, self._names, self._stats = tokens, tuple(f"/{s}/" for s in services), rpc_names, stats
+        self._tokens, self._stats = tokens, stats
+        self._prefixes = tuple({f"/{rpc.service}/" for rpc in rpcs})
+        self._open = {rpc.path for rpc in rpcs if not rpc.protected}
+        self._names = {rpc.path: rpc.name for rpc in rpcs}
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         method = handler_call_details.method
-        if not method.startswith(self._prefixes):
+        if not method.startswith(self._prefixes) or method in self._open:
             return await continuation(handler_call_details)
         problem = self._check(dict(handler_call_details.invocation_metadata or ()).get("authorization"))
         if problem is None:
@@ -144,9 +148,7 @@ class Frontend:
                         ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]  # fmt: skip
         tokens = accepted_tokens(config)
         self.credentials = server_credentials(config)
-        names = {rpc.path: rpc.name for rpc in self.rpcs}
-        protected = {rpc.service for rpc in self.rpcs if rpc.protected}
-        interceptors = [TokenAuth(tokens, protected, names, stats)] if tokens else []
+        interceptors = [TokenAuth(tokens, self.rpcs, stats)] if tokens else []
         self.tokens = len(tokens)
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs)  # fmt: skip

@@ -103,5 +103,5 @@ def load_models(
             default_tol=default_tol,
             device=str(device),
         )
-        log.info("serving %s (%s, %s, version %s) on %s", name, checkpoint.kind, adapter.task, version, device)
+        log.info("serving %s (%s, %s, version %s) on %s", name, checkpoint.kind, adapter.task.value, version, device)
     return models

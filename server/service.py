@@ -146,9 +146,10 @@ class InferenceService:
             raise RequestError(Code.DEADLINE_EXCEEDED, "the call's deadline had passed when it arrived")
         scheduling = scheduling_settings(request.accuracy, request.scheduling, remaining, self.config)
         record.priority = scheduling.priority
-        rows = model.adapter.prepare(request.kind, request.inputs, self.limits)
+        inputs = request.inputs()
+        rows = model.adapter.prepare(request.kind, inputs, self.limits)
         if first:
-            decoded = sum(array.nbytes for array in request.inputs.values())
+            decoded = sum(array.nbytes for array in inputs.values())
             call.reservation.add(decoded + rows.nbytes + len(rows) * model.adapter.state_bytes(request.kind))
         works = [Work(request.kind, row, rtol, atol, method, max_nfe) for row in rows]
         return model, works, remaining, scheduling

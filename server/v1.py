@@ -79,7 +79,7 @@ class V1:
 
     def _compute(self, spec: Compute):
         async def handle(message: Message, call: Call) -> Message:
-            request = InferenceRequest(spec.kind, message.model, message.version, spec.inputs(message),
+            request = InferenceRequest(spec.kind, message.model, message.version, lambda: spec.inputs(message),
                                        _accuracy(message.accuracy), _scheduling(message.scheduling))  # fmt: skip
             result = await self.service.infer(request, call)
             return spec.response(**spec.outputs(result.outputs), **_common(result))

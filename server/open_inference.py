@@ -1,0 +1,268 @@
+"""The Open Inference Protocol (KServe v2, ``inference.GRPCInferenceService``): a second thin
+translator onto the same protocol-neutral request as ``odeserve.v1``, so validation, limits,
+scheduling, auth and metrics are the same code, and errors the same codes and messages.
+
+A model's inputs and outputs are those of its kinds' signatures, plus per-item ``nfe`` and
+``status`` outputs. A density model samples when given ``n`` (and optionally ``seed``) and
+evaluates log-densities when given ``points``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from server.oip import grpc_predict_v2_pb2 as oip
+
+from .api import Accuracy, InferenceRequest, Kind, Scheduling, Task, invalid, quoted
+from .frontend import Rpc
+from .models import ServedModel
+from .service import Call, InferenceService
+from .wire import MAX_DIMENSIONS
+
+SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+EXTENSIONS = ("model_repository", "parameters")
+MAX_ID = 256  # characters of a request id echoed back
+
+# Datatype names of the protocol, their little-endian numpy types and the typed-contents field.
+DATATYPES = {
+    "BOOL": (np.dtype("?"), "bool_contents"),
+    "UINT8": (np.dtype("<u1"), "uint_contents"),
+    "UINT32": (np.dtype("<u4"), "uint_contents"),
+    "UINT64": (np.dtype("<u8"), "uint64_contents"),
+    "INT32": (np.dtype("<i4"), "int_contents"),
+    "INT64": (np.dtype("<i8"), "int64_contents"),
+    "FP32": (np.dtype("<f4"), "fp32_contents"),
+    "FP64": (np.dtype("<f8"), "fp64_contents"),
+}
+NAME_OF = {str(dtype): name for name, (dtype, _) in DATATYPES.items()}
+COUNT_INPUTS = ("n", "seed")  # Sample's scalars: any integer datatype, shape [] or [1]
+PER_ITEM = (("nfe", "UINT32", "function evaluations of each item"),
+            ("status", "INT32", "how each item's solve ended: 1 SUCCESS, 2 MAX_STEPS, 3 MAX_NFE, "
+                                "4 STEP_SIZE_UNDERFLOW, 5 NON_FINITE"))  # fmt: skip
+
+
+SPEC_DATATYPES = {"uint8": "UINT8", "int32": "INT32", "uint32": "UINT32", "uint64": "UINT64", "float32": "FP32",
+                  "float64": "FP64"}  # fmt: skip
+
+
+class OpenInference:
+    """The RPCs of ``inference.GRPCInferenceService`` over an :class:`InferenceService`."""
+
+    def __init__(self, service: InferenceService, version: str) -> None:
+        self.service, self.version = service, version
+
+    def rpcs(self) -> list[Rpc]:
+        open_probes = [("ServerLive", oip.ServerLiveRequest, self.server_live),
+                       ("ServerReady", oip.ServerReadyRequest, self.server_ready)]  # fmt: skip
+        calls = [("ModelReady", oip.ModelReadyRequest, self.model_ready),
+                 ("ServerMetadata", oip.ServerMetadataRequest, self.server_metadata),
+                 ("ModelMetadata", oip.ModelMetadataRequest, self.model_metadata),
+                 ("ModelInfer", oip.ModelInferRequest, self.model_infer),
+                 ("RepositoryIndex", oip.RepositoryIndexRequest, self.repository_index)]  # fmt: skip
+        return [*(Rpc(SERVICE, name, request, handle, protected=False) for name, request, handle in open_probes),
+                *(Rpc(SERVICE, name, request, handle) for name, request, handle in calls)]  # fmt: skip
+
+    # ---- server and models ------------------------------------------------------------------
+    async def server_live(self, message: oip.ServerLiveRequest, call: Call) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def server_ready(self, message: oip.ServerReadyRequest, call: Call) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=not self.service.draining and bool(self.service.models))
+
+    async def model_ready(self, message: oip.ModelReadyRequest, call: Call) -> oip.ModelReadyResponse:
+        model = self.service.models.get(message.name)
+        ready = model is not None and message.version in ("", model.version) and not self.service.draining
+        return oip.ModelReadyResponse(ready=ready)
+
+    async def server_metadata(self, message: oip.ServerMetadataRequest, call: Call) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name="odeserve", version=self.version, extensions=EXTENSIONS)
+
+    async def model_metadata(self, message: oip.ModelMetadataRequest, call: Call) -> oip.ModelMetadataResponse:
+        model = self.service.model(message.name, message.version)
+        call.record.model = model.name
+        inputs, outputs = _tensors(model)
+        tensor = oip.ModelMetadataResponse.TensorMetadata
+        properties = {"task": model.task.value, "default_tol": repr(model.default_tol), "kind": model.kind}
+        if model.task is Task.DENSITY:
+            properties["sample"] = "inputs n (and seed); outputs points, log_density, nfe, status"
+            properties["log_density"] = "input points; outputs log_density, nfe, status"
+        return oip.ModelMetadataResponse(
+            name=model.name, versions=[model.version], platform="odeserve_neural_ode",
+            inputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in inputs],
+            outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in outputs], properties=properties,
+        )  # fmt: skip
+
+    async def repository_index(self, message: oip.RepositoryIndexRequest, call: Call) -> oip.RepositoryIndexResponse:
+        entry = oip.RepositoryIndexResponse.ModelIndex
+        models = [entry(name=m.name, version=m.version, state="READY") for m in self.service.models.values()]
+        return oip.RepositoryIndexResponse(models=models)
+
+    # ---- inference ---------------------------------------------------------------------------
+    async def model_infer(self, message: oip.ModelInferRequest, call: Call) -> oip.ModelInferResponse:
+        if len(message.id) > MAX_ID:
+            raise invalid(f"id is {len(message.id)} characters long; at most {MAX_ID} are echoed back")
+        model = self.service.model(message.model_name, message.model_version)
+        kind = _kind(model, [tensor.name for tensor in message.inputs])
+        parameters = _Parameters(message.parameters)
+        accuracy, scheduling, timeout = parameters.accuracy(), parameters.scheduling(), parameters.timeout()
+        if timeout is not None:
+            call = _with_timeout(call, timeout)
+        request = InferenceRequest(kind, model.name, message.model_version, lambda: _decode_inputs(message),
+                                   accuracy, scheduling)  # fmt: skip
+        result = await self.service.infer(request, call)
+        produced = {**result.outputs, "nfe": result.nfe, "status": result.status}
+        wanted = [o.name for o in message.outputs] or list(produced)
+        unknown = [name for name in wanted if name not in produced]
+        if unknown:
+            raise invalid(f"outputs: model {quoted(model.name)} has no output {quoted(unknown[0])} "
+                          f"(outputs: {', '.join(produced)})")  # fmt: skip
+        solved = result.solved
+        response = oip.ModelInferResponse(model_name=model.name, model_version=model.version, id=message.id)
+        response.parameters["rtol"].double_param = solved.rtol
+        response.parameters["atol"].double_param = solved.atol
+        response.parameters["method"].string_param = solved.method
+        response.parameters["preemptions"].int64_param = solved.preemptions
+        for name in wanted:
+            array = np.ascontiguousarray(produced[name])
+            datatype = NAME_OF[str(array.dtype.newbyteorder("<"))]
+            response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+            response.raw_output_contents.append(array.astype(DATATYPES[datatype][0], copy=False).tobytes())
+        return response
+
+
+def _tensors(model: ServedModel) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
+    """(name, datatype, shape) of a model's inputs and outputs over all its kinds, each once."""
+    inputs: dict[str, tuple[str, str, list[int]]] = {}
+    outputs: dict[str, tuple[str, str, list[int]]] = {}
+    for signature in model.adapter.signatures.values():
+        for spec in signature.inputs:
+            shape = list(spec.shape) or [1]
+            inputs.setdefault(spec.name, (spec.name, SPEC_DATATYPES[spec.dtypes[0]], shape))
+        for spec in signature.outputs:
+            outputs.setdefault(spec.name, (spec.name, SPEC_DATATYPES[spec.dtypes[0]], list(spec.shape)))
+    for name, datatype, _ in PER_ITEM:
+        outputs[name] = (name, datatype, [-1])
+    return list(inputs.values()), list(outputs.values())
+
+
+def _kind(model: ServedModel, names: list[str]) -> Kind:
+    """What the request asks of the model, from the names of its inputs."""
+    given = set(names)
+    if model.task is Task.CLASSIFY:
+        expected, kind = {"images"}, Kind.CLASSIFY
+    elif "points" in given:
+        expected, kind = {"points"}, Kind.LOG_DENSITY
+    else:
+        expected, kind = {"n", "seed"}, Kind.SAMPLE
+    unknown = sorted(given - expected)
+    if unknown:
+        raise invalid(f"inputs: model {quoted(model.name)} has no input {quoted(unknown[0])} here "
+                      f"(for {kind.value}: {', '.join(sorted(expected))})")  # fmt: skip
+    missing = sorted(expected - given - {"seed"})
+    if missing:
+        raise invalid(f"inputs: {kind.value} on model {quoted(model.name)} needs input {missing[0]!r}")
+    return kind
+
+
+def _decode_inputs(message: oip.ModelInferRequest) -> dict[str, np.ndarray]:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise invalid(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; give one per input")
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(message.inputs):
+        name = tensor.name
+        field = f"inputs[{index}] ({quoted(name)})"
+        if name in inputs:
+            raise invalid(f"{field}: input {quoted(name)} is given twice")
+        if tensor.datatype not in DATATYPES:
+            raise invalid(f"{field}.datatype must be one of {', '.join(DATATYPES)}, got {quoted(tensor.datatype)}")
+        if len(tensor.shape) > MAX_DIMENSIONS:
+            raise invalid(f"{field}.shape has {len(tensor.shape)} dimensions; at most {MAX_DIMENSIONS} are accepted")
+        shape = list(tensor.shape)
+        if any(n < 0 for n in shape):
+            raise invalid(f"{field}.shape must not be negative, got {shape}")
+        dtype, contents = DATATYPES[tensor.datatype]
+        count = math.prod(shape)
+        if raw:
+            if len(raw[index]) != count * dtype.itemsize:
+                raise invalid(f"{field}: raw_input_contents[{index}] has {len(raw[index])} bytes, but shape {shape} of "
+                              f"{tensor.datatype} needs {count * dtype.itemsize}")  # fmt: skip
+            array = np.frombuffer(raw[index], dtype=dtype)
+        else:
+            values = getattr(tensor.contents, contents)
+            if len(values) != count:
+                raise invalid(f"{field}: contents.{contents} has {len(values)} values, but shape {shape} needs {count}")
+            array = np.asarray(values).astype(dtype)
+        array = array.reshape(shape)
+        if name in COUNT_INPUTS:
+            if array.size != 1 or array.dtype.kind not in "iu":
+                raise invalid(f"{field}: {name} must be one integer (shape [1]), got {tensor.datatype} {shape}")
+            if int(array.reshape(())) < 0:
+                raise invalid(f"{field}: {name} must not be negative")
+            array = array.reshape(()).astype(np.uint64)
+        inputs[name] = array
+    return inputs
+
+
+class _Parameters:
+    """Request parameters: numbers, or strings from clients that send every parameter as one."""
+
+    def __init__(self, parameters: Mapping[str, oip.InferParameter]) -> None:
+        self.parameters = parameters
+
+    def _value(self, name: str) -> bool | int | float | str | None:
+        if name not in self.parameters:
+            return None
+        parameter = self.parameters[name]
+        return getattr(parameter, parameter.WhichOneof("parameter_choice") or "string_param")
+
+    def number(self, name: str, kind: type) -> float | int | None:
+        value = self._value(name)
+        if value is None or isinstance(value, bool):
+            if isinstance(value, bool):
+                raise invalid(f"parameters.{name} must be a number, got {value!r}")
+            return None
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise invalid(f"parameters.{name} must be a number, got {quoted(value)}") from None
+        if kind is int:
+            if not float(number).is_integer() or number < 0:
+                raise invalid(f"parameters.{name} must be a whole number >= 0, got {value!r}")
+            return int(number)
+        return float(number)
+
+    def accuracy(self) -> Accuracy:
+        tol = self._value("tol")
+        auto = isinstance(tol, str) and tol.strip().lower() == "auto"
+        method = self._value("method")
+        if method is not None and not isinstance(method, str):
+            raise invalid(f"parameters.method must be a string, got {method!r}")
+        return Accuracy(tol=0.0 if auto else self.number("tol", float) or 0.0, rtol=self.number("rtol", float) or 0.0,
+                        atol=self.number("atol", float) or 0.0, method=method or "",
+                        max_nfe=self.number("max_nfe", int) or 0, auto_tol=auto,
+                        latency_target_seconds=self.number("latency_target_seconds", float) or 0.0)  # fmt: skip
+
+    def scheduling(self) -> Scheduling:
+        return Scheduling(priority=self.number("priority", int) or 0, max_total_nfe=self.number("max_total_nfe", int) or 0)
+
+    def timeout(self) -> float | None:
+        """Triton's ``timeout``, in microseconds, as seconds."""
+        microseconds = self.number("timeout", int)
+        return None if not microseconds else microseconds / 1e6
+
+
+def _with_timeout(call: Call, timeout: float) -> Call:
+    """The call, with its deadline at most ``timeout`` seconds from now."""
+    end = time.monotonic() + timeout
+
+    def remaining() -> float | None:
+        left = end - time.monotonic()
+        grpc_left = call.remaining()
+        return left if grpc_left is None else min(left, grpc_left)
+
+    return Call(remaining, call.record, call.reservation)
+
