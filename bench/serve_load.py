@@ -339,7 +339,7 @@ def main() -> None:
 
     test = load_mnist(args.data_dir, train=False, download=False)
     images, labels = test.images[:2000, 0].numpy(), test.labels[:2000].numpy()
-    record: dict = {}
+    record: dict = {"load_average_1m_before": round(os.getloadavg()[0], 2)}
     batch_flags = ("--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms))
     with tempfile.TemporaryDirectory() as tmp:
         targets = {name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags) for name, flags in POLICIES.items()}
@@ -388,6 +388,7 @@ def main() -> None:
             for target in targets.values():
                 target.close()
 
+    record["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
     _print(record, args, machine)

@@ -217,8 +217,9 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file name (default: soak_cpu or soak_cpu_<duration>s)")
     args = parser.parse_args()
 
-    from conftest import start_server
+    from live_server import start_server
 
+    load_before = os.getloadavg()
     pool = build_pool(args.checkpoints, args.data_dir, args.pool, args.seed, args.max_images)
     workdir = ROOT / "runs" / "soak"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -256,6 +257,7 @@ def main() -> None:
         "rss_mb_end": round(end_mb, 1),
         "rss_growth_percent": round(100 * (end_mb - start_mb) / start_mb, 1),
         "rss_mb_peak": round(peak_mb, 1),
+        "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "rss_trace_mb": rss,
         "server_exit_code": exit_code,
     }

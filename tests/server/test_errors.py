@@ -96,7 +96,7 @@ def test_bad_request_gets_its_status_and_the_server_keeps_serving(stub, name, ca
 
 
 def test_oversized_message_is_refused(stub):
-    huge = np.zeros((22_000, 28, 28), dtype=np.uint8)  # 17 MB > the 16 MiB limit
+    huge = np.zeros((22_000, 28, 28), dtype=np.uint8)  # 17 MB > the 4 MiB limit
     with pytest.raises(grpc.RpcError) as error:
         stub.Classify(classify(huge)[1], timeout=30)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
