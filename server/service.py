@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .adapters import Limits
-from .api import CallRecord, Code, InferenceRequest, InferenceResult, RequestError, Solved, invalid, quoted
+from .api import CallRecord, Code, InferenceRequest, InferenceResult, RequestError, Solved, SolveStatus, invalid, quoted
 from .config import ServerConfig
 from .engine import (
     BudgetExhausted,
@@ -113,7 +113,7 @@ class InferenceService:
             raise
         except Exception as error:  # noqa: BLE001
             raise _engine_error(error) from None
-        succeeded = np.array([int(s) == 1 for s in result.statuses])
+        succeeded = np.array([int(s) == SolveStatus.SUCCESS for s in result.statuses])
         outputs = model.adapter.present(request.kind, result.outputs, succeeded)
         solved = Solved(result.rtol, result.atol, works[0].method, result.preemptions)
         inference = InferenceResult(
