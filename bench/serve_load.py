@@ -86,32 +86,33 @@ class GrpcTarget:
 
 
 class InProcessTarget:
-    """The same engine without gRPC: requests go straight to ``Engine.submit``."""
+    """The same engine without gRPC: the model's adapter prepares the items, which go straight
+    to ``Engine.submit``."""
 
     def __init__(self, checkpoints: Path, max_batch: int) -> None:
         from neuralode.devices import resolve_device
-        from server.config import ServerConfig
+        from server.adapters import Limits
         from server.engine import Engine
         from server.models import load_models
 
         device = resolve_device("auto")  # where `python -m server` puts the models too
         self.model = load_models(checkpoints, device)[CLASSIFIER]
         self.engine = Engine(device, max_batch=max_batch)
-        self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER)
-        self.config = ServerConfig()
+        self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER, expected_nfe=self.model.expected_nfe)
+        self.limits = Limits(max_items=1024, max_abs_input=1e6)
+
+    def _future(self, images: np.ndarray, tol: float):
+        from server.api import Kind
+        from server.executor import Work
+
+        rows = self.model.adapter.prepare(Kind.CLASSIFY, {"images": images}, self.limits)
+        return self.engine.submit(self.model.key, [Work(Kind.CLASSIFY, row, tol, tol, "dopri5", 10_000) for row in rows])[1]
 
     def classify(self, images: np.ndarray, tol: float) -> list[int]:
-        from server.wire import classify_work
-
-        works = classify_work(classify_request(images, tol=tol), self.model, self.config)
-        return self.engine.submit(self.model.key, works)[1].result().nfe
+        return self._future(images, tol).result().nfe
 
     def submit(self, images: np.ndarray, tol: float, done) -> None:
-        from server.wire import classify_work
-
-        works = classify_work(classify_request(images, tol=tol), self.model, self.config)
-        future = self.engine.submit(self.model.key, works)[1]
-        future.add_done_callback(lambda f: done(None if f.exception() else f.result().nfe))
+        self._future(images, tol).add_done_callback(lambda f: done(None if f.exception() else f.result().nfe))
 
     def close(self) -> None:
         self.engine.close()

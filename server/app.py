@@ -55,6 +55,7 @@ class Server:
             policy="static" if config.batching == "static" else config.policy,
             max_delay=config.max_delay_ms / 1000,
             default_priority=config.default_priority,
+            guaranteed_share=config.guaranteed_share,
             stats=self.metrics,
             health=self._model_health,
         )

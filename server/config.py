@@ -21,6 +21,7 @@ class ServerConfig:
     policy: str = "fair"
     priority_levels: int = 3
     default_priority: int = 2
+    guaranteed_share: float = 0.25
     max_batch: int = 256
     max_delay_ms: float = 5.0
     max_queued_items: int = 4096
@@ -58,6 +59,8 @@ class ServerConfig:
             problems.append(f"policy must be fair or fifo, got {self.policy!r}")
         if not 1 <= self.default_priority <= self.priority_levels:
             problems.append("need 1 <= default_priority <= priority_levels")
+        if not 0 <= self.guaranteed_share <= 1:
+            problems.append("guaranteed_share must be in [0, 1]")
         if not self.max_abs_input > 0:
             problems.append("max_abs_input must be > 0")
         for name in ("max_batch", "max_queued_items", "max_items_per_request", "max_nfe", "max_request_nfe",
@@ -98,6 +101,7 @@ _HELP = {
     "policy": "continuous batching: fair (priority levels, then a fair share of the batch per request, with preemption) or fifo (first come, first served)",
     "priority_levels": "request priorities 1 (most urgent) .. this; a request's 0 means default_priority",
     "default_priority": "the level of requests that do not set one",
+    "guaranteed_share": "fair policy: the fraction of a level's batch slots split equally between its requests (at least one each while there are slots for all); the rest goes by earliest virtual deadline",
     "max_batch": "most items in one running batch",
     "max_delay_ms": "static batching: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",

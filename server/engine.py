@@ -113,6 +113,7 @@ class ModelWorker:
         policy: str,
         max_delay: float,
         default_priority: int,
+        guaranteed_share: float,
         clock: Clock,
         stats: StatsSink,
         health: HealthSink,
@@ -124,7 +125,8 @@ class ModelWorker:
         self.tolerances = sorted(tolerances)
         self.max_batch = max_batch
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
-                                   default_priority=default_priority, clock=clock)  # fmt: skip
+                                   default_priority=default_priority, guaranteed_share=guaranteed_share,
+                                   clock=clock)  # fmt: skip
         self.executor = Executor(adapter, device)
         self._lock = threading.Condition()
         self._futures: dict[int, Future] = {}
@@ -307,13 +309,14 @@ class Engine:
         policy: str = "fair",
         max_delay: float = 0.005,
         default_priority: int = 1,
+        guaranteed_share: float = 0.25,
         clock: Clock = time.monotonic,
         stats: StatsSink = discard,
         health: HealthSink = _serving,
     ) -> None:
         self.device, self.clock, self.stats, self.health = device, clock, stats, health
         self._settings = dict(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
-                              default_priority=default_priority)  # fmt: skip
+                              default_priority=default_priority, guaranteed_share=guaranteed_share)  # fmt: skip
         self.workers: dict[str, ModelWorker] = {}
         self._retired: list[tuple[str, ModelWorker]] = []
         self._lock = threading.Lock()

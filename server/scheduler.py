@@ -20,10 +20,15 @@ preempted item ends bit-identical to one that never was.
 Policies (``policy``):
 
 * ``fair`` (default): strict priority levels (lower value is more urgent, Triton's
-  convention); within a level, the running batch is shared max-min fairly between requests
-  (water-filling by item count: a request needing fewer slots than its share gets all it
-  needs, the others split the rest), remainder slots going to the earliest deadline, then
-  the earliest arrival. A request over its share is preempted, row by row, when others wait.
+  convention). Within a level, ``guaranteed_share`` of the slots (and at least one per
+  request, while there are slots for all) is split max-min fairly between requests
+  (water-filling by item count: one that needs fewer slots than an equal share gets all it
+  needs, the others the same number each), so no request waits while another holds the batch. The other slots go by earliest *virtual deadline* — the call's
+  deadline, or its arrival plus what it would take alone on the batch, whichever is earlier —
+  each request taking what it still needs. Work is served nearly in arrival order (the tail
+  stays that of first-come-first-served), yet a cheap request overtakes an expensive one that
+  arrived shortly before it. A request holding more than it is allocated is preempted, row by
+  row, for the others.
 * ``fifo``: first come, first served; nothing is preempted (the engine before v2).
 * ``static``: a batch starts only when nothing runs and either ``max_batch`` items wait or the
   oldest has waited ``max_delay``; it runs to its end and its requests complete together.
@@ -38,6 +43,7 @@ latency target.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import itertools
 import math
@@ -48,6 +54,14 @@ from typing import Any
 
 Clock = Callable[[], float]
 POLICIES = ("fair", "fifo", "static")
+
+VIRTUAL_DEADLINE_WEIGHT = 1.0
+"""A request's virtual deadline is its arrival plus this many times what it would take alone:
+the larger, the further a cheap request overtakes expensive ones that arrived before it."""
+
+AUTO_HEADROOM = 0.25
+"""``auto`` picks the tightest tolerance predicted to finish within this share of its target:
+forecasts made at arrival miss the work that arrives after, and under overload that is most."""
 
 OPTIMISTIC_NFE_FRACTION = 0.5
 """Deadline checks assume an item needs at least this share of the card's NFE at its
@@ -132,17 +146,27 @@ class Request:
     started_at: float | None = None  # when its first item joined a batch
     finished_at: float | None = None
     preemptions: int = 0
+    virtual_deadline: float = math.inf  # the fair policy's order for slots beyond the guaranteed
+    counts: dict[State, int] = field(default_factory=dict)  # items by state, kept by the scheduler
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
     def ended(self) -> bool:
         return self.state.terminal
 
+    @property
+    def demand(self) -> int:
+        """Items that still need a slot (waiting, running or parked)."""
+        return self.count(State.WAITING) + self.count(State.RUNNING) + self.count(State.PREEMPTED)
+
+    def count(self, state: State) -> int:
+        return self.counts.get(state, 0)
+
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
-    def _urgency(self) -> tuple[float, float, int]:
-        return (math.inf if self.deadline is None else self.deadline, self.enqueued_at, self.id)
+    def _order(self) -> tuple[float, int]:
+        return (self.virtual_deadline, self.id)
 
 
 @dataclass(eq=False)
@@ -219,6 +243,18 @@ class StepTimer:
         return intercept + slope * max(batch, 1)
 
 
+@dataclass(frozen=True)
+class _Queue:
+    """Where a new request would stand, from the last ``schedule``: one priority level's
+    requests in their order, with the expected row-steps (items × steps to go) ahead of each.
+    Predictions look a request up here instead of re-planning."""
+
+    orders: list[tuple[float, int]]
+    work_before: list[float]  # expected row-steps of this level's requests ahead of each position
+    work: float
+    demand: int  # items
+
+
 class Scheduler:
     def __init__(
         self,
@@ -228,18 +264,25 @@ class Scheduler:
         policy: str = "fair",
         max_delay: float = 0.0,
         default_priority: int = 1,
+        guaranteed_share: float = 0.25,
         clock: Clock = time.monotonic,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if max_batch < 1 or max_queued < 1:
             raise ValueError("max_batch and max_queued must be >= 1")
+        if not 0.0 <= guaranteed_share <= 1.0:
+            raise ValueError(f"guaranteed_share must be in [0, 1], got {guaranteed_share}")
         self.max_batch, self.max_queued, self.policy = max_batch, max_queued, policy
         self.max_delay, self.default_priority, self.clock = max_delay, default_priority, clock
+        self.guaranteed_share = guaranteed_share
         self.timer = StepTimer()
         self._requests: dict[int, Request] = {}  # not ended, by id
         self._live: dict[int, Item] = {}  # running or parked items, by id
         self._held: list[Request] = []  # static mode: finished, handed back when the batch ends
+        self._queued = 0  # items waiting or parked
+        self._running = 0
+        self._queues: dict[int, _Queue] = {}
         self._step_started: float | None = None
         self._step_rows = 0
 
@@ -247,11 +290,11 @@ class Scheduler:
     @property
     def queued(self) -> int:
         """Items waiting to start or parked: what the queue limit counts."""
-        return sum(1 for r in self._requests.values() for i in r.items if i.state in (State.WAITING, State.PREEMPTED))
+        return self._queued
 
     @property
     def running(self) -> int:
-        return sum(1 for item in self._live.values() if item.state is State.RUNNING)
+        return self._running
 
     @property
     def idle(self) -> bool:
@@ -274,9 +317,8 @@ class Scheduler:
         within ``latency_target`` seconds (or by its deadline), else the loosest."""
         if not payloads:
             raise ValueError("a request needs at least one item")
-        queued = self.queued
-        if queued + len(payloads) > self.max_queued:
-            raise QueueFull(f"{queued} items queued; {len(payloads)} more would exceed the limit of {self.max_queued}")
+        if self._queued + len(payloads) > self.max_queued:
+            raise QueueFull(f"{self._queued} items queued; {len(payloads)} more would exceed the limit of {self.max_queued}")
         now = self.clock()
         request = Request(items=[], cost=cost, priority=self.default_priority if priority is None else priority,
                           enqueued_at=now, deadline=deadline, budget=budget)  # fmt: skip
@@ -291,6 +333,10 @@ class Scheduler:
                 f"an NFE budget of {budget} cannot pay for {len(payloads)} items: starting them and one step "
                 f"each takes {least} function evaluations"
             )
+        alone = VIRTUAL_DEADLINE_WEIGHT * self._alone_seconds(len(payloads), request.cost)
+        request.virtual_deadline = min(now + alone, math.inf if deadline is None else deadline)
+        request.counts[State.WAITING] = len(payloads)
+        self._queued += len(payloads)
         self._requests[request.id] = request
         return request
 
@@ -310,9 +356,12 @@ class Scheduler:
         if self.policy == "static":
             self._schedule_static(plan, now)
         else:
-            self._schedule_shared(plan, now)
+            requests = list(self._requests.values())
+            wanted = self._fifo(requests) if self.policy == "fifo" else self._shares(requests)
+            for request in requests:
+                self._resize(request, wanted.get(request.id, 0), plan, now)
         self._charge(plan)
-        plan.running = self.running
+        plan.running = self._running
         if plan.running:
             self._step_started, self._step_rows = now, plan.running
         elif self.policy == "static" and self._held:  # a batch that ended with this plan
@@ -335,7 +384,8 @@ class Scheduler:
             item = self._live.pop(item_id, None)
             if item is None:  # its request ended meanwhile
                 continue
-            item.state, item.outcome = State.FINISHED, outcome
+            self._move(item, State.FINISHED)
+            item.outcome = outcome
             request = item.request
             request.done += 1
             if request.done == len(request.items):
@@ -344,7 +394,7 @@ class Scheduler:
                 finished.append(request)
         if self.policy == "static":
             self._held.extend(finished)
-            return self._release_held() if not self.running else []
+            return self._release_held() if not self._running else []
         return finished
 
     def fail_started(self, error: Exception) -> list[Request]:
@@ -368,15 +418,6 @@ class Scheduler:
         return None if not waiting else max(0.0, min(waiting) + self.max_delay - self.clock())
 
     # ---- policies ----------------------------------------------------------------------------
-    def _schedule_shared(self, plan: Plan, now: float) -> None:
-        requests = list(self._requests.values())
-        if self.policy == "fifo":
-            wanted = self._fifo(requests)
-        else:
-            wanted = self._fair_shares(requests)
-        for request in requests:
-            self._resize(request, wanted.get(request.id, 0), plan, now)
-
     def _schedule_static(self, plan: Plan, now: float) -> None:
         if self._live:
             return
@@ -385,45 +426,61 @@ class Scheduler:
         if not waiting or (count < self.max_batch and now - waiting[0].enqueued_at < self.max_delay):
             plan.wake_after = self.wake_after()
             return
-        for request, n in self._fifo(waiting).items():
-            self._resize(self._requests[request], n, plan, now)
+        for request_id, n in self._fifo(waiting).items():
+            self._resize(self._requests[request_id], n, plan, now)
 
     def _fifo(self, requests: list[Request]) -> dict[int, int]:
         """Running items keep their slots; free ones go to waiting items in arrival order."""
-        free = self.max_batch - self.running
+        free = self.max_batch - self._running
         wanted = {}
-        for request in sorted(requests, key=lambda r: r.id):
-            running = sum(1 for i in request.items if i.state is State.RUNNING)
-            waiting = sum(1 for i in request.items if i.state in (State.WAITING, State.PREEMPTED))
-            extra = min(waiting, free)
-            wanted[request.id], free = running + extra, free - extra
+        ordered = sorted(requests, key=lambda r: r.id)
+        for request in ordered:
+            extra = min(request.count(State.WAITING) + request.count(State.PREEMPTED), free)
+            wanted[request.id], free = request.count(State.RUNNING) + extra, free - extra
+        self._remember(ordered, key=lambda r: (r.enqueued_at, r.id))
         return wanted
 
-    def _fair_shares(self, requests: list[Request], extra: Request | None = None) -> dict[int, int]:
-        """Slots per request: strict priority between levels, max-min fair within one."""
-        demand = {r.id: sum(1 for i in r.items if not i.state.terminal) for r in requests}
-        if extra is not None:
-            requests = [*requests, extra]
-            demand[extra.id] = len(extra.items)
+    def _shares(self, requests: list[Request]) -> dict[int, int]:
+        """Slots per request: strict priority between levels; within one, the guaranteed
+        share split max-min fairly, the rest by earliest virtual deadline."""
         shares: dict[int, int] = {}
         left = self.max_batch
+        self._queues = {}
         for priority in sorted({r.priority for r in requests}):
-            level = [r for r in requests if r.priority == priority]
-            for request_id, n in _water_fill(level, demand, left).items():
-                shares[request_id] = n
-                left -= n
+            level = sorted((r for r in requests if r.priority == priority), key=Request._order)
+            demand = {r.id: r.demand for r in level}
+            # At least a slot per request while there are slots for all: nobody waits for a first one.
+            pool = min(left, max(int(self.guaranteed_share * left), len(level)))
+            guaranteed = _water_fill(level, demand, pool)
+            spare = left - sum(guaranteed.values())
+            for request in level:
+                extra = min(demand[request.id] - guaranteed[request.id], spare)
+                shares[request.id] = guaranteed[request.id] + extra
+                spare -= extra
+            left -= sum(shares[r.id] for r in level)
+            self._queues[priority] = _queue(level, key=Request._order)
         return shares
+
+    def _remember(self, ordered: list[Request], key) -> None:
+        self._queues = {p: _queue([r for r in ordered if r.priority == p], key=key) for p in {r.priority for r in ordered}}
 
     def _resize(self, request: Request, slots: int, plan: Plan, now: float) -> None:
         """Park or start items of ``request`` until it holds ``slots`` running items."""
-        running = [i for i in request.items if i.state is State.RUNNING]
-        for item in reversed(running[slots:]):  # the last admitted leave first
-            item.state = State.PREEMPTED
-            request.preemptions += 1
-            plan.park.append(item)
-        del running[slots:]
+        running = request.count(State.RUNNING)
+        if running == slots:
+            return
+        if running > slots:
+            for item in reversed(request.items):  # the last admitted leave first
+                if running == slots:
+                    break
+                if item.state is State.RUNNING:
+                    self._move(item, State.PREEMPTED)
+                    request.preemptions += 1
+                    plan.park.append(item)
+                    running -= 1
+            return
         for item in request.items:
-            if len(running) >= slots:
+            if running >= slots:
                 break
             if item.state is State.PREEMPTED:
                 plan.resume.append(item)
@@ -432,48 +489,72 @@ class Scheduler:
                 self._live[item.id] = item
             else:
                 continue
-            item.state = State.RUNNING
-            running.append(item)
+            self._move(item, State.RUNNING)
+            running += 1
             if request.started_at is None:
                 request.started_at = now
                 request.state = State.RUNNING
+
+    def _move(self, item: Item, state: State) -> None:
+        """Change an item's state, keeping the counts by state up to date."""
+        counts, old = item.request.counts, item.state
+        counts[old] = counts.get(old, 0) - 1
+        counts[state] = counts.get(state, 0) + 1
+        queued = (State.WAITING, State.PREEMPTED)
+        self._queued += (state in queued) - (old in queued)
+        self._running += (state is State.RUNNING) - (old is State.RUNNING)
+        item.state = state
 
     def _charge(self, plan: Plan) -> None:
         """Stop, before the step, every request whose budget cannot pay for it."""
         joining = {id(item) for item in plan.join}
         for request in list(self._requests.values()):
-            if request.budget is None:
+            if request.budget is None or not request.count(State.RUNNING):
                 continue
             cost = request.cost
-            step = sum(cost.step + (cost.start if id(i) in joining else 0) for i in request.items if i.state is State.RUNNING)
-            if step and request.nfe + step > request.budget:
+            running = [i for i in request.items if i.state is State.RUNNING]
+            step = sum(cost.step + (cost.start if id(i) in joining else 0) for i in running)
+            if request.nfe + step > request.budget:
                 error = BudgetExhausted(
                     f"the request's NFE budget of {request.budget} is spent: {request.nfe} used, and the next step of its "
-                    f"{sum(1 for i in request.items if i.state is State.RUNNING)} running items would take {step} more "
+                    f"{len(running)} running items would take {step} more "
                     f"({request.done} of {len(request.items)} items had finished)"
                 )
                 self._end(request, error, plan)
 
     # ---- predictions -------------------------------------------------------------------------
-    def predict_seconds(self, request: Request, cost: Cost) -> float:
-        """How long ``request`` (not yet submitted) would take at ``cost`` if it arrived now:
-        its rows' steps at the batch size it would run in, in as many waves as its share of
-        the batch needs."""
-        requests = list(self._requests.values())
-        share = (self._fair_shares(requests, extra=request).get(request.id, 0) if self.policy == "fair"
-                 else max(0, self.max_batch - self.running))  # fmt: skip
-        if share == 0:
-            return math.inf
-        waves = math.ceil(len(request.items) / share)
-        batch = min(self.max_batch, self.running + len(request.items))
+    def _alone_seconds(self, items: int, cost: Cost) -> float:
+        """What a request would take alone on the batch: its steps, in as many waves as its
+        items need, at the measured time per step (0 before any step was measured)."""
         steps = cost.steps(cost.expected) if cost.expected is not None else 1.0
-        return waves * steps * self.timer.predict(batch)
+        rows = min(items, self.max_batch)
+        return math.ceil(items / self.max_batch) * steps * self.timer.predict(rows)
+
+    def predict_seconds(self, request: Request, cost: Cost) -> float:
+        """How long ``request`` (not yet submitted) would take at ``cost`` if it arrived now.
+
+        The batch works off ``max_batch`` row-steps per step; the request finishes once the
+        work ahead of it (more urgent levels, and its own level's requests before it in the
+        policy's order, as of the last schedule) and its own are done — and no sooner than its
+        own steps one after another."""
+        now = self.clock()
+        n = len(request.items)
+        steps = cost.steps(cost.expected) if cost.expected is not None else 1.0
+        ahead = sum(q.work for p, q in self._queues.items() if p < request.priority)
+        queue = self._queues.get(request.priority)
+        if queue is not None:
+            alone = VIRTUAL_DEADLINE_WEIGHT * self._alone_seconds(n, cost)
+            order = (now, -1) if self.policy != "fair" else (min(
+                now + alone, math.inf if request.deadline is None else request.deadline), -1)
+            ahead += queue.work_before[bisect.bisect_left(queue.orders, order)]
+        rows = min(self.max_batch, sum(q.demand for q in self._queues.values()) + n)
+        return max(steps, (ahead + n * steps) / self.max_batch) * self.timer.predict(rows)
 
     def _choose(self, request: Request, candidates: Sequence[Candidate], target: float | None) -> Candidate:
         if target is None:
             return candidates[0]
         for candidate in candidates:
-            if self.predict_seconds(request, candidate.cost) <= target:
+            if self.predict_seconds(request, candidate.cost) <= AUTO_HEADROOM * target:
                 return candidate
         return candidates[-1]
 
@@ -481,12 +562,11 @@ class Scheduler:
         """Even with half the card's NFE per item, the deadline cannot be met."""
         if request.deadline is None or request.cost.expected is None or not self.timer.observed:
             return False
-        remaining = [i for i in request.items if not i.state.terminal]
-        optimistic = OPTIMISTIC_NFE_FRACTION * request.cost.expected
         cost = request.cost
-        done = max(max(0.0, (i.nfe - cost.start) / cost.step) for i in remaining)
+        optimistic = OPTIMISTIC_NFE_FRACTION * cost.expected
+        done = max((max(0.0, (i.nfe - cost.start) / cost.step) for i in request.items if not i.state.terminal), default=0.0)
         steps = max(1.0, cost.steps(optimistic) - done)
-        return now + steps * self.timer.predict(self.running or 1) > request.deadline
+        return now + steps * self.timer.predict(self._running or 1) > request.deadline
 
     def _reason_to_end(self, request: Request, now: float) -> Exception | None:
         if isinstance(request.error, Cancelled):
@@ -499,8 +579,8 @@ class Scheduler:
 
     # ---- endings -----------------------------------------------------------------------------
     def _end(self, request: Request, error: Exception, plan: Plan) -> None:
-        request.state = next((state for kind, state in _ENDED_BY.items() if isinstance(error, kind)), State.FAILED)
-        request.error, request.finished_at = error, self.clock()
+        state = next((state for kind, state in _ENDED_BY.items() if isinstance(error, kind)), State.FAILED)
+        request.state, request.error, request.finished_at = state, error, self.clock()
         for item in request.items:
             if item.state in (State.RUNNING, State.PREEMPTED):
                 self._live.pop(item.id, None)
@@ -512,7 +592,7 @@ class Scheduler:
                             change.remove(item)
                     plan.drop.append(item)
             if not item.state.terminal:
-                item.state = request.state
+                self._move(item, state)
         self._requests.pop(request.id, None)
         plan.ended.append(request)
 
@@ -521,10 +601,20 @@ class Scheduler:
         return held
 
 
+def _queue(level: list[Request], key) -> _Queue:
+    orders, before, total = [], [], 0.0
+    for request in level:
+        orders.append(key(request))
+        before.append(total)
+        total += request.demand * request.cost.steps(request.cost.expected or 0.0)
+    before.append(total)
+    return _Queue(orders, before, total, sum(request.demand for request in level))
+
+
 def _water_fill(requests: Iterable[Request], demand: dict[int, int], slots: int) -> dict[int, int]:
     """Max-min fair split of ``slots`` by demand: requests needing less than an equal share
     get all they need, the others the same number each; slots that do not divide evenly go
-    to the most urgent of those (earliest deadline, then earliest arrival)."""
+    to those with the earliest virtual deadlines."""
     pending = sorted(requests, key=lambda r: demand[r.id])
     shares = {r.id: 0 for r in pending}
     left = max(0, slots)
@@ -538,7 +628,7 @@ def _water_fill(requests: Iterable[Request], demand: dict[int, int], slots: int)
         level, remainder = divmod(left, rest)
         for other in capped:
             shares[other.id] = level
-        for other in sorted(capped, key=Request._urgency)[:remainder]:
+        for other in sorted(capped, key=Request._order)[:remainder]:
             shares[other.id] += 1
         break
     return shares

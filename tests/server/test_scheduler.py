@@ -203,19 +203,38 @@ def test_a_small_request_preempts_a_big_one_for_its_share_and_the_big_one_resume
     assert max(h.executor.batch_sizes) == 8
 
 
-def test_shares_are_max_min_fair_with_remainders_to_the_earliest_deadline():
-    h = Harness(max_batch=10)
-    a = h.submit([100] * 2)  # needs less than a third: gets all it asks for
-    b = h.submit([100] * 20)
-    c = h.submit([100] * 20, deadline=h.clock.now + 1000)
+def test_the_guaranteed_share_is_max_min_fair_and_the_rest_goes_by_virtual_deadline():
+    h = Harness(max_batch=40, guaranteed_share=0.25)  # 10 slots split fairly, 30 by virtual deadline
+    h.run_until(h.submit([1]))  # the timer learns the step time
+    cheap, dear = Cost(START, STEP, START + 2 * STEP), Cost(START, STEP, START + 50 * STEP)
+    small = h.submit([100] * 2, cost=cheap)
+    expensive = h.submit([100] * 20, cost=dear)  # would take 50 steps alone: a later virtual deadline
+    quick = h.submit([100] * 20, cost=cheap)
+    assert small.virtual_deadline < quick.virtual_deadline < expensive.virtual_deadline
     h.step()
-    running = {r.id: sum(1 for i in r.items if i.state is State.RUNNING) for r in (a, b, c)}
-    assert running == {a.id: 2, b.id: 4, c.id: 4}
-    d = h.submit([100] * 20, deadline=h.clock.now + 500)
+    running = {r.id: r.count(State.RUNNING) for r in (small, expensive, quick)}
+    # guaranteed: 2, 4, 4 (water-filling 10); then 30 by virtual deadline: quick +16, expensive +14
+    assert running == {small.id: 2, quick.id: 20, expensive.id: 18}
+
+
+def test_a_deadline_earlier_than_its_virtual_deadline_moves_a_request_ahead():
+    h = Harness(max_batch=24)  # guaranteed: 6 slots, 3 each; 18 by virtual deadline
+    h.run_until(h.submit([1]))
+    dear = Cost(START, STEP, START + 50 * STEP)  # 50 steps of 20 rows at 1 ms a row: 1 s alone
+    first = h.submit([100] * 20, cost=dear)
     h.step()
-    running = {r.id: sum(1 for i in r.items if i.state is State.RUNNING) for r in (a, b, c, d)}
-    assert running == {a.id: 2, b.id: 2, c.id: 3, d.id: 3}  # 8 slots over three: 3, 3, 2 by deadline
-    assert sum(running.values()) == 10
+    hurried = h.submit([100] * 20, cost=dear, deadline=h.clock.now + 0.8)
+    assert hurried.virtual_deadline == hurried.deadline < first.virtual_deadline
+    h.step()
+    assert (hurried.count(State.RUNNING), first.count(State.RUNNING)) == (20, 4)
+    assert first.preemptions == 16
+
+
+def test_with_more_requests_than_slots_the_earliest_virtual_deadlines_run():
+    h = Harness(max_batch=4)
+    requests = [h.submit([3]) for _ in range(6)]
+    h.step()
+    assert [r.count(State.RUNNING) for r in requests] == [1, 1, 1, 1, 0, 0]
 
 
 def test_a_hostile_request_gets_only_its_share():
@@ -308,11 +327,29 @@ def test_auto_picks_the_tightest_tolerance_predicted_to_meet_the_target_and_loos
     for _ in range(30):
         h.step()
     assert h.scheduler.timer.predict(61) == pytest.approx(0.061, rel=0.05)
-    loaded = h.submit([10], candidates=CANDIDATES, latency_target=0.7)
-    assert loaded.tol == 1e-2  # 40 steps of 61 ms would take 2.4 s; 10 steps take 0.61 s
+    loaded = h.submit([10], candidates=CANDIDATES, latency_target=3.0)
+    # Within a quarter of the target (AUTO_HEADROOM): 40 steps of 61 ms would take 2.4 s, 10 take 0.61 s.
+    assert loaded.tol == 1e-2
     hopeless = h.submit([3], candidates=CANDIDATES, latency_target=0.01)
     assert hopeless.tol == 1e-1  # nothing meets 10 ms: the loosest
     assert crowd.state is State.RUNNING
+
+
+def test_auto_counts_the_work_queued_ahead_of_it():
+    h = Harness(max_batch=4, seconds_per_row=0.001)
+    for _ in range(3):
+        h.run_until(h.submit([2]))
+    alone = h.submit([40], candidates=CANDIDATES, latency_target=1.0)
+    assert alone.tol == 1e-4
+    h.run_until(alone)
+    tight = Cost(START, STEP, START + 40 * STEP)
+    backlog = [h.submit([40], cost=tight) for _ in range(40)]  # 1,600 row-steps, 4 rows a step
+    h.step()
+    behind = h.submit([10], candidates=CANDIDATES, latency_target=1.0)  # the fake item takes the 10 steps of 1e-2
+    # At 1e-4 it would queue behind the backlog (400 steps of 4 ms); at 1e-2 its virtual deadline
+    # comes before the backlog's, so it overtakes it and finishes in its own 10 steps.
+    assert behind.tol == 1e-2
+    assert h.run_until(behind) == 10 and all(r.state in (State.RUNNING, State.WAITING) for r in backlog)
 
 
 def test_auto_without_a_target_or_deadline_takes_the_tightest():
