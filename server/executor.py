@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuralode.solvers import SolverState, Status, Stepper
+from neuralode.solvers import SolverState, Status, Stepper, get_method
 from neuralode.solvers.stepper import Norm
-from neuralode.solvers.tableau import get_method
 
 from .adapters import Adapter
 

@@ -155,8 +155,8 @@ def test_adjoint_memory_does_not_grow_with_the_number_of_steps():
 
 def test_rejected_rows_with_nan_stages_add_nothing_to_parameter_gradients():
     """A trial step that runs into NaN is rejected; its stages must not poison dL/dθ."""
+    from neuralode.solvers import Stepper, get_method
     from neuralode.solvers.adjoint import _SeminormDynamics
-    from neuralode.solvers.stepper import Stepper
 
     weight = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
 
@@ -165,8 +165,7 @@ def test_rejected_rows_with_nan_stages_add_nothing_to_parameter_gradients():
         return torch.where(z.abs() > 5, torch.full_like(out, float("nan")), out)
 
     def one_step(z0):
-        stepper = Stepper.create("dopri5")
-        dynamics = _SeminormDynamics(func, [weight], stepper, z0)
+        dynamics = _SeminormDynamics(func, [weight], Stepper(get_method("dopri5")))
         y = torch.stack([z0, torch.ones_like(z0)], 1)
         t0 = torch.zeros(len(z0), dtype=torch.float64)
         end = torch.full_like(t0, 2.0)
