@@ -143,7 +143,7 @@ class PIController(StepSizeController):
             accept = accept | (dt.abs() <= self.min_step)
         dt_next = self._clamp(dt_next)
         eps = torch.finfo(dt.dtype).eps
-        stuck = dt_next.abs() < 10 * eps * torch.maximum(t.abs(), (t + dt).abs())
+        stuck = dt_next.abs() < 2 * eps * torch.maximum(t.abs(), (t + dt).abs())
         return Decision(accept, dt_next, {"prev_error": prev_error}, stuck)
 
     def _clamp(self, dt: Tensor) -> Tensor:
