@@ -9,7 +9,7 @@ this repository: pass a checkout of its ``tests/`` directory.
 
     git --git-dir=<torchdiffeq bare repo> archive HEAD tests | tar -x -C /tmp/tdq
     python bench/torchdiffeq_suite.py /tmp/tdq/tests [--against neuralode|installed|DIR]
-        [--modules api_tests event_tests ...] [-k PATTERN] [--out bench/results/torchdiffeq_suite.json]
+        [--modules api_tests event_tests ...] [-k PATTERN] [--out bench/results/torchdiffeq_suite.json --label NAME]
 
 ``--against installed`` runs the suite against the torchdiffeq installed in this environment,
 ``--against DIR`` against the ``torchdiffeq`` package found in DIR (e.g. the checkout's root),
@@ -100,7 +100,6 @@ print(json.dumps({"module": module_name, "torchdiffeq": torchdiffeq.__file__,
 def run_module(tests_dir: Path, module: str, path_dir: Path, timeout: float, patterns: list[str]) -> dict:
     """One test module in a child process whose module path starts with ``path_dir``."""
     env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
     runner = path_dir / "_suite_runner.py"
     try:
         completed = subprocess.run(
@@ -126,7 +125,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per module")
     parser.add_argument("-k", dest="patterns", action="append", default=[],
                         help="only test methods matching this pattern (unittest -k), e.g. '*jump_t*'")
-    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="also add the results to this JSON file of runs")
+    parser.add_argument("--label", help="the run's name in --out (default: --against)")
     parser.add_argument("--quiet", action="store_true", help="do not list failures")
     args = parser.parse_args()
     tests_dir = args.tests.resolve()
@@ -162,13 +162,14 @@ def main() -> None:
                 if not ok:
                     print(textwrap.shorten(f"FAIL {name}: {reason}", 240))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        summary = {
-            "benchmark": "torchdiffeq_suite",
-            "against": args.against,
+        runs = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "torchdiffeq_suite", "runs": {}}
+        runs["runs"][args.label or args.against] = {
+            "against": args.against if args.against in ("neuralode", "installed") else "a torchdiffeq checkout",
             "machine": f"{platform.processor() or platform.machine()}",
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"),
+            "passed": passed,
+            "total": total,
             "modules": {
                 r["module"]: {
                     "passed": sum(1 for _, ok, _ in r["records"] if ok),
@@ -178,10 +179,9 @@ def main() -> None:
                 }
                 for r in results
             },
-            "passed": passed,
-            "total": total,
         }
-        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(runs, indent=1) + "\n")
 
 
 if __name__ == "__main__":

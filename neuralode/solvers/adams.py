@@ -130,9 +130,8 @@ class Adams(Solver):
                 break
             f = evaluate(func, t1[index], y[index] + dy[index])
             corrected = h[index] * implicit_weight[index] * f + known[index]
-            change = (corrected - dy[index]).abs() / (
-                rows_of(atol[index], y[index]) + rows_of(rtol[index], y[index]) * torch.maximum(corrected.abs(), dy[index].abs())
-            )
+            scale = torch.maximum(corrected.abs(), dy[index].abs()) * rows_of(rtol[index], corrected)
+            change = (corrected - dy[index]).abs() / (scale + rows_of(atol[index], corrected))
             converged = per_row(change).amax(1) < 1
             dy = dy.index_put((index,), corrected)
             iterations = iterations.index_put((index,), iterations[index] + 1)

@@ -100,7 +100,9 @@ def integrate(
     direction = torch.sign(times[:, -1] - state.t.new_zeros(batch).index_put((state.sample_id,), state.t))
     along_stops = direction[:, None] * stops
     t_reached = torch.empty_like(state.t)
-    counters = {name: torch.zeros(batch, dtype=torch.int64, device=y.device) for name in ("nfe", "steps", "rejected", "status")}
+    counters = {
+        name: torch.zeros(batch, dtype=torch.int64, device=y.device) for name in ("nfe", "steps", "rejected", "status")
+    }
     if events is not None:
         events.start(state)
 

@@ -197,7 +197,8 @@ def solve_ivp(
     problem = prepare_problem(y0, t_span, t_eval, rtol, atol, first_step, max_nfe, step_t=step_t, jump_t=jump_t,
                               unbounded=event_fn is not None)  # fmt: skip
     if isinstance(solver, ScipyMethod):
-        if step_size is not None or controller is not None or first_step is not None or perturb or callbacks or step_t is not None or jump_t is not None:
+        stepping = (step_size, controller, first_step, callbacks, step_t, jump_t)
+        if perturb or any(option is not None for option in stepping):
             raise ValueError("scipy_solver takes only rtol, atol and its own options (ScipyMethod)")
         stepper = solver
     else:

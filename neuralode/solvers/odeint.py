@@ -234,12 +234,11 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, adjoint: _Adjoin
     config = None
     if adjoint is not None:
         backward_method, backward_settings = backward
+        points, jumps = landing_points(backward_settings.step_t, backward_settings.jump_t, problem.y0)
         config = AdjointConfig.build(
             batched, solve_method, problem, adjoint_params=adjoint.params, rtol=adjoint.rtol, atol=adjoint.atol,
             norm=_adjoint_norm(layout, adjoint.options.get("norm"), settings.state_norm), stats=BackwardStats(),
-            backward=backward_method, callbacks=backward_settings.callbacks,
-            points=(points := landing_points(backward_settings.step_t, backward_settings.jump_t, problem.y0))[0],
-            jumps=points[1],
+            backward=backward_method, callbacks=backward_settings.callbacks, points=points, jumps=jumps,
         )  # fmt: skip
     n_out = t.shape[0]
     out_layout = OutputLayout(prepend_y0=True, shape=(n_out, *flat_y0.shape))

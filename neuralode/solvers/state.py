@@ -78,8 +78,8 @@ class StepRecord:
     parameter quadrature, callbacks.
 
     The step started from ``(t, y)``; ``stage_t[i]`` and ``stage_y[i]`` are the inputs at which
-    stage ``i`` was evaluated (for explicit RK methods stage 0 is the start), ``ks[i]`` its value, ``f0`` the derivative at the start, ``y1``
-    the proposed new state at ``t1``,
+    stage ``i`` was evaluated (for explicit RK methods stage 0 is the start), ``ks[i]`` its
+    value, ``f0`` the derivative at the start, ``y1`` the proposed new state at ``t1``,
     ``dt`` the signed step tried, ``accepted`` the per-sample decision and ``error_finite`` whether its
     error estimate (or, without one, the new state) was finite. Rows are those of the state the
     step was given.

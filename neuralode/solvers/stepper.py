@@ -73,6 +73,7 @@ class Stepper:
             raise ValueError(f"{self.method.name} has no error estimate: it needs fixed steps (step_size)")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        object.__setattr__(self, "_k", self.method.error_exponent if self.method.adaptive else 1)
 
     # ----------------------------------------------------------------------------------------
     def init(
@@ -159,8 +160,9 @@ class Stepper:
         nothing = torch.zeros(unstarted.numel(), dtype=torch.int64, device=y0.device)
         f0 = torch.zeros_like(y0_) if self.method.needs_f0 else None
         # A first step given to the controller makes it evaluate nothing: only its rows are wanted.
-        _, controller_rows = self.controller.init(self.method, func, t0_, y0_, f0, torch.sign(t_end[unstarted] - t0_),
-                                                  rtol[unstarted], atol[unstarted], self.norm, torch.ones_like(t0_))  # fmt: skip
+        direction = torch.sign(t_end[unstarted] - t0_)
+        _, controller_rows = self.controller.init(self.method, func, t0_, y0_, f0, direction, rtol[unstarted],
+                                                  atol[unstarted], self.norm, torch.ones_like(t0_))  # fmt: skip
         parts.append(SolverState(
             t=t0_, y=y0_, dt=torch.zeros_like(t0_), t_stop=t_stop[unstarted], t_end=t_end[unstarted],
             rtol=rtol[unstarted], atol=atol[unstarted], nfe=nothing, steps=nothing.clone(), rejected=nothing.clone(),
@@ -183,12 +185,10 @@ class Stepper:
         dt = torch.where(lands, remaining, state.dt)
         t1 = torch.where(lands, state.t_stop, t + dt)
         perturbation = None
-        if self.perturb or state.jump is not None:
-            landing_on_jump = lands & state.jump if state.jump is not None else lands
-            perturbation = Perturbation(
-                after_start=True if self.perturb else state.after_jump,
-                before_end=True if self.perturb else landing_on_jump,
-            )
+        if self.perturb:
+            perturbation = Perturbation(after_start=True, before_end=True)
+        elif state.jump is not None:
+            perturbation = Perturbation(after_start=state.after_jump, before_end=lands & state.jump)
         callbacks = self.callbacks
         if callbacks is not None and callbacks.step is not None:
             callbacks.step(t, y, dt)
@@ -197,8 +197,7 @@ class Stepper:
 
         with torch.no_grad():
             error = self._error_norm(y, attempt, dt, state) if self.controller.adaptive else None
-            decision = self.controller.adapt(error, attempt.y1, t, dt, state.dt, state.controller,
-                                            self.method.error_exponent if self.method.adaptive else 1)
+            decision = self.controller.adapt(error, attempt.y1, t, dt, state.dt, state.controller, self._k)
         accepted = decision.accept
         error_finite = torch.isfinite(error) if error is not None else accepted
         if callbacks is not None and callbacks.decided is not None:
