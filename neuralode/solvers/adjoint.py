@@ -255,12 +255,14 @@ class _AdjointSolve(torch.autograd.Function):
         a = torch.zeros_like(y0)
         with torch.no_grad():
             for k in reversed(range(n_times)):
-                # Outputs beyond an event were never reached: nothing flows from them.
+                # Outputs beyond an event were never reached: nothing flows from them, and an
+                # event time's own gradient is the event's business (events.event_gradient).
                 reached = direction * times[:, k] <= direction * t_reached
                 a = a + torch.where(rows_of(reached, a), grad_ys[k], torch.zeros_like(a))
-                if needs_t and k < n_times - 1 or (needs_t and solve.events is None):
+                if needs_t:
+                    moves = reached if k < n_times - 1 or solve.events is None else reached & ~solve.events.hit
                     f_k = func(times[:, k], torch.where(rows_of(reached, a), ys[k], y0))
-                    grad_times[:, k] = torch.where(reached, _dot(grad_ys[k], f_k), 0.0)
+                    grad_times[:, k] = torch.where(moves, _dot(grad_ys[k], f_k), 0.0)
                     stats.nfe += 1
                 t_to = times[:, k - 1] if k else t0
                 t_from = torch.where(reached, times[:, k], t_to)
