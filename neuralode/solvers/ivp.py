@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .adjoint import IDENTITY, AdjointConfig, BackwardStats, ForwardSolve, OutputLayout, PartsNorm, adjoint_solve
 from .controller import ConstantController, StepSizeController
@@ -18,12 +18,13 @@ from .scipy_solve import ScipyMethod, scipy_integrate
 from .solver import INTERPOLANTS, Func, Solver
 from .status import Status, raise_for_status
 from .stepper import DEFAULT_MAX_STEPS, Norm, StepCallbacks, Stepper, rms_norm
+from .tuples import State, TupleLayout
 
 
 @dataclass(frozen=True)
 class Solution:
-    y1: Tensor  # [B, *S] state at t1 (where it stopped, for failed samples; at the event, with one)
-    ys: Tensor | None  # [T, B, *S] states at t_eval, when asked for (NaN where never reached)
+    y1: State  # [B, *S] state at t1 (where it stopped, for failed samples; at the event, with one)
+    ys: State | None  # [T, B, *S] states at t_eval, when asked for (NaN where never reached)
     t1: Tensor  # [B] time each sample reached (differentiable at events)
     nfe: Tensor  # [B] function evaluations
     steps: Tensor  # [B] accepted steps
@@ -143,7 +144,7 @@ def solve(
 
 def solve_ivp(
     func: Func,
-    y0: Tensor,
+    y0: State,
     t_span: tuple[float | Tensor, float | Tensor],
     *,
     t_eval: Tensor | None = None,
@@ -191,7 +192,17 @@ def solve_ivp(
     sample (default: RMS), e.g. to leave constant parts of an augmented state out of error
     control. With ``adjoint=True`` gradients come from the adjoint method (O(1) memory in the
     number of steps); otherwise autograd backpropagates through the solver's operations.
+
+    ``y0`` may be a tuple of ``[B, ...]`` tensors: ``func``, ``norm``, ``event_fn`` and the
+    callbacks then see tuples, ``y1`` and ``ys`` are tuples, and the default norm is the
+    largest RMS of the parts, per sample.
     """
+    layout = TupleLayout.of(y0, batched=True)
+    if layout.shapes is not None:
+        if adjoint and adjoint_params is None and isinstance(func, nn.Module):
+            adjoint_params = tuple(func.parameters())
+        func, norm, event_fn, callbacks = _flat_tuple(layout, func, norm, event_fn, callbacks)
+        y0 = layout.flatten(y0)
     solver = resolve_method(method)
     interpolant = resolve_interpolant(interpolate)
     problem = prepare_problem(y0, t_span, t_eval, rtol, atol, first_step, max_nfe, step_t=step_t, jump_t=jump_t,
@@ -224,8 +235,8 @@ def solve_ivp(
     if events is not None:
         t1, y1 = event_gradient(func, events, t1, y1, torch.arange(y1.shape[0], device=y1.device))
     return Solution(
-        y1=y1,
-        ys=outputs[: problem.n_eval] if problem.n_eval else None,
+        y1=layout.unflatten(y1),
+        ys=layout.unflatten(outputs[: problem.n_eval]) if problem.n_eval else None,
         t1=t1,
         nfe=trajectory.nfe,
         steps=trajectory.steps,
@@ -234,3 +245,26 @@ def solve_ivp(
         backward=None if config is None else config.stats,
         event=trajectory.event,
     )
+
+
+def _flat_tuple(layout: TupleLayout, func, norm, event_fn, callbacks):
+    """The user's functions of tuple states, as functions of the flat ``[B, N]`` state."""
+    if norm is not None and not callable(norm):
+        raise TypeError("norm must be a callable mapping the scaled error (a tuple here) to [B] norms")
+
+    def flat_func(t: Tensor, y: Tensor) -> Tensor:
+        return layout.flatten(func(t, layout.unflatten(y)), "func's output")
+
+    def mixed_norm(scaled: Tensor) -> Tensor:
+        return torch.stack([rms_norm(part) for part in layout.unflatten(scaled)]).amax(0)
+
+    flat_norm = mixed_norm if norm is None else (lambda scaled: norm(layout.unflatten(scaled)))
+    flat_event = None if event_fn is None else (lambda t, y: event_fn(t, layout.unflatten(y)))
+    flat_callbacks = None
+    if callbacks is not None:
+        step, decided = callbacks.step, callbacks.decided
+        flat_callbacks = StepCallbacks(
+            step=None if step is None else (lambda t, y, dt: step(t, layout.unflatten(y), dt)),
+            decided=None if decided is None else (lambda t, y, dt, ok: decided(t, layout.unflatten(y), dt, ok)),
+        )
+    return flat_func, flat_norm, flat_event, flat_callbacks

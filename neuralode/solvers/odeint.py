@@ -31,9 +31,9 @@ from .problem import landing_points, prepare_problem
 from .scipy_solve import ScipyMethod
 from .solver import Solver
 from .status import raise_for_status
+from .tuples import State, TupleLayout
 from .stepper import DEFAULT_MAX_STEPS, StepCallbacks
 
-State = Tensor | tuple[Tensor, ...]
 OdeFunc = Callable[[Tensor, State], State]
 
 _COMMON_OPTIONS = {"norm", "max_num_steps", "perturb", "step_t", "jump_t", "grid_points", "interp", "step_size"}
@@ -132,45 +132,6 @@ class _AdjointRequest:
     options: dict
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """A torchdiffeq state as one sample of the solver: a tensor keeps its shape, a tuple is
-    flattened into one vector (and split back by slicing, as torchdiffeq does)."""
-
-    shapes: tuple[torch.Size, ...] | None  # None: a tensor state
-
-    @staticmethod
-    def of(y0: State) -> _Layout:
-        if isinstance(y0, Tensor):
-            return _Layout(None)
-        if not isinstance(y0, tuple) or not y0 or not all(isinstance(part, Tensor) for part in y0):
-            raise TypeError(f"y0 must be a tensor or a tuple of tensors, got {type(y0).__name__}")
-        if len({part.dtype for part in y0}) != 1 or len({part.device for part in y0}) != 1:
-            raise ValueError("the tensors of a tuple y0 must share one dtype and device")
-        return _Layout(tuple(part.shape for part in y0))
-
-    def flatten(self, y: State, name: str = "y0") -> Tensor:
-        if self.shapes is None:
-            return y
-        if not isinstance(y, (tuple, list)) or len(y) != len(self.shapes):
-            raise ValueError(f"{name} must be a tuple of {len(self.shapes)} tensors, like y0")
-        for i, (part, shape) in enumerate(zip(y, self.shapes)):
-            if not isinstance(part, Tensor) or part.shape != shape:
-                got = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
-                raise ValueError(f"{name}[{i}] must have shape {tuple(shape)}, got {got}")
-        return torch.cat([part.reshape(-1) for part in y])
-
-    def unflatten(self, y: Tensor, leading: tuple[int, ...] = ()) -> State:
-        if self.shapes is None:
-            return y
-        parts, start = [], 0
-        for shape in self.shapes:
-            end = start + shape.numel()
-            parts.append(y[..., start:end].view((*leading, *shape)))
-            start = end
-        return tuple(parts)
-
-
 def _rms(x: Tensor) -> Tensor:
     return x.abs().pow(2).mean().sqrt()
 
@@ -185,7 +146,7 @@ def _as_norm(value) -> Tensor:
 
 
 def _odeint(func, y0, t, rtol, atol, method, options, event_fn, adjoint: _AdjointRequest | None):
-    layout = _Layout.of(y0)
+    layout = TupleLayout.of(y0, batched=False)
     flat_y0 = layout.flatten(y0)
     if not flat_y0.is_floating_point():
         raise ValueError(f"y0 must have a floating-point dtype, got {flat_y0.dtype}")
@@ -246,11 +207,11 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, adjoint: _Adjoin
                                         event_fn=batched_event, adjoint=config, layout=out_layout)  # fmt: skip
     raise_for_status(trajectory.status)
     if events is None:
-        return layout.unflatten(outputs, (n_out,))
+        return layout.unflatten(outputs)
     event_t, y_event = event_gradient(batched, events, trajectory.t_reached, outputs[-1][None],
                                       torch.zeros(1, dtype=torch.int64, device=outputs.device))  # fmt: skip
     solution = torch.cat([outputs[:-1], y_event], 0)
-    return event_t[0].to(t.dtype), layout.unflatten(solution, (n_out,))
+    return event_t[0].to(t.dtype), layout.unflatten(solution)
 
 
 @dataclass(frozen=True)
@@ -265,7 +226,7 @@ class _Settings:
     state_norm: Callable[[Tensor], Tensor]  # on one sample's (unbatched) state
 
 
-def _settings(func, y0: Tensor, t: Tensor, layout: _Layout, method, options, name: str, callback_suffix: str = ""):
+def _settings(func, y0: Tensor, t: Tensor, layout: TupleLayout, method, options, name: str, callback_suffix: str = ""):
     """The method (a Stepper, or a ScipyMethod) and the other settings that ``options`` ask for."""
     options = dict(options or {})
     if method is None:
@@ -339,7 +300,7 @@ def _with_solver_options(solver: Solver, options: dict) -> Solver:
     return solver.with_options(**method_options) if method_options else solver
 
 
-def _callbacks(func, layout: _Layout, solver, suffix: str) -> StepCallbacks | None:
+def _callbacks(func, layout: TupleLayout, solver, suffix: str) -> StepCallbacks | None:
     """torchdiffeq's step callbacks, read from attributes of ``func``; a method that cannot
     call one warns, as torchdiffeq does."""
     found = {name: getattr(func, name + suffix) for name in _CALLBACKS if callable(getattr(func, name + suffix, None))}
@@ -367,7 +328,7 @@ def _callbacks(func, layout: _Layout, solver, suffix: str) -> StepCallbacks | No
     return StepCallbacks(step=on_step if step else None, decided=on_decision if accept or reject else None)
 
 
-def _adjoint_norm(layout: _Layout, requested, state_norm) -> PartsNorm:
+def _adjoint_norm(layout: TupleLayout, requested, state_norm) -> PartsNorm:
     """torchdiffeq's adjoint norms over the parts (t, y, adj_y, *adj_params)."""
     if requested is None or requested == "full":
 

@@ -232,3 +232,24 @@ def test_max_nfe_one_at_tol_1e3_evaluates_nothing():
     calls = []
     solution = solve_ivp(lambda t, y: calls.append(1) or -y, torch.ones(1, 2), (0.0, 1.0), rtol=1e-3, atol=1e-3, max_nfe=1)
     assert int(solution.status) == Status.MAX_NFE and int(solution.nfe) == 0 and not calls
+
+
+def test_tuple_states_per_sample():
+    """A tuple of [B, ...] tensors is solved as one state per sample; results come back as
+    tuples, and each sample still gets what it would alone."""
+
+    def func(t, state):
+        x, w = state  # x' = -k x per sample, w rotates
+        return -x * w[:, :1, 0], torch.stack([w[..., 1], -w[..., 0]], -1)
+
+    x0 = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    w0 = torch.tensor([[[0.5, 0.0]], [[3.0, 0.0]]], dtype=torch.float64)
+    t_eval = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    batch = solve_ivp(func, (x0, w0), (0.0, 1.0), t_eval=t_eval, rtol=1e-9, atol=1e-11)
+    assert isinstance(batch.y1, tuple) and batch.y1[0].shape == (2, 1) and batch.y1[1].shape == (2, 1, 2)
+    assert batch.ys[1].shape == (2, 2, 1, 2)
+    torch.testing.assert_close(batch.y1[1][:, 0, 0], w0[:, 0, 0] * torch.cos(torch.tensor(1.0, dtype=torch.float64)))
+    for i in range(2):
+        alone = solve_ivp(func, (x0[i : i + 1], w0[i : i + 1]), (0.0, 1.0), t_eval=t_eval, rtol=1e-9, atol=1e-11)
+        assert int(alone.nfe) == int(batch.nfe[i])
+        torch.testing.assert_close(alone.y1[0][0], batch.y1[0][i], rtol=0, atol=0)
