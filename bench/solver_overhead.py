@@ -5,7 +5,10 @@ For each batch size: NFE, wall time of the solve, and the ratio
 adds on top of the function evaluations it needs. For our per-sample solver NFE is the mean
 over samples (finished samples are no longer evaluated); torchdiffeq's is one shared count.
 
-    python bench/solver_overhead.py [--device cpu|cuda] [--batch 1000 1] [--out bench/results]
+    python bench/solver_overhead.py [--device cpu|cuda] [--batch 1000 1] [--out bench/results] [--only-ours]
+
+``--only-ours`` skips torchdiffeq, for comparing two neuralode revisions (run each with its
+checkout first on PYTHONPATH, alternating, and compare the ratios).
 """
 
 from __future__ import annotations
@@ -57,9 +60,7 @@ def _graph_f_time(func, t, z, repeats: int) -> float | None:
     return median_seconds(graph.replay, z.device, repeats * 20)
 
 
-def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
-    import torchdiffeq
-
+def measure(batch: int, device: torch.device, tol: float, repeats: int, only_ours: bool = False) -> dict:
     torch.manual_seed(0)
     func = ODEFunc(64).to(device).eval()
     z0 = torch.randn(batch, 64, 6, 6, device=device)
@@ -84,14 +85,18 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
         solution = ours["solution"].raise_for_status()
         ours_nfe = solution.nfe.double().mean().item()
 
-        t = torch.tensor([0.0, 1.0], device=device)
+        theirs_time = theirs_nfe = None
+        if not only_ours:
+            import torchdiffeq
 
-        def run_theirs():
-            calls["n"] = 0
-            torchdiffeq.odeint(shared_time_func, z0, t, rtol=tol, atol=tol, method="dopri5")
+            t = torch.tensor([0.0, 1.0], device=device)
 
-        theirs_time = median_seconds(run_theirs, device, repeats)
-        theirs_nfe = calls["n"]
+            def run_theirs():
+                calls["n"] = 0
+                torchdiffeq.odeint(shared_time_func, z0, t, rtol=tol, atol=tol, method="dopri5")
+
+            theirs_time = median_seconds(run_theirs, device, repeats)
+            theirs_nfe = calls["n"]
 
     row = {
         "batch": batch,
@@ -102,8 +107,9 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int) -> dict:
             "time_ms": ours_time * 1e3,
             "ratio": ours_time / (ours_nfe * f_time),
         },
-        "torchdiffeq": {"nfe": theirs_nfe, "time_ms": theirs_time * 1e3, "ratio": theirs_time / (theirs_nfe * f_time)},
     }
+    if theirs_time is not None:
+        row["torchdiffeq"] = {"nfe": theirs_nfe, "time_ms": theirs_time * 1e3, "ratio": theirs_time / (theirs_nfe * f_time)}
     if graph_f_time is not None:
         row["graph_f_time_ms"] = graph_f_time * 1e3
         row["ours"]["time_over_nfe_graph_f"] = ours_time / (ours_nfe * graph_f_time)
@@ -117,19 +123,20 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--only-ours", action="store_true", help="skip torchdiffeq")
     args = parser.parse_args()
     device = torch.device(args.device)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
-    rows = [measure(batch, device, args.tol, args.repeats) for batch in args.batch]
+    rows = [measure(batch, device, args.tol, args.repeats, args.only_ours) for batch in args.batch]
     print(f"solver overhead on ODEFunc(64) 64x6x6, dopri5, tol {args.tol:g}, float32, {device} ({machine})")
     print(f"{'batch':>6} {'f ms':>8} | {'ours NFE':>9} {'ms':>9} {'ratio':>6} | {'tdq NFE':>8} {'ms':>9} {'ratio':>6} | speed-up")
     for r in rows:
-        o, d = r["ours"], r["torchdiffeq"]
-        print(
-            f"{r['batch']:>6} {r['f_time_ms']:>8.3f} | {o['nfe_mean']:>9.1f} {o['time_ms']:>9.2f} {o['ratio']:>6.2f} |"
+        o, d = r["ours"], r.get("torchdiffeq")
+        theirs = "" if d is None else (
             f" {d['nfe']:>8d} {d['time_ms']:>9.2f} {d['ratio']:>6.2f} | {d['time_ms'] / o['time_ms']:>6.2f}x"
         )
+        print(f"{r['batch']:>6} {r['f_time_ms']:>8.3f} | {o['nfe_mean']:>9.1f} {o['time_ms']:>9.2f} {o['ratio']:>6.2f} |{theirs}")
         if "graph_f_time_ms" in r:
             print(f"{'':>6} CUDA-graph f {r['graph_f_time_ms']:.4f} ms; ours / (NFE x graph f) = {o['time_over_nfe_graph_f']:.2f}")
 

@@ -7,7 +7,8 @@ from .solvers import (
     Status,
     odeint,
     odeint_adjoint,
+    odeint_event,
     solve_ivp,
 )
 
-__all__ = ["PIController", "Solution", "SolverError", "Status", "odeint", "odeint_adjoint", "solve_ivp"]
+__all__ = ["PIController", "Solution", "SolverError", "Status", "odeint", "odeint_adjoint", "odeint_event", "solve_ivp"]

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from neuralode.solvers import SolverState, Status, Stepper
+from neuralode.solvers import SolverState, Status, Stepper, get_method
 from neuralode.solvers.stepper import Norm
-from neuralode.solvers.tableau import get_method
 
 from .adapters import Adapter
 from .api import Kind
@@ -67,8 +66,7 @@ def step_cost(method: str) -> Cost:
     """Function evaluations to start an item and per attempted step, for the scheduler's
     budgets and predictions."""
     stepper = Stepper(get_method(method))
-    start = int(stepper.method.tableau.fsal or stepper.adaptive) + int(stepper.adaptive)
-    return Cost(start=start, step=stepper.evaluations_per_step)
+    return Cost(start=stepper.start_cost(), step=stepper.step_cost())
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ otherwise) or Hutchinson's estimate ε·(∂f/∂z)ε, unbiased, for high dimens
 from __future__ import annotations
 
 import math
+from typing import Unpack
 
 import torch
 from torch import Tensor, nn
 
 from ..solvers import Solution, rms_norm, solve_ivp
-
-Tolerance = float | Tensor
+from ..solvers.accuracy import Accuracy, solve_settings
 TRACES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
 
@@ -168,48 +168,39 @@ class CNF(nn.Module):
         self,
         n: int,
         *,
-        rtol: Tolerance | None = None,
-        atol: Tolerance | None = None,
         generator: torch.Generator | None = None,
-        method: str | None = None,
-        max_nfe: int | Tensor | None = None,
         adjoint: bool = False,
         device: torch.device | str | None = None,
+        **accuracy: Unpack[Accuracy],
     ) -> tuple[Tensor, Tensor, Solution]:
         """``n`` samples and their log-densities, solving each at its own tolerance."""
         device = device or next(self.parameters()).device
         dtype = next(self.parameters()).dtype
         z0 = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
         state = self.initial_state(z0, standard_normal_log_prob(z0), generator)
-        solution = self._solve(state, (0.0, self.t1), rtol, atol, method, max_nfe, adjoint)
+        solution = self._solve(state, (0.0, self.t1), accuracy, adjoint)
         return solution.y1[:, : self.dim], solution.y1[:, self.dim], solution
 
     def log_prob(
         self,
         x: Tensor,
         *,
-        rtol: Tolerance | None = None,
-        atol: Tolerance | None = None,
         generator: torch.Generator | None = None,
-        method: str | None = None,
-        max_nfe: int | Tensor | None = None,
         adjoint: bool = False,
+        **accuracy: Unpack[Accuracy],
     ) -> tuple[Tensor, Solution]:
         """log p(x) for each row of ``x``, integrating back to the base distribution."""
         state = self.initial_state(x, torch.zeros_like(x[:, 0]), generator)
-        solution = self._solve(state, (self.t1, 0.0), rtol, atol, method, max_nfe, adjoint)
+        solution = self._solve(state, (self.t1, 0.0), accuracy, adjoint)
         z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]
         return standard_normal_log_prob(z0) - integral, solution
 
-    def _solve(self, state, t_span, rtol, atol, method, max_nfe, adjoint) -> Solution:
+    def _solve(self, state: Tensor, t_span: tuple[float, float], accuracy: Accuracy, adjoint: bool) -> Solution:
         return solve_ivp(
             self.augmented,
             state,
             t_span,
-            method=method or self.method,
-            rtol=self.tol if rtol is None else rtol,
-            atol=self.tol if atol is None else atol,
-            max_nfe=max_nfe,
+            **solve_settings(accuracy, rtol=self.tol, atol=self.tol, method=self.method),
             norm=self.error_norm,
             adjoint=adjoint,
             adjoint_params=tuple(self.dynamics.parameters()) if adjoint else None,

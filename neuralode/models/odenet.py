@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Unpack
 
 import torch
 from torch import Tensor, nn
 
 from ..solvers import Solution, solve_ivp
-
-Tolerance = float | Tensor
+from ..solvers.accuracy import Accuracy, solve_settings
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -74,24 +74,13 @@ class ODEBlock(nn.Module):
         self.func = func
         self.method, self.rtol, self.atol, self.adjoint, self.t1 = method, rtol, atol, adjoint, t1
 
-    def forward(
-        self,
-        z: Tensor,
-        *,
-        rtol: Tolerance | None = None,
-        atol: Tolerance | None = None,
-        method: str | None = None,
-        max_nfe: int | Tensor | None = None,
-    ) -> tuple[Tensor, Solution]:
+    def forward(self, z: Tensor, **accuracy: Unpack[Accuracy]) -> tuple[Tensor, Solution]:
         adjoint = self.adjoint and torch.is_grad_enabled()
         solution = solve_ivp(
             self.func,
             z,
             (0.0, self.t1),
-            method=method or self.method,
-            rtol=self.rtol if rtol is None else rtol,
-            atol=self.atol if atol is None else atol,
-            max_nfe=max_nfe,
+            **solve_settings(accuracy, rtol=self.rtol, atol=self.atol, method=self.method),
             adjoint=adjoint,
             adjoint_params=tuple(self.func.parameters()) if adjoint else None,
         )
@@ -129,16 +118,8 @@ class ODENet(nn.Module):
         self.block = ODEBlock(ODEFunc(channels), method=method, rtol=tol, atol=tol, adjoint=adjoint)
         self.head = classifier_head(channels)
 
-    def forward(
-        self,
-        images: Tensor,
-        *,
-        rtol: Tolerance | None = None,
-        atol: Tolerance | None = None,
-        method: str | None = None,
-        max_nfe: int | Tensor | None = None,
-    ) -> tuple[Tensor, Solution]:
-        features, solution = self.block(self.downsample(images), rtol=rtol, atol=atol, method=method, max_nfe=max_nfe)
+    def forward(self, images: Tensor, **accuracy: Unpack[Accuracy]) -> tuple[Tensor, Solution]:
+        features, solution = self.block(self.downsample(images), **accuracy)
         return self.head(features), solution
 
 

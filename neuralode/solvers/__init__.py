@@ -1,30 +1,48 @@
-"""Explicit Runge–Kutta solvers with per-sample step control, and the adjoint method."""
+"""ODE solvers with per-sample step control behind one solver interface, and the adjoint."""
 
-from .controller import PIController
-from .integrate import BackwardStats, Solution, Trajectory, integrate, solve_ivp
-from .odeint import odeint, odeint_adjoint
+from .adams import Adams
+from .adjoint import BackwardStats
+from .controller import ConstantController, PIController, StepSizeController
+from .explicit import ExplicitRK
+from .implicit import ImplicitRK
+from .integrate import Trajectory, integrate
+from .ivp import Solution, solve_ivp
+from .methods import METHODS, get_method, method_names
+from .odeint import odeint, odeint_adjoint, odeint_event
+from .scipy_solve import ScipyMethod
+from .solver import Solver
 from .state import SolverState, StepRecord
 from .status import SolverError, Status
-from .stepper import Stepper, rms_norm
-from .tableau import METHODS, ButcherTableau, Method, get_method
+from .stepper import StepCallbacks, Stepper, rms_norm
+from .tableau import ButcherTableau, ImplicitTableau
 
 __all__ = [
     "METHODS",
+    "Adams",
     "BackwardStats",
     "ButcherTableau",
-    "Method",
+    "ConstantController",
+    "ExplicitRK",
+    "ImplicitRK",
+    "ImplicitTableau",
     "PIController",
+    "ScipyMethod",
     "Solution",
+    "Solver",
     "SolverError",
     "SolverState",
     "Status",
+    "StepCallbacks",
     "StepRecord",
+    "StepSizeController",
     "Stepper",
     "Trajectory",
     "get_method",
     "integrate",
+    "method_names",
     "odeint",
     "odeint_adjoint",
+    "odeint_event",
     "rms_norm",
     "solve_ivp",
 ]

@@ -2,8 +2,10 @@
 
 Every field is a tensor whose first dimension is the sample, so a batch of running samples is
 just rows: finished samples leave by :meth:`SolverState.select` and new ones join by
-:meth:`SolverState.cat`, between any two steps. That is all the server's continuous batching
-needs from the core.
+:meth:`SolverState.cat`, between any two steps. That includes the method's own state (an FSAL
+derivative, a multistep history) and the step-size controller's (the last error), so a row
+that leaves and joins again resumes bit-identically. That is all the server's continuous
+batching needs from the core.
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ class SolverState:
     t: Tensor  # [B] current time of each sample
     y: Tensor  # [B, *S] current state
     dt: Tensor  # [B] signed step to try next (±inf: step straight to t_stop)
-    t_stop: Tensor  # [B] the next time a step must land on exactly (an output time or t_end)
+    t_stop: Tensor  # [B] the next time a step must land on exactly (a stop or t_end)
     t_end: Tensor  # [B]
     rtol: Tensor  # [B]
     atol: Tensor  # [B]
-    k1: Tensor | None  # [B, *S] f(t, y), carried for FSAL methods
-    prev_error: Tensor  # [B] error norm of the last accepted step (PI control)
-    error_finite: Tensor  # [B] bool: the last error estimate was finite
     nfe: Tensor  # [B] int64 function evaluations so far
     steps: Tensor  # [B] int64 accepted steps
     rejected: Tensor  # [B] int64 rejected steps
-    max_nfe: Tensor  # [B] int64 budget: no step starts that would exceed it
+    max_nfe: Tensor  # [B] int64 budget: no step starts that could exceed it
     status: Tensor  # [B] int64, a neuralode.solvers.status.Status
     sample_id: Tensor  # [B] int64, the caller's name for each row; carried along untouched
+    solver: dict[str, Tensor]  # the method's rows, e.g. "f0" (FSAL), "history" (multistep)
+    controller: dict[str, Tensor]  # the step-size controller's rows, e.g. "prev_error"
+    jump: Tensor | None = None  # [B] bool: f is discontinuous at t_stop (None: nowhere)
+    after_jump: Tensor | None = None  # [B] bool: the row sits on a discontinuity it landed on
 
     @property
     def batch_size(self) -> int:
@@ -39,12 +42,13 @@ class SolverState:
 
     def select(self, index: Tensor) -> SolverState:
         """The rows ``index`` (a 1-D long tensor), in that order."""
-        return SolverState(
-            **{
-                f.name: None if (v := getattr(self, f.name)) is None else v.index_select(0, index)
-                for f in fields(self)
-            }
-        )
+
+        def rows(value):
+            if isinstance(value, dict):
+                return {key: v.index_select(0, index) for key, v in value.items()}
+            return None if value is None else value.index_select(0, index)
+
+        return SolverState(**{f.name: rows(getattr(self, f.name)) for f in fields(self)})
 
     @staticmethod
     def cat(states: list[SolverState]) -> SolverState:
@@ -54,7 +58,12 @@ class SolverState:
         merged = {}
         for f in fields(SolverState):
             values = [getattr(s, f.name) for s in states]
-            if any(v is None for v in values):
+            if isinstance(values[0], dict):
+                keys = set(values[0])
+                if any(set(v) != keys for v in values):
+                    raise ValueError(f"cannot merge states whose {f.name} rows differ in kind")
+                merged[f.name] = {key: torch.cat([v[key] for v in values], 0) for key in values[0]}
+            elif any(v is None for v in values):
                 if not all(v is None for v in values):
                     raise ValueError(f"cannot merge states that differ in whether {f.name} is set")
                 merged[f.name] = None
@@ -65,17 +74,33 @@ class SolverState:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one attempted step did, for observers such as the adjoint's parameter quadrature.
+    """What one attempted step did, for observers: dense output, events, the adjoint's
+    parameter quadrature, callbacks.
 
-    ``stage_t[i]`` and ``stage_y[i]`` are the inputs at which stage ``i`` was evaluated (stage 0
-    is the step's start point), ``dt`` the signed step tried, ``accepted`` the per-sample
-    decision and ``error_finite`` whether its error estimate was finite (when it is, all of
-    the row's stages were). Rows are those of the state the step was given.
+    The step started from ``(t, y)``; ``stage_t[i]`` and ``stage_y[i]`` are the inputs at which
+    stage ``i`` was evaluated (for explicit RK methods stage 0 is the start), ``ks[i]`` its
+    value, ``f0`` the derivative at the start, ``y1`` the proposed new state at ``t1``,
+    ``dt`` the signed step tried, ``accepted`` the per-sample decision and ``error_finite`` whether its
+    error estimate (or, without one, the new state) was finite. Rows are those of the state the
+    step was given.
     """
 
     t: Tensor
+    y: Tensor
     dt: Tensor
+    t1: Tensor
     accepted: Tensor
     error_finite: Tensor
     stage_t: list[Tensor]
     stage_y: list[Tensor]
+    ks: list[Tensor]
+    f0: Tensor
+    y1: Tensor
+
+    def select(self, index: Tensor) -> StepRecord:
+        """The rows ``index``."""
+
+        def rows(value):
+            return [v.index_select(0, index) for v in value] if isinstance(value, list) else value.index_select(0, index)
+
+        return StepRecord(**{f.name: rows(getattr(self, f.name)) for f in fields(self)})

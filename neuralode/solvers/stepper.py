@@ -1,28 +1,28 @@
-"""One explicit RK step for every sample of a batch, each with its own t, dt and tolerance.
+"""One attempted step for every sample of a batch, each with its own t, dt and tolerance.
 
 :class:`Stepper` is the single mechanism under ``solve_ivp``, ``odeint``, the adjoint and the
-server's engine: ``init`` prepares rows, ``step`` advances all rows by one attempted step. A
-step makes no host–device synchronisation; callers check ``state.status`` when they choose to.
+server's engine: ``init`` prepares rows, ``step`` advances all rows by one attempted step. It
+composes a :class:`~.solver.Solver` (the method) with a
+:class:`~.controller.StepSizeController` and owns what is common to every method: landing on
+stops, the NFE and step limits, statuses and callbacks. A step makes no host–device
+synchronisation unless discontinuities are declared; callers check ``state.status`` when they
+choose to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .controller import PIController
+from .controller import ConstantController, Norm, PIController, StepSizeController
+from .solver import Func, Perturbation, Solver, evaluate, per_row, rows_of
 from .state import SolverState, StepRecord
 from .status import Status
-from .tableau import Method, get_method
 
-Func = Callable[[Tensor, Tensor], Tensor]
-"""Per-sample dynamics: ``func(t, y)`` with ``t`` of shape ``[B]`` and ``y`` of ``[B, *S]``."""
-
-Norm = Callable[[Tensor], Tensor]
-"""Maps scaled errors ``[B, *S]`` to one norm per sample ``[B]``."""
+__all__ = ["DEFAULT_MAX_STEPS", "Func", "Norm", "StepCallbacks", "Stepper", "rms_norm"]
 
 _NO_LIMIT = torch.iinfo(torch.int64).max
 DEFAULT_MAX_STEPS = 100_000
@@ -33,55 +33,47 @@ _LANDING_SLACK = 1.01
 
 def rms_norm(scaled: Tensor) -> Tensor:
     """Root mean square over each sample's own elements."""
-    return scaled.square().flatten(1).mean(1).sqrt()
+    return per_row(scaled).square().mean(1).sqrt()
 
 
-def _rows(v: Tensor, like: Tensor) -> Tensor:
-    """View a per-sample ``[B]`` tensor so it broadcasts against ``like`` (``[B, *S]``)."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
+@dataclass(frozen=True)
+class StepCallbacks:
+    """Observers of every attempted step, per sample: ``step(t, y, dt)`` before it and
+    ``decided(t, y, dt, accepted)`` after the controller's decision (``accepted`` ``[B]``)."""
 
-
-def _weighted_sum(coefficients: Sequence[float], ks: Sequence[Tensor]) -> Tensor | None:
-    """``sum_j coefficients[j] * ks[j]`` skipping zero coefficients, in few memory passes."""
-    total = None
-    for coefficient, k in zip(coefficients, ks):
-        if coefficient == 0.0:
-            continue
-        # In place on a tensor this function made: safe for autograd, one memory pass less.
-        total = k * coefficient if total is None else total.add_(k, alpha=coefficient)
-    return total
-
-
-def _advance(y: Tensor, dt_rows: Tensor, coefficients: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
-    increment = _weighted_sum(coefficients, ks)
-    return y if increment is None else torch.addcmul(y, dt_rows, increment)
+    step: Callable[[Tensor, Tensor, Tensor], None] | None = None
+    decided: Callable[[Tensor, Tensor, Tensor, Tensor], None] | None = None
 
 
 @dataclass(frozen=True)
 class Stepper:
     """A solve configuration shared by all rows: the method, step control and limits.
 
-    ``step_size`` switches to fixed steps (any method, adaptive ones included); with
-    ``step_size=None`` a fixed-step method steps straight from one output time to the next.
+    ``controller`` defaults to :class:`PIController` for methods with an error estimate and
+    to :class:`ConstantController` (straight from stop to stop) for the others; a
+    ``ConstantController(step_size)`` gives any method fixed steps. ``perturb`` evaluates each
+    step's first stage just after its start and its stages at the end just before it (for
+    ``func`` discontinuous at the steps' ends). ``extra_step_cost`` reserves evaluations per
+    step that the caller makes (an interpolant's), so ``max_nfe`` stays a hard cap.
     """
 
-    method: Method
-    controller: PIController = field(default_factory=PIController)
-    step_size: float | None = None
+    method: Solver
+    controller: StepSizeController | None = None
     max_steps: int = DEFAULT_MAX_STEPS
     norm: Norm = rms_norm
+    perturb: bool = False
+    callbacks: StepCallbacks | None = None
+    extra_step_cost: int = 0
 
-    @staticmethod
-    def create(method: str | Method = "dopri5", **kwargs) -> Stepper:
-        return Stepper(get_method(method) if isinstance(method, str) else method, **kwargs)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.method.adaptive and self.step_size is None
-
-    @property
-    def evaluations_per_step(self) -> int:
-        return self.method.tableau.stages - (1 if self.method.tableau.fsal else 0)
+    def __post_init__(self) -> None:
+        if self.controller is None:
+            default = PIController() if self.method.adaptive else ConstantController()
+            object.__setattr__(self, "controller", default)
+        if self.controller.adaptive and not self.method.adaptive:
+            raise ValueError(f"{self.method.name} has no error estimate: it needs fixed steps (step_size)")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        object.__setattr__(self, "_k", self.method.error_exponent if self.method.adaptive else 1)
 
     # ----------------------------------------------------------------------------------------
     def init(
@@ -97,33 +89,38 @@ class Stepper:
         first_step: Tensor | None = None,
         max_nfe: Tensor | None = None,
         sample_id: Tensor | None = None,
+        jump: Tensor | None = None,
     ) -> SolverState:
-        """Rows ready to step: evaluates f(t0, y0) (FSAL or initial-step heuristic) and picks
-        each sample's first step. Inputs are per-sample tensors already validated by the
-        caller; func's output shape is checked here, on its first call."""
+        """Rows ready to step: evaluates f(t0, y0) where the method or the first-step heuristic
+        needs it and picks each sample's first step. A row whose ``max_nfe`` cannot pay for
+        these evaluations and its first step is not started (status MAX_NFE, NFE 0). Inputs are
+        per-sample tensors already validated by the caller; func's output is checked here, on
+        its first call."""
         batch = y0.shape[0]
+        device = y0.device
+        sample_id = sample_id if sample_id is not None else torch.arange(batch, device=device)
+        budget = max_nfe if max_nfe is not None else torch.full((batch,), _NO_LIMIT, dtype=torch.int64, device=device)
+        needs_f0 = self.method.needs_f0 or self.controller.needs_f0(first_step)
+        if max_nfe is not None:
+            first_cost = self.start_cost(first_step) + self._step_cost(None, None)
+            affordable = budget >= first_cost
+            if not bool(affordable.all()):
+                return self._init_affordable(func, y0, t0, t_stop, t_end, rtol, atol, first_step, budget,
+                                             sample_id, jump, affordable)  # fmt: skip
+
         direction = torch.sign(t_end - t0)
-        nfe = torch.zeros(batch, dtype=torch.int64, device=y0.device)
-        needs_f0 = self.method.tableau.fsal or (self.adaptive and first_step is None)
+        nfe = torch.zeros(batch, dtype=torch.int64, device=device)
         f0 = None
         if needs_f0:
-            f0 = _evaluate(func, t0, y0)
+            f0 = evaluate(func, t0, y0)
             nfe += 1
-        if self.adaptive:
-            if first_step is not None:
-                dt = direction * first_step
-            else:
-                dt = self._initial_step(func, t0, y0, f0, direction, rtol, atol)
-                nfe += 1
-        elif self.step_size is not None:
-            dt = direction * self.step_size
-        else:
-            dt = direction * torch.inf
-        status = torch.full((batch,), int(Status.RUNNING), dtype=torch.int64, device=y0.device)
-        finite = torch.ones(batch, dtype=torch.bool, device=y0.device)
+        dt, controller_rows = self.controller.init(
+            self.method, func, t0, y0, f0, direction, rtol, atol, self.norm, first_step
+        )
+        nfe += self.controller.init_cost(first_step)
+        status = torch.full((batch,), int(Status.RUNNING), dtype=torch.int64, device=device)
         if f0 is not None:
-            finite = torch.isfinite(f0).flatten(1).all(1)
-            status = torch.where(finite, status, int(Status.NON_FINITE))
+            status = torch.where(torch.isfinite(per_row(f0)).all(1), status, int(Status.NON_FINITE))
         state = SolverState(
             t=t0,
             y=y0,
@@ -132,110 +129,134 @@ class Stepper:
             t_end=t_end,
             rtol=rtol,
             atol=atol,
-            k1=f0 if self.method.tableau.fsal else None,
-            prev_error=torch.ones_like(t0),
-            error_finite=finite,
             nfe=nfe,
             steps=torch.zeros_like(nfe),
             rejected=torch.zeros_like(nfe),
-            max_nfe=max_nfe if max_nfe is not None else torch.full_like(nfe, _NO_LIMIT),
+            max_nfe=budget,
             status=status,
-            sample_id=sample_id if sample_id is not None else torch.arange(batch, device=y0.device),
+            sample_id=sample_id,
+            solver=self.method.init(func, t0, y0, f0),
+            controller=controller_rows,
+            jump=jump,
+            after_jump=None if jump is None else torch.zeros_like(jump),
         )
         return self._apply_limits(state)
 
-    @torch.no_grad()
-    def _initial_step(
-        self, func: Func, t0: Tensor, y0: Tensor, f0: Tensor, direction: Tensor, rtol: Tensor, atol: Tensor
-    ) -> Tensor:
-        """Hairer, Nørsett & Wanner I, II.4: a first step whose local error is about the
-        tolerance, judged from the sizes of y0, f0 and a finite-difference of f."""
-        scale = _rows(atol, y0) + y0.abs() * _rows(rtol, y0)
-        d0 = self.norm(y0 / scale)
-        d1 = self.norm(f0 / scale)
-        small = (d0 < 1e-5) | (d1 < 1e-5)
-        h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-30))
-        y1 = torch.addcmul(y0, _rows(direction * h0, y0), f0)
-        f1 = _evaluate(func, t0 + direction * h0, y1)
-        d2 = self.norm((f1 - f0) / scale) / h0
-        d12 = torch.maximum(d1, d2)
-        h1 = torch.where(
-            d12 <= 1e-15,
-            torch.clamp_min(h0 * 1e-3, 1e-6),
-            (0.01 / d12.clamp_min(1e-30)).pow(1.0 / self.method.order),
-        )
-        h = torch.minimum(100 * h0, h1)
-        return direction * torch.where(torch.isfinite(h), h, h0)
+    def _init_affordable(self, func, y0, t0, t_stop, t_end, rtol, atol, first_step, budget, sample_id, jump, affordable):
+        """Start only the rows whose budget pays for the initial evaluations and a first step;
+        the others get a state that records they never started."""
+        started, unstarted = affordable.nonzero().squeeze(1), (~affordable).nonzero().squeeze(1)
+
+        def pick(value, index):
+            return None if value is None else value.index_select(0, index)
+
+        parts, order = [], []
+        if started.numel():
+            parts.append(self.init(func, *(pick(v, started) for v in (y0, t0, t_stop, t_end, rtol, atol)),
+                                   first_step=pick(first_step, started), max_nfe=budget[started],
+                                   sample_id=sample_id[started], jump=pick(jump, started)))  # fmt: skip
+            order.append(started)
+        y0_, t0_ = y0[unstarted], t0[unstarted]
+        nothing = torch.zeros(unstarted.numel(), dtype=torch.int64, device=y0.device)
+        f0 = torch.zeros_like(y0_) if self.method.needs_f0 else None
+        # A first step given to the controller makes it evaluate nothing: only its rows are wanted.
+        direction = torch.sign(t_end[unstarted] - t0_)
+        _, controller_rows = self.controller.init(self.method, func, t0_, y0_, f0, direction, rtol[unstarted],
+                                                  atol[unstarted], self.norm, torch.ones_like(t0_))  # fmt: skip
+        parts.append(SolverState(
+            t=t0_, y=y0_, dt=torch.zeros_like(t0_), t_stop=t_stop[unstarted], t_end=t_end[unstarted],
+            rtol=rtol[unstarted], atol=atol[unstarted], nfe=nothing, steps=nothing.clone(), rejected=nothing.clone(),
+            max_nfe=budget[unstarted], status=torch.full_like(nothing, int(Status.MAX_NFE)),
+            sample_id=sample_id[unstarted], solver=self.method.init(func, t0_, y0_, f0), controller=controller_rows,
+            jump=pick(jump, unstarted), after_jump=None if jump is None else torch.zeros_like(jump[unstarted]),
+        ))  # fmt: skip
+        order.append(unstarted)
+        return SolverState.cat(parts).select(torch.cat(order).argsort())
 
     # ----------------------------------------------------------------------------------------
     def step(self, func: Func, state: SolverState) -> tuple[SolverState, StepRecord]:
         """Attempt one step on every row; accepted rows advance, rejected rows retry with a
         smaller dt next time. Rows that are not RUNNING must not be passed in."""
-        tableau = self.method.tableau
         t, y = state.t, state.y
         remaining = state.t_stop - t
         # Stretch a step by up to 1% to land on the stop rather than leave a sliver (as in
         # Hairer's DOPRI5); this also absorbs rounding in fixed steps that add up to a stop.
         lands = state.dt.abs() * _LANDING_SLACK >= remaining.abs()
         dt = torch.where(lands, remaining, state.dt)
-        dt_rows = _rows(dt, y)
+        t1 = torch.where(lands, state.t_stop, t + dt)
+        perturbation = None
+        if self.perturb:
+            perturbation = Perturbation(after_start=True, before_end=True)
+        elif state.jump is not None:
+            perturbation = Perturbation(after_start=state.after_jump, before_end=lands & state.jump)
+        callbacks = self.callbacks
+        if callbacks is not None and callbacks.step is not None:
+            callbacks.step(t, y, dt)
 
-        stage_t = [t]
-        stage_y = [y]
-        ks = [state.k1 if tableau.fsal else _evaluate(func, t, y)]
-        for i in range(1, tableau.stages):
-            t_i = t + tableau.c[i] * dt
-            y_i = _advance(y, dt_rows, tableau.a[i - 1], ks)
-            stage_t.append(t_i)
-            stage_y.append(y_i)
-            ks.append(_evaluate(func, t_i, y_i))
-        y_new = stage_y[-1] if tableau.fsal else _advance(y, dt_rows, tableau.b, ks)
-        t_new = torch.where(lands, state.t_stop, t + dt)
+        attempt = self.method.step(func, t, y, dt, t1, state.solver, perturbation, state.rtol, state.atol)
 
         with torch.no_grad():
-            if self.adaptive:
-                error = self._error_norm(y, y_new, dt, ks, state)
-                accepted, dt_next, prev_error = self.controller.decide(
-                    error, state.prev_error, dt, self.method.error_exponent_order
-                )
-                error_finite = torch.isfinite(error)
-            else:
-                accepted = torch.isfinite(y_new).flatten(1).all(1)
-                error_finite = accepted
-                dt_next, prev_error = state.dt, state.prev_error
+            error = self._error_norm(y, attempt, dt, state) if self.controller.adaptive else None
+            decision = self.controller.adapt(error, attempt.y1, t, dt, state.dt, state.controller, self._k)
+        accepted = decision.accept
+        error_finite = torch.isfinite(error) if error is not None else accepted
+        if callbacks is not None and callbacks.decided is not None:
+            callbacks.decided(t, y, dt, accepted)
 
-        accepted_rows = _rows(accepted, y)
-        succeeded = accepted & lands & (state.t_stop == state.t_end)
-        status = torch.where(succeeded, int(Status.SUCCESS), state.status)
-        if not self.adaptive:
-            status = torch.where(accepted, status, int(Status.NON_FINITE))
+        status = torch.where(accepted & lands & (state.t_stop == state.t_end), int(Status.SUCCESS), state.status)
+        failure = torch.where(error_finite, int(Status.STEP_SIZE_UNDERFLOW), int(Status.NON_FINITE))
+        status = torch.where(decision.stuck & (status == int(Status.RUNNING)), failure, status)
+        accepted_rows = rows_of(accepted, y)
         new_state = SolverState(
-            t=torch.where(accepted, t_new, t),
-            y=torch.where(accepted_rows, y_new, y),
-            dt=dt_next,
+            t=torch.where(accepted, t1, t),
+            y=torch.where(accepted_rows, attempt.y1, y),
+            dt=decision.dt,
             t_stop=state.t_stop,
             t_end=state.t_end,
             rtol=state.rtol,
             atol=state.atol,
-            k1=torch.where(accepted_rows, ks[-1], state.k1) if tableau.fsal else None,
-            prev_error=prev_error,
-            error_finite=error_finite,
-            nfe=state.nfe + self.evaluations_per_step,
+            nfe=state.nfe + attempt.nfe,
             steps=state.steps + accepted,
             rejected=state.rejected + ~accepted,
             max_nfe=state.max_nfe,
             status=status,
             sample_id=state.sample_id,
+            solver={
+                key: torch.where(rows_of(accepted, old), attempt.rows[key], old) for key, old in state.solver.items()
+            },
+            controller=decision.rows,
+            jump=state.jump,
+            after_jump=None if state.jump is None else torch.where(accepted, lands & state.jump, state.after_jump),
         )
         record = StepRecord(
-            t=t, dt=dt, accepted=accepted, error_finite=error_finite, stage_t=stage_t, stage_y=stage_y
-        )
+            t=t, y=y, dt=dt, t1=t1, accepted=accepted, error_finite=error_finite, stage_t=attempt.stage_t,
+            stage_y=attempt.stage_y, ks=attempt.ks, f0=attempt.f0, y1=attempt.y1,
+        )  # fmt: skip
         return self._apply_limits(new_state), record
 
-    def _error_norm(self, y: Tensor, y_new: Tensor, dt: Tensor, ks: list[Tensor], state: SolverState) -> Tensor:
-        estimate = _weighted_sum(self.method.tableau.b_err, ks)
-        scale = torch.maximum(y.abs(), y_new.abs()).mul_(_rows(state.rtol, y)).add_(_rows(state.atol, y))
-        return dt.abs() * self.norm(estimate.div_(scale))
+    def _error_norm(self, y: Tensor, attempt, dt: Tensor, state: SolverState) -> Tensor:
+        scale = torch.maximum(y.abs(), attempt.y1.abs()).mul_(rows_of(state.rtol, y)).add_(rows_of(state.atol, y))
+        return dt.abs() * self.norm(attempt.error.div_(scale))
+
+    def start_cost(self, first_step: Tensor | None = None) -> int:
+        """Evaluations :meth:`init` makes per row: ``f(t0, y0)`` where needed and the
+        controller's first-step heuristic."""
+        needs_f0 = self.method.needs_f0 or self.controller.needs_f0(first_step)
+        return int(needs_f0) + self.controller.init_cost(first_step)
+
+    def step_cost(self) -> int:
+        """The most evaluations one step of a fresh row can make (without discontinuities)."""
+        return int(self._step_cost(None, None))
+
+    def _step_cost(self, solver_rows: dict[str, Tensor] | None, after_jump: Tensor | None) -> int | Tensor:
+        """The most evaluations the next step can make, including a re-evaluated first stage
+        of an FSAL method next to a discontinuity."""
+        cost = self.method.step_cost(solver_rows) + self.extra_step_cost
+        if self.method.fsal and self.perturb:
+            return cost + 1
+        if self.method.fsal and after_jump is not None:
+            return cost + after_jump.long()
+        return cost
 
     def _apply_limits(self, state: SolverState) -> SolverState:
         """Stop running rows that may not take another step, with the reason why."""
@@ -243,24 +264,7 @@ class Stepper:
         status = state.status
         out_of_steps = running & (state.steps + state.rejected >= self.max_steps)
         status = torch.where(out_of_steps, int(Status.MAX_STEPS), status)
-        out_of_nfe = running & (state.nfe + self.evaluations_per_step > state.max_nfe)
+        out_of_nfe = running & (state.nfe + self._step_cost(state.solver, state.after_jump) > state.max_nfe)
         status = torch.where(out_of_nfe & ~out_of_steps, int(Status.MAX_NFE), status)
-        if self.adaptive:
-            eps = torch.finfo(state.y.dtype).eps
-            min_dt = 10 * eps * torch.maximum(state.t.abs(), state.t_end.abs())
-            too_small = running & ~out_of_steps & ~out_of_nfe & (state.dt.abs() < min_dt)
-            reason = torch.where(state.error_finite, int(Status.STEP_SIZE_UNDERFLOW), int(Status.NON_FINITE))
-            status = torch.where(too_small, reason, status)
         state.status = status
         return state
-
-
-def _evaluate(func: Func, t: Tensor, y: Tensor) -> Tensor:
-    out = func(t, y)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"func must return a tensor, got {type(out).__name__}")
-    if out.shape != y.shape:
-        raise ValueError(f"func returned shape {tuple(out.shape)}, but the state has shape {tuple(y.shape)}")
-    if out.dtype != y.dtype:
-        raise ValueError(f"func returned dtype {out.dtype}, but the state has dtype {y.dtype}")
-    return out

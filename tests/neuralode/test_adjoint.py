@@ -155,8 +155,8 @@ def test_adjoint_memory_does_not_grow_with_the_number_of_steps():
 
 def test_rejected_rows_with_nan_stages_add_nothing_to_parameter_gradients():
     """A trial step that runs into NaN is rejected; its stages must not poison dL/dθ."""
+    from neuralode.solvers import Stepper, get_method
     from neuralode.solvers.adjoint import _SeminormDynamics
-    from neuralode.solvers.stepper import Stepper
 
     weight = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
 
@@ -165,8 +165,7 @@ def test_rejected_rows_with_nan_stages_add_nothing_to_parameter_gradients():
         return torch.where(z.abs() > 5, torch.full_like(out, float("nan")), out)
 
     def one_step(z0):
-        stepper = Stepper.create("dopri5")
-        dynamics = _SeminormDynamics(func, [weight], stepper, z0)
+        dynamics = _SeminormDynamics(func, [weight], Stepper(get_method("dopri5")))
         y = torch.stack([z0, torch.ones_like(z0)], 1)
         t0 = torch.zeros(len(z0), dtype=torch.float64)
         end = torch.full_like(t0, 2.0)
@@ -181,3 +180,29 @@ def test_rejected_rows_with_nan_stages_add_nothing_to_parameter_gradients():
     _, alone = one_step(torch.tensor([[0.1]], dtype=torch.float64))
     assert torch.isfinite(both) and float(both) != 0.0
     torch.testing.assert_close(both, alone, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("method, options", [("gl4", {"step_size": 0.02}), ("dopri8", {}), ("bosh3", {})])
+def test_seminorm_quadrature_serves_every_runge_kutta_method(problem, method, options):
+    """Per-sample parameter quadrature with the method's own weights, implicit stages too."""
+    func, y0, t = problem
+    step_size = options.get("step_size")
+
+    def solve(adjoint):
+        solution = solve_ivp(func, y0, (t[0], t[-1]), t_eval=t[1:], method=method, step_size=step_size,
+                             adjoint=adjoint, **TIGHT)  # fmt: skip
+        return torch.cat([y0[None], solution.ys])
+
+    direct = _gradients(func, y0, t, lambda: solve(False))
+    adjoint = _gradients(func, y0, t, lambda: solve(True))
+    _assert_gradients_match(direct, adjoint, rel=1e-5 if step_size else 1e-6)
+
+
+def test_seminorm_needs_a_quadrature_rule(problem):
+    func, y0, t = problem
+    with pytest.raises(ValueError, match="explicit_adams does not have"):
+        solve_ivp(func, y0, (0.0, 1.0), method="explicit_adams", step_size=0.1, adjoint=True)
+    # One sample with the parameters in the state works for any method.
+    out = solve_ivp(func, y0[:1], (0.0, 1.0), method="explicit_adams", step_size=0.01, adjoint=True, adjoint_norm="full")
+    out.y1.sum().backward()
+    assert all(p.grad is not None for p in func.parameters())

@@ -66,7 +66,7 @@ BAD_REQUESTS = [
     ("negative rtol", classify(rtol=-1.0, atol=1e-3), INVALID, "accuracy.rtol must be > 0"),
     ("atol below the range", classify(rtol=1e-3, atol=1e-30), INVALID, "accuracy.atol must be between"),
     ("tol and rtol", classify(tol=1e-3, rtol=1e-3), INVALID, "give tol, or rtol and atol, not both"),
-    ("unknown method", classify(method="rk45"), INVALID, "accuracy.method must be one of bosh3, dopri5, tsit5"),
+    ("unknown method", classify(method="rk45"), INVALID, "accuracy.method must be one of adaptive_heun, bosh3, dopri5, dopri8, fehlberg2, tsit5"),
     ("fixed-step method", classify(method="euler"), INVALID, "accuracy.method must be one of"),
     ("sample nothing", sample(n=0), INVALID, "n must hold at least one item"),
     ("sample too many", sample(n=1_000_000), INVALID, "n holds 1000000 items; the limit per request is 1024"),
