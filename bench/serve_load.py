@@ -1,7 +1,8 @@
 """Serving under contention, side by side in one run, on real MNIST and the shipped models.
 
 1. **Mixed load**: requests of 1–256 images (log-uniform) at a tolerance drawn from 50% 1e-1,
-   30% 1e-3, 20% 1e-5. Configurations: the fair scheduler (Engine v2), continuous batching with
+   30% 1e-3, 20% 1e-5. Configurations: the fair scheduler (Engine v2), the same with the whole batch
+   shared max-min fairly (``--guaranteed-share 1``: processor sharing), continuous batching with
    first-come-first-served admission (the engine before v2), static batching — all through
    gRPC — and the fair scheduler in-process (no gRPC). Throughput comes from N closed-loop
    clients (saturation); latency from open-loop Poisson arrivals at one rate for all, a
@@ -49,7 +50,12 @@ from odeserve.v1 import odeserve_pb2_grpc as pb_grpc  # noqa: E402
 
 TOLERANCES = {1e-1: 0.5, 1e-3: 0.3, 1e-5: 0.2}  # tolerance: share of requests
 CLASSIFIER, MOONS = "odenet-mnist", "cnf-moons"
-POLICIES = {"fair": ("--policy", "fair"), "fifo": ("--policy", "fifo"), "static": ("--batching", "static")}
+POLICIES = {
+    "fair": ("--policy", "fair"),
+    "max-min": ("--policy", "fair", "--guaranteed-share", "1"),  # the whole batch shared equally
+    "fifo": ("--policy", "fifo"),
+    "static": ("--batching", "static"),
+}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -363,7 +369,7 @@ def main() -> None:
                 open_rows = {name: _median_row(results) for name, results in opened.items()}
                 record["mixed"] = {"closed_loop": closed_rows, "open_loop": open_rows}
                 ratios = {}
-                for policy in ("fair", "fifo"):
+                for policy in ("fair", "max-min", "fifo"):
                     c, o = closed_rows[f"grpc {policy}"], open_rows[f"grpc {policy}"]
                     ratios[f"{policy}_over_static_throughput"] = c["throughput_items_per_s"] / closed_rows["grpc static"]["throughput_items_per_s"]
                     ratios[f"{policy}_over_static_p99_open_loop"] = o["latency_p99_ms"] / open_rows["grpc static"]["latency_p99_ms"]

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .solver import Attempt, Func, Perturbation, Solver, evaluate, nudged, per_row, rows_of
+from .solver import Attempt, Perturbation, Solver, evaluate, nudged, per_row, rows_of
 from .tableau import ImplicitTableau
 
 

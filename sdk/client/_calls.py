@@ -64,7 +64,7 @@ class RequestOptions(TypedDict, total=False):
                    "which)", _tolerance]  # fmt: skip
     rtol: Annotated[float | None, "relative tolerance, with atol, instead of tol"]
     atol: Annotated[float | None, "absolute tolerance, with rtol"]
-    method: Annotated[str | None, '"dopri5" (default), "tsit5" or "bosh3"']
+    method: Annotated[str | None, '"dopri5" (default), or another adaptive method: "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun"']
     max_nfe: Annotated[int | None, "stop each item after this many function evaluations (its status: MAX_NFE)"]
     latency_target_s: Annotated[float | None, 'with tol="auto": the latency to aim for (default: the deadline)']
     priority: Annotated[int | None, "1 is the most urgent level (default: the server's default level)"]

@@ -138,7 +138,7 @@ def test_metadata_lets_a_client_build_its_requests(server):
     assert [(t.name, list(t.dtypes), list(t.shape)) for t in classify.outputs] == [
         ("probabilities", ["float32"], [-1, 10]), ("labels", ["int32"], [-1])]  # fmt: skip
     assert {s.rpc for s in density.signatures} == {"Sample", "LogDensity"}
-    assert info.limits.max_items_per_request == 1024 and list(info.limits.methods) == ["bosh3", "dopri5", "tsit5"]
+    assert info.limits.max_items_per_request == 1024 and list(info.limits.methods) == ["adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2", "tsit5"]
     assert "little-endian" in info.tensor_encoding and "base64" in info.tensor_encoding
 
 
