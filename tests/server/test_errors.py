@@ -129,10 +129,11 @@ def test_cancelled_request_reports_cancelled_and_others_are_unaffected(stub):
     assert list(stub.Classify(classify(tol=1e-1)[1], timeout=30).items.status) == [pb.SOLVE_STATUS_SUCCESS]
 
 
-def test_max_nfe_stops_an_item_with_its_status(client):
-    result = client.classify(np.zeros((2, 28, 28), np.uint8), model=CLASSIFIER, tol=1e-6, max_nfe=10)
+@pytest.mark.parametrize("max_nfe", [1, 10])  # 1 cannot even pay for the start: the item never runs
+def test_max_nfe_is_a_hard_cap_that_stops_an_item_with_its_status(client, max_nfe):
+    result = client.classify(np.zeros((2, 28, 28), np.uint8), model=CLASSIFIER, tol=1e-6, max_nfe=max_nfe)
     assert result.items.status == ["MAX_NFE", "MAX_NFE"]
-    assert (result.items.nfe <= 10).all()
+    assert (result.items.nfe <= max_nfe).all()
     assert (result.labels == -1).all() and np.isnan(result.probabilities).all()
 
 
