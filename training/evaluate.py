@@ -25,6 +25,7 @@ from .common import device_name, resolve_device
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     checkpoints = [load_checkpoint(path, device) for path in args.checkpoints]
+    _check_comparable(checkpoints)
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
@@ -42,7 +43,6 @@ def run(args: argparse.Namespace) -> dict:
 
             plot_density(checkpoints[0].model, checkpoints[0].card, stem.with_suffix(".png"), device)
     else:
-        _check_comparable(reports)
         stem = out_dir / "-vs-".join(path.stem for path in args.checkpoints)
         report = {"compared": reports}
         _print_comparison(reports)
@@ -85,10 +85,11 @@ def _regularisation(checkpoint: Checkpoint) -> dict | None:
     return checkpoint.card.get("training", {}).get("regularisation")
 
 
-def _check_comparable(reports: list[dict]) -> None:
-    datasets = {(r["dataset"], r["metric"]) for r in reports}
+def _check_comparable(checkpoints: list[Checkpoint]) -> None:
+    """Side by side only makes sense on one task and dataset: checked on the cards, before any work."""
+    datasets = {(c.card.get("task"), c.card.get("dataset", {}).get("name")) for c in checkpoints}
     if len(datasets) > 1:
-        raise SystemExit(f"compare checkpoints of one dataset and metric; got {sorted(datasets)}")
+        raise SystemExit(f"compare checkpoints of one dataset; got {', '.join(f'{t} on {d}' for t, d in sorted(datasets))}")
 
 
 # ---- printing -------------------------------------------------------------------------
