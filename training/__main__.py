@@ -105,6 +105,8 @@ def _evaluate(sub) -> None:
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"),
                         help="folder for the JSON and PNG (never checkpoints/, the folder the server serves). Default: %(default)s")
+    parser.add_argument("--name", default=None,
+                        help="file name (no suffix) of the JSON and PNG. Default: <checkpoint>-eval, or <a>-vs-<b> for several")
     parser.set_defaults(run=_run_evaluate)
 
 

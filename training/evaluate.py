@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import date
 from pathlib import Path
 
 from neuralode.checkpoint import Checkpoint, load_checkpoint
@@ -31,9 +32,9 @@ def run(args: argparse.Namespace) -> dict:
     reports = []
     for path, checkpoint in zip(args.checkpoints, checkpoints):
         report = _classifier_report(checkpoint, args, device) if checkpoint.kind in CLASSIFIERS else _density_report(checkpoint, args, device)
-        reports.append({"checkpoint": str(path), "name": path.stem, **report})
+        reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint), **report})
     if len(reports) == 1:
-        stem = out_dir / f"{args.checkpoints[0].stem}-eval"
+        stem = out_dir / (args.name or f"{args.checkpoints[0].stem}-eval")
         report = reports[0]
         _print_single(report)
         if checkpoints[0].kind in CLASSIFIERS:
@@ -43,11 +44,12 @@ def run(args: argparse.Namespace) -> dict:
 
             plot_density(checkpoints[0].model, checkpoints[0].card, stem.with_suffix(".png"), device)
     else:
-        stem = out_dir / "-vs-".join(path.stem for path in args.checkpoints)
+        stem = out_dir / (args.name or "-vs-".join(path.stem for path in args.checkpoints))
         report = {"compared": reports}
         _print_comparison(reports)
         _plot_comparison(reports, stem.with_suffix(".png"))
     report["device"] = device_name(device)
+    report["date"] = date.today().isoformat()
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
     return report
@@ -78,6 +80,13 @@ def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) ->
         rows = [test_log_likelihood(checkpoint.model, name, tol, device) for tol in args.tols]
         metric = "test_log_likelihood"
     return {"kind": checkpoint.kind, "dataset": name, "metric": metric, "regularisation": _regularisation(checkpoint), "rows": rows}
+
+
+def _provenance(checkpoint: Checkpoint) -> dict:
+    """How the checkpoint was made, from its card, so a saved report says what it compares."""
+    training = checkpoint.card.get("training", {})
+    keys = ("command", "seed", "device", "duration_s")
+    return {"code_version": checkpoint.card.get("code_version"), **{k: training.get(k) for k in keys}}
 
 
 def _regularisation(checkpoint: Checkpoint) -> dict | None:
