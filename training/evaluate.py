@@ -210,7 +210,7 @@ def _plot_comparison(reports: list[dict], path: Path) -> None:
         ax.set_ylim(0, max(values) * 1.3)
     ax.set_xlim(left=0)
     ax.set_xlabel("mean NFE per sample (points: solver tolerance)")
-    ax.set_ylabel({"test_error": "test error (%)"}.get(metric, _LABELS[metric]))
+    ax.set_ylabel({"test_error": "test error (%)", "test_log_likelihood": "mean test log-likelihood (nats)"}.get(metric, _LABELS[metric]))
     ax.set_title(f"{reports[0]['dataset']}: {'lower' if metric != 'test_log_likelihood' else 'higher'} is better, left is cheaper")
     ax.legend(fontsize=8)
     fig.tight_layout()
