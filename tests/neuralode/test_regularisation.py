@@ -8,7 +8,7 @@ import torch
 from scipy.integrate import quad
 from scipy.integrate import solve_ivp as scipy_solve_ivp
 
-from neuralode.models import CNF, ConcatConv2d, ConcatSquashMLP, ODEBlock, ODEFunc, ODENet, Regularisation
+from neuralode.models import CNF, ConcatConv2d, ConcatSquashMLP, ODEBlock, ODEFunc, ODENet, PlanarDynamics, Regularisation
 from neuralode.models.regularisation import draw_noise, hutchinson_jacobian
 
 BOTH = Regularisation(kinetic=0.7, jacobian=0.3)
@@ -26,9 +26,10 @@ class SmoothFunc(torch.nn.Module):
         return torch.tanh(self.conv2(t, torch.tanh(self.conv1(t, z))))
 
 
-def _cnf(tol: float = 1e-10) -> CNF:
+def _cnf(tol: float = 1e-10, dynamics: str = "concatsquash", trace: str = "exact") -> CNF:
     torch.manual_seed(0)
-    return CNF(ConcatSquashMLP(2, (16, 16)), 2, tol=tol).double()
+    net = PlanarDynamics(2, width=6) if dynamics == "planar" else ConcatSquashMLP(2, (16, 16))
+    return CNF(net, 2, tol=tol, trace=trace).double()
 
 
 def _block(tol: float = 1e-10) -> ODEBlock:
@@ -49,12 +50,19 @@ def _quadrature(integrand, t0: float, t1: float) -> float:
     return value
 
 
-def test_cnf_integrals_equal_quadratures_along_the_scipy_trajectory():
-    cnf = _cnf()
+@pytest.mark.parametrize(
+    "dynamics, trace", [("concatsquash", "exact"), ("planar", "exact"), ("concatsquash", "hutchinson")],
+    ids=["rows-of-the-exact-trace", "closed-form-trace", "hutchinson-with-the-traces-noise"],
+)
+def test_cnf_integrals_equal_quadratures_along_the_scipy_trajectory(dynamics, trace):
+    """K, and J exactly where the Jacobian's rows are at hand; with the Hutchinson trace, J is
+    the estimate with the trace's own noise, read back from the state (it never changed)."""
+    cnf = _cnf(dynamics=dynamics, trace=trace)
     x = torch.tensor([[1.5, -0.5], [-2.0, 1.0], [0.3, 0.2]], dtype=torch.float64)
     with torch.no_grad():
-        _, solution, integrals = cnf.log_prob_regularised(x, BOTH)
+        _, solution, integrals = cnf.log_prob_regularised(x, BOTH, generator=torch.Generator().manual_seed(3))
     assert bool(solution.success.all())
+    noise = solution.y1[:, 3:5] if trace == "hutchinson" else None
 
     def f(t: float, z: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -67,7 +75,10 @@ def test_cnf_integrals_equal_quadratures_along_the_scipy_trajectory():
     for i in range(len(x)):
         z = _trajectory(f, x[i].numpy(), cnf.t1, 0.0)  # data at T back to the base at 0
         kinetic = _quadrature(lambda t: float(np.mean(f(t, z(t)) ** 2)), 0.0, cnf.t1)
-        frobenius = _quadrature(lambda t: float(jacobian(t, z(t)).square().sum() / 2), 0.0, cnf.t1)
+        if noise is None:
+            frobenius = _quadrature(lambda t: float(jacobian(t, z(t)).square().sum() / 2), 0.0, cnf.t1)
+        else:
+            frobenius = _quadrature(lambda t: float((noise[i] @ jacobian(t, z(t))).square().sum() / 2), 0.0, cnf.t1)
         assert float(integrals[i, 0]) == pytest.approx(kinetic, rel=1e-7)
         assert float(integrals[i, 1]) == pytest.approx(frobenius, rel=1e-7)
 
