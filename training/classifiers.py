@@ -16,6 +16,7 @@ from tqdm import tqdm
 from neuralode.checkpoint import save_checkpoint
 from neuralode.models import ODENet, Regularisation
 from neuralode.models.registry import ODE_CLASSIFIERS, build_model
+from neuralode.solvers import Solution
 
 from .common import Distributed, command_line, device_name, peak_memory, regularisation_from, resolve_device, seed_everything, setup_logging
 from .data import ImageSet, batches, load_mnist, to_float
@@ -98,7 +99,7 @@ class RegularisedForward(nn.Module):
         super().__init__()
         self.model, self.regularisation, self.noise = model, regularisation, noise
 
-    def forward(self, images: Tensor) -> tuple[Tensor, object, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Solution, Tensor]:
         return self.model.forward_regularised(images, self.regularisation, generator=self.noise)
 
 

@@ -83,6 +83,18 @@ def test_cnf_integrals_equal_quadratures_along_the_scipy_trajectory(dynamics, tr
         assert float(integrals[i, 1]) == pytest.approx(frobenius, rel=1e-7)
 
 
+def test_cnf_sampling_integrates_the_same_regularisers_as_the_way_back():
+    """Sampling runs base → data; the log-density solve of those samples runs the same path
+    back: the two must integrate the same K and J (the latter with its sign turned)."""
+    cnf = _cnf()
+    with torch.no_grad():
+        x, log_q, _, forward = cnf.sample_regularised(4, BOTH, generator=torch.Generator().manual_seed(0))
+        log_p, _, backward = cnf.log_prob_regularised(x, BOTH)
+    assert bool((forward > 0).all())
+    torch.testing.assert_close(forward, backward, rtol=1e-7, atol=0)
+    torch.testing.assert_close(log_p, log_q, rtol=0, atol=1e-7)
+
+
 def test_odeblock_noise_stays_fixed_and_its_integrals_equal_quadratures():
     """The Hutchinson noise is read back from the final state: it never changed, and the
     integrated estimate is the quadrature of ‖εᵀ ∂f/∂z‖²/D with that one ε along z(t)."""
