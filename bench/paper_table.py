@@ -7,10 +7,9 @@ with the paper's figures: test error, parameters, training images/s and peak mem
 Test error and parameters come from each card (measured on the full test set at the end of
 training). Images/s is the training loop alone, from the ``epoch N: T s`` lines of the log
 next to the checkpoint (the card's own ``images_per_s`` also counts the per-epoch test-set
-evaluations). Peak memory is the process's peak resident set: the card's
-``peak_memory_mib`` where it has one, else ``Maximum resident set size`` from a
-``/usr/bin/time -v -o <dir>/<name>.time`` file, so runs from before the card recorded it
-count the same way.
+evaluations). Peak memory is the process's peak resident set: ``Maximum resident set size`` from a
+``/usr/bin/time -v -o <dir>/<name>.time`` file where there is one (so runs from before the
+card recorded memory count the same way), else the card's ``peak_memory_mib``.
 """
 
 from __future__ import annotations
@@ -63,13 +62,14 @@ def row(path: Path, gnu_time_dir: Path | None) -> dict:
 
 
 def _peak_rss(card: dict, path: Path, gnu_time_dir: Path | None) -> float | None:
-    recorded = card["training"].get("peak_memory_mib")
-    if recorded:
-        return recorded["host_rss"]
+    """The whole process's peak (GNU time's, taken at exit) where there is one, so that all
+    rows count alike; else the card's, taken just before the checkpoint was written."""
     if gnu_time_dir is not None and (gnu_time_dir / f"{path.stem}.time").exists():
         match = _GNU_TIME_RSS.search((gnu_time_dir / f"{path.stem}.time").read_text())
-        return round(int(match.group(1)) / 1024, 1) if match else None
-    return None
+        if match:
+            return round(int(match.group(1)) / 1024, 1)
+    recorded = card["training"].get("peak_memory_mib")
+    return recorded["host_rss"] if recorded else None
 
 
 def markdown(rows: list[dict]) -> str:
