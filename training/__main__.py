@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 from pathlib import Path
 
 from .common import default_data_dir
 from .presets import PRESETS
 
 
-def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float, out: str) -> None:
+def _common(parser: argparse.ArgumentParser, *, epochs: int | None, steps: int | None, batch_size: int, lr: float, out: str) -> None:
+    """Flags every training command has; ``epochs=None``: step-based training, no ``--epochs``."""
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help="dataset folder (torchvision layout; downloaded there when online). Default: %(default)s")
     parser.add_argument("--out", type=Path, default=Path(out), help="checkpoint to write (log next to it). Default: %(default)s")
-    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training set. Default: %(default)s")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    if epochs is None:
+        parser.add_argument("--steps", type=int, default=steps, help="optimizer steps. Default: %(default)s")
+    else:
+        parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training set. Default: %(default)s")
+        parser.add_argument("--steps", type=int, default=steps, help="optimizer steps; overrides --epochs")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per process. Default: %(default)s")
-    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate (one-cycle schedule). Default: %(default)s")
+    parser.add_argument("--lr", type=float, default=lr,
+                        help="peak learning rate: linear warm-up to it, then cosine decay to zero. Default: %(default)s")
     parser.add_argument("--tol", type=float, default=1e-3, help="solver rtol = atol during training. Default: %(default)s")
     parser.add_argument("--method", default="dopri5", help="ODE solver. Default: %(default)s")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N. Default: %(default)s")
@@ -25,9 +32,19 @@ def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr
                         help="gradients by the adjoint method (default for ODE models that support it)")
 
 
+def _regularisers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kinetic", type=float, default=0.0, metavar="λ",
+                        help="weight of the kinetic energy ∫‖f‖² dt (per state dimension) in the loss. Default: %(default)s")
+    parser.add_argument("--jacobian", type=float, default=0.0, metavar="λ",
+                        help="weight of the Jacobian's Frobenius norm ∫‖∂f/∂z‖²_F dt (per state dimension; a Hutchinson "
+                        "estimate unless the model computes the Jacobian anyway) in the loss. Default: %(default)s")  # fmt: skip
+
+
 def _classifier(sub, kind: str, help_text: str) -> None:
     parser = sub.add_parser(kind, help=help_text, description=help_text)
-    _common(parser, epochs=3, batch_size=128, lr=2e-3, out=f"runs/{kind}-mnist.pt")
+    _common(parser, epochs=3, steps=None, batch_size=128, lr=2e-3, out=f"runs/{kind}-mnist.pt")
+    if kind in ("odenet", "rknet"):
+        _regularisers(parser)
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps to warm up over")
@@ -54,8 +71,7 @@ def _train_classifier(kind: str, args: argparse.Namespace) -> None:
 
 def _density(sub, kind: str, help_text: str) -> None:
     parser = sub.add_parser(kind, help=help_text, description=help_text)
-    _common(parser, epochs=0, batch_size=512, lr=1e-3, out=f"runs/{kind}.pt")
-    parser.set_defaults(steps=1000, tol=1e-3)
+    _common(parser, epochs=None, steps=1000, batch_size=512, lr=1e-3, out=f"runs/{kind}.pt")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--data", help="toy density for maximum likelihood: 8gaussians, moons, circles, "
                       "checkerboard, pinwheel, 2spirals")
@@ -66,6 +82,7 @@ def _density(sub, kind: str, help_text: str) -> None:
         parser.add_argument("--width", type=int, default=32, help="M, the planar dynamics' width")
         parser.add_argument("--trace", choices=["exact", "hutchinson"], default="exact")
         parser.add_argument("--t1", type=float, default=1.0, help="integration time")
+        _regularisers(parser)
     else:
         parser.add_argument("--layers", type=int, default=8, help="K, the number of planar layers")
     parser.set_defaults(run=lambda args: _train_density(kind, args))
@@ -78,14 +95,18 @@ def _train_density(kind: str, args: argparse.Namespace) -> None:
 
 
 def _evaluate(sub) -> None:
-    text = "reproduce the seed's Table 1 on a checkpoint: error/likelihood, NFE and time vs tolerance"
+    text = ("reproduce the seed's Table 1 on a checkpoint: error/likelihood, NFE and time vs tolerance; "
+            "given several checkpoints of one dataset, compare them side by side")  # fmt: skip
     parser = sub.add_parser("evaluate", help=text, description=text)
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoints", type=Path, nargs="+", metavar="checkpoint")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and PNG (default: next to the checkpoint)")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval"),
+                        help="folder for the JSON and PNG (never checkpoints/, the folder the server serves). Default: %(default)s")
+    parser.add_argument("--name", default=None,
+                        help="file name (no suffix) of the JSON and PNG. Default: <checkpoint>-eval, or <a>-vs-<b> for several")
     parser.set_defaults(run=_run_evaluate)
 
 
@@ -93,6 +114,44 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import run
 
     run(args)
+
+
+def _card(sub) -> None:
+    text = "print a checkpoint's model card (JSON) without loading its model"
+    parser = sub.add_parser("card", help=text, description=text)
+    parser.add_argument("checkpoint", type=Path)
+    parser.set_defaults(run=_print_card, needs_train_extra=False)
+
+
+def _print_card(args: argparse.Namespace) -> None:
+    from neuralode.checkpoint import CheckpointError, read_card
+
+    try:
+        card = read_card(args.checkpoint)
+    except (OSError, CheckpointError) as error:
+        raise SystemExit(str(error)) from None
+    print(json.dumps(card, indent=2, sort_keys=True))
+
+
+TRAIN_EXTRA = ("torchvision", "tqdm", "matplotlib")
+"""What ``pip install -e ".[train]"`` adds and every command but ``card`` needs."""
+
+
+def _require_train_extra(command: str) -> None:
+    missing = [name for name in TRAIN_EXTRA if not _importable(name)]
+    if missing:
+        raise SystemExit(
+            f"python -m training {command} needs the 'train' extra ({', '.join(missing)} missing): "
+            'pip install -e ".[train]"'
+        )
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +165,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     _density(sub, "cnf", "continuous normalizing flow on a 2-D toy density or energy target")
     _density(sub, "planar-nf", "discrete planar normalizing flow (K layers) on an energy target")
     _evaluate(sub)
+    _card(sub)
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):
         sub.choices[args.command].set_defaults(**PRESETS[args.preset])
@@ -115,6 +175,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if getattr(args, "needs_train_extra", True):
+        _require_train_extra(args.command)
     args.run(args)
 
 

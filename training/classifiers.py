@@ -14,9 +14,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from neuralode.checkpoint import save_checkpoint
+from neuralode.models import ODENet, Regularisation
 from neuralode.models.registry import ODE_CLASSIFIERS, build_model
+from neuralode.solvers import Solution
 
-from .common import Distributed, command_line, device_name, resolve_device, seed_everything, setup_logging
+from .common import Distributed, command_line, device_name, peak_memory, regularisation_from, resolve_device, seed_everything, setup_logging
 from .data import ImageSet, batches, load_mnist, to_float
 
 log = logging.getLogger("training")
@@ -89,9 +91,22 @@ def hyperparameters(kind: str, args: argparse.Namespace) -> dict:
     return {}
 
 
+class RegularisedForward(nn.Module):
+    """ODE-Net's training forward (logits, solution, regulariser integrals) as a module's
+    ``forward``, so that DistributedDataParallel sees it and averages its gradients."""
+
+    def __init__(self, model: ODENet, regularisation: Regularisation, noise: torch.Generator) -> None:
+        super().__init__()
+        self.model, self.regularisation, self.noise = model, regularisation, noise
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Solution, Tensor]:
+        return self.model.forward_regularised(images, self.regularisation, generator=self.noise)
+
+
 def train(kind: str, args: argparse.Namespace) -> Path:
     """Train ``kind`` on MNIST, evaluate it on the held-out test set, write a checkpoint."""
     adjoint = _adjoint_choice(kind, args.adjoint)
+    regularisation = regularisation_from(args)
     device = resolve_device(args.device)
     world = Distributed.from_environment(device)
     device = world.device_for(device)
@@ -105,9 +120,13 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     test_set = load_mnist(args.data_dir, train=False).head(args.test_subset)
     hyper = hyperparameters(kind, args)
     model = build_model(kind, hyper).to(device)
+    forward: nn.Module = model
     if kind in ODE_CLASSIFIERS:
         model.block.adjoint = adjoint
-    trained = nn.parallel.DistributedDataParallel(model) if world.enabled else model
+        # Hutchinson noise from its own stream: the data order and crops stay those of the
+        # unregularised run with the same seed.
+        forward = RegularisedForward(model, regularisation, torch.Generator(device=device).manual_seed(args.seed))
+    trained = nn.parallel.DistributedDataParallel(forward) if world.enabled else forward
 
     steps_per_epoch = len(train_set) // (args.batch_size * world.world_size)
     if steps_per_epoch == 0:
@@ -120,9 +139,9 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     budget = TimeBudget(args.time_budget, device) if args.time_budget else None
     log.info(
         "%s: %d parameters, %d training / %d test images, %d steps (%d epochs of %d) at batch %d x %d, tol %g, "
-        "adjoint %s, %s",
+        "adjoint %s, %s, %s",
         kind, sum(p.numel() for p in model.parameters()), len(train_set), len(test_set), total_steps, epochs,
-        steps_per_epoch, args.batch_size, world.world_size, args.tol, adjoint, device_name(device),
+        steps_per_epoch, args.batch_size, world.world_size, args.tol, adjoint, regularisation, device_name(device),
     )  # fmt: skip
 
     step, epoch, begin = 0, 0, time.perf_counter()
@@ -139,17 +158,20 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             if step >= plan.total:
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            solution = integrals = None
             if kind in ODE_CLASSIFIERS:
-                logits, solution = trained(images)
+                logits, solution, integrals = trained(images)
             else:
-                logits, solution = trained(images), None
+                logits = trained(images)
             loss = nn.functional.cross_entropy(logits, labels)
+            if regularisation.active:
+                loss = loss + regularisation.penalty(integrals)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             step += 1
-            running.add(loss, logits, labels, solution)
+            running.add(loss, logits, labels, solution, integrals)
             bar.update(1)
             bar.set_postfix(running.postfix(), refresh=False)
             fitted = budget.fit(step, begin) if budget is not None else None
@@ -165,9 +187,13 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             if last or (args.eval_every and epoch % args.eval_every == 0):
                 row = evaluate(model, kind, test_set, device, args.tol if kind in ODE_CLASSIFIERS else None)
                 evaluated = f"; test error {row.test_error:.4f} ({len(test_set)} images)"
+            regularisers = ""
+            if regularisation.active:
+                regularisers = f", kinetic {running.kinetic:.4g} jacobian {running.jacobian:.4g} per dimension"
             log.info(
-                "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f%s",
-                epoch, epoch_time, running.loss, running.accuracy, running.nfe_forward, running.nfe_backward, evaluated,
+                "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f%s%s",
+                epoch, epoch_time, running.loss, running.accuracy, running.nfe_forward, running.nfe_backward,
+                regularisers, evaluated,
             )  # fmt: skip
     duration = time.perf_counter() - begin
 
@@ -189,7 +215,9 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                 "epochs": epoch, "steps": step, "batch_size": args.batch_size, "world_size": world.world_size,
                 "preset": args.preset, "time_budget_s": args.time_budget, "tf32": args.tf32,
                 "optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "device": device_name(device),
+                "regularisation": regularisation.card() if kind in ODE_CLASSIFIERS else None,
                 "duration_s": round(duration, 1), "images_per_s": round(step * args.batch_size * world.world_size / duration, 1),
+                "peak_memory_mib": peak_memory(device),
             },
             "metrics": {
                 "test_error": _row_at(table, args.tol if kind in ODE_CLASSIFIERS else None).test_error,
@@ -275,13 +303,16 @@ class _Running:
 
     def __init__(self, decay: float = 0.9) -> None:
         self.decay, self.n = decay, 0
-        self.loss = self.accuracy = self.nfe_forward = self.nfe_backward = 0.0
+        self.loss = self.accuracy = self.nfe_forward = self.nfe_backward = self.kinetic = self.jacobian = 0.0
 
     def _mix(self, old: float, new: float) -> float:
         return new if self.n == 1 else self.decay * old + (1 - self.decay) * new
 
-    def add(self, loss: Tensor, logits: Tensor, labels: Tensor, solution) -> None:
+    def add(self, loss: Tensor, logits: Tensor, labels: Tensor, solution, integrals: Tensor | None) -> None:
         self.n += 1
+        if integrals is not None:
+            kinetic, jacobian = integrals.detach().double().mean(0).tolist()
+            self.kinetic, self.jacobian = self._mix(self.kinetic, kinetic), self._mix(self.jacobian, jacobian)
         self.loss = self._mix(self.loss, float(loss.detach()))
         self.accuracy = self._mix(self.accuracy, float((logits.argmax(1) == labels).float().mean()))
         if solution is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shlex
@@ -13,8 +14,19 @@ import torch
 import torch.distributed as dist
 
 from neuralode.devices import resolve_device
+from neuralode.models import Regularisation
 
-__all__ = ["Distributed", "command_line", "default_data_dir", "device_name", "resolve_device", "seed_everything", "setup_logging"]
+__all__ = [
+    "Distributed",
+    "command_line",
+    "default_data_dir",
+    "device_name",
+    "peak_memory",
+    "regularisation_from",
+    "resolve_device",
+    "seed_everything",
+    "setup_logging",
+]
 
 log = logging.getLogger("training")
 
@@ -23,6 +35,25 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far, in MiB: its resident set (all of Python, torch and
+    the data) and, on a GPU, the most torch had allocated there."""
+    import resource
+
+    peak = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device.type == "cuda":
+        peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def regularisation_from(args: argparse.Namespace) -> Regularisation:
+    """``--kinetic``/``--jacobian`` (absent for models without an ODE: no regularisation)."""
+    try:
+        return Regularisation(kinetic=getattr(args, "kinetic", 0.0), jacobian=getattr(args, "jacobian", 0.0))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def default_data_dir() -> Path:

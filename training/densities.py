@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from neuralode.checkpoint import save_checkpoint
-from neuralode.models import CNF, PlanarFlow, build_model
+from neuralode.models import CNF, PlanarFlow, Regularisation, build_model
 
 from .classifiers import warmup_cosine
-from .common import command_line, device_name, resolve_device, seed_everything, setup_logging
+from .common import command_line, device_name, peak_memory, regularisation_from, resolve_device, seed_everything, setup_logging
 from .toy import energy, sample_density
 
 log = logging.getLogger("training")
@@ -35,18 +35,29 @@ def cnf_hyper(args: argparse.Namespace) -> dict:
     return hyper
 
 
-def objective(model: nn.Module, args: argparse.Namespace, batch: int, generator: torch.Generator, device) -> tuple[Tensor, object]:
-    """The training loss and the solver stats (None for the discrete flow)."""
+def objective(
+    model: nn.Module, args: argparse.Namespace, regularisation: Regularisation, batch: int, generator: torch.Generator, device
+) -> tuple[Tensor, object, Tensor | None]:
+    """The training loss, the solver stats (None for the discrete flow) and, when
+    regularising, the regularisers' integrals ``[B, 2]`` (already in the loss)."""
     adjoint = bool(args.adjoint)
     if args.target:  # reverse KL to p ∝ exp(-U), up to log Z: E_q[log q(x) + U(x)]
         if isinstance(model, PlanarFlow):
             x, log_q = model.sample(batch, generator=generator)
-            return (log_q + energy(args.target)(x)).mean(), None
-        x, log_q, solution = model.sample(batch, generator=generator, adjoint=adjoint, device=device)
-        return (log_q + energy(args.target)(x)).mean(), solution
+            return (log_q + energy(args.target)(x)).mean(), None, None
+        if not regularisation.active:
+            x, log_q, solution = model.sample(batch, generator=generator, adjoint=adjoint, device=device)
+            return (log_q + energy(args.target)(x)).mean(), solution, None
+        x, log_q, solution, integrals = model.sample_regularised(
+            batch, regularisation, generator=generator, adjoint=adjoint, device=device
+        )
+        return (log_q + energy(args.target)(x)).mean() + regularisation.penalty(integrals), solution, integrals
     data = sample_density(args.data, batch, generator).to(device)
-    log_p, solution = model.log_prob(data, adjoint=adjoint, generator=generator)
-    return -log_p.mean(), solution
+    if not regularisation.active:
+        log_p, solution = model.log_prob(data, adjoint=adjoint, generator=generator)
+        return -log_p.mean(), solution, None
+    log_p, solution, integrals = model.log_prob_regularised(data, regularisation, adjoint=adjoint, generator=generator)
+    return -log_p.mean() + regularisation.penalty(integrals), solution, integrals
 
 
 @torch.no_grad()
@@ -77,6 +88,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         raise SystemExit("give exactly one of --data (maximum likelihood) or --target (reverse KL)")
     if kind == "planar-nf" and not args.target:
         raise SystemExit("planar-nf is not invertible in closed form: train it by --target (reverse KL)")
+    regularisation = regularisation_from(args)
     device = resolve_device(args.device)
     out = Path(args.out)
     setup_logging(out.with_suffix(".log"), True)
@@ -93,14 +105,14 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = warmup_cosine(optimizer, args.steps, 0.02)
     task = f"target {args.target}" if args.target else f"data {args.data}"
-    log.info("%s %s: %d parameters, %s, %d steps at batch %d, %s", kind, hyper, sum(p.numel() for p in model.parameters()),
-             task, args.steps, args.batch_size, device_name(device))  # fmt: skip
+    log.info("%s %s: %d parameters, %s, %d steps at batch %d, %s, %s", kind, hyper, sum(p.numel() for p in model.parameters()),
+             task, args.steps, args.batch_size, regularisation, device_name(device))  # fmt: skip
 
     begin = time.perf_counter()
     losses = []
     bar = tqdm(range(args.steps), desc=kind)
     for _ in bar:
-        loss, solution = objective(model, args, args.batch_size, generator, device)
+        loss, solution, integrals = objective(model, args, regularisation, args.batch_size, generator, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -111,6 +123,8 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             postfix["nfe_f"] = f"{float(solution.nfe.double().mean()):.0f}"
             if solution.backward is not None and solution.backward.nfe is not None:
                 postfix["nfe_b"] = f"{float(solution.backward.nfe.double().mean()):.0f}"
+        if integrals is not None:
+            postfix["kinetic"], postfix["jacobian"] = (f"{v:.3g}" for v in integrals.detach().double().mean(0).tolist())
         bar.set_postfix(postfix, refresh=False)
     duration = time.perf_counter() - begin
     final_loss = sum(losses[-50:]) / len(losses[-50:])
@@ -138,7 +152,8 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             "command": command_line(), "objective": "reverse KL" if args.target else "maximum likelihood",
             "tol": None if kind == "planar-nf" else args.tol, "adjoint": bool(args.adjoint), "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": device_name(device),
-            "duration_s": round(duration, 1),
+            "regularisation": None if kind == "planar-nf" else regularisation.card(),
+            "duration_s": round(duration, 1), "peak_memory_mib": peak_memory(device),
         },
         "metrics": metrics,
     }  # fmt: skip

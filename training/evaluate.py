@@ -1,18 +1,23 @@
-"""``python -m training evaluate CHECKPOINT``: the seed's Table 1 for one checkpoint.
+"""``python -m training evaluate CHECKPOINT [CHECKPOINT ...]``: the seed's Table 1.
 
 Classifiers: test error, NFE and time per batch of 1000 at each tolerance. Density models:
-mean test log-likelihood (or the reverse-KL estimate for energy targets) per tolerance, and
-a picture of the learned density next to the data and samples. Printed, and saved as JSON and
-PNG next to the checkpoint (or in ``--out``).
+mean test log-likelihood (or the reverse-KL estimate for energy targets) per tolerance. One
+checkpoint: printed, saved as ``<name>-eval.json`` and a PNG (error and cost vs tolerance, or
+the learned density next to the data and samples). Several checkpoints of one dataset: a
+side-by-side table, ``<a>-vs-<b>.json`` and one PNG of error (or log-likelihood) against mean
+NFE, one curve per checkpoint over the tolerances — the trade-off a served model offers.
+Everything goes to ``--out`` (default ``runs/eval``, git-ignored), never next to the
+checkpoint: ``checkpoints/`` is the folder the server serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from datetime import date
 from pathlib import Path
 
-from neuralode.checkpoint import load_checkpoint
+from neuralode.checkpoint import Checkpoint, load_checkpoint
 from neuralode.models.registry import CLASSIFIERS, ODE_CLASSIFIERS
 
 from .common import device_name, resolve_device
@@ -20,41 +25,49 @@ from .common import device_name, resolve_device
 
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, device)
-    out_dir = args.out or args.checkpoint.parent
+    checkpoints = [load_checkpoint(path, device) for path in args.checkpoints]
+    _check_comparable(checkpoints)
+    out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{args.checkpoint.stem}-eval"
-    if checkpoint.kind in CLASSIFIERS:
-        report = _classifier_report(checkpoint, args, device)
-        _plot_classifier(report, stem.with_suffix(".png"))
-    else:
-        report = _density_report(checkpoint, args, device)
-        from .densities import plot_density
+    reports = []
+    for path, checkpoint in zip(args.checkpoints, checkpoints):
+        report = _classifier_report(checkpoint, args, device) if checkpoint.kind in CLASSIFIERS else _density_report(checkpoint, args, device)
+        reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint), **report})
+    if len(reports) == 1:
+        stem = out_dir / (args.name or f"{args.checkpoints[0].stem}-eval")
+        report = reports[0]
+        _print_single(report)
+        if checkpoints[0].kind in CLASSIFIERS:
+            _plot_classifier(report, stem.with_suffix(".png"))
+        else:
+            from .densities import plot_density
 
-        plot_density(checkpoint.model, checkpoint.card, stem.with_suffix(".png"), device)
+            plot_density(checkpoints[0].model, checkpoints[0].card, stem.with_suffix(".png"), device)
+    else:
+        stem = out_dir / (args.name or "-vs-".join(path.stem for path in args.checkpoints))
+        report = {"compared": reports}
+        _print_comparison(reports)
+        _plot_comparison(reports, stem.with_suffix(".png"))
     report["device"] = device_name(device)
+    report["date"] = date.today().isoformat()
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
     return report
 
 
-def _classifier_report(checkpoint, args: argparse.Namespace, device) -> dict:
+# ---- measuring ------------------------------------------------------------------------
+def _classifier_report(checkpoint: Checkpoint, args: argparse.Namespace, device) -> dict:
     from .classifiers import evaluate
     from .data import load_mnist
 
     test_set = load_mnist(args.data_dir, train=False).head(args.test_subset)
     tols = args.tols if checkpoint.kind in ODE_CLASSIFIERS else [None]
     rows = [evaluate(checkpoint.model, checkpoint.kind, test_set, device, tol).as_dict() for tol in tols]
-    print(f"{checkpoint.kind} on {len(test_set)} MNIST test images ({device_name(device)})")
-    print(f"{'tol':>8} {'test error':>11} {'NFE':>8} {'time/1000 (s)':>14}")
-    for row in rows:
-        tol = "-" if row["tol"] is None else f"{row['tol']:g}"
-        nfe = "-" if row["nfe_mean"] is None else f"{row['nfe_mean']:.1f}"
-        print(f"{tol:>8} {row['test_error'] * 100:>10.2f}% {nfe:>8} {row['time_per_1000_s']:>14.3f}")
-    return {"checkpoint": str(args.checkpoint), "kind": checkpoint.kind, "test_images": len(test_set), "rows": rows}
+    return {"kind": checkpoint.kind, "dataset": "MNIST", "metric": "test_error", "test_images": len(test_set),
+            "regularisation": _regularisation(checkpoint), "rows": rows}  # fmt: skip
 
 
-def _density_report(checkpoint, args: argparse.Namespace, device) -> dict:
+def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) -> dict:
     from .densities import kl_estimate, test_log_likelihood
 
     name = checkpoint.card["dataset"]["name"]
@@ -62,40 +75,150 @@ def _density_report(checkpoint, args: argparse.Namespace, device) -> dict:
         target = name.split()[1]
         tols = [None] if checkpoint.kind == "planar-nf" else args.tols
         rows = [kl_estimate(checkpoint.model, target, tol, device) for tol in tols]
-        print(f"{checkpoint.kind} on target {target}: E_q[log q + U] (= KL(q||p) - log Z)")
-        for row in rows:
-            print(f"  tol {row['tol']}: {row['kl_plus_log_z']:.4f}" + (f", NFE {row['nfe_mean']:.1f}" if "nfe_mean" in row else ""))
+        metric = "kl_plus_log_z"
     else:
         rows = [test_log_likelihood(checkpoint.model, name, tol, device) for tol in args.tols]
-        print(f"{checkpoint.kind} on {name}: mean test log-likelihood")
-        print(f"{'tol':>8} {'log-lik':>9} {'NFE':>8} {'time/1000 (s)':>14}")
-        for row in rows:
-            print(f"{row['tol']:>8g} {row['test_log_likelihood']:>9.4f} {row['nfe_mean']:>8.1f} {row['time_per_1000_s']:>14.3f}")
-    return {"checkpoint": str(args.checkpoint), "kind": checkpoint.kind, "dataset": name, "rows": rows}
+        metric = "test_log_likelihood"
+    return {"kind": checkpoint.kind, "dataset": name, "metric": metric, "regularisation": _regularisation(checkpoint), "rows": rows}
 
 
-def _plot_classifier(report: dict, path: Path) -> None:
+def _provenance(checkpoint: Checkpoint) -> dict:
+    """How the checkpoint was made, from its card, so a saved report says what it compares."""
+    training = checkpoint.card.get("training", {})
+    keys = ("command", "seed", "device", "duration_s")
+    return {"code_version": checkpoint.card.get("code_version"), **{k: training.get(k) for k in keys}}
+
+
+def _regularisation(checkpoint: Checkpoint) -> dict | None:
+    """The card's regularisation settings (cards from before they existed: none)."""
+    return checkpoint.card.get("training", {}).get("regularisation")
+
+
+def _check_comparable(checkpoints: list[Checkpoint]) -> None:
+    """Side by side only makes sense on one task and dataset: checked on the cards, before any work."""
+    datasets = {(c.card.get("task"), c.card.get("dataset", {}).get("name")) for c in checkpoints}
+    if len(datasets) > 1:
+        raise SystemExit(f"compare checkpoints of one dataset; got {', '.join(f'{t} on {d}' for t, d in sorted(datasets))}")
+
+
+# ---- printing -------------------------------------------------------------------------
+_LABELS = {"test_error": "test error", "test_log_likelihood": "log-lik", "kl_plus_log_z": "E[log q + U]"}
+
+
+def _metric(report: dict, row: dict) -> str:
+    value = row[report["metric"]]
+    return f"{100 * value:.2f}%" if report["metric"] == "test_error" else f"{value:.4f}"
+
+
+def _tol(row: dict) -> str:
+    return "-" if row["tol"] is None else f"{row['tol']:g}"
+
+
+def _nfe(row: dict) -> str:
+    return "-" if row.get("nfe_mean") is None else f"{row['nfe_mean']:.1f}"
+
+
+def _time(row: dict) -> str:
+    return "-" if row.get("time_per_1000_s") is None else f"{row['time_per_1000_s']:.3f}"
+
+
+def _print_single(report: dict) -> None:
+    size = f"{report['test_images']} test images" if "test_images" in report else "held-out points"
+    print(f"{report['name']} ({report['kind']}) on {report['dataset']}, {size}")
+    print(f"{'tol':>8} {_LABELS[report['metric']]:>12} {'NFE':>8} {'time/1000 (s)':>14}")
+    for row in report["rows"]:
+        print(f"{_tol(row):>8} {_metric(report, row):>12} {_nfe(row):>8} {_time(row):>14}")
+
+
+def _print_comparison(reports: list[dict]) -> None:
+    """One row per tolerance, one column group (metric, NFE) per checkpoint."""
+    width = max(22, *(len(r["name"]) + 2 for r in reports))
+    print(f"{reports[0]['dataset']}: {_LABELS[reports[0]['metric']]} and mean NFE per tolerance")
+    print(f"{'tol':>8} " + "".join(f"{r['name']:>{width}}" for r in reports))
+    tols = sorted({row["tol"] for r in reports for row in r["rows"]}, key=lambda t: -1.0 if t is None else t)
+    for tol in tols:
+        cells = []
+        for report in reports:
+            row = next((row for row in report["rows"] if row["tol"] == tol), None)
+            if row is None:  # a model without an ODE has one row, at no tolerance
+                row = report["rows"][0] if report["rows"][0]["tol"] is None else None
+            cells.append("" if row is None else f"{_metric(report, row)} @ {_nfe(row)}")
+        print(f"{'-' if tol is None else f'{tol:g}':>8} " + "".join(f"{cell:>{width}}" for cell in cells))
+
+
+# ---- plotting -------------------------------------------------------------------------
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["rows"] if r["tol"] is not None]
-    if not rows:
-        rows = report["rows"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    return plt
+
+
+def _plot_classifier(report: dict, path: Path) -> None:
+    """Error from 0 (with the count of errors at each point), and time and NFE with a legend."""
+    plt = _pyplot()
+    rows = [r for r in report["rows"] if r["tol"] is not None] or report["rows"]
     tols = [r["tol"] if r["tol"] is not None else 1.0 for r in rows]
-    left.semilogx(tols, [100 * r["test_error"] for r in rows], "o-")
-    left.set_xlabel("tolerance")
-    left.set_ylabel("test error (%)")
-    right.semilogx(tols, [r["time_per_1000_s"] for r in rows], "o-", label="time / 1000 images (s)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    errors = [100 * r["test_error"] for r in rows]
+    left.semilogx(tols, errors, "o-")
+    for tol, error, row in zip(tols, errors, rows):
+        left.annotate(f"{round(row['test_error'] * report['test_images'])}", (tol, error), textcoords="offset points",
+                      xytext=(0, 6), ha="center", fontsize=8)  # fmt: skip
+    left.set_ylim(0, max(errors) * 1.3 or 1.0)
+    left.set_xlabel("tolerance (rtol = atol)")
+    left.set_ylabel("test error (%); labels: errors")
+    lines = right.semilogx(tols, [r["time_per_1000_s"] for r in rows], "o-", label="time per 1000 images (s)")
+    right.set_ylim(bottom=0)
+    right.set_xlabel("tolerance (rtol = atol)")
+    right.set_ylabel("time per batch of 1000 (s)")
     if rows[0]["nfe_mean"] is not None:
         twin = right.twinx()
-        twin.semilogx(tols, [r["nfe_mean"] for r in rows], "s--", color="tab:orange")
-        twin.set_ylabel("NFE", color="tab:orange")
-    right.set_xlabel("tolerance")
-    right.set_ylabel("time per batch of 1000 (s)")
-    fig.suptitle(f"{report['kind']}: {report['test_images']} MNIST test images")
+        lines += twin.semilogx(tols, [r["nfe_mean"] for r in rows], "s--", color="tab:orange", label="mean NFE (right axis)")
+        twin.set_ylim(bottom=0)
+        twin.set_ylabel("mean NFE")
+    right.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
+    fig.suptitle(f"{report['name']} ({report['kind']}): {report['test_images']} MNIST test images")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_comparison(reports: list[dict], path: Path) -> None:
+    """Metric against mean NFE, one curve per checkpoint, each point labelled with its tolerance;
+    a model without an ODE is a horizontal line (it has no tolerance to trade)."""
+    plt = _pyplot()
+    metric = reports[0]["metric"]
+    scale = 100.0 if metric == "test_error" else 1.0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    values = []
+    for report in reports:
+        label = report["name"] + _regularisation_label(report.get("regularisation"))
+        rows = report["rows"]
+        ys = [scale * row[metric] for row in rows]
+        values += ys
+        if rows[0].get("nfe_mean") is None:
+            ax.axhline(ys[0], linestyle=":", color="gray", label=f"{label} (no ODE)")
+            continue
+        xs = [row["nfe_mean"] for row in rows]
+        (line,) = ax.plot(xs, ys, "o-", label=label)
+        for x, y, row in zip(xs, ys, rows):
+            ax.annotate(_tol(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+    if metric == "test_error":
+        ax.set_ylim(0, max(values) * 1.3)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("mean NFE per sample (points: solver tolerance)")
+    ax.set_ylabel({"test_error": "test error (%)", "test_log_likelihood": "mean test log-likelihood (nats)"}.get(metric, _LABELS[metric]))
+    ax.set_title(f"{reports[0]['dataset']}: {'lower' if metric != 'test_log_likelihood' else 'higher'} is better, left is cheaper")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _regularisation_label(regularisation: dict | None) -> str:
+    if not regularisation or not (regularisation["kinetic"] or regularisation["jacobian"]):
+        return ""
+    return f" (λ_K {regularisation['kinetic']:g}, λ_J {regularisation['jacobian']:g})"

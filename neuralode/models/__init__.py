@@ -3,6 +3,7 @@
 from .cnf import CNF, ConcatSquashMLP, PlanarDynamics, PlanarFlow, standard_normal_log_prob
 from .odenet import MLP, ConcatConv2d, ODEBlock, ODEFunc, ODENet, ResNet, count_parameters
 from .registry import build_model
+from .regularisation import Regularisation
 
 __all__ = [
     "CNF",
@@ -14,6 +15,7 @@ __all__ = [
     "ODENet",
     "PlanarDynamics",
     "PlanarFlow",
+    "Regularisation",
     "ResNet",
     "build_model",
     "count_parameters",

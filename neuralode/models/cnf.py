@@ -15,6 +15,7 @@ otherwise) or Hutchinson's estimate ε·(∂f/∂z)ε, unbiased, for high dimens
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Unpack
 
 import torch
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from ..solvers import Solution, rms_norm, solve_ivp
 from ..solvers.accuracy import Accuracy, solve_settings
+from .regularisation import INTEGRALS, NOISES, Regularisation, draw_noise, integrals_of, mean_square, rate_columns
+
 TRACES = ("exact", "hutchinson")
-NOISES = ("rademacher", "gaussian")
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -123,31 +125,45 @@ class CNF(nn.Module):
     # ---- the augmented dynamics, usable by any solver or by the server's engine ----------
     def augmented(self, t: Tensor, state: Tensor) -> Tensor:
         """d[z, l, ε]/dt = [f, -tr(∂f/∂z), 0] for each row of ``state``."""
+        return self._rates(t, state, None)
+
+    def _rates(self, t: Tensor, state: Tensor, regularisation: Regularisation | None) -> Tensor:
+        """:meth:`augmented`, and with ``regularisation`` two more columns: d[K, J]/dt =
+        [‖f‖², ‖∂f/∂z‖²_F] / dim. The Jacobian term follows the trace: exact from the Jacobian's rows
+        (computed for the exact trace anyway, or for it when the trace is closed-form), the
+        Hutchinson estimate ‖εᵀ ∂f/∂z‖²/dim with the trace's own noise otherwise (as in RNODE)."""
         d = self.dim
         differentiable = torch.is_grad_enabled()  # training: keep the trace differentiable
+        with_jacobian = regularisation is not None and regularisation.jacobian > 0
+        jacobian = None
         with torch.enable_grad():
             z = state[:, :d]
-            if not z.requires_grad:
+            if not (differentiable and z.requires_grad):  # e.g. a view made under no_grad has no graph
                 z = z.detach().requires_grad_(True)
             if hasattr(self.dynamics, "forward_with_trace"):
                 f, trace = self.dynamics.forward_with_trace(t, z)
+                if with_jacobian:
+                    jacobian = sum(mean_square(row) for row in _jacobian_rows(f, z, differentiable))
             elif self.trace == "exact":
                 f = self.dynamics(t, z)
-                trace = sum(
-                    torch.autograd.grad(f[:, i].sum(), z, create_graph=differentiable, retain_graph=True)[0][:, i]
-                    for i in range(d)
-                )
+                rows = _jacobian_rows(f, z, differentiable)
+                trace = sum(row[:, i] for i, row in enumerate(rows))
+                if with_jacobian:
+                    jacobian = sum(mean_square(row) for row in rows)
             else:
                 f = self.dynamics(t, z)
-                noise = state[:, d + 1 :]
+                noise = state[:, d + 1 : 2 * d + 1]
                 (vjp,) = torch.autograd.grad(f, z, noise, create_graph=differentiable, retain_graph=True)
                 trace = (vjp * noise).sum(1)
-        if not differentiable:
-            f, trace = f.detach(), trace.detach()
+                if with_jacobian:
+                    jacobian = mean_square(vjp)
         parts = [f, -trace[:, None]]
         if self.trace == "hutchinson":
             parts.append(torch.zeros_like(f))
-        return torch.cat(parts, 1)
+        if regularisation is not None:
+            parts.append(rate_columns(mean_square(f), jacobian, f))
+        rates = torch.cat(parts, 1)
+        return rates if differentiable else rates.detach()
 
     def error_norm(self, scaled: Tensor) -> Tensor:
         """Error control over z and l only; ε never changes."""
@@ -156,12 +172,8 @@ class CNF(nn.Module):
     def initial_state(self, z: Tensor, log_density: Tensor, generator: torch.Generator | None) -> Tensor:
         parts = [z, log_density[:, None]]
         if self.trace == "hutchinson":
-            parts.append(self._noise(z, generator))
+            parts.append(draw_noise(z, self.noise, generator))
         return torch.cat(parts, 1)
-
-    def _noise(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-        return noise.sign() if self.noise == "rademacher" else noise
 
     # ---- the two directions -------------------------------------------------------------
     def sample(
@@ -174,12 +186,31 @@ class CNF(nn.Module):
         **accuracy: Unpack[Accuracy],
     ) -> tuple[Tensor, Tensor, Solution]:
         """``n`` samples and their log-densities, solving each at its own tolerance."""
-        device = device or next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
-        z0 = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
-        state = self.initial_state(z0, standard_normal_log_prob(z0), generator)
+        state = self._base_draws(n, generator, device)
         solution = self._solve(state, (0.0, self.t1), accuracy, adjoint)
         return solution.y1[:, : self.dim], solution.y1[:, self.dim], solution
+
+    def sample_regularised(
+        self,
+        n: int,
+        regularisation: Regularisation,
+        *,
+        generator: torch.Generator | None = None,
+        adjoint: bool = False,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor, Solution, Tensor]:
+        """:meth:`sample` at the model's tolerance, with the regularisers' integrals ``[B, 2]``
+        (∫‖f‖² dt, ∫‖∂f/∂z‖²_F dt, both / dim) from the same solve."""
+        state = self._with_integrals(self._base_draws(n, generator, device))
+        solution = self._solve(state, (0.0, self.t1), {}, adjoint, regularisation)
+        integrals = integrals_of(solution.y1, forward=True)
+        return solution.y1[:, : self.dim], solution.y1[:, self.dim], solution, integrals
+
+    def _base_draws(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
+        """Initial states for sampling: z(0) ~ N(0, I) with l(0) = log N(z(0))."""
+        device = device or next(self.parameters()).device
+        z0 = torch.randn(n, self.dim, generator=generator, device=device, dtype=next(self.parameters()).dtype)
+        return self.initial_state(z0, standard_normal_log_prob(z0), generator)
 
     def log_prob(
         self,
@@ -192,12 +223,35 @@ class CNF(nn.Module):
         """log p(x) for each row of ``x``, integrating back to the base distribution."""
         state = self.initial_state(x, torch.zeros_like(x[:, 0]), generator)
         solution = self._solve(state, (self.t1, 0.0), accuracy, adjoint)
-        z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]
-        return standard_normal_log_prob(z0) - integral, solution
+        return self._log_density(solution), solution
 
-    def _solve(self, state: Tensor, t_span: tuple[float, float], accuracy: Accuracy, adjoint: bool) -> Solution:
+    def log_prob_regularised(
+        self, x: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None, adjoint: bool = False
+    ) -> tuple[Tensor, Solution, Tensor]:
+        """:meth:`log_prob` at the model's tolerance, with the regularisers' integrals ``[B, 2]``
+        (∫‖f‖² dt, ∫‖∂f/∂z‖²_F dt over [0, T], both / dim) from the same solve."""
+        state = self._with_integrals(self.initial_state(x, torch.zeros_like(x[:, 0]), generator))
+        solution = self._solve(state, (self.t1, 0.0), {}, adjoint, regularisation)
+        return self._log_density(solution), solution, integrals_of(solution.y1, forward=False)
+
+    def _log_density(self, solution: Solution) -> Tensor:
+        z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]
+        return standard_normal_log_prob(z0) - integral
+
+    @staticmethod
+    def _with_integrals(state: Tensor) -> Tensor:
+        return torch.cat([state, state.new_zeros(state.shape[0], INTEGRALS)], 1)
+
+    def _solve(
+        self,
+        state: Tensor,
+        t_span: tuple[float, float],
+        accuracy: Accuracy,
+        adjoint: bool,
+        regularisation: Regularisation | None = None,
+    ) -> Solution:
         return solve_ivp(
-            self.augmented,
+            self.augmented if regularisation is None else partial(self._rates, regularisation=regularisation),
             state,
             t_span,
             **solve_settings(accuracy, rtol=self.tol, atol=self.tol, method=self.method),
@@ -205,6 +259,11 @@ class CNF(nn.Module):
             adjoint=adjoint,
             adjoint_params=tuple(self.dynamics.parameters()) if adjoint else None,
         )
+
+
+def _jacobian_rows(f: Tensor, z: Tensor, create_graph: bool) -> list[Tensor]:
+    """Row i of ∂f/∂z for every sample, one autograd pass per dimension."""
+    return [torch.autograd.grad(f[:, i].sum(), z, create_graph=create_graph, retain_graph=True)[0] for i in range(f.shape[1])]
 
 
 class PlanarFlow(nn.Module):

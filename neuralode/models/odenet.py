@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Unpack
 
 import torch
 from torch import Tensor, nn
 
-from ..solvers import Solution, solve_ivp
+from ..solvers import Solution, rms_norm, solve_ivp
 from ..solvers.accuracy import Accuracy, solve_settings
+from .regularisation import INTEGRALS, Regularisation, draw_noise, hutchinson_jacobian, integrals_of, mean_square, rate_columns
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -75,16 +77,61 @@ class ODEBlock(nn.Module):
         self.method, self.rtol, self.atol, self.adjoint, self.t1 = method, rtol, atol, adjoint, t1
 
     def forward(self, z: Tensor, **accuracy: Unpack[Accuracy]) -> tuple[Tensor, Solution]:
+        solution = self._solve(self.func, z, accuracy)
+        return solution.y1, solution
+
+    def forward_regularised(
+        self, z: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Solution, Tensor]:
+        """z(1), the solution and the integrals ``[B, 2]`` (∫‖f‖² dt/D, ∫‖εᵀ ∂f/∂z‖² dt/D) at the
+        block's own tolerance, all from one solve of the flat per-sample state ``[z, ε, K, J]``
+        (``solution.y1`` is that state; ε only with the Jacobian term, zeros when it is off).
+        The Rademacher noise ε is drawn here, once per sample, from ``generator``."""
+        if not regularisation.active:
+            y1, solution = self(z)
+            return y1, solution, z.new_zeros(z.shape[0], INTEGRALS)
+        shape, size = z.shape[1:], z[0].numel()
+        flat = z.flatten(1)
+        with_jacobian = regularisation.jacobian > 0
+        noise = draw_noise(flat, "rademacher", generator) if with_jacobian else flat[:, :0]
+        noise_size = noise.shape[1]
+
+        def dynamics(t: Tensor, state: Tensor) -> Tensor:
+            differentiable = torch.is_grad_enabled()  # off in the adjoint's forward solve
+            z = state[:, :size].view(-1, *shape)
+            with torch.set_grad_enabled(differentiable or with_jacobian):
+                if with_jacobian and not (differentiable and z.requires_grad):
+                    z = z.detach().requires_grad_(True)  # a leaf to differentiate f by
+                f = self.func(t, z)
+                jacobian = None
+                if with_jacobian:
+                    probe = state[:, size : size + noise_size].view_as(z)
+                    jacobian = hutchinson_jacobian(f, z, probe, create_graph=differentiable)
+            rates = torch.cat([f.flatten(1), f.new_zeros(f.shape[0], noise_size), rate_columns(mean_square(f), jacobian, f)], 1)
+            return rates if differentiable else rates.detach()
+
+        state = torch.cat([flat, noise, flat.new_zeros(flat.shape[0], INTEGRALS)], 1)
+        solution = self._solve(dynamics, state, {}, norm=lambda scaled: rms_norm(scaled[:, :size]))
+        return solution.y1[:, :size].view(-1, *shape), solution, integrals_of(solution.y1, forward=True)
+
+    def _solve(
+        self,
+        func: Callable[[Tensor, Tensor], Tensor],
+        y0: Tensor,
+        accuracy: Accuracy,
+        *,
+        norm: Callable[[Tensor], Tensor] | None = None,
+    ) -> Solution:
         adjoint = self.adjoint and torch.is_grad_enabled()
-        solution = solve_ivp(
-            self.func,
-            z,
+        return solve_ivp(
+            func,
+            y0,
             (0.0, self.t1),
             **solve_settings(accuracy, rtol=self.rtol, atol=self.atol, method=self.method),
+            norm=norm,
             adjoint=adjoint,
             adjoint_params=tuple(self.func.parameters()) if adjoint else None,
         )
-        return solution.y1, solution
 
 
 def downsampling(channels: int = 64) -> nn.Sequential:
@@ -121,6 +168,14 @@ class ODENet(nn.Module):
     def forward(self, images: Tensor, **accuracy: Unpack[Accuracy]) -> tuple[Tensor, Solution]:
         features, solution = self.block(self.downsample(images), **accuracy)
         return self.head(features), solution
+
+    def forward_regularised(
+        self, images: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Solution, Tensor]:
+        """Training's forward: logits, the solution and the regularisers' integrals ``[B, 2]``
+        (see :meth:`ODEBlock.forward_regularised`)."""
+        features, solution, integrals = self.block.forward_regularised(self.downsample(images), regularisation, generator=generator)
+        return self.head(features), solution, integrals
 
 
 class ResidualBlock(nn.Module):

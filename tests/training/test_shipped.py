@@ -20,6 +20,7 @@ def test_shipped_checkpoint_loads_with_a_complete_card(name):
         assert key in card, key
     for key in ("command", "tol", "adjoint", "device", "duration_s"):
         assert key in card["training"], key
+    assert not card["code_version"].endswith("-dirty"), "ship checkpoints trained from a committed tree"
     assert [row["tol"] for row in card["metrics"]["table"]] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
 

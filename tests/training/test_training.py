@@ -15,9 +15,10 @@ from neuralode.models import ODENet, build_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(*args: str, env: dict | None = None, module: str = "training") -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict | None = None, module: str = "training", cwd: Path = ROOT) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", module, *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
+    environment = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}  # the repository's packages from any cwd
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -51,15 +52,66 @@ def test_short_adjoint_training_lowers_the_loss_and_beats_chance(short_odenet, m
     assert (short_odenet.with_suffix(".log")).read_text().count("epoch 1:") == 1
 
 
-def test_evaluate_writes_the_table_json_and_plot(short_odenet, mnist_dir, tmp_path):
+def test_evaluate_writes_the_table_json_and_plot_under_runs_not_beside_the_checkpoint(short_odenet, mnist_dir, tmp_path):
+    """By default into ./runs/eval (git-ignored), never into the checkpoint's folder, which
+    for the shipped models is the folder the server serves."""
     result = _run("evaluate", str(short_odenet), "--data-dir", str(mnist_dir), "--test-subset", "200",
-                  "--tols", "1e-4", "1e-2", "1", "--out", str(tmp_path), "--device", "cpu")  # fmt: skip
+                  "--tols", "1e-4", "1e-2", "1", "--device", "cpu", cwd=tmp_path)  # fmt: skip
     assert "test error" in result.stdout
-    report = json.loads((tmp_path / "odenet-eval.json").read_text())
+    out = tmp_path / "runs" / "eval"
+    report = json.loads((out / "odenet-eval.json").read_text())
     nfe = [row["nfe_mean"] for row in report["rows"]]
     assert [row["tol"] for row in report["rows"]] == [1e-4, 1e-2, 1.0]
     assert nfe[0] > nfe[1] >= nfe[2]
-    assert (tmp_path / "odenet-eval.png").stat().st_size > 5000
+    assert (out / "odenet-eval.png").stat().st_size > 5000
+    assert sorted(p.name for p in short_odenet.parent.iterdir()) == ["odenet.log", "odenet.pt"]
+
+
+def test_evaluate_compares_two_checkpoints_side_by_side(short_odenet, mnist_dir, tmp_path):
+    shipped = ROOT / "checkpoints" / "odenet-mnist.pt"
+    result = _run("evaluate", str(shipped), str(short_odenet), "--data-dir", str(mnist_dir), "--test-subset", "200",
+                  "--tols", "1e-2", "1", "--out", str(tmp_path), "--device", "cpu")  # fmt: skip
+    compared = json.loads((tmp_path / "odenet-mnist-vs-odenet.json").read_text())["compared"]
+    assert [report["name"] for report in compared] == ["odenet-mnist", "odenet"]
+    shipped_row, short_row = (report["rows"][0] for report in compared)
+    assert shipped_row["test_error"] < short_row["test_error"]  # 3 epochs against 160 small steps
+    lines = result.stdout.splitlines()
+    assert "odenet-mnist" in lines[1] and "odenet" in lines[1].replace("odenet-mnist", "")
+    assert any(line.split()[0] == "0.01" and line.count("@") == 2 for line in lines[2:])
+    assert (tmp_path / "odenet-mnist-vs-odenet.png").stat().st_size > 5000
+
+
+def test_evaluate_refuses_to_compare_different_datasets(tmp_path):
+    from training.__main__ import main
+
+    with pytest.raises(SystemExit, match="compare checkpoints of one dataset"):
+        main(["evaluate", str(ROOT / "checkpoints/cnf-moons.pt"), str(ROOT / "checkpoints/cnf-8gaussians.pt"), "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused from the cards, before any work
+
+
+def test_card_prints_the_model_card(capsys):
+    from neuralode.checkpoint import read_card
+    from training.__main__ import main
+
+    main(["card", str(ROOT / "checkpoints" / "cnf-moons.pt")])
+    assert json.loads(capsys.readouterr().out) == read_card(ROOT / "checkpoints" / "cnf-moons.pt")
+
+
+def test_a_missing_train_extra_is_named_instead_of_a_traceback(monkeypatch):
+    from training.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if it were not installed
+    with pytest.raises(SystemExit, match=r"needs the 'train' extra \(tqdm missing\): pip install"):
+        main(["cnf", "--data", "moons"])
+
+
+def test_step_based_commands_have_no_epochs_flag():
+    from training.__main__ import parse
+
+    with pytest.raises(SystemExit):
+        parse(["cnf", "--data", "moons", "--epochs", "3"])
+    assert parse(["cnf", "--data", "moons"]).steps == 1000
+    assert parse(["odenet"]).epochs == 3
 
 
 def test_adjoint_and_backprop_give_matching_gradients_on_odenet():
@@ -118,6 +170,59 @@ def test_cnf_maximum_likelihood_training_improves_test_likelihood(tmp_path):
     after = test_log_likelihood(checkpoint.model, "8gaussians", 1e-3, "cpu", points=1000)["test_log_likelihood"]
     assert after > before + 0.3
     assert checkpoint.card["training"]["objective"] == "maximum likelihood"
+
+
+def test_regularised_odenet_training_records_its_settings(tmp_path, mnist_dir):
+    out = tmp_path / "odenet-reg.pt"
+    _run("odenet", "--data-dir", str(mnist_dir), "--out", str(out), "--steps", "3", "--batch-size", "8", "--tol", "1e-1",
+         "--train-subset", "64", "--test-subset", "16", "--kinetic", "0.01", "--jacobian", "0.02", "--device", "cpu")  # fmt: skip
+    training = load_checkpoint(out).card["training"]
+    assert training["regularisation"] == {"kinetic": 0.01, "jacobian": 0.02}
+    assert training["peak_memory_mib"]["host_rss"] > 100
+    epoch_line = next(line for line in out.with_suffix(".log").read_text().splitlines() if "epoch 1:" in line)
+    assert "kinetic" in epoch_line and "jacobian" in epoch_line
+
+
+def test_kinetic_regularisation_straightens_a_cnf():
+    """Ten steps from the same start and data: with λ_K the learned flow moves the test points
+    with much less kinetic energy than without (about a quarter here)."""
+    import argparse
+
+    from neuralode.models import Regularisation
+    from training.densities import objective
+    from training.toy import sample_density
+
+    test_points = sample_density("8gaussians", 500, torch.Generator().manual_seed(1))
+    args = argparse.Namespace(target=None, data="8gaussians", adjoint=True)
+    energies = {}
+    for weight in (0.0, 3.0):
+        torch.manual_seed(0)
+        model = build_model("cnf", {"dim": 2, "hidden": [16, 16], "tol": 1e-2})
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+        generator = torch.Generator().manual_seed(0)
+        regularisation = Regularisation(kinetic=weight)
+        for _ in range(10):
+            loss, _, _ = objective(model, args, regularisation, 64, generator, "cpu")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            _, _, integrals = model.log_prob_regularised(test_points, Regularisation(kinetic=1.0))
+        energies[weight] = float(integrals[:, 0].mean())
+    assert energies[3.0] < 0.5 * energies[0.0]
+
+
+def test_regularisers_are_refused_where_there_is_no_ode_or_the_weight_is_negative(capsys):
+    from training.__main__ import parse
+    from training.common import regularisation_from
+
+    for kind in ("resnet", "mlp", "planar-nf"):
+        with pytest.raises(SystemExit):
+            parse([kind, "--target", "U1", "--kinetic", "0.1"] if kind == "planar-nf" else [kind, "--kinetic", "0.1"])
+        assert "unrecognized arguments: --kinetic" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="kinetic weight must be finite and >= 0"):
+        regularisation_from(parse(["cnf", "--data", "moons", "--kinetic", "-1"]))
+    assert regularisation_from(parse(["rknet", "--jacobian", "0.5"])).jacobian == 0.5
 
 
 def test_planar_flow_reverse_kl_training_lowers_the_kl(tmp_path):
