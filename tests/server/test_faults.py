@@ -166,7 +166,7 @@ def retrained_copy(source: Path, destination: Path) -> None:
     """The same architecture with other weights, as a retraining would deliver."""
     checkpoint = torch.load(source, weights_only=True)
     bias = checkpoint["state_dict"]["head.4.bias"]
-    checkpoint["state_dict"]["head.4.bias"] = bias + torch.linspace(-2, 2, len(bias))
+    checkpoint["state_dict"]["head.4.bias"] = bias + 20 * (torch.arange(len(bias)) == 0)  # now it mostly says "0"
     torch.save(checkpoint, destination)
 
 
@@ -178,7 +178,7 @@ def test_sighup_reloads_without_downtime(shipped, tmp_path):
     retrained_copy(served, tmp_path / "retrained.pt")
     running = start_server(folder, tmp_path, "--max-batch", "256")
     images = np.random.default_rng(1).integers(0, 255, (8, 28, 28), dtype=np.uint8)
-    slow_images = np.random.default_rng(2).integers(0, 255, (256, 28, 28), dtype=np.uint8)
+    slow_images = np.random.default_rng(2).integers(0, 255, (512, 28, 28), dtype=np.uint8)  # two batches
     try:
         with Client(running.target, timeout_s=120) as client:
             old_version = client.model("digits").version
