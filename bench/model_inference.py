@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
+from solver_overhead import median_seconds  # bench/ is on the path when a bench script runs
 
 from neuralode import solve_ivp
 from neuralode.checkpoint import load_checkpoint
 from neuralode.cuda_graphs import GraphedDynamics
-from solver_overhead import median_seconds  # bench/ is on the path when a bench script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,9 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
     def theirs():
         calls["n"] = 0
         z = model.downsample(images)
-        z1 = torchdiffeq.odeint(counted, z, torch.tensor([0.0, block.t1], device=device), rtol=tol, atol=tol, method="dopri5")[-1]
+        z1 = torchdiffeq.odeint(
+            counted, z, torch.tensor([0.0, block.t1], device=device), rtol=tol, atol=tol, method="dopri5"
+        )[-1]
         return model.head(z1)
 
     result = {}
@@ -64,7 +66,11 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
         agree = float((theirs().argmax(1) == result["logits"].argmax(1)).float().mean())
         row = {
             "batch": n,
-            "ours": {"ms": ours_s * 1e3, "images_per_s": n / ours_s, "nfe_mean": float(result["solution"].nfe.double().mean())},
+            "ours": {
+                "ms": ours_s * 1e3,
+                "images_per_s": n / ours_s,
+                "nfe_mean": float(result["solution"].nfe.double().mean()),
+            },
             "torchdiffeq": {"ms": theirs_s * 1e3, "images_per_s": n / theirs_s, "nfe": calls["n"]},
             "speedup": theirs_s / ours_s,
             "same_label_fraction": agree,
@@ -104,7 +110,11 @@ def main() -> None:
               f"{row['speedup']:.2f}x")  # fmt: skip
         if "ours_cuda_graphs" in row:
             print(f"             ours with f from CUDA graphs: {row['ours_cuda_graphs']}")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    )
     report = {"benchmark": "model_inference", "device": name, "torch": torch.__version__, "tol": args.tol,
               "checkpoint": args.checkpoint.name, "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

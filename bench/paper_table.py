@@ -87,7 +87,9 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", type=Path, nargs="+")
-    parser.add_argument("--gnu-time-dir", type=Path, default=None, help="folder of <name>.time files from /usr/bin/time -v")
+    parser.add_argument(
+        "--gnu-time-dir", type=Path, default=None, help="folder of <name>.time files from /usr/bin/time -v"
+    )
     parser.add_argument("--note", default="", help="conditions worth recording next to the figures (load, threads)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write")
     args = parser.parse_args()

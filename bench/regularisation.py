@@ -65,7 +65,9 @@ def dynamics_measures(checkpoint_path: str, kind: str, dataset: str, data_dir: P
         images = to_float(test.images)
         _, solution = model(images, rtol=TARGET_TOL, atol=TARGET_TOL)
         block = model.block
-        whole = solve_ivp(block.func, model.downsample(images), (0.0, block.t1), rtol=TARGET_TOL, atol=TARGET_TOL, first_step=block.t1)
+        whole = solve_ivp(
+            block.func, model.downsample(images), (0.0, block.t1), rtol=TARGET_TOL, atol=TARGET_TOL, first_step=block.t1
+        )
         whole_metric = float((model.head(whole.y1).argmax(1) != test.labels).double().mean())
         block.rtol = block.atol = 1e-4
         _, _, integrals = model.forward_regularised(images, MEASURE, generator=torch.Generator().manual_seed(0))
@@ -91,14 +93,20 @@ def step_cost(checkpoint_path: Path, data_dir: Path, repeats: int = 5, batch: in
     model = load_checkpoint(checkpoint_path).model.train()
     train = load_mnist(data_dir, train=True)
     images, labels = to_float(train.images[:batch]), train.labels[:batch]
-    settings = {"none": Regularisation(), "kinetic": Regularisation(kinetic=0.01), "kinetic+jacobian": Regularisation(0.01, 0.01)}
+    settings = {
+        "none": Regularisation(),
+        "kinetic": Regularisation(kinetic=0.01),
+        "kinetic+jacobian": Regularisation(0.01, 0.01),
+    }
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     nfe = {}
     for repeat in range(repeats + 1):
         for name, regularisation in settings.items():
             model.zero_grad()
             begin = time.perf_counter()
-            logits, solution, integrals = model.forward_regularised(images, regularisation, generator=torch.Generator().manual_seed(0))
+            logits, solution, integrals = model.forward_regularised(
+                images, regularisation, generator=torch.Generator().manual_seed(0)
+            )
             (torch.nn.functional.cross_entropy(logits, labels) + regularisation.penalty(integrals)).backward()
             if repeat:
                 seconds[name].append(time.perf_counter() - begin)
@@ -166,7 +174,9 @@ def markdown(comparisons: list[dict]) -> str:
                   "| model | K / dim | J / dim | " + " | ".join(f"tol {t:g}" for t in tols) + " | tol 0.001, first step = span |",
                   "|---|---:|---:|" + "---:|" * (len(tols) + 1)]  # fmt: skip
         for model in comparison["models"]:
-            value = (lambda r: f"{100 * r['test_error']:.2f}%") if error else (lambda r: f"{r['test_log_likelihood']:.4f}")
+            value = (
+                (lambda r: f"{100 * r['test_error']:.2f}%") if error else (lambda r: f"{r['test_log_likelihood']:.4f}")
+            )
             cells = [f"{value(r)} @ {r['nfe_mean']:.1f}" for r in model["rows"]]
             dynamics = model["dynamics"]
             whole = dynamics["first_step_whole_span_at_tol_1e-3"]
@@ -188,8 +198,13 @@ def main() -> None:
     parser.add_argument("reports", type=Path, nargs="+", help="JSON from `python -m training evaluate A B …`")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--note", default="", help="conditions worth recording next to the figures")
-    parser.add_argument("--step-cost", type=Path, default=None, metavar="ODENET_CHECKPOINT",
-                        help="also time a training step with and without the regularisers on these weights")
+    parser.add_argument(
+        "--step-cost",
+        type=Path,
+        default=None,
+        metavar="ODENET_CHECKPOINT",
+        help="also time a training step with and without the regularisers on these weights",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     comparisons = [compare(json.loads(path.read_text()), args.data_dir) for path in args.reports]

@@ -75,7 +75,9 @@ class GrpcTarget:
 
         tmp.mkdir(parents=True, exist_ok=True)
         self.server = start_server(checkpoints, tmp, *flags)
-        self.channel = grpc.insecure_channel(self.server.target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(
+            self.server.target, options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     def classify(self, images: np.ndarray, tol: float) -> list[int]:
@@ -112,7 +114,9 @@ class InProcessTarget:
         from server.executor import Work
 
         rows = self.model.adapter.prepare(Kind.CLASSIFY, {"images": images}, self.limits)
-        return self.engine.submit(self.model.key, [Work(Kind.CLASSIFY, row, tol, tol, "dopri5", 10_000) for row in rows])[1]
+        return self.engine.submit(
+            self.model.key, [Work(Kind.CLASSIFY, row, tol, tol, "dopri5", 10_000) for row in rows]
+        )[1]
 
     def classify(self, images: np.ndarray, tol: float) -> list[int]:
         return self._future(images, tol).result().nfe
@@ -250,7 +254,12 @@ def hostile(target: GrpcTarget) -> dict:
     seconds = time.monotonic() - begin
     big_running = not big.done()
     big.cancel()
-    return {"sample_ms": seconds * 1e3, "target_ms": 1000.0, "hostile_still_running": big_running, "meets_target": seconds <= 1.0}
+    return {
+        "sample_ms": seconds * 1e3,
+        "target_ms": 1000.0,
+        "hostile_still_running": big_running,
+        "meets_target": seconds <= 1.0,
+    }
 
 
 # ---- 4. auto tolerance under overload -------------------------------------------------------
@@ -273,7 +282,9 @@ def capacity(target: GrpcTarget, images: np.ndarray, tol: float, clients: int, s
     return len(done) / seconds
 
 
-def overload(target: GrpcTarget, images: np.ndarray, labels: np.ndarray, rate: float, seconds: float, auto: bool, seed: int) -> dict:
+def overload(
+    target: GrpcTarget, images: np.ndarray, labels: np.ndarray, rate: float, seconds: float, auto: bool, seed: int
+) -> dict:
     """Poisson arrivals at ``rate``; each request has a 1 s deadline."""
     rng = random.Random(seed)
     outcomes: list[tuple[bool, bool | None, float]] = []  # (on time, correct, mean nfe)
@@ -323,17 +334,27 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
     parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of the mixed load")
-    parser.add_argument("--offered-load", type=float, default=0.7,
-                        help="open-loop arrival rate of the mixed load, as a fraction of static batching's closed-loop rate")
+    parser.add_argument(
+        "--offered-load",
+        type=float,
+        default=0.7,
+        help="open-loop arrival rate of the mixed load, as a fraction of static batching's closed-loop rate",
+    )
     parser.add_argument("--max-images", type=int, default=256, help="largest request of the mixed load")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per mixed-load run")
-    parser.add_argument("--repeats", type=int, default=3, help="mixed-load runs per configuration; medians are reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="mixed-load runs per configuration; medians are reported"
+    )
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-delay-ms", type=float, default=10.0, help="static batching's collection window")
     parser.add_argument("--overload-seconds", type=float, default=20.0)
-    parser.add_argument("--capacity-clients", type=int, default=128,
-                        help="closed-loop clients that measure the capacity at tol 1e-4 (enough to fill the batch)")
+    parser.add_argument(
+        "--capacity-clients",
+        type=int,
+        default=128,
+        help="closed-loop clients that measure the capacity at tol 1e-4 (enough to fill the batch)",
+    )
     parser.add_argument("--sections", default="mixed,contention,hostile,auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -349,7 +370,10 @@ def main() -> None:
     record: dict = {"load_average_1m_before": round(os.getloadavg()[0], 2)}
     batch_flags = ("--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms))
     with tempfile.TemporaryDirectory() as tmp:
-        targets = {name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags) for name, flags in POLICIES.items()}
+        targets = {
+            name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags)
+            for name, flags in POLICIES.items()
+        }
         try:
             if "mixed" in sections:
                 load = MixedLoad(images, args.duration, args.warmup, args.max_images, args.seed)
@@ -371,10 +395,16 @@ def main() -> None:
                 ratios = {}
                 for policy in ("fair", "max-min", "fifo"):
                     c, o = closed_rows[f"grpc {policy}"], open_rows[f"grpc {policy}"]
-                    ratios[f"{policy}_over_static_throughput"] = c["throughput_items_per_s"] / closed_rows["grpc static"]["throughput_items_per_s"]
-                    ratios[f"{policy}_over_static_p99_open_loop"] = o["latency_p99_ms"] / open_rows["grpc static"]["latency_p99_ms"]
+                    ratios[f"{policy}_over_static_throughput"] = (
+                        c["throughput_items_per_s"] / closed_rows["grpc static"]["throughput_items_per_s"]
+                    )
+                    ratios[f"{policy}_over_static_p99_open_loop"] = (
+                        o["latency_p99_ms"] / open_rows["grpc static"]["latency_p99_ms"]
+                    )
                     ratios[f"{policy}_p99_loose_over_tight_open_loop"] = o["p99_ms_tol_0.1"] / o["p99_ms_tol_1e-05"]
-                    ratios[f"{policy}_over_static_p99_closed_loop"] = c["latency_p99_ms"] / closed_rows["grpc static"]["latency_p99_ms"]
+                    ratios[f"{policy}_over_static_p99_closed_loop"] = (
+                        c["latency_p99_ms"] / closed_rows["grpc static"]["latency_p99_ms"]
+                    )
                 ratios["grpc_over_in_process_throughput"] = (closed_rows["grpc fair"]["throughput_items_per_s"]
                                                              / closed_rows["in-process fair"]["throughput_items_per_s"])  # fmt: skip
                 record["mixed_ratios"] = ratios
@@ -389,7 +419,9 @@ def main() -> None:
                 record["auto"] = {"capacity_requests_per_s_at_1e-4": sustained, "offered_requests_per_s": rate}
                 for repeat in range(2):  # interleaved
                     for name, auto in (("fixed 1e-4", False), ("auto", True)):
-                        result = overload(fair_target, images, labels, rate, args.overload_seconds, auto, args.seed + repeat)
+                        result = overload(
+                            fair_target, images, labels, rate, args.overload_seconds, auto, args.seed + repeat
+                        )
                         record["auto"].setdefault(name, []).append(result)
         finally:
             for target in targets.values():
@@ -437,7 +469,9 @@ def _print(record: dict, args, machine: str) -> None:
     if "hostile" in record:
         print("\n3. hostile: 1,024 points at 1e-8 on cnf-moons, then Sample n=1")
         for name, r in record["hostile"].items():
-            print(f"  {name:<5} Sample n=1 took {r['sample_ms']:.0f} ms (target 1000 ms: {'met' if r['meets_target'] else 'missed'})")
+            print(
+                f"  {name:<5} Sample n=1 took {r['sample_ms']:.0f} ms (target 1000 ms: {'met' if r['meets_target'] else 'missed'})"
+            )
     if "auto" in record:
         a = record["auto"]
         print(f"\n4. overload: capacity {a['capacity_requests_per_s_at_1e-4']:.1f} requests/s at 1e-4, offered "

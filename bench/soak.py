@@ -102,7 +102,9 @@ def build_pool(checkpoints: Path, data_dir: Path, size: int, seed: int, max_imag
     with torch.no_grad():
         for i in range(size):
             tol = TOLERANCES[i % len(TOLERANCES)]
-            count = 1 + i % 2 if max_images <= 2 else min(max_images, int(np.exp(rng.uniform(0, np.log(max_images + 1)))))
+            count = (
+                1 + i % 2 if max_images <= 2 else min(max_images, int(np.exp(rng.uniform(0, np.log(max_images + 1)))))
+            )
             batch = images[rng.choice(len(images), count, replace=False)]
             logits, solution = classifier(torch.from_numpy(batch[:, None]).float() / 255, rtol=tol, atol=tol)
             expected = {"probabilities": torch.softmax(logits, 1).numpy(), "nfe": solution.nfe.numpy()}
@@ -112,10 +114,14 @@ def build_pool(checkpoints: Path, data_dir: Path, size: int, seed: int, max_imag
             model = densities[name]
             points = (rng.normal(size=(1 + i % 4, 2)) * 1.5).astype(np.float32)
             log_p, solution = model.log_prob(torch.from_numpy(points), rtol=tol, atol=tol)
-            pool.append(Case("log_density", name, tol, points, {"log_density": log_p.numpy(), "nfe": solution.nfe.numpy()}))
+            pool.append(
+                Case("log_density", name, tol, points, {"log_density": log_p.numpy(), "nfe": solution.nfe.numpy()})
+            )
 
             n, draw_seed = 1 + i % 4, 1000 + i  # the server draws base points from the seed the same way
-            drawn, log_q, solution = model.sample(n, rtol=tol, atol=tol, generator=torch.Generator().manual_seed(draw_seed))
+            drawn, log_q, solution = model.sample(
+                n, rtol=tol, atol=tol, generator=torch.Generator().manual_seed(draw_seed)
+            )
             expected = {"points": drawn.numpy(), "log_density": log_q.numpy(), "nfe": solution.nfe.numpy()}
             pool.append(Case("sample", name, tol, (n, draw_seed), expected))
     return pool
@@ -194,8 +200,11 @@ def run_load(target: str, pool: list[Case], clients: int, requests: int, duratio
         "latency_p50_ms": round(float(np.percentile(every, 50)) * 1e3, 1),
         "latency_p99_ms": round(float(np.percentile(every, 99)) * 1e3, 1),
         "by_rpc": {
-            rpc: {"requests": len(values), "latency_p50_ms": round(float(np.percentile(values, 50)) * 1e3, 1),
-                  "latency_p99_ms": round(float(np.percentile(values, 99)) * 1e3, 1)}  # fmt: skip
+            rpc: {
+                "requests": len(values),
+                "latency_p50_ms": round(float(np.percentile(values, 50)) * 1e3, 1),
+                "latency_p99_ms": round(float(np.percentile(values, 99)) * 1e3, 1),
+            }  # fmt: skip
             for rpc, values in sorted(latencies.items())
         },
     }
@@ -210,7 +219,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000, help="at least this many requests")
     parser.add_argument("--duration", type=float, default=0.0, help="and at least this many seconds")
     parser.add_argument("--pool", type=int, default=48, help="cases per RPC")
-    parser.add_argument("--max-images", type=int, default=2, help="largest Classify case (above 2: sizes log-uniform from 1)")
+    parser.add_argument(
+        "--max-images", type=int, default=2, help="largest Classify case (above 2: sizes log-uniform from 1)"
+    )
     parser.add_argument("--warmup", type=int, default=500, help="requests before the start RSS is read")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -249,8 +260,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
         "settings": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "pool": {"cases": len(pool), "tolerances": TOLERANCES, "exact": EXACT,
-                 "allowed_deviation": {str(tol): allowed(tol) for tol in TOLERANCES}},  # fmt: skip
+        "pool": {
+            "cases": len(pool),
+            "tolerances": TOLERANCES,
+            "exact": EXACT,
+            "allowed_deviation": {str(tol): allowed(tol) for tol in TOLERANCES},
+        },  # fmt: skip
         "warmup": {k: warm[k] for k in ("requests", "lost", "wrong")},
         **summary,
         "rss_mb_start": round(start_mb, 1),
@@ -264,7 +279,9 @@ def main() -> None:
     print(f"{report['requests']} requests in {report['seconds']} s with {args.clients} clients: "
           f"{report['throughput_requests_per_s']} requests/s, p50 {report['latency_p50_ms']} ms, p99 {report['latency_p99_ms']} ms")  # fmt: skip
     for rpc, row in report["by_rpc"].items():
-        print(f"  {rpc:<12} {row['requests']:6d} requests  p50 {row['latency_p50_ms']:8.1f} ms  p99 {row['latency_p99_ms']:8.1f} ms")
+        print(
+            f"  {rpc:<12} {row['requests']:6d} requests  p50 {row['latency_p50_ms']:8.1f} ms  p99 {row['latency_p99_ms']:8.1f} ms"
+        )
     print(f"lost {report['lost']} {report['lost_by_code'] or ''}, wrong {report['wrong']}; "
           f"{100 * report['exact_fraction']:.1f}% exact (<= {EXACT}), {100 * report['nfe_equal_fraction']:.1f}% same NFE; "
           f"largest deviation by tol {report['max_deviation_by_tol']}")  # fmt: skip

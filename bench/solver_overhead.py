@@ -109,7 +109,11 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int, only_our
         },
     }
     if theirs_time is not None:
-        row["torchdiffeq"] = {"nfe": theirs_nfe, "time_ms": theirs_time * 1e3, "ratio": theirs_time / (theirs_nfe * f_time)}
+        row["torchdiffeq"] = {
+            "nfe": theirs_nfe,
+            "time_ms": theirs_time * 1e3,
+            "ratio": theirs_time / (theirs_nfe * f_time),
+        }
     if graph_f_time is not None:
         row["graph_f_time_ms"] = graph_f_time * 1e3
         row["ours"]["time_over_nfe_graph_f"] = ours_time / (ours_nfe * graph_f_time)
@@ -126,19 +130,31 @@ def main() -> None:
     parser.add_argument("--only-ours", action="store_true", help="skip torchdiffeq")
     args = parser.parse_args()
     device = torch.device(args.device)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
 
     rows = [measure(batch, device, args.tol, args.repeats, args.only_ours) for batch in args.batch]
     print(f"solver overhead on ODEFunc(64) 64x6x6, dopri5, tol {args.tol:g}, float32, {device} ({machine})")
-    print(f"{'batch':>6} {'f ms':>8} | {'ours NFE':>9} {'ms':>9} {'ratio':>6} | {'tdq NFE':>8} {'ms':>9} {'ratio':>6} | speed-up")
+    print(
+        f"{'batch':>6} {'f ms':>8} | {'ours NFE':>9} {'ms':>9} {'ratio':>6} | {'tdq NFE':>8} {'ms':>9} {'ratio':>6} | speed-up"
+    )
     for r in rows:
         o, d = r["ours"], r.get("torchdiffeq")
-        theirs = "" if d is None else (
-            f" {d['nfe']:>8d} {d['time_ms']:>9.2f} {d['ratio']:>6.2f} | {d['time_ms'] / o['time_ms']:>6.2f}x"
+        theirs = (
+            ""
+            if d is None
+            else (f" {d['nfe']:>8d} {d['time_ms']:>9.2f} {d['ratio']:>6.2f} | {d['time_ms'] / o['time_ms']:>6.2f}x")
         )
-        print(f"{r['batch']:>6} {r['f_time_ms']:>8.3f} | {o['nfe_mean']:>9.1f} {o['time_ms']:>9.2f} {o['ratio']:>6.2f} |{theirs}")
+        print(
+            f"{r['batch']:>6} {r['f_time_ms']:>8.3f} | {o['nfe_mean']:>9.1f} {o['time_ms']:>9.2f} {o['ratio']:>6.2f} |{theirs}"
+        )
         if "graph_f_time_ms" in r:
-            print(f"{'':>6} CUDA-graph f {r['graph_f_time_ms']:.4f} ms; ours / (NFE x graph f) = {o['time_over_nfe_graph_f']:.2f}")
+            print(
+                f"{'':>6} CUDA-graph f {r['graph_f_time_ms']:.4f} ms; ours / (NFE x graph f) = {o['time_over_nfe_graph_f']:.2f}"
+            )
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"solver_overhead_{device.type}.json"

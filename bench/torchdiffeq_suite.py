@@ -41,7 +41,7 @@ odeint_event = getattr(neuralode, "odeint_event", None)  # absent before neuralo
 '''
 
 # Runs inside the child process: one module, results as JSON on the last line of stdout.
-RUNNER = r'''
+RUNNER = r"""
 import json, sys, time, traceback, unittest, warnings
 
 tests_dir, module_name, patterns = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -94,7 +94,7 @@ result = Counting()
 suite.run(result)
 print(json.dumps({"module": module_name, "torchdiffeq": torchdiffeq.__file__,
                   "seconds": time.perf_counter() - begin, "records": result.records}))
-'''
+"""
 
 
 def run_module(tests_dir: Path, module: str, path_dir: Path, timeout: float, patterns: list[str]) -> dict:
@@ -104,7 +104,11 @@ def run_module(tests_dir: Path, module: str, path_dir: Path, timeout: float, pat
     try:
         completed = subprocess.run(
             [sys.executable, str(runner), str(tests_dir), module, *patterns],
-            cwd=tests_dir, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=tests_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"module": module, "error": f"timed out after {timeout:.0f} s", "records": []}
@@ -119,12 +123,20 @@ def run_module(tests_dir: Path, module: str, path_dir: Path, timeout: float, pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tests", type=Path, help="a checkout of torchdiffeq's tests/ directory")
-    parser.add_argument("--against", default="neuralode",
-                        help="neuralode (default), installed, or a directory holding a torchdiffeq package")
+    parser.add_argument(
+        "--against",
+        default="neuralode",
+        help="neuralode (default), installed, or a directory holding a torchdiffeq package",
+    )
     parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=MODULES)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per module")
-    parser.add_argument("-k", dest="patterns", action="append", default=[],
-                        help="only test methods matching this pattern (unittest -k), e.g. '*jump_t*'")
+    parser.add_argument(
+        "-k",
+        dest="patterns",
+        action="append",
+        default=[],
+        help="only test methods matching this pattern (unittest -k), e.g. '*jump_t*'",
+    )
     parser.add_argument("--out", type=Path, help="also add the results to this JSON file of runs")
     parser.add_argument("--label", help="the run's name in --out (default: --against)")
     parser.add_argument("--quiet", action="store_true", help="do not list failures")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, card: dict[str, Any]) ->
     for key in ("kind", "hyper"):
         if key not in card:
             raise ValueError(f"a model card needs {key!r}")
-    card = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": code_version(), **card}
+    card = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "code_version": code_version(), **card}
     card.setdefault("parameters", sum(p.numel() for p in model.parameters()))
     payload = {
         "format": FORMAT,
@@ -85,7 +85,9 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise
     except Exception as error:  # noqa: BLE001 - the weights-only unpickler fails in many ways on malformed bytes
         reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"{path}: not a safe odeserve checkpoint (refused without executing it): {reason}") from None
+        raise CheckpointError(
+            f"{path}: not a safe odeserve checkpoint (refused without executing it): {reason}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an {FORMAT} file")
     try:
@@ -108,7 +110,11 @@ def code_version() -> str:
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -100,7 +100,9 @@ class ClassifierAdapter(Adapter):
         self.dynamics = model.block.func
         parameter = next(model.parameters())
         with torch.no_grad():
-            probe = model.downsample(torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=parameter.dtype, device=parameter.device))
+            probe = model.downsample(
+                torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=parameter.dtype, device=parameter.device)
+            )
             classes = model.head(probe).shape[1]
         self._state_bytes = 2 * probe.numel() * probe.element_size()
         self.signatures = {Kind.CLASSIFY: Signature(Kind.CLASSIFY, (IMAGES,), (

@@ -80,7 +80,12 @@ class Server:
 
     def _standard_services(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (V1_SERVICE, OIP_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (
+            V1_SERVICE,
+            OIP_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
 
     def _add_worker(self, model: ServedModel) -> None:
@@ -104,7 +109,10 @@ class Server:
             await self.health.set(name, SERVING)
         log.info("serving %d models on %s:%d (gRPC, %s), metrics on %s:%d", len(self.models), config.host, self.port,
                  self.security, config.metrics_host, self.metrics_port)  # fmt: skip
-        print(f"odeserve ready grpc={config.host}:{self.port} metrics={config.metrics_host}:{self.metrics_port}", flush=True)
+        print(
+            f"odeserve ready grpc={config.host}:{self.port} metrics={config.metrics_host}:{self.metrics_port}",
+            flush=True,
+        )
 
     async def reload(self) -> None:
         """Re-read the checkpoints folder without downtime: new and changed files get new

@@ -148,7 +148,9 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
         description="Serve odeserve checkpoints over gRPC; every request picks its own solver tolerance. "
         "Each flag can also come from ODESERVE_<FLAG> in the environment or from a TOML --config file.",
     )
-    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (same names, underscores)")
+    parser.add_argument(
+        "--config", type=Path, help="TOML file with any of the settings below (same names, underscores)"
+    )
     defaults = ServerConfig()
     for f in fields(ServerConfig):
         default = getattr(defaults, f.name)
@@ -169,7 +171,9 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
     if unknown:
         parser.error(f"unknown settings: {', '.join(sorted(unknown))}")
     try:
-        converted = {f.name: type(getattr(defaults, f.name))(values[f.name]) for f in fields(ServerConfig) if f.name in values}
+        converted = {
+            f.name: type(getattr(defaults, f.name))(values[f.name]) for f in fields(ServerConfig) if f.name in values
+        }
         return ServerConfig(**converted)
     except ValueError as error:
         parser.error(str(error))

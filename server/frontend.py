@@ -54,7 +54,9 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         return None
     key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def accepted_tokens(config: ServerConfig) -> list[bytes]:
@@ -122,7 +124,9 @@ class _UnknownMethods(grpc.GenericRpcHandler):
         self._stats = stats
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        self._stats(RequestStats(model=UNKNOWN, method="none", rpc=UNKNOWN, code=Code.UNIMPLEMENTED.value, latency_seconds=0.0))
+        self._stats(
+            RequestStats(model=UNKNOWN, method="none", rpc=UNKNOWN, code=Code.UNIMPLEMENTED.value, latency_seconds=0.0)
+        )
         return _refusal(grpc.StatusCode.UNIMPLEMENTED, "unknown method (see server reflection)")
 
 
@@ -212,8 +216,10 @@ async def _read(context: grpc.aio.ServicerContext, timeout: float) -> bytes:
     """The call's one request message, as bytes."""
     try:
         raw = await asyncio.wait_for(context.read(), timeout)
-    except asyncio.TimeoutError:
-        raise RequestError(Code.CANCELLED, f"no request message arrived within {timeout:g} s; the server ended the call") from None
+    except TimeoutError:
+        raise RequestError(
+            Code.CANCELLED, f"no request message arrived within {timeout:g} s; the server ended the call"
+        ) from None
     if raw is grpc.aio.EOF:
         raise invalid("the call ended without a request message")
     return raw

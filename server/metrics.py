@@ -117,7 +117,7 @@ class Metrics:
                 waiting.pop(writer, None)
                 writer.write(self._response(head))
                 await asyncio.wait_for(writer.drain(), read_timeout)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                 pass
             finally:
                 waiting.pop(writer, None)
@@ -139,5 +139,9 @@ class Metrics:
 def _http(status: int, content_type: bytes, body: bytes, length: int | None = None) -> bytes:
     reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed"}[status]
     head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
-        status, reason, content_type, len(body) if length is None else length)
+        status,
+        reason,
+        content_type,
+        len(body) if length is None else length,
+    )
     return head + body

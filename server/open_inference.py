@@ -247,7 +247,9 @@ class _Parameters:
                         latency_target_seconds=self.number("latency_target_seconds", float) or 0.0)  # fmt: skip
 
     def scheduling(self) -> Scheduling:
-        return Scheduling(priority=self.number("priority", int) or 0, max_total_nfe=self.number("max_total_nfe", int) or 0)
+        return Scheduling(
+            priority=self.number("priority", int) or 0, max_total_nfe=self.number("max_total_nfe", int) or 0
+        )
 
     def timeout(self) -> float | None:
         """Triton's ``timeout``, in microseconds, as seconds."""
@@ -265,4 +267,3 @@ def _with_timeout(call: Call, timeout: float) -> Call:
         return left if grpc_left is None else min(left, grpc_left)
 
     return Call(remaining, call.record, call.reservation)
-

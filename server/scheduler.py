@@ -318,7 +318,9 @@ class Scheduler:
         if not payloads:
             raise ValueError("a request needs at least one item")
         if self._queued + len(payloads) > self.max_queued:
-            raise QueueFull(f"{self._queued} items queued; {len(payloads)} more would exceed the limit of {self.max_queued}")
+            raise QueueFull(
+                f"{self._queued} items queued; {len(payloads)} more would exceed the limit of {self.max_queued}"
+            )
         now = self.clock()
         request = Request(items=[], cost=cost, priority=self.default_priority if priority is None else priority,
                           enqueued_at=now, deadline=deadline, budget=budget)  # fmt: skip
@@ -462,7 +464,9 @@ class Scheduler:
         return shares
 
     def _remember(self, ordered: list[Request], key) -> None:
-        self._queues = {p: _queue([r for r in ordered if r.priority == p], key=key) for p in {r.priority for r in ordered}}
+        self._queues = {
+            p: _queue([r for r in ordered if r.priority == p], key=key) for p in {r.priority for r in ordered}
+        }
 
     def _resize(self, request: Request, slots: int, plan: Plan, now: float) -> None:
         """Park or start items of ``request`` until it holds ``slots`` running items."""
@@ -544,8 +548,11 @@ class Scheduler:
         queue = self._queues.get(request.priority)
         if queue is not None:
             alone = VIRTUAL_DEADLINE_WEIGHT * self._alone_seconds(n, cost)
-            order = (now, -1) if self.policy != "fair" else (min(
-                now + alone, math.inf if request.deadline is None else request.deadline), -1)
+            order = (
+                (now, -1)
+                if self.policy != "fair"
+                else (min(now + alone, math.inf if request.deadline is None else request.deadline), -1)
+            )
             ahead += queue.work_before[bisect.bisect_left(queue.orders, order)]
         rows = min(self.max_batch, sum(q.demand for q in self._queues.values()) + n)
         return max(steps, (ahead + n * steps) / self.max_batch) * self.timer.predict(rows)
@@ -564,7 +571,9 @@ class Scheduler:
             return False
         cost = request.cost
         optimistic = OPTIMISTIC_NFE_FRACTION * cost.expected
-        done = max((max(0.0, (i.nfe - cost.start) / cost.step) for i in request.items if not i.state.terminal), default=0.0)
+        done = max(
+            (max(0.0, (i.nfe - cost.start) / cost.step) for i in request.items if not i.state.terminal), default=0.0
+        )
         steps = max(1.0, cost.steps(optimistic) - done)
         return now + steps * self.timer.predict(self._running or 1) > request.deadline
 

@@ -35,7 +35,11 @@ _ENGINE_ERRORS: list[tuple[type[Exception], Code, str]] = [
     (QueueFull, Code.RESOURCE_EXHAUSTED, ""),
     (BudgetExhausted, Code.RESOURCE_EXHAUSTED, ""),
     (WorkerFailed, Code.INTERNAL, ""),
-    (RequestExpired, Code.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; its items were stopped"),
+    (
+        RequestExpired,
+        Code.DEADLINE_EXCEEDED,
+        "the request's deadline passed before it finished; its items were stopped",
+    ),
     (RequestCancelled, Code.CANCELLED, "the request was cancelled; its items were stopped"),
     (EngineClosed, Code.UNAVAILABLE, "the server is shutting down; retry on another replica"),
 ]

@@ -54,7 +54,9 @@ def _check_auto(accuracy: Accuracy, model: ServedModel, method: str, config: Ser
                       f"served tolerances [{config.min_tol:g}, {config.max_tol:g}]")  # fmt: skip
     card_method = model.card.get("hyper", {}).get("method")
     if method != card_method:
-        raise invalid(f"accuracy.auto_tol needs the method the model card was measured with ({card_method}), got {method!r}")
+        raise invalid(
+            f"accuracy.auto_tol needs the method the model card was measured with ({card_method}), got {method!r}"
+        )
 
 
 def auto_tolerances(model: ServedModel, config: ServerConfig) -> list[float]:
@@ -83,5 +85,7 @@ def find_model(models: dict[str, ServedModel], name: str, version: str) -> Serve
     if model is None:
         raise RequestError(Code.NOT_FOUND, f"model {quoted(name)} is not served (see ListModels)")
     if version and version != model.version:
-        raise RequestError(Code.NOT_FOUND, f"model {quoted(name)} has no version {quoted(version)} (serving {model.version})")
+        raise RequestError(
+            Code.NOT_FOUND, f"model {quoted(name)} has no version {quoted(version)} (serving {model.version})"
+        )
     return model

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from odeserve.v1 import odeserve_pb2 as pb
 
 from .api import invalid, quoted
@@ -27,7 +26,9 @@ def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     dtype = DTYPES[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
-        raise invalid(f"{field}.data has {len(tensor.data)} bytes, but shape {shape} of {tensor.dtype} needs {expected}")
+        raise invalid(
+            f"{field}.data has {len(tensor.data)} bytes, but shape {shape} of {tensor.dtype} needs {expected}"
+        )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 

@@ -11,30 +11,55 @@ from .common import default_data_dir
 from .presets import PRESETS
 
 
-def _common(parser: argparse.ArgumentParser, *, epochs: int | None, steps: int | None, batch_size: int, lr: float, out: str) -> None:
+def _common(
+    parser: argparse.ArgumentParser, *, epochs: int | None, steps: int | None, batch_size: int, lr: float, out: str
+) -> None:
     """Flags every training command has; ``epochs=None``: step-based training, no ``--epochs``."""
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                        help="dataset folder (torchvision layout; downloaded there when online). Default: %(default)s")
-    parser.add_argument("--out", type=Path, default=Path(out), help="checkpoint to write (log next to it). Default: %(default)s")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="dataset folder (torchvision layout; downloaded there when online). Default: %(default)s",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(out), help="checkpoint to write (log next to it). Default: %(default)s"
+    )
     if epochs is None:
         parser.add_argument("--steps", type=int, default=steps, help="optimizer steps. Default: %(default)s")
     else:
-        parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training set. Default: %(default)s")
+        parser.add_argument(
+            "--epochs", type=int, default=epochs, help="passes over the training set. Default: %(default)s"
+        )
         parser.add_argument("--steps", type=int, default=steps, help="optimizer steps; overrides --epochs")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="per process. Default: %(default)s")
-    parser.add_argument("--lr", type=float, default=lr,
-                        help="peak learning rate: linear warm-up to it, then cosine decay to zero. Default: %(default)s")
-    parser.add_argument("--tol", type=float, default=1e-3, help="solver rtol = atol during training. Default: %(default)s")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=lr,
+        help="peak learning rate: linear warm-up to it, then cosine decay to zero. Default: %(default)s",
+    )
+    parser.add_argument(
+        "--tol", type=float, default=1e-3, help="solver rtol = atol during training. Default: %(default)s"
+    )
     parser.add_argument("--method", default="dopri5", help="ODE solver. Default: %(default)s")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N. Default: %(default)s")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None,
-                        help="gradients by the adjoint method (default for ODE models that support it)")
+    parser.add_argument(
+        "--adjoint",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gradients by the adjoint method (default for ODE models that support it)",
+    )
 
 
 def _regularisers(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kinetic", type=float, default=0.0, metavar="λ",
-                        help="weight of the kinetic energy ∫‖f‖² dt (per state dimension) in the loss. Default: %(default)s")
+    parser.add_argument(
+        "--kinetic",
+        type=float,
+        default=0.0,
+        metavar="λ",
+        help="weight of the kinetic energy ∫‖f‖² dt (per state dimension) in the loss. Default: %(default)s",
+    )
     parser.add_argument("--jacobian", type=float, default=0.0, metavar="λ",
                         help="weight of the Jacobian's Frobenius norm ∫‖∂f/∂z‖²_F dt (per state dimension; a Hutchinson "
                         "estimate unless the model computes the Jacobian anyway) in the loss. Default: %(default)s")  # fmt: skip
@@ -55,11 +80,21 @@ def _classifier(sub, kind: str, help_text: str) -> None:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds of training: after a short calibration, the step count (and the learning-rate "
                         "schedule) is fitted to the measured step time; --epochs/--steps stay upper bounds")  # fmt: skip
-    parser.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (0: only at the end)")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
-                        help="TF32 for convolutions and matrix products on GPUs (solver state and error control stay float32)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="a named recipe filling in the defaults of the flags above; explicit flags win (see training/presets.py)")
+    parser.add_argument(
+        "--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (0: only at the end)"
+    )
+    parser.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="TF32 for convolutions and matrix products on GPUs (solver state and error control stay float32)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="a named recipe filling in the defaults of the flags above; explicit flags win (see training/presets.py)",
+    )
     parser.set_defaults(run=lambda args: _train_classifier(kind, args))
 
 
@@ -73,8 +108,10 @@ def _density(sub, kind: str, help_text: str) -> None:
     parser = sub.add_parser(kind, help=help_text, description=help_text)
     _common(parser, epochs=None, steps=1000, batch_size=512, lr=1e-3, out=f"runs/{kind}.pt")
     task = parser.add_mutually_exclusive_group(required=True)
-    task.add_argument("--data", help="toy density for maximum likelihood: 8gaussians, moons, circles, "
-                      "checkerboard, pinwheel, 2spirals")
+    task.add_argument(
+        "--data",
+        help="toy density for maximum likelihood: 8gaussians, moons, circles, checkerboard, pinwheel, 2spirals",
+    )
     task.add_argument("--target", help="energy target for reverse KL: U1, U2, U3, U4")
     if kind == "cnf":
         parser.add_argument("--dynamics", choices=["concatsquash", "planar"], default="concatsquash")
@@ -103,10 +140,17 @@ def _evaluate(sub) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--out", type=Path, default=Path("runs/eval"),
-                        help="folder for the JSON and PNG (never checkpoints/, the folder the server serves). Default: %(default)s")
-    parser.add_argument("--name", default=None,
-                        help="file name (no suffix) of the JSON and PNG. Default: <checkpoint>-eval, or <a>-vs-<b> for several")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/eval"),
+        help="folder for the JSON and PNG (never checkpoints/, the folder the server serves). Default: %(default)s",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="file name (no suffix) of the JSON and PNG. Default: <checkpoint>-eval, or <a>-vs-<b> for several",
+    )
     parser.set_defaults(run=_run_evaluate)
 
 

@@ -18,7 +18,16 @@ from neuralode.models import ODENet, Regularisation
 from neuralode.models.registry import ODE_CLASSIFIERS, build_model
 from neuralode.solvers import Solution
 
-from .common import Distributed, command_line, device_name, peak_memory, regularisation_from, resolve_device, seed_everything, setup_logging
+from .common import (
+    Distributed,
+    command_line,
+    device_name,
+    peak_memory,
+    regularisation_from,
+    resolve_device,
+    seed_everything,
+    setup_logging,
+)
 from .data import ImageSet, batches, load_mnist, to_float
 
 log = logging.getLogger("training")
@@ -178,7 +187,12 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             if fitted is not None:
                 plan.total = world.from_main(min(plan.total, fitted), device)
                 bar.total = min(steps_per_epoch, plan.total - step + bar.n)
-                log.info("time budget %.0f s: %.3f s per step, so %d steps in all", args.time_budget, budget.step_seconds, plan.total)
+                log.info(
+                    "time budget %.0f s: %.3f s per step, so %d steps in all",
+                    args.time_budget,
+                    budget.step_seconds,
+                    plan.total,
+                )
         bar.close()
         epoch_time = time.perf_counter() - epoch_begin
         if world.is_main:
@@ -262,7 +276,9 @@ class StepPlan:
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A fixed-length :class:`StepPlan` as a scheduler."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, StepPlan(total_steps, warmup).factor)
 

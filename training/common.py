@@ -82,7 +82,7 @@ class Distributed:
         return self.world_size > 1
 
     @staticmethod
-    def from_environment(device: torch.device) -> "Distributed":
+    def from_environment(device: torch.device) -> Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return Distributed()

@@ -16,7 +16,15 @@ from neuralode.checkpoint import save_checkpoint
 from neuralode.models import CNF, PlanarFlow, Regularisation, build_model
 
 from .classifiers import warmup_cosine
-from .common import command_line, device_name, peak_memory, regularisation_from, resolve_device, seed_everything, setup_logging
+from .common import (
+    command_line,
+    device_name,
+    peak_memory,
+    regularisation_from,
+    resolve_device,
+    seed_everything,
+    setup_logging,
+)
 from .toy import energy, sample_density
 
 log = logging.getLogger("training")
@@ -27,7 +35,14 @@ TABLE_TOLERANCES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def cnf_hyper(args: argparse.Namespace) -> dict:
-    hyper = {"dim": 2, "dynamics": args.dynamics, "trace": args.trace, "t1": args.t1, "tol": args.tol, "method": args.method}
+    hyper = {
+        "dim": 2,
+        "dynamics": args.dynamics,
+        "trace": args.trace,
+        "t1": args.t1,
+        "tol": args.tol,
+        "method": args.method,
+    }
     if args.dynamics == "planar":
         hyper["width"] = args.width
     else:
@@ -36,7 +51,12 @@ def cnf_hyper(args: argparse.Namespace) -> dict:
 
 
 def objective(
-    model: nn.Module, args: argparse.Namespace, regularisation: Regularisation, batch: int, generator: torch.Generator, device
+    model: nn.Module,
+    args: argparse.Namespace,
+    regularisation: Regularisation,
+    batch: int,
+    generator: torch.Generator,
+    device,
 ) -> tuple[Tensor, object, Tensor | None]:
     """The training loss, the solver stats (None for the discrete flow) and, when
     regularising, the regularisers' integrals ``[B, 2]`` (already in the loss)."""
@@ -80,7 +100,11 @@ def kl_estimate(model: nn.Module, target: str, tol: float | None, device, points
         x, log_q = model.sample(points, generator=generator)
         return {"tol": None, "kl_plus_log_z": float((log_q + energy(target)(x)).mean())}
     x, log_q, solution = model.sample(points, rtol=tol, atol=tol, generator=generator, device=device)
-    return {"tol": tol, "kl_plus_log_z": float((log_q + energy(target)(x)).mean()), "nfe_mean": float(solution.nfe.double().mean())}
+    return {
+        "tol": tol,
+        "kl_plus_log_z": float((log_q + energy(target)(x)).mean()),
+        "nfe_mean": float(solution.nfe.double().mean()),
+    }
 
 
 def train(kind: str, args: argparse.Namespace) -> Path:
@@ -202,7 +226,9 @@ def plot_density(model: nn.Module, card: dict, path: Path, device, tol: float = 
         axes[1].imshow(log_p.exp().reshape(resolution, resolution).cpu(), origin="lower", extent=[-extent, extent] * 2)
         axes[1].set_title(f"learned density (tol {tol:g})")
         with torch.no_grad():
-            samples, _, _ = model.sample(20000, rtol=tol, atol=tol, generator=torch.Generator(device=device).manual_seed(0))
+            samples, _, _ = model.sample(
+                20000, rtol=tol, atol=tol, generator=torch.Generator(device=device).manual_seed(0)
+            )
     else:
         axes[1].axis("off")
         with torch.no_grad():

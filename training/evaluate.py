@@ -31,7 +31,11 @@ def run(args: argparse.Namespace) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for path, checkpoint in zip(args.checkpoints, checkpoints):
-        report = _classifier_report(checkpoint, args, device) if checkpoint.kind in CLASSIFIERS else _density_report(checkpoint, args, device)
+        report = (
+            _classifier_report(checkpoint, args, device)
+            if checkpoint.kind in CLASSIFIERS
+            else _density_report(checkpoint, args, device)
+        )
         reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint), **report})
     if len(reports) == 1:
         stem = out_dir / (args.name or f"{args.checkpoints[0].stem}-eval")
@@ -79,7 +83,13 @@ def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) ->
     else:
         rows = [test_log_likelihood(checkpoint.model, name, tol, device) for tol in args.tols]
         metric = "test_log_likelihood"
-    return {"kind": checkpoint.kind, "dataset": name, "metric": metric, "regularisation": _regularisation(checkpoint), "rows": rows}
+    return {
+        "kind": checkpoint.kind,
+        "dataset": name,
+        "metric": metric,
+        "regularisation": _regularisation(checkpoint),
+        "rows": rows,
+    }
 
 
 def _provenance(checkpoint: Checkpoint) -> dict:
@@ -98,7 +108,9 @@ def _check_comparable(checkpoints: list[Checkpoint]) -> None:
     """Side by side only makes sense on one task and dataset: checked on the cards, before any work."""
     datasets = {(c.card.get("task"), c.card.get("dataset", {}).get("name")) for c in checkpoints}
     if len(datasets) > 1:
-        raise SystemExit(f"compare checkpoints of one dataset; got {', '.join(f'{t} on {d}' for t, d in sorted(datasets))}")
+        raise SystemExit(
+            f"compare checkpoints of one dataset; got {', '.join(f'{t} on {d}' for t, d in sorted(datasets))}"
+        )
 
 
 # ---- printing -------------------------------------------------------------------------
@@ -176,7 +188,9 @@ def _plot_classifier(report: dict, path: Path) -> None:
     right.set_ylabel("time per batch of 1000 (s)")
     if rows[0]["nfe_mean"] is not None:
         twin = right.twinx()
-        lines += twin.semilogx(tols, [r["nfe_mean"] for r in rows], "s--", color="tab:orange", label="mean NFE (right axis)")
+        lines += twin.semilogx(
+            tols, [r["nfe_mean"] for r in rows], "s--", color="tab:orange", label="mean NFE (right axis)"
+        )
         twin.set_ylim(bottom=0)
         twin.set_ylabel("mean NFE")
     right.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
@@ -205,13 +219,21 @@ def _plot_comparison(reports: list[dict], path: Path) -> None:
         xs = [row["nfe_mean"] for row in rows]
         (line,) = ax.plot(xs, ys, "o-", label=label)
         for x, y, row in zip(xs, ys, rows):
-            ax.annotate(_tol(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+            ax.annotate(
+                _tol(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color()
+            )
     if metric == "test_error":
         ax.set_ylim(0, max(values) * 1.3)
     ax.set_xlim(left=0)
     ax.set_xlabel("mean NFE per sample (points: solver tolerance)")
-    ax.set_ylabel({"test_error": "test error (%)", "test_log_likelihood": "mean test log-likelihood (nats)"}.get(metric, _LABELS[metric]))
-    ax.set_title(f"{reports[0]['dataset']}: {'lower' if metric != 'test_log_likelihood' else 'higher'} is better, left is cheaper")
+    ax.set_ylabel(
+        {"test_error": "test error (%)", "test_log_likelihood": "mean test log-likelihood (nats)"}.get(
+            metric, _LABELS[metric]
+        )
+    )
+    ax.set_title(
+        f"{reports[0]['dataset']}: {'lower' if metric != 'test_log_likelihood' else 'higher'} is better, left is cheaper"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -64,7 +64,9 @@ def pinwheel(n: int, g: torch.Generator) -> Tensor:
 def two_spirals(n: int, g: torch.Generator) -> Tensor:
     half = n // 2
     turn = torch.sqrt(_uniform((half,), g)) * 540 * (2 * math.pi) / 360
-    arm = torch.stack([-turn.cos() * turn + _uniform((half,), g) * 0.5, turn.sin() * turn + _uniform((half,), g) * 0.5], 1)
+    arm = torch.stack(
+        [-turn.cos() * turn + _uniform((half,), g) * 0.5, turn.sin() * turn + _uniform((half,), g) * 0.5], 1
+    )
     points = torch.cat([arm, -arm]) / 3
     points = points + 0.1 * _normal(points.shape, g)
     return points[torch.randperm(points.shape[0], generator=g)]

@@ -77,7 +77,11 @@ class PlanarDynamics(nn.Module):
         super().__init__()
         self.dim, self.width = dim, width
         self.hyper = nn.Sequential(
-            nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, width * (2 * dim + 2))
+            nn.Linear(1, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, width * (2 * dim + 2)),
         )
 
     def _parameters_at(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -226,7 +230,12 @@ class CNF(nn.Module):
         return self._log_density(solution), solution
 
     def log_prob_regularised(
-        self, x: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None, adjoint: bool = False
+        self,
+        x: Tensor,
+        regularisation: Regularisation,
+        *,
+        generator: torch.Generator | None = None,
+        adjoint: bool = False,
     ) -> tuple[Tensor, Solution, Tensor]:
         """:meth:`log_prob` at the model's tolerance, with the regularisers' integrals ``[B, 2]``
         (∫‖f‖² dt, ∫‖∂f/∂z‖²_F dt over [0, T], both / dim) from the same solve."""
@@ -263,7 +272,10 @@ class CNF(nn.Module):
 
 def _jacobian_rows(f: Tensor, z: Tensor, create_graph: bool) -> list[Tensor]:
     """Row i of ∂f/∂z for every sample, one autograd pass per dimension."""
-    return [torch.autograd.grad(f[:, i].sum(), z, create_graph=create_graph, retain_graph=True)[0] for i in range(f.shape[1])]
+    return [
+        torch.autograd.grad(f[:, i].sum(), z, create_graph=create_graph, retain_graph=True)[0]
+        for i in range(f.shape[1])
+    ]
 
 
 class PlanarFlow(nn.Module):

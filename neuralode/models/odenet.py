@@ -10,7 +10,15 @@ from torch import Tensor, nn
 
 from ..solvers import Solution, rms_norm, solve_ivp
 from ..solvers.accuracy import Accuracy, solve_settings
-from .regularisation import INTEGRALS, Regularisation, draw_noise, hutchinson_jacobian, integrals_of, mean_square, rate_columns
+from .regularisation import (
+    INTEGRALS,
+    Regularisation,
+    draw_noise,
+    hutchinson_jacobian,
+    integrals_of,
+    mean_square,
+    rate_columns,
+)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -107,7 +115,9 @@ class ODEBlock(nn.Module):
                 if with_jacobian:
                     probe = state[:, size : size + noise_size].view_as(z)
                     jacobian = hutchinson_jacobian(f, z, probe, create_graph=differentiable)
-            rates = torch.cat([f.flatten(1), f.new_zeros(f.shape[0], noise_size), rate_columns(mean_square(f), jacobian, f)], 1)
+            rates = torch.cat(
+                [f.flatten(1), f.new_zeros(f.shape[0], noise_size), rate_columns(mean_square(f), jacobian, f)], 1
+            )
             return rates if differentiable else rates.detach()
 
         state = torch.cat([flat, noise, flat.new_zeros(flat.shape[0], INTEGRALS)], 1)
@@ -148,7 +158,9 @@ def downsampling(channels: int = 64) -> nn.Sequential:
 
 
 def classifier_head(channels: int = 64, classes: int = 10) -> nn.Sequential:
-    return nn.Sequential(group_norm(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+    return nn.Sequential(
+        group_norm(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)
+    )
 
 
 class ODENet(nn.Module):
@@ -174,7 +186,9 @@ class ODENet(nn.Module):
     ) -> tuple[Tensor, Solution, Tensor]:
         """Training's forward: logits, the solution and the regularisers' integrals ``[B, 2]``
         (see :meth:`ODEBlock.forward_regularised`)."""
-        features, solution, integrals = self.block.forward_regularised(self.downsample(images), regularisation, generator=generator)
+        features, solution, integrals = self.block.forward_regularised(
+            self.downsample(images), regularisation, generator=generator
+        )
         return self.head(features), solution, integrals
 
 
@@ -216,5 +230,3 @@ class MLP(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-

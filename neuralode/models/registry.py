@@ -11,7 +11,9 @@ from .cnf import CNF, ConcatSquashMLP, PlanarDynamics, PlanarFlow
 from .odenet import MLP, ODENet, ResNet
 
 
-def _cnf(dim: int = 2, dynamics: str = "concatsquash", hidden: list[int] | None = None, width: int = 32, **options) -> CNF:
+def _cnf(
+    dim: int = 2, dynamics: str = "concatsquash", hidden: list[int] | None = None, width: int = 32, **options
+) -> CNF:
     if dynamics == "concatsquash":
         net = ConcatSquashMLP(dim, tuple(hidden or (64, 64, 64)))
     elif dynamics == "planar":

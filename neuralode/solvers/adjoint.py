@@ -313,7 +313,9 @@ class _Dynamics:
 
     stepper: Stepper
 
-    def solve(self, z: Tensor, a: Tensor, t_from: Tensor, t_to: Tensor, config: AdjointConfig, stats: _StatsSum) -> Tensor:
+    def solve(
+        self, z: Tensor, a: Tensor, t_from: Tensor, t_to: Tensor, config: AdjointConfig, stats: _StatsSum
+    ) -> Tensor:
         moving = (t_from != t_to).nonzero().squeeze(1)
         if moving.numel() == 0:
             return a
@@ -376,7 +378,9 @@ class _SeminormDynamics(_Dynamics):
         # again with rejected rows moved to the (finite) start point. Taped evaluations of
         # another batch size (a re-evaluated first stage on some rows) do not count.
         reuse_graphs = (
-            len(taped) == len(self.taped) and all(f.shape[0] == batch for f, _ in taped) and bool(record.error_finite.all())
+            len(taped) == len(self.taped)
+            and all(f.shape[0] == batch for f, _ in taped)
+            and bool(record.error_finite.all())
         )
         keep = rows_of(record.accepted, record.y)
         outputs, cotangents = [], []
@@ -417,7 +421,11 @@ class _StateDynamics(_Dynamics):
 
             def parts_norm(parts: tuple[Tensor, ...]) -> Tensor:
                 _, z, a, *thetas = parts
-                values = [state_norm(z[None])[0], state_norm(a[None])[0], *(rms_norm(th.reshape(1, -1))[0] for th in thetas)]
+                values = [
+                    state_norm(z[None])[0],
+                    state_norm(a[None])[0],
+                    *(rms_norm(th.reshape(1, -1))[0] for th in thetas),
+                ]
                 return torch.stack(values).amax()
 
         elif norm == "seminorm":

@@ -86,7 +86,9 @@ class EventTracker:
         self.hit[ids[rows]] = True
 
 
-def event_gradient(func: Func, events: EventTracker, t_event: Tensor, y_event: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+def event_gradient(
+    func: Func, events: EventTracker, t_event: Tensor, y_event: Tensor, ids: Tensor
+) -> tuple[Tensor, Tensor]:
     """``(t_event, y_event)`` with the event time made differentiable through ``y_event``.
 
     On rows that hit their event ``g(t*, y(t*)) = 0`` defines ``t*``, so a cotangent ``L_t`` of

@@ -75,7 +75,9 @@ class ExplicitRK(Solver):
         if tableau.b_dense is not None:
             self._dense_stages = tuple(i for i, p in enumerate(tableau.b_dense) if any(p))
             degree = max(len(p) for p in tableau.b_dense)
-            self._dense = torch.tensor([list(p) + [0.0] * (degree - len(p)) for p in tableau.b_dense], dtype=torch.float64)
+            self._dense = torch.tensor(
+                [list(p) + [0.0] * (degree - len(p)) for p in tableau.b_dense], dtype=torch.float64
+            )
 
     def __repr__(self) -> str:
         return f"ExplicitRK({self.name!r})"

@@ -49,7 +49,9 @@ class ImplicitRK(Solver):
         t_start = nudged(t, t1, after)
         f0 = evaluate(func, t_start, y)
         nfe = torch.ones(y.shape[0], dtype=torch.int64, device=y.device)
-        stage_t = [t + c * dt if c not in (0.0, 1.0) else (t_start if c == 0.0 else nudged(t1, t, before)) for c in tableau.c]
+        stage_t = [
+            t + c * dt if c not in (0.0, 1.0) else (t_start if c == 0.0 else nudged(t1, t, before)) for c in tableau.c
+        ]
         ks = [f0] * tableau.stages
         for i in self._given:  # explicit stages depend on y alone
             if tableau.c[i] != 0.0:

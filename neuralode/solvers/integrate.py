@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .events import EventTracker
 from .solver import Func, evaluate, rows_of
 from .state import SolverState, StepRecord
-from .events import EventTracker
 from .status import Status
 from .stepper import Stepper
 
@@ -57,7 +57,9 @@ class _StepDenseOutput:
                 self.evaluated = torch.zeros_like(self.record.accepted)
             fresh = rows[~self.evaluated[rows]]
             if fresh.numel():
-                values = evaluate(self.func, self.record.t1.index_select(0, fresh), self.record.y1.index_select(0, fresh))
+                values = evaluate(
+                    self.func, self.record.t1.index_select(0, fresh), self.record.y1.index_select(0, fresh)
+                )
                 self.f1 = self.f1.index_put((fresh,), values)
                 self.evaluated = self.evaluated.index_put((fresh,), torch.ones_like(fresh, dtype=torch.bool))
                 state.nfe = state.nfe.index_add(0, fresh, torch.ones_like(fresh))

@@ -230,7 +230,9 @@ def solve_ivp(
             norm=adjoint_norm,
             stats=BackwardStats(),
         )
-    outputs, trajectory, events = solve(func, problem, stepper, interpolant=interpolant, event_fn=event_fn, adjoint=config)
+    outputs, trajectory, events = solve(
+        func, problem, stepper, interpolant=interpolant, event_fn=event_fn, adjoint=config
+    )
     y1, t1 = outputs[-1], trajectory.t_reached
     if events is not None:
         t1, y1 = event_gradient(func, events, t1, y1, torch.arange(y1.shape[0], device=y1.device))

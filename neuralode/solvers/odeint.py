@@ -31,8 +31,8 @@ from .problem import landing_points, prepare_problem
 from .scipy_solve import ScipyMethod
 from .solver import Solver
 from .status import raise_for_status
-from .tuples import State, TupleLayout
 from .stepper import DEFAULT_MAX_STEPS, StepCallbacks
+from .tuples import State, TupleLayout
 
 OdeFunc = Callable[[Tensor, State], State]
 
@@ -91,7 +91,9 @@ def odeint_adjoint(
     if adjoint_params is None and not isinstance(func, nn.Module):
         raise ValueError("func must be an nn.Module, or adjoint_params must be given (adjoint_params=() for none)")
     if adjoint_method is not None and adjoint_method != method and options is not None and adjoint_options is None:
-        raise ValueError("adjoint_method differs from method, so adjoint_options cannot be inferred from options: pass them")
+        raise ValueError(
+            "adjoint_method differs from method, so adjoint_options cannot be inferred from options: pass them"
+        )
     if adjoint_options is None:
         adjoint_options = {k: v for k, v in (options or {}).items() if k != "norm"}
     params = tuple(func.parameters() if adjoint_params is None else adjoint_params)
@@ -253,7 +255,9 @@ def _settings(func, y0: Tensor, t: Tensor, layout: TupleLayout, method, options,
 
     callbacks = _callbacks(func, layout, solver, callback_suffix)
     if kind == "scipy":
-        scipy = ScipyMethod(options.get("solver", "LSODA"), options.get("min_step", 0.0), options.get("max_step", torch.inf))
+        scipy = ScipyMethod(
+            options.get("solver", "LSODA"), options.get("min_step", 0.0), options.get("max_step", torch.inf)
+        )
         return scipy, _Settings(None, None, None, None, None, state_norm)
 
     solver = _with_solver_options(solver, options)
@@ -276,13 +280,17 @@ def _settings(func, y0: Tensor, t: Tensor, layout: TupleLayout, method, options,
             max_factor=options.get("ifactor", 10.0), min_step=float(options.get("min_step", 0.0)),
             max_step=float(options.get("max_step", torch.inf)),
         )  # fmt: skip
-    interpolant = resolve_interpolant(options.get("interp", "method" if solver.adaptive and step_size is None else "linear"))
+    interpolant = resolve_interpolant(
+        options.get("interp", "method" if solver.adaptive and step_size is None else "linear")
+    )
     stepper = build_stepper(
         solver, step_size=step_size, controller=controller, first_step=options.get("first_step"),
         max_steps=options.get("max_num_steps", DEFAULT_MAX_STEPS), norm=norm, perturb=bool(options.get("perturb", False)),
         callbacks=callbacks, interpolant=interpolant,
     )  # fmt: skip
-    return stepper, _Settings(options.get("first_step"), step_t, options.get("jump_t"), interpolant, callbacks, state_norm)
+    return stepper, _Settings(
+        options.get("first_step"), step_t, options.get("jump_t"), interpolant, callbacks, state_norm
+    )
 
 
 def _kind(solver: Solver | ScipyMethod) -> str:
@@ -306,7 +314,9 @@ def _callbacks(func, layout: TupleLayout, solver, suffix: str) -> StepCallbacks 
     found = {name: getattr(func, name + suffix) for name in _CALLBACKS if callable(getattr(func, name + suffix, None))}
     if not found:
         return None
-    supported = set() if isinstance(solver, ScipyMethod) else (set(_CALLBACKS) if solver.adaptive else {"callback_step"})
+    supported = (
+        set() if isinstance(solver, ScipyMethod) else (set(_CALLBACKS) if solver.adaptive else {"callback_step"})
+    )
     unsupported = set(found) - supported
     if unsupported:
         warnings.warn(f"method {solver.name!r} does not support callbacks {sorted(unsupported)}", stacklevel=4)
@@ -334,7 +344,9 @@ def _adjoint_norm(layout: TupleLayout, requested, state_norm) -> PartsNorm:
 
         def default_adjoint_norm(parts: tuple[Tensor, ...]) -> Tensor:
             t, y, adj_y, *adj_params = parts
-            return max(t.abs(), _as_norm(state_norm(y))[0], _as_norm(state_norm(adj_y))[0], _mixed_norm(tuple(adj_params)))
+            return max(
+                t.abs(), _as_norm(state_norm(y))[0], _as_norm(state_norm(adj_y))[0], _mixed_norm(tuple(adj_params))
+            )
 
         return default_adjoint_norm
     if requested == "seminorm":
@@ -354,4 +366,3 @@ def _adjoint_norm(layout: TupleLayout, requested, state_norm) -> PartsNorm:
         return requested((t, *layout.unflatten(y), *layout.unflatten(adj_y), *adj_params))
 
     return tuple_adjoint_norm
-

@@ -179,7 +179,6 @@ def evaluate_rows(func: Func, t: Tensor, y: Tensor, mask: Tensor, fallback: Tens
     return fallback.index_put((index,), values)
 
 
-
 def nudged(t: Tensor, towards: Tensor, mask: Tensor | bool | None) -> Tensor:
     """``t``, moved to the next representable time towards ``towards`` on the rows in
     ``mask`` (a ``[B]`` bool, or a bool for all rows)."""

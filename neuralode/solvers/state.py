@@ -101,6 +101,8 @@ class StepRecord:
         """The rows ``index``."""
 
         def rows(value):
-            return [v.index_select(0, index) for v in value] if isinstance(value, list) else value.index_select(0, index)
+            return (
+                [v.index_select(0, index) for v in value] if isinstance(value, list) else value.index_select(0, index)
+            )
 
         return StepRecord(**{f.name: rows(getattr(self, f.name)) for f in fields(self)})

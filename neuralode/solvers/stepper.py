@@ -142,7 +142,9 @@ class Stepper:
         )
         return self._apply_limits(state)
 
-    def _init_affordable(self, func, y0, t0, t_stop, t_end, rtol, atol, first_step, budget, sample_id, jump, affordable):
+    def _init_affordable(
+        self, func, y0, t0, t_stop, t_end, rtol, atol, first_step, budget, sample_id, jump, affordable
+    ):
         """Start only the rows whose budget pays for the initial evaluations and a first step;
         the others get a state that records they never started."""
         started, unstarted = affordable.nonzero().squeeze(1), (~affordable).nonzero().squeeze(1)

@@ -1,10 +1,10 @@
 """``python -m client``: classify images, sample, evaluate log-densities, list models.
 
-    python -m client classify --model odenet-mnist --tol 1e-2 digit.png
-    python -m client sample --model cnf-8gaussians --n 5 --seed 1 --tol 1e-3
-    python -m client log-density --model cnf-8gaussians -- 0,0 -1.5,2    ("--" before points with a leading minus)
-    python -m client models
-    python -m client health [--service NAME]          (exit status 0 only when SERVING: a container health check)
+python -m client classify --model odenet-mnist --tol 1e-2 digit.png
+python -m client sample --model cnf-8gaussians --n 5 --seed 1 --tol 1e-3
+python -m client log-density --model cnf-8gaussians -- 0,0 -1.5,2    ("--" before points with a leading minus)
+python -m client models
+python -m client health [--service NAME]          (exit status 0 only when SERVING: a container health check)
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def render(command: str, report: dict) -> str:
     if command == "classify":
         lines.append(f"{'image':<30} {'label':>5} {'prob':>6} {'NFE':>5} status")
         for row in report["predictions"]:
-            lines.append(f"{row['image']:<30} {row['label']:>5} {row['probability']:>6.3f} {row['nfe']:>5} {row['status']}")
+            lines.append(
+                f"{row['image']:<30} {row['label']:>5} {row['probability']:>6.3f} {row['nfe']:>5} {row['status']}"
+            )
     elif command in ("sample", "log-density"):
         points = report["points"]
         lines.append(f"{'point':<28} {'log p':>9} {'NFE':>5} status")
@@ -108,15 +110,25 @@ def render(command: str, report: dict) -> str:
     else:
         lines.append(f"{'name':<24} {'kind':<8} {'task':<9} {'tol':>7} {'version':<13} device")
         for m in report["models"]:
-            lines.append(f"{m['name']:<24} {m['kind']:<8} {m['task']:<9} {m['default_tol']:>7g} {m['version']:<13} {m['device']}")
+            lines.append(
+                f"{m['name']:<24} {m['kind']:<8} {m['task']:<9} {m['default_tol']:>7g} {m['version']:<13} {m['device']}"
+            )
     if "compute_seconds" in report:
-        lines.append(f"server: queue {report['queue_seconds'] * 1e3:.1f} ms, compute {report['compute_seconds'] * 1e3:.1f} ms")
+        lines.append(
+            f"server: queue {report['queue_seconds'] * 1e3:.1f} ms, compute {report['compute_seconds'] * 1e3:.1f} ms"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default=os.environ.get("ODESERVE_TARGET", "127.0.0.1:50051"), help="host:port (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("ODESERVE_TARGET", "127.0.0.1:50051"),
+        help="host:port (default: %(default)s)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     parser.add_argument("--token", default=os.environ.get("ODESERVE_TOKEN"), help="bearer token")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate to verify the server (enables TLS)")

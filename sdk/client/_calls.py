@@ -17,7 +17,6 @@ from typing import Annotated, Any, Generic, Literal, TypedDict, TypeVar, Unpack
 
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
@@ -64,7 +63,10 @@ class RequestOptions(TypedDict, total=False):
                    "which)", _tolerance]  # fmt: skip
     rtol: Annotated[float | None, "relative tolerance, with atol, instead of tol"]
     atol: Annotated[float | None, "absolute tolerance, with rtol"]
-    method: Annotated[str | None, '"dopri5" (default), or another adaptive method: "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun"']
+    method: Annotated[
+        str | None,
+        '"dopri5" (default), or another adaptive method: "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun"',
+    ]
     max_nfe: Annotated[int | None, "stop each item after this many function evaluations (its status: MAX_NFE)"]
     latency_target_s: Annotated[float | None, 'with tol="auto": the latency to aim for (default: the deadline)']
     priority: Annotated[int | None, "1 is the most urgent level (default: the server's default level)"]
@@ -143,7 +145,9 @@ def log_density(points: npt.ArrayLike, *, model: str, version: str = "", timeout
 
     points: float32 or float64, shaped [N, D] (other dtypes are sent as float32).
     """
-    request = pb.LogDensityRequest(model=model, version=version, points=points_tensor(points), **_request_fields(options))
+    request = pb.LogDensityRequest(
+        model=model, version=version, points=points_tensor(points), **_request_fields(options)
+    )
     return Call(pb_grpc.InferenceStub, "LogDensity", request, log_density_result, timeout_s)
 
 
@@ -154,7 +158,9 @@ def models(timeout_s: float | None = None) -> Call[list[ModelInfo]]:
 
 def model(name: str, version: str = "", timeout_s: float | None = None) -> Call[ModelInfo]:
     """One served model with its card; NOT_FOUND when there is none of that name."""
-    return Call(pb_grpc.InferenceStub, "GetModel", pb.GetModelRequest(name=name, version=version), model_info, timeout_s)
+    return Call(
+        pb_grpc.InferenceStub, "GetModel", pb.GetModelRequest(name=name, version=version), model_info, timeout_s
+    )
 
 
 def health(service: str = "", timeout_s: float | None = None) -> Call[str]:

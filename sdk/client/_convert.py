@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-
 from odeserve.v1 import odeserve_pb2 as pb
 
 STATUS_NAMES = {value: name.removeprefix("SOLVE_STATUS_") for name, value in pb.SolveStatus.items()}
@@ -128,7 +127,9 @@ def _common(response) -> dict:
 
 
 def classify_result(response: pb.ClassifyResponse) -> ClassifyResult:
-    return ClassifyResult(np.asarray(response.labels, dtype=np.int64), decode(response.probabilities), **_common(response))
+    return ClassifyResult(
+        np.asarray(response.labels, dtype=np.int64), decode(response.probabilities), **_common(response)
+    )
 
 
 def sample_result(response: pb.SampleResponse) -> SampleResult:

@@ -52,7 +52,9 @@ class TLS:
         return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
 
-def channel_options(max_message_bytes: int, retries: int, load_balancing: str = "pick_first") -> list[tuple[str, object]]:
+def channel_options(
+    max_message_bytes: int, retries: int, load_balancing: str = "pick_first"
+) -> list[tuple[str, object]]:
     """Retry, with backoff via the service config, what a restarting or draining server
     answers: UNAVAILABLE, and CANCELLED, which gRPC gives calls a shutting-down server had
     received but not yet handed to a handler (grpc/grpc#41785). odeserve itself never
@@ -72,7 +74,7 @@ def channel_options(max_message_bytes: int, retries: int, load_balancing: str = 
                     "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
-        ]
+        ],
     }
     return [
         ("grpc.service_config", json.dumps(service_config)),

@@ -61,7 +61,9 @@ def test_sample_log_density_and_models(server):
     assert len(sampled["points"]) == 3 and sampled["status"] == ["SUCCESS"] * 3
     points = [",".join(str(v) for v in p) for p in sampled["points"]]
     # "--" ends the options, so points that start with a minus sign are not read as flags.
-    density = json.loads(cli(server, "log-density", "--model", DENSITIES[0], "--tol", "1e-5", "--json", "--", *points).stdout)
+    density = json.loads(
+        cli(server, "log-density", "--model", DENSITIES[0], "--tol", "1e-5", "--json", "--", *points).stdout
+    )
     assert all(abs(a - b) < 0.05 for a, b in zip(density["log_density"], sampled["log_density"]))
     listing = cli(server, "models")
     assert CLASSIFIER in listing.stdout and DENSITIES[0] in listing.stdout

@@ -24,7 +24,9 @@ class Venv:
     def run(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
         """``python -I`` (no PYTHONPATH, no current folder on sys.path): only what is installed."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        return subprocess.run([str(self.python), "-I", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(self.python), "-I", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
 
     def installed(self) -> dict[str, str]:
         listing = self.run("-m", "pip", "list", "--format", "json", cwd=self.folder)
@@ -90,4 +92,6 @@ def test_the_command_line_works_and_says_what_reading_images_needs(client_only, 
     (tmp_path / "digit.png").write_bytes(b"")
     classify = client_only.run(*cli, "classify", "--model", CLASSIFIER, str(tmp_path / "digit.png"), cwd=tmp_path)
     assert classify.returncode == 2 and classify.stdout == ""
-    assert classify.stderr == "error: reading image files needs Pillow: pip install 'odeserve-client[cli]' (or pillow)\n"
+    assert (
+        classify.stderr == "error: reading image files needs Pillow: pip install 'odeserve-client[cli]' (or pillow)\n"
+    )

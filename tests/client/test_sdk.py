@@ -7,12 +7,11 @@ import asyncio
 import inspect
 import pydoc
 
+import client._calls as calls
 import numpy as np
 import pytest
-from live_server import CLASSIFIER, DENSITIES, start_server
-
-import client._calls as calls
 from client import AsyncClient, Client, OdeServeError
+from live_server import CLASSIFIER, DENSITIES, start_server
 
 DENSITY = DENSITIES[0]
 DESCRIBED = [f for name, f in vars(calls).items() if inspect.isfunction(f) and f.__module__ == calls.__name__
@@ -120,11 +119,18 @@ def test_scheduling_options_and_auto_tolerance_reach_the_server(sdk, mnist_test,
     with pytest.raises(OdeServeError, match="INVALID_ARGUMENT.*scheduling.priority"):
         sdk.classify(images, model=CLASSIFIER, tol=1e-2, priority=9)
     fixed = sdk.log_density(np.zeros((2, 2), np.float32), model=DENSITY, tol=1e-4, method="tsit5")
-    assert (fixed.solved.rtol, fixed.solved.atol, fixed.solved.method, fixed.solved.preemptions) == (1e-4, 1e-4, "tsit5", 0)
+    assert (fixed.solved.rtol, fixed.solved.atol, fixed.solved.method, fixed.solved.preemptions) == (
+        1e-4,
+        1e-4,
+        "tsit5",
+        0,
+    )
 
 
 def test_an_unknown_keyword_is_a_type_error_before_anything_is_sent(sdk):
-    with pytest.raises(TypeError, match="'tols'.*tol, rtol, atol, method, max_nfe, latency_target_s, priority, max_total_nfe"):
+    with pytest.raises(
+        TypeError, match="'tols'.*tol, rtol, atol, method, max_nfe, latency_target_s, priority, max_total_nfe"
+    ):
         sdk.sample(2, model=DENSITY, tols=1e-3)
     with pytest.raises(TypeError):
         sdk.models(verbose=True)
@@ -172,4 +178,6 @@ def test_help_spells_out_the_request_options_with_their_types():
     assert "async log_density(self, points: 'npt.ArrayLike', *, model: 'str'" in text
     assert "max_total_nfe: 'int | None' = None) -> 'LogDensityResult'" in text
     assert "Exact log-densities" in text and "tol       rtol = atol = tol" in text
-    assert "models(self, timeout_s: 'float | None' = None) -> 'list[ModelInfo]'" in pydoc.render_doc(Client.models, renderer=pydoc.plaintext)
+    assert "models(self, timeout_s: 'float | None' = None) -> 'list[ModelInfo]'" in pydoc.render_doc(
+        Client.models, renderer=pydoc.plaintext
+    )

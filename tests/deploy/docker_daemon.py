@@ -58,9 +58,13 @@ class DockerDaemon:
         pytest.skip(f"dockerd cannot start here; its log ({log}) ends:\n{log.read_text()[-2000:]}")
 
     def docker(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+        result = subprocess.run(
+            ["docker", *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+            raise AssertionError(
+                f"docker {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+            )
         return result
 
     def stop(self) -> None:

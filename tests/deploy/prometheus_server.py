@@ -120,9 +120,7 @@ class Prometheus:
 
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(
-                f"prometheus exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}"
-            )
+            raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
 
     def _targets(self) -> list[dict]:
         with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as response:

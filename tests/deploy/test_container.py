@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from client import Client, OdeServeError
 from deploy_tools import DEPLOY, ROOT, free_port, require_tool
 from docker_daemon import BUILD_CACHE, DockerDaemon
 from live_server import CLASSIFIER, DENSITIES, scrape, value
 from prometheus_server import Prometheus, dashboard_expressions
 
-from client import Client, OdeServeError
 from neuralode.checkpoint import load_checkpoint
 
 IMAGE = "odeserve:0.1.0"
@@ -45,8 +45,14 @@ def test_compose_file_points_at_files_that_exist_and_ports_that_match():
             if source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name} mounts {source}, which does not exist"
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
-    targets = [t for job in scrape if job["job_name"] == "odeserve" for c in job["static_configs"] for t in c["targets"]]
-    metrics_port = next(line.split("=")[1] for line in (DEPLOY / "Dockerfile").read_text().split() if line.startswith("ODESERVE_METRICS_PORT="))
+    targets = [
+        t for job in scrape if job["job_name"] == "odeserve" for c in job["static_configs"] for t in c["targets"]
+    ]
+    metrics_port = next(
+        line.split("=")[1]
+        for line in (DEPLOY / "Dockerfile").read_text().split()
+        if line.startswith("ODESERVE_METRICS_PORT=")
+    )
     assert targets == [f"odeserve:{metrics_port}"]
     assert f"{metrics_port}:{metrics_port}" in services["odeserve"]["ports"]
 
@@ -148,7 +154,9 @@ def test_runs_as_a_non_root_user_on_read_only_checkpoints(container):
 
 
 def test_prometheus_scrapes_the_container_and_every_dashboard_query_runs(container, tmp_path, mnist_batch):
-    with Prometheus([container.metrics_address], tmp_path / "prometheus", rule_files=[DEPLOY / "prometheus" / "alerts.yml"]) as prometheus:
+    with Prometheus(
+        [container.metrics_address], tmp_path / "prometheus", rule_files=[DEPLOY / "prometheus" / "alerts.yml"]
+    ) as prometheus:
         up = prometheus.wait_for('up{job="odeserve"} == 1')  # a first scrape, so rates see the traffic below
         assert up[0]["metric"]["instance"] == container.metrics_address
         with Client(container.target, timeout_s=120) as client:
@@ -163,8 +171,12 @@ def test_prometheus_scrapes_the_container_and_every_dashboard_query_runs(contain
                    for row in prometheus.query(f'sum by (le) (odeserve_item_nfe_bucket{{model="{CLASSIFIER}"}})')}  # fmt: skip
         assert buckets["+Inf"] == served >= 16 and buckets["2.0"] == 0  # every solve takes more than 2 evaluations
         requests = prometheus.query("sum by (model, rpc, code) (odeserve_requests_total)")
-        counts = {(r["metric"]["model"], r["metric"]["rpc"], r["metric"]["code"]): float(r["value"][1]) for r in requests}
-        assert counts[(CLASSIFIER, "Classify", "OK")] == value(direct, "odeserve_requests_total", model=CLASSIFIER, code="OK")
+        counts = {
+            (r["metric"]["model"], r["metric"]["rpc"], r["metric"]["code"]): float(r["value"][1]) for r in requests
+        }
+        assert counts[(CLASSIFIER, "Classify", "OK")] == value(
+            direct, "odeserve_requests_total", model=CLASSIFIER, code="OK"
+        )
         assert counts[(DENSITIES[0], "Sample", "OK")] >= 1 and counts[("unknown", "Sample", "NOT_FOUND")] == 1
         for title, expression in dashboard_expressions():
             assert prometheus.wait_for(expression, timeout=30), f"panel {title!r}: no data for {expression}"

@@ -40,7 +40,9 @@ def test_the_predictor_is_a_valid_pod_spec(service, version):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "predictor-pod.yaml"
         path.write_text(yaml.safe_dump(pod))
-        done = subprocess.run([validate, "--strict", "-k", version, str(path)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [validate, "--strict", "-k", version, str(path)], capture_output=True, text=True, timeout=60
+        )
     assert done.returncode == 0 and " passed for resource " in done.stdout, done.stdout + done.stderr
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from client import Client, OdeServeError
 from deploy_tools import DEPLOY, ROOT, require_tool
 from live_server import CLASSIFIER, DENSITIES, SHIPPED, start_server
 from prometheus_server import Prometheus, dashboard_expressions
-
-from client import Client, OdeServeError
 
 PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
@@ -27,9 +26,7 @@ TOL = 1e-2
 
 def run(*command: str) -> None:
     done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, (
-        f"{' '.join(command)} exited with {done.returncode}:\n{done.stdout}{done.stderr}"
-    )
+    assert done.returncode == 0, f"{' '.join(command)} exited with {done.returncode}:\n{done.stdout}{done.stderr}"
 
 
 def alert_names() -> set[str]:

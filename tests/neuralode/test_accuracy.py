@@ -54,7 +54,12 @@ def test_output_times_land_exactly_and_match_scipy(problem):
     t0, t1 = problem.t_span
     t_eval = torch.linspace(t0, t1, 6, dtype=torch.float64)[1:]
     solution = solve_ivp(
-        problem.torch_rhs, torch.tensor([problem.y0], dtype=torch.float64), problem.t_span, t_eval=t_eval, rtol=1e-9, atol=1e-12
+        problem.torch_rhs,
+        torch.tensor([problem.y0], dtype=torch.float64),
+        problem.t_span,
+        t_eval=t_eval,
+        rtol=1e-9,
+        atol=1e-12,
     ).raise_for_status()
     assert solution.ys.shape == (5, 1, len(problem.y0))
     for k, t in enumerate(t_eval.tolist()):

@@ -203,6 +203,8 @@ def test_seminorm_needs_a_quadrature_rule(problem):
     with pytest.raises(ValueError, match="explicit_adams does not have"):
         solve_ivp(func, y0, (0.0, 1.0), method="explicit_adams", step_size=0.1, adjoint=True)
     # One sample with the parameters in the state works for any method.
-    out = solve_ivp(func, y0[:1], (0.0, 1.0), method="explicit_adams", step_size=0.01, adjoint=True, adjoint_norm="full")
+    out = solve_ivp(
+        func, y0[:1], (0.0, 1.0), method="explicit_adams", step_size=0.01, adjoint=True, adjoint_norm="full"
+    )
     out.y1.sum().backward()
     assert all(p.grad is not None for p in func.parameters())

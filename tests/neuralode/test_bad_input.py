@@ -43,7 +43,11 @@ Y0 = torch.ones(3, 2, dtype=torch.float64)
         (dict(first_step=-0.1), ValueError, "first_step must be > 0"),
         (dict(max_steps=0), ValueError, "max_steps must be >= 1"),
         (dict(max_nfe=0), ValueError, "max_nfe must be >= 1"),
-        (dict(func=lambda t, y: y[:, :1]), ValueError, "func returned shape \\(3, 1\\), but the state has shape \\(3, 2\\)"),
+        (
+            dict(func=lambda t, y: y[:, :1]),
+            ValueError,
+            "func returned shape \\(3, 1\\), but the state has shape \\(3, 2\\)",
+        ),
         (dict(func=lambda t, y: y.float()), ValueError, "func returned dtype torch.float32"),
         (dict(func=lambda t, y: 1.0), TypeError, "func must return a tensor"),
         (dict(adjoint=True, adjoint_norm="max"), ValueError, "adjoint norm must be one of"),
@@ -63,10 +67,15 @@ def test_solve_ivp_refuses_bad_input(kwargs, error, message):
     [
         (lambda: odeint(decay, torch.ones(2), torch.ones(2, 2)), "t must be a non-empty 1-D tensor"),
         (lambda: odeint(decay, torch.ones(2), torch.tensor([])), "t must be a non-empty 1-D tensor"),
-        (lambda: odeint(decay, torch.ones(2), torch.tensor([0.0, 1.0]), options={"stepsize": 0.1}), "\\['stepsize'\\] do not apply to dopri5"),
+        (
+            lambda: odeint(decay, torch.ones(2), torch.tensor([0.0, 1.0]), options={"stepsize": 0.1}),
+            "\\['stepsize'\\] do not apply to dopri5",
+        ),
         (lambda: odeint_adjoint(decay, torch.ones(2), torch.tensor([0.0, 1.0])), "must be an nn.Module"),
         (
-            lambda: odeint_adjoint(torch.nn.Identity(), torch.ones(2), torch.tensor([0.0, 1.0]), adjoint_options={"norm": "max"}),
+            lambda: odeint_adjoint(
+                torch.nn.Identity(), torch.ones(2), torch.tensor([0.0, 1.0]), adjoint_options={"norm": "max"}
+            ),
             "must be 'seminorm', 'full' or a callable",
         ),
     ],
@@ -88,7 +97,12 @@ def test_max_steps_is_reported_per_sample_and_raised_at_the_edge():
     with pytest.raises(SolverError, match="2 of 2 samples failed .*MAX_STEPS: max_steps reached: raise max_steps"):
         solution.raise_for_status()
     with pytest.raises(SolverError, match="max_steps reached"):
-        odeint(lambda t, y: _stiff(t[None], y[None])[0], torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 1.0]), options={"max_num_steps": 100})
+        odeint(
+            lambda t, y: _stiff(t[None], y[None])[0],
+            torch.ones(1, dtype=torch.float64),
+            torch.tensor([0.0, 1.0]),
+            options={"max_num_steps": 100},
+        )
 
 
 def test_blow_up_underflows_the_step_size():

@@ -62,7 +62,14 @@ def test_signed_steps_keep_their_direction():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(safety=0.0), dict(safety=1.5), dict(min_factor=1.0), dict(max_factor=0.5), dict(icoeff=0.0), dict(pcoeff=-0.1)],
+    [
+        dict(safety=0.0),
+        dict(safety=1.5),
+        dict(min_factor=1.0),
+        dict(max_factor=0.5),
+        dict(icoeff=0.0),
+        dict(pcoeff=-0.1),
+    ],
 )
 def test_invalid_settings_are_refused(kwargs):
     with pytest.raises(ValueError):

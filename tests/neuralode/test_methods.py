@@ -69,7 +69,9 @@ def test_interpolated_outputs_match_the_reference(method):
     solution = solve_ivp(problem.torch_rhs, torch.tensor([problem.y0], dtype=torch.float64), problem.t_span,
                          t_eval=t_eval, method=method, rtol=rtol, atol=rtol * 1e-2, interpolate=True,
                          step_size=0.01 if fixed else None).raise_for_status()  # fmt: skip
-    errors = [np.abs(solution.ys[k, 0].numpy() - problem.reference((0.0, t))).max() for k, t in enumerate(t_eval.tolist())]
+    errors = [
+        np.abs(solution.ys[k, 0].numpy() - problem.reference((0.0, t))).max() for k, t in enumerate(t_eval.tolist())
+    ]
     # dopri8's interpolant is fourth order (torchdiffeq's quartic), across its long steps.
     scale = 1e-3 if fixed else (1e-4 if method == "dopri8" else 100 * rtol)
     assert max(errors) < scale * 2.0  # |y| is about 2

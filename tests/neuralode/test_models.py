@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from neuralode.models import CNF, MLP, ConcatSquashMLP, ODENet, PlanarDynamics, PlanarFlow, ResNet, build_model, count_parameters
+from neuralode.models import (
+    CNF,
+    MLP,
+    ConcatSquashMLP,
+    ODENet,
+    PlanarDynamics,
+    PlanarFlow,
+    ResNet,
+    build_model,
+    count_parameters,
+)
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,11 @@ def test_method_none_is_dopri5():
 def test_every_method_name_is_accepted():
     y0 = torch.ones(1, dtype=torch.float64)
     for name in method_names():
-        options = {} if name in ("dopri5", "dopri8", "tsit5", "bosh3", "adaptive_heun", "fehlberg2", "scipy_solver") else {"step_size": 0.1}
+        options = (
+            {}
+            if name in ("dopri5", "dopri8", "tsit5", "bosh3", "adaptive_heun", "fehlberg2", "scipy_solver")
+            else {"step_size": 0.1}
+        )
         out = odeint(decay, y0, T, method=name, rtol=1e-6, atol=1e-8, options=options)
         assert out.shape == (5, 1) and bool(torch.isfinite(out).all()), name
 
@@ -156,10 +160,14 @@ def test_min_and_max_step_bound_the_steps():
             steps.append(float(dt))
 
     y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    odeint(Counted(), y0, torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-3, atol=1e-3, options={"max_step": 0.1})
+    odeint(
+        Counted(), y0, torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-3, atol=1e-3, options={"max_step": 0.1}
+    )
     assert max(steps) <= 0.1 * 1.01 and len(steps) >= 100
     steps.clear()
-    odeint(Counted(), y0, torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-12, atol=1e-12, options={"min_step": 1.0})
+    odeint(
+        Counted(), y0, torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-12, atol=1e-12, options={"min_step": 1.0}
+    )
     assert min(steps[:-1]) >= 1.0 and len(steps) <= 11
 
 
@@ -173,7 +181,12 @@ def test_norm_option_sees_the_users_shapes():
     odeint(lambda t, y: -y, torch.tensor(1.0), torch.tensor([0.0, 1.0]), options={"norm": norm})
     assert set(shapes) == {()}
     shapes.clear()
-    odeint(lambda t, y: (-y[0], -y[1]), (torch.tensor(1.0), torch.ones(2, 2)), torch.tensor([0.0, 1.0]), options={"norm": norm})
+    odeint(
+        lambda t, y: (-y[0], -y[1]),
+        (torch.tensor(1.0), torch.ones(2, 2)),
+        torch.tensor([0.0, 1.0]),
+        options={"norm": norm},
+    )
     assert set(shapes) == {((), (2, 2))}
 
 
@@ -310,6 +323,8 @@ def test_a_failed_odeint_raises():
 
 def test_solve_ivp_events_on_an_unbounded_span():
     y0 = torch.tensor([[1.0], [4.0]], dtype=torch.float64)
-    solution = solve_ivp(lambda t, y: -y, y0, (0.0, math.inf), event_fn=lambda t, y: y[:, 0] - 0.5, rtol=1e-10, atol=1e-12)
+    solution = solve_ivp(
+        lambda t, y: -y, y0, (0.0, math.inf), event_fn=lambda t, y: y[:, 0] - 0.5, rtol=1e-10, atol=1e-12
+    )
     assert solution.event.tolist() == [True, True]
     torch.testing.assert_close(solution.t1, torch.log(2 * y0[:, 0]), rtol=1e-9, atol=0)

@@ -105,7 +105,9 @@ def test_finished_samples_are_not_evaluated():
 
 def test_failures_stay_with_their_sample():
     y0 = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 50.0], [1.0, 0.0, 2.0]], dtype=torch.float64)
-    solution = solve_ivp(oscillators, y0, (0.0, 3.0), rtol=1e-8, atol=1e-10, max_nfe=torch.tensor([10_000, 200, 10_000]))
+    solution = solve_ivp(
+        oscillators, y0, (0.0, 3.0), rtol=1e-8, atol=1e-10, max_nfe=torch.tensor([10_000, 200, 10_000])
+    )
     assert solution.status.tolist() == [Status.SUCCESS, Status.MAX_NFE, Status.SUCCESS]
     assert int(solution.nfe[1]) <= 200
     assert 0.0 < float(solution.t1[1]) < 3.0
@@ -208,7 +210,9 @@ def test_interpolated_outputs_events_and_jumps_are_per_sample(method):
         torch.testing.assert_close(batch.t1[i], single.t1[0], rtol=0, atol=0)
         torch.testing.assert_close(batch.ys[:, i], single.ys[:, 0], rtol=0, atol=0, equal_nan=True)
     # x = A cos(w t) first crosses zero at pi / (2 w); outputs after the event are NaN.
-    torch.testing.assert_close(batch.t1, torch.pi / (2 * y0[:, 2]), rtol=1e-5 if METHODS[method].adaptive else 1e-3, atol=0)
+    torch.testing.assert_close(
+        batch.t1, torch.pi / (2 * y0[:, 2]), rtol=1e-5 if METHODS[method].adaptive else 1e-3, atol=0
+    )
     assert torch.isnan(batch.ys[2:, 1]).all() and torch.isfinite(batch.ys[:2, 1]).all()
 
 
@@ -230,7 +234,9 @@ def test_max_nfe_is_a_hard_cap(method):
 
 def test_max_nfe_one_at_tol_1e3_evaluates_nothing():
     calls = []
-    solution = solve_ivp(lambda t, y: calls.append(1) or -y, torch.ones(1, 2), (0.0, 1.0), rtol=1e-3, atol=1e-3, max_nfe=1)
+    solution = solve_ivp(
+        lambda t, y: calls.append(1) or -y, torch.ones(1, 2), (0.0, 1.0), rtol=1e-3, atol=1e-3, max_nfe=1
+    )
     assert int(solution.status) == Status.MAX_NFE and int(solution.nfe) == 0 and not calls
 
 

@@ -8,7 +8,16 @@ import torch
 from scipy.integrate import quad
 from scipy.integrate import solve_ivp as scipy_solve_ivp
 
-from neuralode.models import CNF, ConcatConv2d, ConcatSquashMLP, ODEBlock, ODEFunc, ODENet, PlanarDynamics, Regularisation
+from neuralode.models import (
+    CNF,
+    ConcatConv2d,
+    ConcatSquashMLP,
+    ODEBlock,
+    ODEFunc,
+    ODENet,
+    PlanarDynamics,
+    Regularisation,
+)
 from neuralode.models.regularisation import draw_noise, hutchinson_jacobian
 
 BOTH = Regularisation(kinetic=0.7, jacobian=0.3)
@@ -39,7 +48,9 @@ def _block(tol: float = 1e-10) -> ODEBlock:
 
 def _trajectory(f, z0: np.ndarray, t0: float, t1: float):
     """z(t) by scipy's DOP853 at rtol 1e-12 as a dense interpolant: the outside oracle."""
-    solution = scipy_solve_ivp(lambda t, z: f(t, z), (t0, t1), z0, method="DOP853", rtol=1e-12, atol=1e-14, dense_output=True)
+    solution = scipy_solve_ivp(
+        lambda t, z: f(t, z), (t0, t1), z0, method="DOP853", rtol=1e-12, atol=1e-14, dense_output=True
+    )
     assert solution.success, solution.message
     return solution.sol
 
@@ -51,7 +62,8 @@ def _quadrature(integrand, t0: float, t1: float) -> float:
 
 
 @pytest.mark.parametrize(
-    "dynamics, trace", [("concatsquash", "exact"), ("planar", "exact"), ("concatsquash", "hutchinson")],
+    "dynamics, trace",
+    [("concatsquash", "exact"), ("planar", "exact"), ("concatsquash", "hutchinson")],
     ids=["rows-of-the-exact-trace", "closed-form-trace", "hutchinson-with-the-traces-noise"],
 )
 def test_cnf_integrals_equal_quadratures_along_the_scipy_trajectory(dynamics, trace):
@@ -105,15 +117,23 @@ def test_odeblock_noise_stays_fixed_and_its_integrals_equal_quadratures():
         z1, solution, integrals = block.forward_regularised(z0, BOTH, generator=torch.Generator().manual_seed(5))
     noise = solution.y1[:, size : 2 * size]
     assert bool((noise.abs() == 1).all())  # Rademacher, exactly as drawn: its derivative is zero
-    torch.testing.assert_close(noise, draw_noise(z0.flatten(1), "rademacher", torch.Generator().manual_seed(5)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        noise, draw_noise(z0.flatten(1), "rademacher", torch.Generator().manual_seed(5)), rtol=0, atol=0
+    )
 
     def f(t: float, z: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return block.func(torch.tensor([t], dtype=torch.float64), torch.from_numpy(z).view(1, 2, 3, 3)).flatten().numpy()
+            return (
+                block.func(torch.tensor([t], dtype=torch.float64), torch.from_numpy(z).view(1, 2, 3, 3))
+                .flatten()
+                .numpy()
+            )
 
     def jacobian(t: float, z: np.ndarray) -> torch.Tensor:
         tt = torch.tensor([t], dtype=torch.float64)
-        return torch.autograd.functional.jacobian(lambda v: block.func(tt, v.view(1, 2, 3, 3)).flatten(), torch.from_numpy(z))
+        return torch.autograd.functional.jacobian(
+            lambda v: block.func(tt, v.view(1, 2, 3, 3)).flatten(), torch.from_numpy(z)
+        )
 
     for i in range(2):
         z = _trajectory(f, z0[i].flatten().numpy(), 0.0, block.t1)
@@ -131,13 +151,17 @@ def test_hutchinson_estimate_is_centred_on_the_exact_frobenius_norm():
     torch.manual_seed(0)
     func = ODEFunc(channels=4).double()
     z, t = torch.randn(1, 4, 6, 6, dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
-    exact = torch.autograd.functional.jacobian(lambda v: func(t, v.view(1, 4, 6, 6)).flatten(), z.flatten()).view(144, 144)
+    exact = torch.autograd.functional.jacobian(lambda v: func(t, v.view(1, 4, 6, 6)).flatten(), z.flatten()).view(
+        144, 144
+    )
     gram = exact @ exact.T
     target = float(gram.trace() / 144)
     std = float((2 * (gram.square().sum() - gram.diagonal().square().sum())).sqrt() / 144)
     probes = 4000
     batch = z.expand(probes, 4, 6, 6).clone().requires_grad_(True)
-    estimates = hutchinson_jacobian(func(t, batch), batch, draw_noise(batch, "rademacher", torch.Generator().manual_seed(1)), create_graph=False)
+    estimates = hutchinson_jacobian(
+        func(t, batch), batch, draw_noise(batch, "rademacher", torch.Generator().manual_seed(1)), create_graph=False
+    )
     assert float(estimates.std()) == pytest.approx(std, rel=0.1)  # really random, with the variance theory says
     assert abs(float(estimates.mean()) - target) < 5 * std / probes**0.5
 
@@ -167,7 +191,9 @@ def _assert_gradients_agree(model, loss_of, indices):
     assert float(adjoint.abs().max()) > 0
     assert float((adjoint - direct).abs().max() / direct.abs().max()) < 1e-6
     for index in indices:
-        assert float(adjoint[index]) == pytest.approx(_finite_difference(model, lambda: loss_of(False), index), rel=1e-5, abs=1e-9)
+        assert float(adjoint[index]) == pytest.approx(
+            _finite_difference(model, lambda: loss_of(False), index), rel=1e-5, abs=1e-9
+        )
 
 
 def test_cnf_regularised_adjoint_gradients_match_backprop_and_finite_differences():
@@ -214,7 +240,9 @@ def test_regularising_leaves_the_step_choice_to_the_models_own_state():
     images = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         plain, plain_solution = model(images)
-        logits, solution, integrals = model.forward_regularised(images, BOTH, generator=torch.Generator().manual_seed(0))
+        logits, solution, integrals = model.forward_regularised(
+            images, BOTH, generator=torch.Generator().manual_seed(0)
+        )
     assert torch.equal(solution.nfe, plain_solution.nfe) and bool((integrals > 0).all())
     torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
 

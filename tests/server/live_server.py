@@ -49,7 +49,9 @@ class RunningServer:
         return self.process.wait(timeout)
 
 
-def start_server(checkpoints: Path, tmp: Path, *flags: str, timeout: float = 120.0, env: dict | None = None) -> RunningServer:
+def start_server(
+    checkpoints: Path, tmp: Path, *flags: str, timeout: float = 120.0, env: dict | None = None
+) -> RunningServer:
     """``python -m server`` on free ports (``flags`` come last, so ``--port N`` wins)."""
     out, log = tmp / "server.out", tmp / "server.log"
     process = subprocess.Popen(

@@ -29,8 +29,11 @@ async def main() -> dict:
     for tol in (1e-1, 1e-4):
         response = await client.infer(request(images, tol))
         outputs = {output.name: output.as_numpy() for output in response.outputs}
-        report[str(tol)] = {"accuracy": float((outputs["labels"] == labels).mean()), "nfe": float(outputs["nfe"].mean()),
-                            "status": sorted(set(outputs["status"].tolist()))}
+        report[str(tol)] = {
+            "accuracy": float((outputs["labels"] == labels).mean()),
+            "nfe": float(outputs["nfe"].mean()),
+            "status": sorted(set(outputs["status"].tolist())),
+        }
     try:
         await client.infer(request(images[:2], -1.0))
         report["negative_tol"] = "accepted"

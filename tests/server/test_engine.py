@@ -156,7 +156,9 @@ def test_auto_solves_at_a_card_tolerance_and_reports_it(model, shipped, make_wor
 
     served = load_models(shipped, torch.device("cpu"))[DENSITY]
     engine = Engine(torch.device("cpu"), max_batch=64)
-    engine.add("cnf", served.adapter, label=DENSITY, expected_nfe=served.expected_nfe, tolerances=served.card_tolerances)
+    engine.add(
+        "cnf", served.adapter, label=DENSITY, expected_nfe=served.expected_nfe, tolerances=served.card_tolerances
+    )
     try:
         _, future = engine.submit("cnf", make_works(4), scheduling=Scheduling(auto=True, latency_target=30.0))
         result = future.result(RESULT_TIMEOUT)

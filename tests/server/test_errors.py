@@ -9,9 +9,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from live_server import CLASSIFIER, DENSITIES, start_server
-
 from client import Client, OdeServeError
+from live_server import CLASSIFIER, DENSITIES, start_server
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
@@ -26,7 +25,9 @@ def tensor(array: np.ndarray, dtype: str | None = None, shape=None, data: bytes 
 
 def classify(images=IMAGE, model=CLASSIFIER, version="", **accuracy) -> tuple[str, pb.ClassifyRequest]:
     images_tensor = images if isinstance(images, pb.Tensor) else tensor(images)
-    return "Classify", pb.ClassifyRequest(model=model, version=version, images=images_tensor, accuracy=pb.Accuracy(**accuracy))
+    return "Classify", pb.ClassifyRequest(
+        model=model, version=version, images=images_tensor, accuracy=pb.Accuracy(**accuracy)
+    )
 
 
 def sample(n=4, model=DENSITY, **accuracy) -> tuple[str, pb.SampleRequest]:
@@ -54,8 +55,14 @@ BAD_REQUESTS = [
     ("three channels", classify(np.zeros((2, 3, 28, 28), np.uint8)), INVALID, "images must have shape"),
     ("no images", classify(np.zeros((0, 28, 28), np.uint8)), INVALID, "images must hold at least one item"),
     ("NaN pixel", classify(np.full((2, 28, 28), math.nan, np.float32)), INVALID, "images contains NaN or Inf (item 0)"),
-    ("Inf pixel", classify(np.where(np.arange(2)[:, None, None] == 1, np.inf, 0).astype(np.float32) * np.ones((2, 28, 28), np.float32)),
-     INVALID, "NaN or Inf (item 1)"),
+    (
+        "Inf pixel",
+        classify(
+            np.where(np.arange(2)[:, None, None] == 1, np.inf, 0).astype(np.float32) * np.ones((2, 28, 28), np.float32)
+        ),
+        INVALID,
+        "NaN or Inf (item 1)",
+    ),
     ("pixel out of range", classify(np.full((1, 28, 28), 2.0, np.float32)), INVALID, "must lie in [0, 1]"),
     ("too many images", classify(np.zeros((1025, 28, 28), np.uint8)), INVALID, "limit per request is 1024"),
     ("negative tol", classify(tol=-1e-3), INVALID, "accuracy.tol must be > 0"),
@@ -66,14 +73,29 @@ BAD_REQUESTS = [
     ("negative rtol", classify(rtol=-1.0, atol=1e-3), INVALID, "accuracy.rtol must be > 0"),
     ("atol below the range", classify(rtol=1e-3, atol=1e-30), INVALID, "accuracy.atol must be between"),
     ("tol and rtol", classify(tol=1e-3, rtol=1e-3), INVALID, "give tol, or rtol and atol, not both"),
-    ("unknown method", classify(method="rk45"), INVALID, "accuracy.method must be one of adaptive_heun, bosh3, dopri5, dopri8, fehlberg2, tsit5"),
+    (
+        "unknown method",
+        classify(method="rk45"),
+        INVALID,
+        "accuracy.method must be one of adaptive_heun, bosh3, dopri5, dopri8, fehlberg2, tsit5",
+    ),
     ("fixed-step method", classify(method="euler"), INVALID, "accuracy.method must be one of"),
     ("sample nothing", sample(n=0), INVALID, "n must hold at least one item"),
     ("sample too many", sample(n=1_000_000), INVALID, "n holds 1000000 items; the limit per request is 1024"),
-    ("points of the wrong dimension", log_density(np.zeros((3, 3), np.float32)), INVALID, "points must have shape [N, 2]"),
+    (
+        "points of the wrong dimension",
+        log_density(np.zeros((3, 3), np.float32)),
+        INVALID,
+        "points must have shape [N, 2]",
+    ),
     ("flat points", log_density(np.zeros(4, np.float32)), INVALID, "points must have shape [N, 2]"),
     ("integer points", log_density(np.zeros((3, 2), np.uint8)), INVALID, "points.dtype must be float32 or float64"),
-    ("infinite point", log_density(np.array([[0.0, np.inf]], np.float32)), INVALID, "points contains NaN or Inf (item 0)"),
+    (
+        "infinite point",
+        log_density(np.array([[0.0, np.inf]], np.float32)),
+        INVALID,
+        "points contains NaN or Inf (item 0)",
+    ),
     ("negative shape", log_density(tensor(POINTS, shape=[-3, -2])), INVALID, "points.shape must not be negative"),
 ]
 
@@ -160,7 +182,6 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(shipped, tmp_pat
     outcome = {}
     try:
         with Client(draining.target, timeout_s=120, retries=0) as client:
-
             images = np.random.default_rng(3).integers(0, 255, (256, 28, 28), dtype=np.uint8)
 
             def in_flight():

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from client import Client, OdeServeError
 from live_server import CLASSIFIER, DENSITIES, metric, start_server
 
-from client import Client, OdeServeError
 from neuralode.checkpoint import load_checkpoint
 
 DENSITY = DENSITIES[0]
@@ -37,7 +37,9 @@ class Load:
         self.outcomes: list[tuple[float, float, str]] = []  # (end time, seconds, "OK" or status code)
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(target, timeout_s, retries, call, i)) for i in range(clients)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(target, timeout_s, retries, call, i)) for i in range(clients)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -184,7 +186,9 @@ def test_sighup_reloads_without_downtime(shipped, tmp_path):
             old_version = client.model("digits").version
             before = client.classify(images, model="digits", tol=1e-3)
             in_flight: dict = {}
-            thread = threading.Thread(target=lambda: in_flight.update(result=client.classify(slow_images, model="digits", tol=1e-7)))
+            thread = threading.Thread(
+                target=lambda: in_flight.update(result=client.classify(slow_images, model="digits", tol=1e-7))
+            )
             thread.start()
             while metric(running.metrics_url, "odeserve_running_items", model="digits") == 0:
                 time.sleep(0.02)
@@ -239,4 +243,3 @@ def test_a_checkpoint_that_breaks_keeps_its_previous_version_serving(shipped, tm
     finally:
         assert running.stop() == 0
     assert f"still serving version {version}" in running.log.read_text()
-

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_server import CLASSIFIER, DENSITIES, ROOT, metric, scrape, start_server, value
-
-from neuralode.solvers import Status
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
+
+from neuralode.solvers import Status
 from server.api import SolveStatus
 
 DENSITY = DENSITIES[0]
@@ -70,7 +70,9 @@ def test_300_half_open_calls_lock_nobody_out_and_are_ended(quick_timeout):
     try:
         time.sleep(1.0)  # 256 are open on the server, the most one connection may have; the rest are refused
         with _own_connection(quick_timeout.target) as channel:  # a probe or another client
-            health, seconds = _timed(lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5))
+            health, seconds = _timed(
+                lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            )
             assert health.status == health_pb2.HealthCheckResponse.SERVING and seconds < 1.0
             response, seconds = _timed(lambda: pb_grpc.InferenceStub(channel).Classify(_classify(tol=1e-1), timeout=5))
             assert list(response.items.status) == [pb.SOLVE_STATUS_SUCCESS] and seconds < 1.0
@@ -90,7 +92,9 @@ def test_300_half_open_calls_lock_nobody_out_and_are_ended(quick_timeout):
 def test_undecodable_and_high_rank_requests_are_invalid_and_counted(server):
     before = metric(server.metrics_url, "odeserve_requests_total", rpc="Classify", code="INVALID_ARGUMENT")
     with grpc.insecure_channel(server.target) as channel:
-        raw = channel.unary_unary("/odeserve.v1.Inference/Classify", request_serializer=bytes, response_deserializer=bytes)
+        raw = channel.unary_unary(
+            "/odeserve.v1.Inference/Classify", request_serializer=bytes, response_deserializer=bytes
+        )
         with pytest.raises(grpc.RpcError) as raised:
             raw(b"\x0a\x03\xff\xfe\xfd", timeout=10)
         assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -138,7 +142,14 @@ def test_metadata_lets_a_client_build_its_requests(server):
     assert [(t.name, list(t.dtypes), list(t.shape)) for t in classify.outputs] == [
         ("probabilities", ["float32"], [-1, 10]), ("labels", ["int32"], [-1])]  # fmt: skip
     assert {s.rpc for s in density.signatures} == {"Sample", "LogDensity"}
-    assert info.limits.max_items_per_request == 1024 and list(info.limits.methods) == ["adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2", "tsit5"]
+    assert info.limits.max_items_per_request == 1024 and list(info.limits.methods) == [
+        "adaptive_heun",
+        "bosh3",
+        "dopri5",
+        "dopri8",
+        "fehlberg2",
+        "tsit5",
+    ]
     assert "little-endian" in info.tensor_encoding and "base64" in info.tensor_encoding
 
 
@@ -198,12 +209,16 @@ def test_the_memory_budget_refuses_what_would_exceed_it(density_only, tmp_path):
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.InferenceStub(channel)
-            request = pb.LogDensityRequest(model=DENSITY, points=pb.Tensor(dtype="float32", shape=[1024, 2], data=points.tobytes()))
+            request = pb.LogDensityRequest(
+                model=DENSITY, points=pb.Tensor(dtype="float32", shape=[1024, 2], data=points.tobytes())
+            )
             with pytest.raises(grpc.RpcError) as raised:
                 stub.LogDensity(request, timeout=30)
             assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "exceed its limit of 0 MiB (max_inflight_bytes)" in raised.value.details()
-            small = pb.LogDensityRequest(model=DENSITY, points=pb.Tensor(dtype="float32", shape=[8, 2], data=points[:8].tobytes()))
+            small = pb.LogDensityRequest(
+                model=DENSITY, points=pb.Tensor(dtype="float32", shape=[8, 2], data=points[:8].tobytes())
+            )
             assert len(stub.LogDensity(small, timeout=30).items.nfe) == 8
     finally:
         assert running.stop() == 0

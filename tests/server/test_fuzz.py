@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from live_server import CLASSIFIER, DENSITIES, start_server
-
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
 MAX_ITEMS = 8
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # Codes a fuzzed request may deserve; DEADLINE_EXCEEDED only because each call is bounded.
 DELIBERATE = {
@@ -41,19 +42,27 @@ def fuzz_server(shipped, tmp_path_factory):
     assert running.stop() == 0
 
 
-names = st.one_of(st.sampled_from([CLASSIFIER, *DENSITIES, "", "..", "../checkpoints/cnf-moons", "/etc/passwd"]), st.text(max_size=40))
+names = st.one_of(
+    st.sampled_from([CLASSIFIER, *DENSITIES, "", "..", "../checkpoints/cnf-moons", "/etc/passwd"]), st.text(max_size=40)
+)
 versions = st.one_of(st.just(""), st.text(max_size=20))
-floats = st.one_of(st.just(0.0), st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e-12, 1e-6, 1e-3, 0.1, 1.0, 2.0, -1e-3]))
+floats = st.one_of(
+    st.just(0.0),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e-12, 1e-6, 1e-3, 0.1, 1.0, 2.0, -1e-3]),
+)
 accuracies = st.builds(
     pb.Accuracy,
     tol=floats,
     rtol=floats,
     atol=floats,
-    method=st.one_of(st.sampled_from(["", "dopri5", "tsit5", "bosh3", "euler", "rk4", "DOPRI5", "nope"]), st.text(max_size=10)),
+    method=st.one_of(
+        st.sampled_from(["", "dopri5", "tsit5", "bosh3", "euler", "rk4", "DOPRI5", "nope"]), st.text(max_size=10)
+    ),
     max_nfe=st.integers(0, 2**32 - 1),
 )
 dtype_names = st.one_of(st.sampled_from(["uint8", "float32", "float64", "int32", "float16", ""]), st.text(max_size=8))
-shapes = st.lists(st.integers(-2**40, 2**40) | st.integers(-2, 40), max_size=6)
+shapes = st.lists(st.integers(-(2**40), 2**40) | st.integers(-2, 40), max_size=6)
 
 
 @st.composite
@@ -93,9 +102,13 @@ def mostly(draw, valid, fuzzed):
     return draw(fuzzed) if draw(st.integers(0, 3)) == 0 else draw(valid)
 
 
-valid_accuracy = st.builds(pb.Accuracy, tol=st.sampled_from([1e-1, 1e-2, 1e-3]), method=st.sampled_from(["", "dopri5", "tsit5"]))
+valid_accuracy = st.builds(
+    pb.Accuracy, tol=st.sampled_from([1e-1, 1e-2, 1e-3]), method=st.sampled_from(["", "dopri5", "tsit5"])
+)
 images = st.integers(1, MAX_ITEMS).flatmap(lambda n: arrays(np.uint8, (n, 28, 28)))
-points = st.integers(1, MAX_ITEMS).flatmap(lambda n: arrays(np.dtype("<f4"), (n, 2), elements=st.floats(-5, 5, width=32)))
+points = st.integers(1, MAX_ITEMS).flatmap(
+    lambda n: arrays(np.dtype("<f4"), (n, 2), elements=st.floats(-5, 5, width=32))
+)
 
 
 def tensor_of(arrays_strategy):

@@ -9,9 +9,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from live_server import CLASSIFIER, DENSITIES, metric, scrape, start_server, value
-
 from client import Client, OdeServeError
+from live_server import CLASSIFIER, DENSITIES, metric, scrape, start_server, value
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
@@ -22,7 +21,9 @@ MAX_NFE = 3000
 @pytest.fixture(scope="module")
 def permissive(shipped, tmp_path_factory):
     """A server that lets requests ask for tol 1e-12, bounded only by max NFE per item."""
-    running = start_server(shipped, tmp_path_factory.mktemp("permissive"), "--min-tol", "1e-12", "--max-nfe", str(MAX_NFE))
+    running = start_server(
+        shipped, tmp_path_factory.mktemp("permissive"), "--min-tol", "1e-12", "--max-nfe", str(MAX_NFE)
+    )
     yield running
     assert running.stop() == 0
 
@@ -92,7 +93,10 @@ def test_ended_requests_stop_consuming_solver_steps(density_only, tmp_path, endi
 
             def ended() -> bool:  # a step was taken, and the batch emptied since
                 samples = scrape(running.metrics_url)
-                return value(samples, steps, model=DENSITY) > 0 and value(samples, "odeserve_running_items", model=DENSITY) == 0
+                return (
+                    value(samples, steps, model=DENSITY) > 0
+                    and value(samples, "odeserve_running_items", model=DENSITY) == 0
+                )
 
             while not ended() and time.monotonic() < deadline:
                 time.sleep(0.05)

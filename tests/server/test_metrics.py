@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from live_server import CLASSIFIER, DENSITIES, scrape, value
-
 from client import OdeServeError
+from live_server import CLASSIFIER, DENSITIES, scrape, value
 
 
 def test_metrics_reflect_the_traffic(server, client):
@@ -46,7 +45,9 @@ def test_card_nfe_expectation_and_queue_capacity_are_exported(server, client, sh
     the saturation alert divides queued items by the queue's capacity: both come from here."""
     from server.models import load_models
 
-    card_table = {row["tol"]: row["nfe_mean"] for row in load_models(shipped, "cpu")[CLASSIFIER].card["metrics"]["table"]}
+    card_table = {
+        row["tol"]: row["nfe_mean"] for row in load_models(shipped, "cpu")[CLASSIFIER].card["metrics"]["table"]
+    }
     before = value(scrape(server.metrics_url), "odeserve_item_expected_nfe_total", model=CLASSIFIER, method="dopri5")
     client.classify(np.zeros((4, 28, 28), np.uint8), model=CLASSIFIER, tol=1e-3)
     client.classify(np.zeros((2, 28, 28), np.uint8), model=CLASSIFIER, tol=1e-3, method="bosh3")  # no card figure
@@ -73,7 +74,9 @@ def test_card_nfe_is_interpolated_as_a_power_law_in_the_tolerance():
     one_row = ServedModel("m", "v", "cnf", "density", {"hyper": {"method": "dopri5"}, "metrics": {"table": [{"tol": 1e-3, "nfe_mean": 21.0}]}},
                           adapter=None, default_tol=1e-3, device="cpu")  # fmt: skip
     assert one_row.expected_nfe("dopri5", 1e-5) == 21.0
-    no_table = ServedModel("m", "v", "cnf", "density", {"hyper": {"method": "dopri5"}}, adapter=None, default_tol=1e-3, device="cpu")
+    no_table = ServedModel(
+        "m", "v", "cnf", "density", {"hyper": {"method": "dopri5"}}, adapter=None, default_tol=1e-3, device="cpu"
+    )
     assert no_table.expected_nfe("dopri5", 1e-3) is None
 
 
@@ -94,7 +97,9 @@ def test_batch_gauges_follow_the_running_batch_and_empty_when_idle(server, clien
         seen.append(batch_gauges())
         time.sleep(0.05)
     busy.join()
-    assert any(0 < size <= 32 and occupancy == size / 256 for size, occupancy in seen), seen[:20]  # default max_batch 256
+    assert any(0 < size <= 32 and occupancy == size / 256 for size, occupancy in seen), seen[
+        :20
+    ]  # default max_batch 256
     end = time.monotonic() + 5
     while batch_gauges() != (0, 0) and time.monotonic() < end:
         time.sleep(0.05)

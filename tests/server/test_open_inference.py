@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 from live_server import CLASSIFIER, DENSITIES, metric
-
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
+
 from server.oip import grpc_predict_v2_pb2 as oip
 from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 
@@ -44,7 +44,9 @@ def _parameters(message, **values) -> None:
         setattr(message.parameters[name], field, value)
 
 
-def infer(model: str, inputs: dict[str, tuple[str, np.ndarray]], raw: bool = True, outputs=(), **parameters) -> oip.ModelInferRequest:
+def infer(
+    model: str, inputs: dict[str, tuple[str, np.ndarray]], raw: bool = True, outputs=(), **parameters
+) -> oip.ModelInferRequest:
     request = oip.ModelInferRequest(model_name=model, id="request-7")
     for name, (datatype, array) in inputs.items():
         tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
@@ -72,10 +74,14 @@ def test_both_protocols_give_the_same_answers_on_the_same_inputs(stubs, images):
         mine = v1.Classify(pb.ClassifyRequest(model=CLASSIFIER, accuracy=pb.Accuracy(tol=1e-3),
                                               images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes())),
                            timeout=60)  # fmt: skip
-        theirs = open_inference.ModelInfer(infer(CLASSIFIER, {"images": ("UINT8", images)}, raw=raw, tol=1e-3), timeout=60)
+        theirs = open_inference.ModelInfer(
+            infer(CLASSIFIER, {"images": ("UINT8", images)}, raw=raw, tol=1e-3), timeout=60
+        )
         arrays = as_arrays(theirs)
         assert arrays["labels"].tolist() == list(mine.labels)
-        np.testing.assert_array_equal(arrays["probabilities"], np.frombuffer(mine.probabilities.data, "<f4").reshape(-1, 10))
+        np.testing.assert_array_equal(
+            arrays["probabilities"], np.frombuffer(mine.probabilities.data, "<f4").reshape(-1, 10)
+        )
         assert arrays["nfe"].tolist() == list(mine.items.nfe) and arrays["status"].tolist() == list(mine.items.status)
         assert theirs.id == "request-7" and theirs.model_version == mine.model_version
         assert theirs.parameters["rtol"].double_param == 1e-3 and theirs.parameters["method"].string_param == "dopri5"
@@ -224,7 +230,9 @@ def test_the_documented_tritonclient_example_runs(tritonclient_venv, server, mni
     docs = (ROOT / "docs" / "server.md").read_text()
     (example,) = [block for block in re.findall(r"```python\n(.*?)```", docs, re.S) if "tritonclient" in block]
     script = example.replace("../shared/data", str(mnist_dir)).replace("127.0.0.1:50051", server.target)
-    script += "\nprint(result.as_numpy('labels')[:10].tolist(), result.get_response().parameters['rtol'].double_param)\n"
+    script += (
+        "\nprint(result.as_numpy('labels')[:10].tolist(), result.get_response().parameters['rtol'].double_param)\n"
+    )
     (tmp_path / "example.py").write_text(script)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     run = subprocess.run([str(tritonclient_venv / "bin" / "python"), "-I", str(tmp_path / "example.py")], capture_output=True,

@@ -9,10 +9,9 @@ import time
 
 import grpc
 import pytest
+from client import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_server import DENSITIES, metric, start_server
-
-from client import Client
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +49,14 @@ def _states_after_one_call(target: str, watch_s: float) -> list[grpc.ChannelConn
     lock = threading.Lock()
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        )
         channel.subscribe(lambda state: lock.acquire() and (states.append(state), lock.release()))
         time.sleep(watch_s)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        )
     with lock:
         return list(states)
 

@@ -9,7 +9,6 @@ import grpc
 import numpy as np
 import pytest
 from live_server import CLASSIFIER, DENSITIES, metric, scrape, value
-
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
@@ -79,7 +78,9 @@ def test_a_hostile_density_request_gets_only_its_share(server, stub):
             accuracy=pb.Accuracy(tol=1e-8)), timeout=600)  # fmt: skip
         try:
             _wait_until_running(server.metrics_url, MOONS, 128, hostile)
-            sample, seconds = _timed(stub.Sample, pb.SampleRequest(model=MOONS, n=1, accuracy=pb.Accuracy(tol=1e-1)), timeout=60)
+            sample, seconds = _timed(
+                stub.Sample, pb.SampleRequest(model=MOONS, n=1, accuracy=pb.Accuracy(tol=1e-1)), timeout=60
+            )
             assert not hostile.done()
             assert sample.items.status == [pb.SOLVE_STATUS_SUCCESS]
             assert seconds < 3.0, f"Sample n=1 took {seconds:.2f} s beside the hostile request"
@@ -90,13 +91,19 @@ def test_a_hostile_density_request_gets_only_its_share(server, stub):
 @pytest.mark.parametrize(
     ("points", "dtype", "message"),
     [
-        ([[1e300, 0.0]] * 1024, "float64", "points: item 0 is beyond float32's range (about ±3.4e38), which the model computes in"),
+        (
+            [[1e300, 0.0]] * 1024,
+            "float64",
+            "points: item 0 is beyond float32's range (about ±3.4e38), which the model computes in",
+        ),
         ([[0.0, 0.0], [2e6, 0.0]], "float32", "points: coordinates must lie within ±1e+06 (item 1)"),
     ],
 )
 def test_points_beyond_what_the_model_computes_in_are_refused(stub, points, dtype, message):
     array = np.asarray(points, dtype=dtype)
-    request = pb.LogDensityRequest(model=MOONS, points=pb.Tensor(dtype=dtype, shape=list(array.shape), data=array.tobytes()))
+    request = pb.LogDensityRequest(
+        model=MOONS, points=pb.Tensor(dtype=dtype, shape=list(array.shape), data=array.tobytes())
+    )
     with pytest.raises(grpc.RpcError) as raised:
         stub.LogDensity(request, timeout=30)
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT

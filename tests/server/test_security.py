@@ -11,14 +11,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from client import TLS, Client, OdeServeError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_server import DENSITIES, metric, start_server
-
-from client import TLS, Client, OdeServeError
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
@@ -34,7 +33,9 @@ class Identity:
     cert: x509.Certificate
 
     def pem_key(self) -> bytes:
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def pem_cert(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
@@ -50,7 +51,7 @@ def issue(common_name: str, issuer: Identity | None = None, *, server: bool = Fa
     """A certificate authority (no ``issuer``) or a leaf signed by ``issuer``."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -139,7 +140,9 @@ def test_missing_or_wrong_token_is_unauthenticated(pki, tls_server, token, messa
 def test_a_token_needs_the_bearer_scheme(pki, tls_server):
     channel = grpc.secure_channel(tls_server.target, trusting(pki).credentials())
     with channel, pytest.raises(grpc.RpcError) as error:
-        pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=20, metadata=(("authorization", f"Basic {TOKENS[0]}"),))
+        pb_grpc.InferenceStub(channel).ListModels(
+            pb.ListModelsRequest(), timeout=20, metadata=(("authorization", f"Basic {TOKENS[0]}"),)
+        )
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "must be 'Bearer <token>'" in error.value.details()
 
@@ -174,7 +177,16 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(pki, mtls_serv
 
 @pytest.mark.parametrize(
     "name",
-    ["../checkpoints/cnf-moons", "/etc/passwd", f"{DENSITY}.pt", "..", f"./{DENSITY}", "%2e%2e%2fetc", f"{DENSITY}\x00", "C:\\x"],
+    [
+        "../checkpoints/cnf-moons",
+        "/etc/passwd",
+        f"{DENSITY}.pt",
+        "..",
+        f"./{DENSITY}",
+        "%2e%2e%2fetc",
+        f"{DENSITY}\x00",
+        "C:\\x",
+    ],
 )
 def test_path_like_model_names_are_not_found(server, name):
     with Client(server.target, timeout_s=20) as client, pytest.raises(OdeServeError) as error:

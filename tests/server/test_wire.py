@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from client._convert import decode, encode
+
 from server import wire
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -36,6 +36,8 @@ def test_generated_code_is_up_to_date(tmp_path):
     written = generate(tmp_path)
     assert written, "proto/generate.py wrote nothing"
     for path in written:
-        assert filecmp.cmp(tmp_path / path, ROOT / path, shallow=False), f"{path} is stale: run python proto/generate.py"
+        assert filecmp.cmp(tmp_path / path, ROOT / path, shallow=False), (
+            f"{path} is stale: run python proto/generate.py"
+        )
     in_checkout = [path for package in OUTPUTS for path in generated_files(ROOT, package)]
     assert sorted(in_checkout) == sorted(written), "generated files without a proto: run python proto/generate.py"

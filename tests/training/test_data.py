@@ -17,7 +17,9 @@ def test_random_crop_moves_images_by_at_most_the_padding():
     # Each crop is the image shifted by some (dy, dx) in [-4, 4]^2, zero-filled at the border.
     for crop, image in zip(crops, images):
         padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
-        matches = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(padded[:, dy : dy + 28, dx : dx + 28], crop)]
+        matches = [
+            (dy, dx) for dy in range(9) for dx in range(9) if torch.equal(padded[:, dy : dy + 28, dx : dx + 28], crop)
+        ]
         assert len(matches) == 1
 
 
@@ -25,7 +27,12 @@ def test_ranks_split_each_global_batch_between_them():
     data = ImageSet(torch.zeros(20, 1, 28, 28, dtype=torch.uint8), torch.arange(20))
     single = [labels for _, labels in batches(data, 4, shuffle=False, augment=False, generator=torch.Generator())]
     ranks = [
-        [labels for _, labels in batches(data, 2, shuffle=False, augment=False, generator=torch.Generator(), rank=r, world_size=2)]
+        [
+            labels
+            for _, labels in batches(
+                data, 2, shuffle=False, augment=False, generator=torch.Generator(), rank=r, world_size=2
+            )
+        ]
         for r in range(2)
     ]
     for k, labels in enumerate(single):

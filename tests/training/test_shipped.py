@@ -31,7 +31,9 @@ def test_shipped_odenet_meets_its_card_on_the_full_test_set(mnist_dir):
     checkpoint = load_checkpoint(SHIPPED / "odenet-mnist.pt")
     card = checkpoint.card
     test = load_mnist(mnist_dir, train=False, download=False)
-    row = evaluate(checkpoint.model, "odenet", test, checkpoint.model.block.func.norm1.weight.device, card["training"]["tol"])
+    row = evaluate(
+        checkpoint.model, "odenet", test, checkpoint.model.block.func.norm1.weight.device, card["training"]["tol"]
+    )
     assert len(test) == 10_000
     assert row.test_error <= 0.015
     assert row.test_error <= card["metrics"]["test_error"] + 0.001  # rounding on another CPU may flip a digit or two
@@ -46,7 +48,9 @@ def test_shipped_cnf_meets_its_card_and_integrates_to_one(name):
 
     checkpoint = load_checkpoint(SHIPPED / f"{name}.pt")
     card = checkpoint.card
-    measured = test_log_likelihood(checkpoint.model, card["dataset"]["name"], card["training"]["tol"], torch.device("cpu"))
+    measured = test_log_likelihood(
+        checkpoint.model, card["dataset"]["name"], card["training"]["tol"], torch.device("cpu")
+    )
     assert measured["test_log_likelihood"] == pytest.approx(card["metrics"]["test_log_likelihood"], abs=0.02)
     _, log_p = density_grid(checkpoint.model, extent=6.0, resolution=150, tol=1e-5, device=torch.device("cpu"))
     assert abs(grid_mass(log_p, 6.0, 150) - 1.0) < 0.02

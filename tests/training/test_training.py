@@ -15,7 +15,9 @@ from neuralode.models import ODENet, build_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(*args: str, env: dict | None = None, module: str = "training", cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def _run(
+    *args: str, env: dict | None = None, module: str = "training", cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", module, *args]
     environment = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}  # the repository's packages from any cwd
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment, timeout=900)
@@ -52,7 +54,9 @@ def test_short_adjoint_training_lowers_the_loss_and_beats_chance(short_odenet, m
     assert (short_odenet.with_suffix(".log")).read_text().count("epoch 1:") == 1
 
 
-def test_evaluate_writes_the_table_json_and_plot_under_runs_not_beside_the_checkpoint(short_odenet, mnist_dir, tmp_path):
+def test_evaluate_writes_the_table_json_and_plot_under_runs_not_beside_the_checkpoint(
+    short_odenet, mnist_dir, tmp_path
+):
     """By default into ./runs/eval (git-ignored), never into the checkpoint's folder, which
     for the shipped models is the folder the server serves."""
     result = _run("evaluate", str(short_odenet), "--data-dir", str(mnist_dir), "--test-subset", "200",
@@ -85,7 +89,15 @@ def test_evaluate_refuses_to_compare_different_datasets(tmp_path):
     from training.__main__ import main
 
     with pytest.raises(SystemExit, match="compare checkpoints of one dataset"):
-        main(["evaluate", str(ROOT / "checkpoints/cnf-moons.pt"), str(ROOT / "checkpoints/cnf-8gaussians.pt"), "--out", str(tmp_path)])
+        main(
+            [
+                "evaluate",
+                str(ROOT / "checkpoints/cnf-moons.pt"),
+                str(ROOT / "checkpoints/cnf-8gaussians.pt"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert not any(tmp_path.iterdir())  # refused from the cards, before any work
 
 
@@ -142,7 +154,9 @@ def test_data_parallel_training_matches_one_process(tmp_path, mnist_dir):
     _run("odenet", "--out", str(tmp_path / "single.pt"), "--batch-size", "64", *common, env={"OMP_NUM_THREADS": "1"})
     _run("odenet", "--out", str(tmp_path / "half.pt"), "--batch-size", "32", *common, env={"OMP_NUM_THREADS": "1"})
     torch.manual_seed(1)
-    initial = torch.cat([p.flatten() for p in build_model("odenet", {"channels": 64, "method": "dopri5", "tol": 1e-3}).parameters()])
+    initial = torch.cat(
+        [p.flatten() for p in build_model("odenet", {"channels": 64, "method": "dopri5", "tol": 1e-3}).parameters()]
+    )
 
     def update(name: str) -> torch.Tensor:
         checkpoint = load_checkpoint(tmp_path / name)
