@@ -38,9 +38,6 @@ CLASSIFIERS = frozenset({"odenet", "rknet", "resnet", "mlp"})
 ODE_CLASSIFIERS = frozenset({"odenet", "rknet"})
 """Classifiers with an ODE block, whose forward takes tolerances and returns solver stats."""
 
-DENSITIES = frozenset({"cnf", "planar-nf"})
-"""Kinds that sample 2-D points with their log-densities."""
-
 
 def kinds() -> list[str]:
     return sorted(_BUILDERS)
