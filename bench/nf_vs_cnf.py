@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def main() -> None:
     path = args.out / "nf_vs_cnf.json"
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
     path.write_text(json.dumps({"benchmark": "nf_vs_cnf", "machine": machine, "date": time.strftime("%Y-%m-%d"),
-                                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                "settings": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                 "rows": rows}, indent=2) + "\n")  # fmt: skip
     print(f"wrote {path}")
 
