@@ -2,8 +2,13 @@
 
 For each batch size: NFE, wall time of the solve, and the ratio
 ``solve_time / (NFE × time of one bare f evaluation at that batch)``, i.e. how much the solver
-adds on top of the function evaluations it needs. For our per-sample solver NFE is the mean
-over samples (finished samples are no longer evaluated); torchdiffeq's is one shared count.
+adds on top of the function evaluations it needs. f's time is given two ways: the median of
+single evaluations, and the fastest of several blocks of back-to-back evaluations (what f
+costs when nothing disturbs it, so the stricter floor). For our per-sample solver NFE is the
+mean over samples (finished samples are no longer evaluated); torchdiffeq's and torchode's are
+one shared count (torchode steps each sample with its own dt, but evaluates every row until
+all are done). The torchode column appears when torchode is importable
+(``pip install torchode``; it is not a dependency of this project).
 
     python bench/solver_overhead.py [--device cpu|cuda] [--batch 1000 1] [--out bench/results] [--only-ours]
 
@@ -17,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +48,41 @@ def median_seconds(fn, device: torch.device, repeats: int) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def fastest_block_seconds(fn, device: torch.device, blocks: int, per_block: int) -> float:
+    """Time of one call of ``fn``: the fastest of ``blocks`` blocks of ``per_block`` calls."""
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(blocks):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / per_block)
+    return best
+
+
+def _torchode_solve(func, z0: torch.Tensor, tol: float) -> int | None:
+    """NFE of a solve with torchode's dopri5 and its integral controller (per-sample step
+    sizes); None when torchode is not installed."""
+    try:
+        import torchode
+    except ImportError:
+        return None
+    shape = z0.shape[1:]
+    term = torchode.ODETerm(lambda t, y: func(t, y.view(-1, *shape)).flatten(1))
+    solver = torchode.AutoDiffAdjoint(
+        torchode.Dopri5(term=term), torchode.IntegralController(atol=tol, rtol=tol, term=term)
+    )
+    batch = z0.shape[0]
+    problem = torchode.InitialValueProblem(
+        y0=z0.flatten(1),
+        t_start=torch.zeros(batch, device=z0.device),
+        t_end=torch.ones(batch, device=z0.device),
+    )
+    return int(solver.solve(problem).stats["n_f_evals"].max())
 
 
 def _graph_f_time(func, t, z, repeats: int) -> float | None:
@@ -74,6 +115,8 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int, only_our
 
     with torch.no_grad():
         f_time = median_seconds(lambda: func(t_batch, z0), device, repeats * 5)
+        per_block = max(3, int(0.1 / f_time))  # blocks of about 0.1 s
+        f_min_time = fastest_block_seconds(lambda: func(t_batch, z0), device, repeats * 3, per_block)
         graph_f_time = _graph_f_time(func, t_batch, z0, repeats)
 
         ours = {}
@@ -98,21 +141,41 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int, only_our
             theirs_time = median_seconds(run_theirs, device, repeats)
             theirs_nfe = calls["n"]
 
+        torchode_run = {}
+        torchode_time = None
+        if not only_ours and _torchode_solve(func, z0, tol) is not None:
+
+            def run_torchode():
+                torchode_run["nfe"] = _torchode_solve(func, z0, tol)
+
+            torchode_time = median_seconds(run_torchode, device, repeats)
+
     row = {
         "batch": batch,
         "f_time_ms": f_time * 1e3,
+        "f_fastest_block_ms": f_min_time * 1e3,
         "ours": {
             "nfe_mean": ours_nfe,
             "nfe_max": int(solution.nfe.max()),
             "time_ms": ours_time * 1e3,
             "ratio": ours_time / (ours_nfe * f_time),
+            "ratio_to_fastest_f": ours_time / (ours_nfe * f_min_time),
         },
     }
+    if torchode_time is not None:
+        row["torchode"] = {
+            "nfe": torchode_run["nfe"],
+            "time_ms": torchode_time * 1e3,
+            "ratio": torchode_time / (torchode_run["nfe"] * f_time),
+            "ratio_to_fastest_f": torchode_time / (torchode_run["nfe"] * f_min_time),
+            "over_ours": torchode_time / ours_time,
+        }
     if theirs_time is not None:
         row["torchdiffeq"] = {
             "nfe": theirs_nfe,
             "time_ms": theirs_time * 1e3,
             "ratio": theirs_time / (theirs_nfe * f_time),
+            "ratio_to_fastest_f": theirs_time / (theirs_nfe * f_min_time),
         }
     if graph_f_time is not None:
         row["graph_f_time_ms"] = graph_f_time * 1e3
@@ -151,6 +214,16 @@ def main() -> None:
         print(
             f"{r['batch']:>6} {r['f_time_ms']:>8.3f} | {o['nfe_mean']:>9.1f} {o['time_ms']:>9.2f} {o['ratio']:>6.2f} |{theirs}"
         )
+        print(
+            f"{'':>6} fastest-block f {r['f_fastest_block_ms']:.3f} ms: ours {o['ratio_to_fastest_f']:.2f}"
+            + ("" if d is None else f", torchdiffeq {d['ratio_to_fastest_f']:.2f}")
+        )
+        if "torchode" in r:
+            c = r["torchode"]
+            print(
+                f"{'':>6} torchode NFE {c['nfe']}, {c['time_ms']:.2f} ms, ratio {c['ratio']:.2f} "
+                f"(fastest f {c['ratio_to_fastest_f']:.2f}); torchode / ours {c['over_ours']:.2f}x"
+            )
         if "graph_f_time_ms" in r:
             print(
                 f"{'':>6} CUDA-graph f {r['graph_f_time_ms']:.4f} ms; ours / (NFE x graph f) = {o['time_over_nfe_graph_f']:.2f}"
@@ -165,6 +238,7 @@ def main() -> None:
         "torch": torch.__version__,
         "tol": args.tol,
         "date": time.strftime("%Y-%m-%d"),
+        "command": "python bench/solver_overhead.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
