@@ -69,20 +69,21 @@ def test_a_deadline_bounds_an_extreme_tolerance(permissive):
 
 @pytest.mark.parametrize("ending", ["deadline", "cancel"])
 def test_ended_requests_stop_consuming_solver_steps(density_only, tmp_path, ending):
-    running = start_server(density_only, tmp_path)
+    running = start_server(density_only, tmp_path, "--min-tol", "1e-12")
     steps = "odeserve_solver_steps_total"
     points = np.random.default_rng(2).normal(size=(1024, 2)).astype(np.float32) * 3
+    tol = 1e-10  # about 800 NFE per point: seconds of work, far beyond the 0.5 s deadline
     try:
         with Client(running.target, timeout_s=60, retries=0) as client:
             if ending == "deadline":
                 with pytest.raises(OdeServeError) as error:
-                    client.log_density(points, model=DENSITY, tol=1e-8, timeout_s=0.5)
+                    client.log_density(points, model=DENSITY, tol=tol, timeout_s=0.5)
                 assert error.value.code == "DEADLINE_EXCEEDED"
             else:
                 # The SDK's blocking calls cannot be cancelled; a raw stub's future can.
                 channel = grpc.insecure_channel(running.target)
                 points_tensor = pb.Tensor(dtype="float32", shape=list(points.shape), data=points.tobytes())
-                request = pb.LogDensityRequest(model=DENSITY, points=points_tensor, accuracy=pb.Accuracy(tol=1e-8))
+                request = pb.LogDensityRequest(model=DENSITY, points=points_tensor, accuracy=pb.Accuracy(tol=tol))
                 call = pb_grpc.InferenceStub(channel).LogDensity.future(request, timeout=60)
                 deadline = time.monotonic() + 30
                 while metric(running.metrics_url, steps, model=DENSITY) == 0 and time.monotonic() < deadline:
