@@ -55,10 +55,6 @@ from typing import Any
 Clock = Callable[[], float]
 POLICIES = ("fair", "fifo", "static")
 
-VIRTUAL_DEADLINE_WEIGHT = 1.0
-"""A request's virtual deadline is its arrival plus this many times what it would take alone:
-the larger, the further a cheap request overtakes expensive ones that arrived before it."""
-
 AUTO_HEADROOM = 0.25
 """``auto`` picks the tightest tolerance predicted to finish within this share of its target:
 forecasts made at arrival miss the work that arrives after, and under overload that is most."""
@@ -335,8 +331,7 @@ class Scheduler:
                 f"an NFE budget of {budget} cannot pay for {len(payloads)} items: starting them and one step "
                 f"each takes {least} function evaluations"
             )
-        alone = VIRTUAL_DEADLINE_WEIGHT * self._alone_seconds(len(payloads), request.cost)
-        request.virtual_deadline = min(now + alone, math.inf if deadline is None else deadline)
+        request.virtual_deadline = self._virtual_deadline(now, len(payloads), request.cost, deadline)
         request.counts[State.WAITING] = len(payloads)
         self._queued += len(payloads)
         self._requests[request.id] = request
@@ -527,12 +522,14 @@ class Scheduler:
                 self._end(request, error, plan)
 
     # ---- predictions -------------------------------------------------------------------------
-    def _alone_seconds(self, items: int, cost: Cost) -> float:
-        """What a request would take alone on the batch: its steps, in as many waves as its
-        items need, at the measured time per step (0 before any step was measured)."""
+    def _virtual_deadline(self, arrival: float, items: int, cost: Cost, deadline: float | None) -> float:
+        """The call's deadline, or its arrival plus what it would take alone on the batch (its
+        steps, in as many waves as its items need, at the measured time per step), whichever
+        is earlier. Weights above 1 on the time alone were measured and let cheap requests
+        overtake further at a worse p99 (docs/server.md)."""
         steps = cost.steps(cost.expected) if cost.expected is not None else 1.0
-        rows = min(items, self.max_batch)
-        return math.ceil(items / self.max_batch) * steps * self.timer.predict(rows)
+        alone = math.ceil(items / self.max_batch) * steps * self.timer.predict(min(items, self.max_batch))
+        return min(arrival + alone, math.inf if deadline is None else deadline)
 
     def predict_seconds(self, request: Request, cost: Cost) -> float:
         """How long ``request`` (not yet submitted) would take at ``cost`` if it arrived now.
@@ -547,12 +544,8 @@ class Scheduler:
         ahead = sum(q.work for p, q in self._queues.items() if p < request.priority)
         queue = self._queues.get(request.priority)
         if queue is not None:
-            alone = VIRTUAL_DEADLINE_WEIGHT * self._alone_seconds(n, cost)
-            order = (
-                (now, -1)
-                if self.policy != "fair"
-                else (min(now + alone, math.inf if request.deadline is None else request.deadline), -1)
-            )
+            place = now if self.policy != "fair" else self._virtual_deadline(now, n, cost, request.deadline)
+            order = (place, -1)
             ahead += queue.work_before[bisect.bisect_left(queue.orders, order)]
         rows = min(self.max_batch, sum(q.demand for q in self._queues.values()) + n)
         return max(steps, (ahead + n * steps) / self.max_batch) * self.timer.predict(rows)
