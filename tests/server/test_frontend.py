@@ -77,11 +77,9 @@ def test_300_half_open_calls_lock_nobody_out_and_are_ended(quick_timeout):
             response, seconds = _timed(lambda: pb_grpc.InferenceStub(channel).Classify(_classify(tol=1e-1), timeout=5))
             assert list(response.items.status) == [pb.SOLVE_STATUS_SUCCESS] and seconds < 1.0
         end = time.monotonic() + 30
-        while not all(f.done() for f in pending) and time.monotonic() < end:
-            time.sleep(0.1)
-        assert all(f.done() for f in pending)
-        ended = [f.exception() for f in pending if f.exception().code() is grpc.StatusCode.CANCELLED]
-        refused = [f.exception() for f in pending if f.exception().code() is grpc.StatusCode.UNAVAILABLE]
+        errors = [f.exception(timeout=max(0.0, end - time.monotonic())) for f in pending]  # raises if one hangs
+        ended = [e for e in errors if e.code() is grpc.StatusCode.CANCELLED]
+        refused = [e for e in errors if e.code() is grpc.StatusCode.UNAVAILABLE]
         assert len(ended) >= 256 and len(ended) + len(refused) == 300  # calls beyond the limit waited, or were refused
         assert all("no request message arrived within 3 s" in error.details() for error in ended)
     finally:
@@ -195,9 +193,9 @@ def test_slow_metrics_clients_add_no_threads_and_scrapes_still_work(server):
     try:
         for sock in slow:
             sock.sendall(b"GET /metr")  # and never the rest
-        time.sleep(0.5)
-        assert _threads(pid) <= before + 2
+        # Connections are accepted in arrival order: once this scrape is answered, all 500 were.
         assert metric(server.metrics_url, "odeserve_queue_capacity_items", model=CLASSIFIER) > 0
+        assert _threads(pid) <= before + 2
     finally:
         for sock in slow:
             sock.close()
