@@ -19,6 +19,7 @@ checkout first on PYTHONPATH, alternating, and compare the ratios).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -64,13 +65,10 @@ def fastest_block_seconds(fn, device: torch.device, blocks: int, per_block: int)
     return best
 
 
-def _torchode_solve(func, z0: torch.Tensor, tol: float) -> int | None:
-    """NFE of a solve with torchode's dopri5 and its integral controller (per-sample step
-    sizes); None when torchode is not installed."""
-    try:
-        import torchode
-    except ImportError:
-        return None
+def _torchode_solve(func, z0: torch.Tensor, tol: float) -> int:
+    """NFE of a solve with torchode's dopri5 and its integral controller (per-sample step sizes)."""
+    import torchode
+
     shape = z0.shape[1:]
     term = torchode.ODETerm(lambda t, y: func(t, y.view(-1, *shape)).flatten(1))
     solver = torchode.AutoDiffAdjoint(
@@ -143,7 +141,7 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int, only_our
 
         torchode_run = {}
         torchode_time = None
-        if not only_ours and _torchode_solve(func, z0, tol) is not None:
+        if not only_ours and importlib.util.find_spec("torchode") is not None:
 
             def run_torchode():
                 torchode_run["nfe"] = _torchode_solve(func, z0, tol)
