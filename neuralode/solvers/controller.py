@@ -110,19 +110,17 @@ class PIController(StepSizeController):
         local error estimate plus one. A non-finite error counts as a rejection that shrinks
         the step as much as allowed.
         """
-        finite = torch.isfinite(error)
-        accept = finite & (error <= 1.0)
-        # A zero error would make the power infinite; the max_factor clamp is what applies.
-        err = torch.where(finite, error, torch.ones_like(error)).clamp_min(1e-10)
-        prev = prev_error.clamp_min(1e-10)
-        accepted_factor = err.pow(-(self.icoeff + self.pcoeff) / k) * prev.pow(self.pcoeff / k)
-        rejected_factor = err.pow(-1.0 / k)
-        factor = self.safety * torch.where(accept, accepted_factor, rejected_factor)
-        upper = torch.where(accept, torch.full_like(factor, self.max_factor), torch.ones_like(factor))
-        factor = torch.minimum(factor.clamp_min(self.min_factor), upper)
-        factor = torch.where(finite, factor, torch.full_like(factor, self.min_factor))
-        next_prev_error = torch.where(accept, err, prev_error)
-        return accept, dt * factor, next_prev_error
+        accept = error <= 1.0  # False for NaN and inf too
+        # NaN counts as an infinite error, whose factor (0) the min_factor clamp raises; a zero
+        # error would make the power infinite, so the max_factor clamp is what applies.
+        err = error.nan_to_num(nan=math.inf).clamp_min_(1e-10)
+        exponent = err.new_full((), -(self.icoeff + self.pcoeff) / k).where(accept, -1.0 / k)
+        factor = err.pow(exponent)
+        if self.pcoeff:  # prev_error is an accepted (so finite, clamped) error or the initial 1
+            factor = factor.mul_(torch.where(accept, prev_error.pow(self.pcoeff / k), 1.0))
+        upper = err.new_full((), self.max_factor).where(accept, 1.0)
+        factor = factor.mul_(self.safety).clamp_min_(self.min_factor).minimum(upper)
+        return accept, dt * factor, torch.where(accept, err, prev_error)
 
     def init_cost(self, first_step: Tensor | None) -> int:
         return 0 if first_step is not None else 1

@@ -11,6 +11,7 @@ choose to.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,8 +33,9 @@ _LANDING_SLACK = 1.01
 
 
 def rms_norm(scaled: Tensor) -> Tensor:
-    """Root mean square over each sample's own elements."""
-    return per_row(scaled).square().mean(1).sqrt()
+    """Root mean square over each sample's own elements (one pass over them)."""
+    rows = per_row(scaled)
+    return torch.linalg.vector_norm(rows, dim=1).div_(math.sqrt(rows.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -205,9 +207,6 @@ class Stepper:
         if callbacks is not None and callbacks.decided is not None:
             callbacks.decided(t, y, dt, accepted)
 
-        status = torch.where(accepted & lands & (state.t_stop == state.t_end), int(Status.SUCCESS), state.status)
-        failure = torch.where(error_finite, int(Status.STEP_SIZE_UNDERFLOW), int(Status.NON_FINITE))
-        status = torch.where(decision.stuck & (status == int(Status.RUNNING)), failure, status)
         accepted_rows = rows_of(accepted, y)
         new_state = SolverState(
             t=torch.where(accepted, t1, t),
@@ -221,7 +220,7 @@ class Stepper:
             steps=state.steps + accepted,
             rejected=state.rejected + ~accepted,
             max_nfe=state.max_nfe,
-            status=status,
+            status=state.status,
             sample_id=state.sample_id,
             solver={
                 key: torch.where(rows_of(accepted, old), attempt.rows[key], old) for key, old in state.solver.items()
@@ -234,7 +233,13 @@ class Stepper:
             t=t, y=y, dt=dt, t1=t1, accepted=accepted, error_finite=error_finite, stage_t=attempt.stage_t,
             stage_y=attempt.stage_y, ks=attempt.ks, f0=attempt.f0, y1=attempt.y1,
         )  # fmt: skip
-        return self._apply_limits(new_state), record
+        # Every row was RUNNING; the last reason that applies wins.
+        status = self._limited(new_state)
+        failure = torch.where(error_finite, int(Status.STEP_SIZE_UNDERFLOW), int(Status.NON_FINITE))
+        status = torch.where(decision.stuck, failure, status)
+        status = torch.where(accepted & lands & (state.t_stop == state.t_end), int(Status.SUCCESS), status)
+        new_state.status = status
+        return new_state, record
 
     def _error_norm(self, y: Tensor, attempt, dt: Tensor, state: SolverState) -> Tensor:
         scale = torch.maximum(y.abs(), attempt.y1.abs()).mul_(rows_of(state.rtol, y)).add_(rows_of(state.atol, y))
@@ -262,11 +267,11 @@ class Stepper:
 
     def _apply_limits(self, state: SolverState) -> SolverState:
         """Stop running rows that may not take another step, with the reason why."""
-        running = state.status == int(Status.RUNNING)
-        status = state.status
-        out_of_steps = running & (state.steps + state.rejected >= self.max_steps)
-        status = torch.where(out_of_steps, int(Status.MAX_STEPS), status)
-        out_of_nfe = running & (state.nfe + self._step_cost(state.solver, state.after_jump) > state.max_nfe)
-        status = torch.where(out_of_nfe & ~out_of_steps, int(Status.MAX_NFE), status)
-        state.status = status
+        state.status = torch.where(state.status == int(Status.RUNNING), self._limited(state), state.status)
         return state
+
+    def _limited(self, state: SolverState) -> Tensor:
+        """RUNNING, or the limit that stops the row before its next step (MAX_STEPS first)."""
+        cost = self._step_cost(state.solver, state.after_jump)
+        status = torch.where(state.nfe + cost > state.max_nfe, int(Status.MAX_NFE), int(Status.RUNNING))
+        return torch.where(state.steps + state.rejected >= self.max_steps, int(Status.MAX_STEPS), status)
