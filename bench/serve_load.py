@@ -18,6 +18,10 @@
 4. **Auto tolerance under overload**: open-loop arrivals at twice the rate the fair server
    sustains at tol 1e-4, each request one image with a 1 s deadline: fixed tol 1e-4 vs
    ``auto_tol``: fraction answered on time, accuracy of the answers, mean NFE.
+5. **The engine's own time**: 16 closed-loop clients of one image each (the tolerance mix),
+   in-process: throughput, and the worker's busy time split into f (the ODE's dynamics), the
+   model outside the ODE (ODE-Net's downsampling and head) and the rest — the solver's
+   arithmetic, joins, leaves and scheduling, which is the engine's overhead.
 
     python bench/serve_load.py --data-dir ../shared/data [--clients 16] [--duration 20]
 
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import grpc
@@ -222,6 +227,59 @@ def _median_row(runs: list[dict]) -> dict:
     return row
 
 
+# ---- 5. the engine's own time ---------------------------------------------------------------
+class EngineTimes:
+    """Wall time one worker spends in each part of its steps, by wrapping those parts in
+    place (an instrument for this benchmark; the server does not time f)."""
+
+    def __init__(self, worker) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        adapter, executor, scheduler = worker.adapter, worker.executor, worker.scheduler
+        adapter.dynamics = self._timed("f", adapter.dynamics)
+        adapter.start = self._timed("model outside the ODE", adapter.start)
+        adapter.finish = self._timed("model outside the ODE", adapter.finish)
+        executor.step = self._timed("busy", executor.step)
+        scheduler.schedule = self._timed("busy", scheduler.schedule)
+        scheduler.update = self._timed("busy", scheduler.update)
+
+    def _timed(self, part: str, fn):
+        def timed(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - begin
+
+        return timed
+
+    def shares(self, wall: float) -> dict:
+        busy, f, model = self.seconds["busy"], self.seconds["f"], self.seconds["model outside the ODE"]
+        return {
+            "busy_fraction_of_wall": busy / wall,
+            "f_share": f / busy,
+            "model_outside_ode_share": model / busy,
+            "outside_f_share": (busy - f) / busy,
+            "engine_overhead_share": (busy - f - model) / busy,
+        }
+
+
+def engine_times(checkpoints: Path, images: np.ndarray, clients: int, seconds: float, warmup: float,
+                 max_batch: int, seed: int) -> dict:  # fmt: skip
+    target = InProcessTarget(checkpoints, max_batch)
+    try:
+        times = EngineTimes(target.engine.workers[target.model.key])
+        MixedLoad(images, warmup, 0.0, 1, seed).closed_loop(target, clients)
+        times.seconds.clear()
+        begin = time.perf_counter()
+        row = MixedLoad(images, seconds, 0.0, 1, seed + 1).closed_loop(target, clients)
+        wall = time.perf_counter() - begin
+    finally:
+        target.close()
+    return {"clients": clients, "images_per_request": 1, "throughput_items_per_s": row["throughput_items_per_s"],
+            "latency_p50_ms": row["latency_p50_ms"], "latency_p99_ms": row["latency_p99_ms"],
+            "mean_nfe": row["mean_nfe"], **times.shares(wall)}  # fmt: skip
+
+
 # ---- 2. contention and 3. hostile ----------------------------------------------------------
 def contention(target: GrpcTarget, images: np.ndarray) -> dict:
     small = classify_request(images[512:513], tol=1e-1)
@@ -355,7 +413,9 @@ def main() -> None:
         default=128,
         help="closed-loop clients that measure the capacity at tol 1e-4 (enough to fill the batch)",
     )
-    parser.add_argument("--sections", default="mixed,contention,hostile,auto")
+    parser.add_argument("--engine-clients", type=int, default=16, help="one-image clients of the engine section")
+    parser.add_argument("--engine-seconds", type=float, default=20.0, help="seconds per engine-section run")
+    parser.add_argument("--sections", default="mixed,contention,hostile,auto,engine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -373,6 +433,7 @@ def main() -> None:
         targets = {
             name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags)
             for name, flags in POLICIES.items()
+            if sections - {"engine"}  # the engine section runs in-process
         }
         try:
             if "mixed" in sections:
@@ -426,6 +487,10 @@ def main() -> None:
         finally:
             for target in targets.values():
                 target.close()
+    if "engine" in sections:
+        runs = [engine_times(args.checkpoints, images, args.engine_clients, args.engine_seconds, args.warmup,
+                             args.max_batch, args.seed + repeat) for repeat in range(args.repeats)]  # fmt: skip
+        record["engine"] = {key: float(np.median([run[key] for run in runs])) for key in runs[0]} | {"runs": runs}
 
     record["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -480,6 +545,16 @@ def _print(record: dict, args, machine: str) -> None:
             for r in a[name]:
                 print(f"  {name:<10} on time {r['on_time_fraction']:.1%}, accuracy {r['accuracy_of_answers']:.2%}, "
                       f"mean NFE {r['mean_nfe']:.1f} ({r['requests']} requests)")  # fmt: skip
+
+    if "engine" in record:
+        e = record["engine"]
+        print(
+            f"\n5. the engine's own time: {e['clients']:.0f} clients x 1 image, in-process, median of {len(e['runs'])} runs"
+        )
+        print(f"  {e['throughput_items_per_s']:.1f} items/s, p50 {e['latency_p50_ms']:.0f} ms, p99 {e['latency_p99_ms']:.0f} ms; "
+              f"worker busy {e['busy_fraction_of_wall']:.0%} of the time")  # fmt: skip
+        print(f"  of busy time: f {e['f_share']:.1%}, the model outside the ODE {e['model_outside_ode_share']:.1%}, "
+              f"the engine's overhead {e['engine_overhead_share']:.1%} (outside f in all: {e['outside_f_share']:.1%})")  # fmt: skip
 
 
 if __name__ == "__main__":
