@@ -14,6 +14,11 @@ all are done). The torchode column appears when torchode is importable
 
 ``--only-ours`` skips torchdiffeq, for comparing two neuralode revisions (run each with its
 checkout first on PYTHONPATH, alternating, and compare the ratios).
+
+On the CPU at large batches glibc's allocator decides much of the result: with its defaults it
+hands freed multi-megabyte blocks back to the system and page-faults them in again, inside f as
+much as in any solver. ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``
+keeps them; the record lists the ``MALLOC_*`` settings a run had.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -237,6 +243,7 @@ def main() -> None:
         "tol": args.tol,
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/solver_overhead.py " + " ".join(sys.argv[1:]),
+        "malloc_settings": {key: value for key, value in os.environ.items() if key.startswith("MALLOC_")},
         "rows": rows,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
