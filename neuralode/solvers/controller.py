@@ -114,8 +114,7 @@ class PIController(StepSizeController):
         # NaN counts as an infinite error, whose factor (0) the min_factor clamp raises; a zero
         # error would make the power infinite, so the max_factor clamp is what applies.
         err = error.nan_to_num(nan=math.inf).clamp_min_(1e-10)
-        exponent = err.new_full((), -(self.icoeff + self.pcoeff) / k).where(accept, -1.0 / k)
-        factor = err.pow(exponent)
+        factor = torch.where(accept, err.pow(-(self.icoeff + self.pcoeff) / k), err.pow(-1.0 / k))
         if self.pcoeff:  # prev_error is an accepted (so finite, clamped) error or the initial 1
             factor = factor.mul_(torch.where(accept, prev_error.pow(self.pcoeff / k), 1.0))
         upper = err.new_full((), self.max_factor).where(accept, 1.0)
