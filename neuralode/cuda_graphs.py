@@ -1,4 +1,5 @@
-"""Dynamics replayed from CUDA graphs, for inference where kernel launches dominate.
+"""Dynamics and whole solver steps replayed from CUDA graphs, for inference where kernel
+launches dominate.
 
 A small f (ODE-Net's block is a dozen kernels on 64×6×6) costs more in launches than in
 arithmetic at small batches. :class:`GraphedDynamics` captures f once per padded batch size
@@ -6,15 +7,22 @@ arithmetic at small batches. :class:`GraphedDynamics` captures f once per padded
 finish, so rows are padded with zeros up to the captured size, which is harmless because f
 must be per-sample independent anyway. Anywhere a graph cannot help or cannot be used (CPU,
 autograd recording, a scalar ``t``) it calls f directly.
+
+The solver's own step is a few hundred more kernels. :class:`StepGraphs` captures the whole
+step — f's evaluations with it — as one graph per padded size, with finished rows masked
+instead of removed, so the host only looks every few steps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+
+from .solvers import SolverState, Status, Stepper
+from .solvers.solver import Func, rows_of
 
 
 @dataclass
@@ -70,3 +78,135 @@ class GraphedDynamics:
         captured = _Captured(graph, t, y, out)
         self._graphs[key] = captured
         return captured
+
+
+def masked_step(stepper: Stepper, func: Func, state: SolverState) -> SolverState:
+    """One attempted step of the RUNNING rows, every other row kept exactly as it was.
+
+    Unlike :meth:`Stepper.step` it takes finished rows (and padding) too, so the batch keeps its
+    shape and nothing asks the host which rows are left: a step that can be captured whole. The
+    running rows get what :meth:`Stepper.step` gives them; the others are computed and thrown
+    away, so neither their values nor their NFE change."""
+    running = state.status == int(Status.RUNNING)
+    stepped, _ = stepper.step(func, state)
+
+    def keep(new: Tensor | None, old: Tensor | None) -> Tensor | None:
+        return None if old is None else torch.where(rows_of(running, old), new, old)
+
+    values = {}
+    for f in fields(SolverState):
+        new, old = getattr(stepped, f.name), getattr(state, f.name)
+        values[f.name] = {k: keep(new[k], v) for k, v in old.items()} if isinstance(old, dict) else keep(new, old)
+    return SolverState(**values)
+
+
+class _StepGraph:
+    """One padded batch size: the state lives in ``static``, and a replay advances it one masked
+    step in place."""
+
+    def __init__(self, stepper: Stepper, func: Func, static: SolverState, pool) -> None:
+        self.static = static
+        side = torch.cuda.Stream(static.y.device)
+        side.wait_stream(torch.cuda.current_stream(static.y.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN picks its algorithms)
+            for _ in range(2):
+                masked_step(stepper, func, _copy(static))
+        torch.cuda.current_stream(static.y.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            _assign(static, masked_step(stepper, func, static))
+
+    def load(self, state: SolverState) -> None:
+        _assign(self.static, state)
+
+
+class StepGraphs:
+    """Solves to the end with whole solver steps — stages, error norm, accept/reject, step-size
+    update, limits — each replayed as one CUDA graph per padded batch size (the next power of
+    two), so a step costs one launch instead of a few hundred kernels.
+
+    The host looks at the rows only every ``check_every`` steps: to stop when none is running, and
+    to move the running ones to a smaller graph once at most a quarter of the rows still run
+    (finished rows are stepped masked until then, their values and NFE untouched). Off the GPU,
+    or with ``capture=False``, the same masked steps run eagerly: that is the path the CPU tests
+    check against :func:`~neuralode.solve_ivp`. ``func`` must treat rows independently and be
+    capturable (no host synchronisation)."""
+
+    def __init__(self, stepper: Stepper, func: Func, *, check_every: int = 4, capture: bool | None = None) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.stepper, self.func, self.check_every, self.capture = stepper, func, check_every, capture
+        self._graphs: dict[tuple, _StepGraph] = {}
+        self._pool = None
+
+    @property
+    def captured_sizes(self) -> list[int]:
+        return sorted(key[0] for key in self._graphs)
+
+    @torch.no_grad()
+    def run(self, state: SolverState) -> SolverState:
+        """Step every row of ``state`` until none is RUNNING; rows come back in ``sample_id`` order."""
+        if state.batch_size == 0:
+            return state
+        done: list[SolverState] = []
+        while state is not None:
+            rows = state.batch_size
+            size = 1 << (rows - 1).bit_length()
+            padded = _padded(state, size)
+            graph = self._graph(padded)
+            if graph is not None:
+                graph.load(padded)
+                padded = graph.static
+            while True:
+                for _ in range(self.check_every):
+                    if graph is None:
+                        padded = masked_step(self.stepper, self.func, padded)
+                    else:
+                        graph.graph.replay()
+                live = padded.select(torch.arange(rows, device=padded.t.device))
+                running = live.status == int(Status.RUNNING)
+                left = int(running.sum())  # the host synchronisation
+                if left == 0 or (left <= size // 4 and size > 1):
+                    break
+            done.append(live.select(running.logical_not().nonzero().squeeze(1)))
+            state = live.select(running.nonzero().squeeze(1)) if left else None
+        finished = SolverState.cat(done)
+        return finished.select(finished.sample_id.argsort())
+
+    def _graph(self, padded: SolverState) -> _StepGraph | None:
+        capture = self.capture if self.capture is not None else padded.y.is_cuda
+        if not capture:
+            return None
+        key = (padded.batch_size, tuple(padded.y.shape[1:]), padded.y.dtype, padded.y.device)
+        if key not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self._graphs[key] = _StepGraph(self.stepper, self.func, _copy(padded), self._pool)
+        return self._graphs[key]
+
+
+def _padded(state: SolverState, size: int) -> SolverState:
+    """``state`` with ``size - rows`` more rows: copies of the first row that are not RUNNING
+    (SUCCESS), so masked steps leave them alone."""
+    rows = state.batch_size
+    if rows == size:
+        return state
+    index = torch.cat([torch.arange(rows), torch.zeros(size - rows, dtype=torch.int64)]).to(state.t.device)
+    padded = state.select(index)
+    padded.status = padded.status.index_fill(0, index.new_tensor(range(rows, size)), int(Status.SUCCESS))
+    return padded
+
+
+def _copy(state: SolverState) -> SolverState:
+    return state.select(torch.arange(state.batch_size, device=state.t.device))
+
+
+def _assign(target: SolverState, source: SolverState) -> None:
+    """Copy ``source``'s rows into ``target``'s tensors, in place."""
+    for f in fields(SolverState):
+        old, new = getattr(target, f.name), getattr(source, f.name)
+        if isinstance(old, dict):
+            for key, value in old.items():
+                value.copy_(new[key])
+        elif old is not None:
+            old.copy_(new)
