@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-python3}
 for archive in "$DATA"/MNIST/raw/*.gz; do
     [ -e "${archive%.gz}" ] || gunzip -k "$archive"
 done
-export PYTHONPATH="$PWD/sdk${PYTHONPATH:+:$PYTHONPATH}"  # the client and odeserve.v1, not installed there
+export PYTHONPATH="$PWD:$PWD/sdk${PYTHONPATH:+:$PYTHONPATH}"  # the checkout is not installed there
 WHEELS=${WHEELS:-device-wheels}
 if [ -d "$WHEELS" ]; then  # what the device lacks, brought along (no network there)
     "$PYTHON" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
@@ -40,7 +40,7 @@ checkpoint="$RESULTS/odenet-mnist-gpu.pt"
 "$PYTHON" bench/model_inference.py --checkpoint "$checkpoint" --device "$DEVICE" --batch "${model_batches[@]}" --out "$RESULTS" | tee "$RESULTS/model_inference.txt"
 "$PYTHON" bench/solver_overhead.py --device "$DEVICE" --batch "${model_batches[@]}" --repeats "$overhead_repeats" --out "$RESULTS" | tee "$RESULTS/solver_overhead.txt"
 if [ "$DEVICE" = cuda ]; then  # the server puts models on the GPU when there is one
-    "$PYTHON" bench/serve_load.py --data-dir "$DATA" --checkpoints "$RESULTS" --model odenet-mnist-gpu --clients 64 --duration 10 --repeats 1 \
-        --out "$RESULTS" | tee "$RESULTS/serve_load.txt"
+    "$PYTHON" bench/serve_load.py --data-dir "$DATA" --sections mixed,engine --clients 64 --duration 10 --repeats 1 \
+        --out "$RESULTS" | tee "$RESULTS/serve_load.txt"  # the shipped checkpoints, served from the GPU
 fi
 echo "gpu session done: $RESULTS"
