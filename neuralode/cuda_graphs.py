@@ -80,15 +80,16 @@ class GraphedDynamics:
         return captured
 
 
-def masked_step(stepper: Stepper, func: Func, state: SolverState) -> SolverState:
-    """One attempted step of the RUNNING rows, every other row kept exactly as it was.
+def masked_step(stepper: Stepper, func: Func, state: SolverState) -> tuple[SolverState, Tensor]:
+    """One attempted step of the RUNNING rows, every other row kept exactly as it was; returns
+    the rows and which of them accepted their step (``[B]``, False for the others).
 
     Unlike :meth:`Stepper.step` it takes finished rows (and padding) too, so the batch keeps its
     shape and nothing asks the host which rows are left: a step that can be captured whole. The
     running rows get what :meth:`Stepper.step` gives them; the others are computed and thrown
     away, so neither their values nor their NFE change."""
     running = state.status == int(Status.RUNNING)
-    stepped, _ = stepper.step(func, state)
+    stepped, record = stepper.step(func, state)
 
     def keep(new: Tensor | None, old: Tensor | None) -> Tensor | None:
         return None if old is None else torch.where(rows_of(running, old), new, old)
@@ -97,15 +98,16 @@ def masked_step(stepper: Stepper, func: Func, state: SolverState) -> SolverState
     for f in fields(SolverState):
         new, old = getattr(stepped, f.name), getattr(state, f.name)
         values[f.name] = {k: keep(new[k], v) for k, v in old.items()} if isinstance(old, dict) else keep(new, old)
-    return SolverState(**values)
+    return SolverState(**values), record.accepted & running
 
 
 class _StepGraph:
-    """One padded batch size: the state lives in ``static``, and a replay advances it one masked
-    step in place."""
+    """One padded batch size: the rows live in ``static``, and a replay advances them one masked
+    step in place (``accepted`` says which rows accepted it)."""
 
     def __init__(self, stepper: Stepper, func: Func, static: SolverState, pool) -> None:
         self.static = static
+        self.accepted = torch.zeros(static.batch_size, dtype=torch.bool, device=static.t.device)
         side = torch.cuda.Stream(static.y.device)
         side.wait_stream(torch.cuda.current_stream(static.y.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN picks its algorithms)
@@ -114,10 +116,9 @@ class _StepGraph:
         torch.cuda.current_stream(static.y.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            _assign(static, masked_step(stepper, func, static))
-
-    def load(self, state: SolverState) -> None:
-        _assign(self.static, state)
+            stepped, accepted = masked_step(stepper, func, static)
+            _assign(static, stepped)
+            self.accepted.copy_(accepted)
 
 
 class StepGraphs:
@@ -144,6 +145,20 @@ class StepGraphs:
         return sorted(key[0] for key in self._graphs)
 
     @torch.no_grad()
+    def step(self, state: SolverState) -> tuple[SolverState, Tensor]:
+        """One masked step of ``state``'s rows in its size's graph: the rows and which accepted
+        (for a caller that changes the rows between steps, like the serving engine)."""
+        rows = state.batch_size
+        padded, graph = self._load(state)
+        if graph is None:
+            stepped, accepted = masked_step(self.stepper, self.func, padded)
+        else:
+            graph.graph.replay()
+            stepped, accepted = graph.static, graph.accepted
+        live = torch.arange(rows, device=state.t.device)
+        return stepped.select(live), accepted.index_select(0, live)
+
+    @torch.no_grad()
     def run(self, state: SolverState) -> SolverState:
         """Step every row of ``state`` until none is RUNNING; rows come back in ``sample_id`` order."""
         if state.batch_size == 0:
@@ -152,15 +167,11 @@ class StepGraphs:
         while state is not None:
             rows = state.batch_size
             size = 1 << (rows - 1).bit_length()
-            padded = _padded(state, size)
-            graph = self._graph(padded)
-            if graph is not None:
-                graph.load(padded)
-                padded = graph.static
+            padded, graph = self._load(state)
             while True:
                 for _ in range(self.check_every):
                     if graph is None:
-                        padded = masked_step(self.stepper, self.func, padded)
+                        padded, _ = masked_step(self.stepper, self.func, padded)
                     else:
                         graph.graph.replay()
                 live = padded.select(torch.arange(rows, device=padded.t.device))
@@ -172,6 +183,16 @@ class StepGraphs:
             state = live.select(running.nonzero().squeeze(1)) if left else None
         finished = SolverState.cat(done)
         return finished.select(finished.sample_id.argsort())
+
+    def _load(self, state: SolverState) -> tuple[SolverState, _StepGraph | None]:
+        """``state`` padded to its graph's size, and the graph (None when steps run eagerly),
+        whose buffers then hold the padded rows."""
+        padded = _padded(state, 1 << (state.batch_size - 1).bit_length())
+        graph = self._graph(padded)
+        if graph is None:
+            return padded, None
+        _assign(graph.static, padded)
+        return graph.static, graph
 
     def _graph(self, padded: SolverState) -> _StepGraph | None:
         capture = self.capture if self.capture is not None else padded.y.is_cuda

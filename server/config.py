@@ -23,6 +23,7 @@ class ServerConfig:
     default_priority: int = 2
     guaranteed_share: float = 0.25
     max_batch: int = 256
+    step_graphs: str = "off"
     max_delay_ms: float = 5.0
     max_queued_items: int = 4096
     max_items_per_request: int = 1024
@@ -57,6 +58,8 @@ class ServerConfig:
             problems.append(f"batching must be continuous or static, got {self.batching!r}")
         if self.policy not in ("fair", "fifo"):
             problems.append(f"policy must be fair or fifo, got {self.policy!r}")
+        if self.step_graphs not in ("off", "on"):
+            problems.append(f"step_graphs must be off or on, got {self.step_graphs!r}")
         if not 1 <= self.default_priority <= self.priority_levels:
             problems.append("need 1 <= default_priority <= priority_levels")
         if not 0 <= self.guaranteed_share <= 1:
@@ -103,6 +106,7 @@ _HELP = {
     "default_priority": "the level of requests that do not set one",
     "guaranteed_share": "fair policy: the fraction of a level's batch slots split equally between its requests (at least one each while there are slots for all); the rest goes by earliest virtual deadline",
     "max_batch": "most items in one running batch",
+    "step_graphs": "on: continuous batching takes each solver step as one CUDA graph replay per padded batch size (GPU; not yet measured on one)",
     "max_delay_ms": "static batching: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",
     "max_items_per_request": "images or points per request, and Sample's n",

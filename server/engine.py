@@ -114,6 +114,7 @@ class ModelWorker:
         max_delay: float,
         default_priority: int,
         guaranteed_share: float,
+        step_graphs: bool,
         clock: Clock,
         stats: StatsSink,
         health: HealthSink,
@@ -127,7 +128,8 @@ class ModelWorker:
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
                                    default_priority=default_priority, guaranteed_share=guaranteed_share,
                                    clock=clock)  # fmt: skip
-        self.executor = Executor(adapter, device)
+        self.step_graphs = step_graphs
+        self.executor = Executor(adapter, device, step_graphs=step_graphs)
         self._lock = threading.Condition()
         self._futures: dict[int, Future] = {}
         self._closing = False
@@ -273,7 +275,7 @@ class ModelWorker:
             failure = WorkerFailed(f"the model's worker failed ({type(error).__name__}: {str(error)[:200]}) "
                                    "and was restarted; the request's items were stopped")  # fmt: skip
             with self._lock:
-                self.executor = Executor(self.adapter, self.device)
+                self.executor = Executor(self.adapter, self.device, step_graphs=self.step_graphs)
                 self._resolve(self.scheduler.fail_started(failure))
             self.stats(WorkerStats(self.name, "restart"))
         except Exception:  # noqa: BLE001 - recovery itself must never end the worker
@@ -310,13 +312,15 @@ class Engine:
         max_delay: float = 0.005,
         default_priority: int = 1,
         guaranteed_share: float = 0.25,
+        step_graphs: bool = False,
         clock: Clock = time.monotonic,
         stats: StatsSink = discard,
         health: HealthSink = _serving,
     ) -> None:
         self.device, self.clock, self.stats, self.health = device, clock, stats, health
         self._settings = dict(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
-                              default_priority=default_priority, guaranteed_share=guaranteed_share)  # fmt: skip
+                              default_priority=default_priority, guaranteed_share=guaranteed_share,
+                              step_graphs=step_graphs)  # fmt: skip
         self.workers: dict[str, ModelWorker] = {}
         self._retired: list[tuple[str, ModelWorker]] = []
         self._lock = threading.Lock()

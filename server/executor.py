@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
+from neuralode.cuda_graphs import StepGraphs
 from neuralode.solvers import SolverState, Status, Stepper, get_method
 from neuralode.solvers.stepper import Norm
 
@@ -78,11 +80,13 @@ class _Parked:
 
 class _Group:
     """The running rows of one method; ``ids`` and ``kinds`` mirror the rows on the host, so
-    knowing which item a row is never needs the device."""
+    knowing which item a row is never needs the device. With ``graphs`` its steps are masked
+    steps replayed from CUDA graphs (eagerly off the GPU)."""
 
-    def __init__(self, method: str, max_steps: int, norm: Norm) -> None:
+    def __init__(self, method: str, max_steps: int, norm: Norm, graphs_of: Callable | None = None) -> None:
         self.method = method
         self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
+        self.graphs: StepGraphs | None = None if graphs_of is None else graphs_of(self.stepper)
         self.state: SolverState | None = None
         self.ids: list[int] = []
         self.kinds: list[Kind] = []
@@ -108,8 +112,15 @@ class _Group:
 
 
 class Executor:
-    def __init__(self, adapter: Adapter, device: torch.device, max_steps: int = 100_000) -> None:
+    """``step_graphs``: take each step as one replayed CUDA graph per padded batch size
+    (:class:`~neuralode.cuda_graphs.StepGraphs`) instead of a few hundred kernels; off the GPU
+    the same masked steps run eagerly."""
+
+    def __init__(
+        self, adapter: Adapter, device: torch.device, max_steps: int = 100_000, step_graphs: bool = False
+    ) -> None:
         self.adapter, self.device, self.max_steps = adapter, device, max_steps
+        self._graphs_of = (lambda stepper: StepGraphs(stepper, adapter.dynamics)) if step_graphs else None
         self.groups: dict[str, _Group] = {}
         self.parked: dict[int, _Parked] = {}
 
@@ -131,11 +142,13 @@ class Executor:
             if group.state is None:
                 continue
             size = group.size
-            group.state, record = group.stepper.step(self.adapter.dynamics, group.state)
+            if group.graphs is None:
+                group.state, record = group.stepper.step(self.adapter.dynamics, group.state)
+                step_accepted = record.accepted
+            else:
+                group.state, step_accepted = group.graphs.step(group.state)
             # The one host synchronisation per step: every row's status and NFE, and rejections.
-            status, counts, accepted = torch.stack(
-                [group.state.status, group.state.nfe, record.accepted.long()]
-            ).tolist()
+            status, counts, accepted = torch.stack([group.state.status, group.state.nfe, step_accepted.long()]).tolist()
             nfe.update(zip(group.ids, counts))
             outcomes = self._finish(group, status, counts)
             finished.update((o.item_id, o) for o in outcomes)
@@ -148,7 +161,7 @@ class Executor:
     # ---- plan changes ----------------------------------------------------------------------
     def _group(self, method: str) -> _Group:
         if method not in self.groups:
-            self.groups[method] = _Group(method, self.max_steps, self.adapter.norm)
+            self.groups[method] = _Group(method, self.max_steps, self.adapter.norm, self._graphs_of)
         return self.groups[method]
 
     def _drop(self, item_ids: set[int]) -> None:

@@ -81,7 +81,8 @@ def test_a_masked_step_leaves_rows_that_are_not_running_untouched():
     stepper = Stepper(get_method("dopri5"))
     state = _started(stepper, _oscillators, y0, torch.full((3,), 1e-6, dtype=y0.dtype))
     state.status = torch.tensor([int(Status.RUNNING), int(Status.SUCCESS), int(Status.RUNNING)])
-    stepped = masked_step(stepper, _oscillators, state)
+    stepped, accepted = masked_step(stepper, _oscillators, state)
+    assert not accepted[1]
     for name in ("t", "y", "dt", "nfe", "steps", "rejected", "status"):
         assert torch.equal(getattr(stepped, name)[1], getattr(state, name)[1]), name
     assert torch.equal(stepped.solver["f0"][1], state.solver["f0"][1])

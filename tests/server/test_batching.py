@@ -76,3 +76,33 @@ def test_static_batching_makes_the_loose_request_wait(shipped, images, tmp_path)
     finally:
         assert static.stop() == 0
     assert loose_done > tight_done
+
+
+def test_a_server_with_step_graphs_gives_each_item_its_own_solve(shipped, images, tmp_path):
+    """``--step-graphs on`` (the GPU engine's masked steps per padded batch size; eager here):
+    concurrent requests at two tolerances come back as each image solved alone."""
+    running = start_server(shipped, tmp_path, "--step-graphs", "on")
+    try:
+        with Client(running.target, timeout_s=120) as client:
+            (tight, _), (loose, _) = _concurrently([
+                (0.0, lambda: client.classify(images[:5], model=CLASSIFIER, tol=1e-4)),
+                (0.05, lambda: client.classify(images[5:8], model=CLASSIFIER, tol=1e-1)),
+            ])  # fmt: skip
+    finally:
+        running.stop()
+    model = load_checkpoint(shipped / f"{CLASSIFIER}.pt").model
+    for batch, result, tol in ((images[:5], tight, 1e-4), (images[5:8], loose, 1e-1)):
+        for i, image in enumerate(batch):
+            with torch.no_grad():
+                logits, solution = model(torch.from_numpy(image[None, None]).float() / 255, rtol=tol, atol=tol)
+            assert int(result.items.nfe[i]) == int(solution.nfe[0])
+            np.testing.assert_allclose(result.probabilities[i], torch.softmax(logits, 1)[0].numpy(), atol=1e-5)
+
+
+def test_step_graphs_takes_on_or_off_only(capsys):
+    from server.config import parse_config
+
+    assert parse_config(["--step-graphs", "on"]).step_graphs == "on"
+    with pytest.raises(SystemExit):
+        parse_config(["--step-graphs", "yes"])
+    assert "step_graphs must be off or on, got 'yes'" in capsys.readouterr().err
