@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU figures in one prepared run (about 7 minutes of device time), all on the shipped
+# Issue 16's GPU figures in one prepared run (about 8 minutes of device time), all on the shipped
 # odenet-mnist weights and side by side in each step:
 #   1. the CUDA-graph tests (f replayed, whole steps replayed against their eager masked path);
 #   2. batch-1 latency and batch-1000 throughput at tol 1e-3: ours, ours with f from CUDA graphs,
@@ -7,7 +7,7 @@
 #   3. the solver-overhead ratio on the device (bench/solver_overhead.py);
 #   4. the seed's Table 1 on the device: error, NFE and time against tolerance (training evaluate);
 #   5. bench/serve_load.py with the servers on the GPU: 64 clients, continuous against static
-#      batching (mixed load), and where the engine's time goes.
+#      batching (mixed load), and where the engine's time goes — with step_graphs off, then on.
 #
 # Only the checkout travels: run bench/prepare_gpu_session.sh here first, then on the device, with
 # carry ["device-data", "device-wheels"]:   bash bench/gpu_inference.sh
@@ -30,7 +30,7 @@ if [ -d "$WHEELS" ]; then  # what the device lacks (torchdiffeq, pytest, ...), b
     "$PYTHON" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
 fi
 batches=(1 1000) repeats=10 overhead_repeats=3 subset=()
-serve=(--clients 64 --duration 10 --warmup 3 --repeats 1 --engine-seconds 10)
+serve=(--clients 64 --duration 6 --warmup 2 --repeats 1 --engine-seconds 6)
 if [ "${SMOKE:-0}" = 1 ]; then
     batches=(1 50) repeats=2 overhead_repeats=1 subset=(--test-subset 200)
     serve=(--clients 4 --duration 2 --warmup 1 --repeats 1 --max-images 8 --engine-clients 4 --engine-seconds 2)
@@ -45,6 +45,8 @@ checkpoint=checkpoints/odenet-mnist.pt
     --out "$RESULTS" | tee "$RESULTS/solver_overhead.txt"
 "$PYTHON" -m training evaluate "$checkpoint" --data-dir "$DATA" --device "$DEVICE" "${subset[@]}" \
     --out "$RESULTS" | tee "$RESULTS/evaluate.txt"
-"$PYTHON" bench/serve_load.py --data-dir "$DATA" --sections mixed,engine "${serve[@]}" --out "$RESULTS" \
-    | tee "$RESULTS/serve_load.txt"
+for graphs in off on; do
+    "$PYTHON" bench/serve_load.py --data-dir "$DATA" --sections mixed,engine --step-graphs "$graphs" "${serve[@]}" \
+        --out "$RESULTS/step-graphs-$graphs" | tee "$RESULTS/serve_load_step_graphs_$graphs.txt"
+done
 echo "gpu inference session done: $RESULTS"

@@ -102,7 +102,7 @@ class InProcessTarget:
     """The same engine without gRPC: the model's adapter prepares the items, which go straight
     to ``Engine.submit``."""
 
-    def __init__(self, checkpoints: Path, max_batch: int) -> None:
+    def __init__(self, checkpoints: Path, max_batch: int, step_graphs: bool = False) -> None:
         from neuralode.devices import resolve_device
         from server.adapters import Limits
         from server.engine import Engine
@@ -110,7 +110,7 @@ class InProcessTarget:
 
         device = resolve_device("auto")  # where `python -m server` puts the models too
         self.model = load_models(checkpoints, device)[CLASSIFIER]
-        self.engine = Engine(device, max_batch=max_batch)
+        self.engine = Engine(device, max_batch=max_batch, step_graphs=step_graphs)
         self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER, expected_nfe=self.model.expected_nfe)
         self.limits = Limits(max_items=1024, max_abs_input=1e6)
 
@@ -264,8 +264,8 @@ class EngineTimes:
 
 
 def engine_times(checkpoints: Path, images: np.ndarray, clients: int, seconds: float, warmup: float,
-                 max_batch: int, seed: int) -> dict:  # fmt: skip
-    target = InProcessTarget(checkpoints, max_batch)
+                 max_batch: int, seed: int, step_graphs: bool = False) -> dict:  # fmt: skip
+    target = InProcessTarget(checkpoints, max_batch, step_graphs)
     try:
         times = EngineTimes(target.engine.workers[target.model.key])
         MixedLoad(images, warmup, 0.0, 1, seed).closed_loop(target, clients)
@@ -406,6 +406,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-delay-ms", type=float, default=10.0, help="static batching's collection window")
+    parser.add_argument("--step-graphs", choices=("off", "on"), default="off",
+                        help="the servers' and the in-process engine's step_graphs setting")  # fmt: skip
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument(
         "--capacity-clients",
@@ -428,7 +430,9 @@ def main() -> None:
     test = load_mnist(args.data_dir, train=False, download=False)
     images, labels = test.images[:2000, 0].numpy(), test.labels[:2000].numpy()
     record: dict = {"load_average_1m_before": round(os.getloadavg()[0], 2)}
-    batch_flags = ("--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms))
+    batch_flags = ("--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
+                   "--step-graphs", args.step_graphs)  # fmt: skip
+    step_graphs = args.step_graphs == "on"
     with tempfile.TemporaryDirectory() as tmp:
         targets = {
             name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags)
@@ -439,7 +443,7 @@ def main() -> None:
             if "mixed" in sections:
                 load = MixedLoad(images, args.duration, args.warmup, args.max_images, args.seed)
                 mixed_targets = {f"grpc {name}": target for name, target in targets.items()}
-                mixed_targets["in-process fair"] = InProcessTarget(args.checkpoints, args.max_batch)
+                mixed_targets["in-process fair"] = InProcessTarget(args.checkpoints, args.max_batch, step_graphs)
                 closed: dict[str, list[dict]] = {name: [] for name in mixed_targets}
                 for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits all alike
                     for name, target in mixed_targets.items():
@@ -489,7 +493,7 @@ def main() -> None:
                 target.close()
     if "engine" in sections:
         runs = [engine_times(args.checkpoints, images, args.engine_clients, args.engine_seconds, args.warmup,
-                             args.max_batch, args.seed + repeat) for repeat in range(args.repeats)]  # fmt: skip
+                             args.max_batch, args.seed + repeat, step_graphs) for repeat in range(args.repeats)]  # fmt: skip
         record["engine"] = {key: float(np.median([run[key] for run in runs])) for key in runs[0]} | {"runs": runs}
 
     record["load_average_1m_after"] = round(os.getloadavg()[0], 2)

@@ -29,6 +29,8 @@ def test_the_gpu_inference_script_runs_every_step_and_records_each_figure(mnist_
     assert table["test_images"] == 200 and table["device"].startswith("cpu")
     nfe = [row["nfe_mean"] for row in sorted(table["rows"], key=lambda row: row["tol"])]
     assert nfe == sorted(nfe, reverse=True) and all(row["test_error"] < 0.05 for row in table["rows"])
-    served = json.loads((tmp_path / "serve_load_cpu.json").read_text())
-    assert served["mixed"]["closed_loop"]["grpc static"]["throughput_items_per_s"] > 0
-    assert 0 < served["engine"]["engine_overhead_share"] < 1
+    for graphs in ("off", "on"):
+        served = json.loads((tmp_path / f"step-graphs-{graphs}" / "serve_load_cpu.json").read_text())
+        assert served["settings"]["step_graphs"] == graphs
+        assert served["mixed"]["closed_loop"]["grpc static"]["throughput_items_per_s"] > 0
+        assert 0 < served["engine"]["engine_overhead_share"] < 1
