@@ -114,9 +114,10 @@ class PIController(StepSizeController):
         # NaN counts as an infinite error, whose factor (0) the min_factor clamp raises; a zero
         # error would make the power infinite, so the max_factor clamp is what applies.
         err = error.nan_to_num(nan=math.inf).clamp_min_(1e-10)
-        factor = torch.where(accept, err.pow(-(self.icoeff + self.pcoeff) / k), err.pow(-1.0 / k))
+        growth, shrink = row_pows(err, -(self.icoeff + self.pcoeff) / k, -1.0 / k)
+        factor = torch.where(accept, growth, shrink)
         if self.pcoeff:  # prev_error is an accepted (so finite, clamped) error or the initial 1
-            factor = factor.mul_(torch.where(accept, prev_error.pow(self.pcoeff / k), 1.0))
+            factor = factor.mul_(torch.where(accept, row_pows(prev_error, self.pcoeff / k)[0], 1.0))
         upper = err.new_full((), self.max_factor).where(accept, 1.0)
         factor = factor.mul_(self.safety).clamp_min_(self.min_factor).minimum(upper)
         return accept, dt * factor, torch.where(accept, err, prev_error)
@@ -173,6 +174,19 @@ class ConstantController(StepSizeController):
         return Decision(finite, planned, rows, ~finite)
 
 
+def row_pows(x: Tensor, *exponents: float) -> tuple[Tensor, ...]:
+    """``x ** exponent`` for each exponent, for ``[B]`` per-sample values, rounded alike in
+    every row.
+
+    On the CPU a contiguous tensor's ``pow`` runs vectorised except for the last few elements,
+    and the two kernels round differently, so a row's step size would depend on its place in the
+    batch. A strided copy takes the scalar kernel for every element."""
+    if x.device.type != "cpu":
+        return tuple(x.pow(e) for e in exponents)
+    strided = x.new_empty(x.shape[0], 2)[:, 0].copy_(x)
+    return tuple(strided.pow(e) for e in exponents)
+
+
 @torch.no_grad()
 def initial_step(
     k: int, func: Func, t0: Tensor, y0: Tensor, f0: Tensor, direction: Tensor, rtol: Tensor, atol: Tensor, norm: Norm
@@ -193,7 +207,7 @@ def initial_step(
     h1 = torch.where(
         d12 <= 1e-15,
         torch.clamp_min(h0 * 1e-3, 1e-6),
-        (0.01 / d12.clamp_min(1e-30)).pow(1.0 / k),
+        row_pows(0.01 / d12.clamp_min(1e-30), 1.0 / k)[0],
     )
     h = torch.minimum(100 * h0, h1)
     return direction * torch.where(torch.isfinite(h), h, h0)
