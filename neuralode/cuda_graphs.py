@@ -49,7 +49,7 @@ class GraphedDynamics:
         if y.device.type != "cuda" or torch.is_grad_enabled() or t.dim() != 1:
             return self.func(t, y)
         rows = y.shape[0]
-        size = 1 << (rows - 1).bit_length()
+        size = _padded_size(rows)
         key = (size, tuple(y.shape[1:]), y.dtype, t.dtype, y.device)
         captured = self._graphs.get(key) or self._capture(key)
         captured.t[:rows].copy_(t)
@@ -112,7 +112,7 @@ class _StepGraph:
         side.wait_stream(torch.cuda.current_stream(static.y.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN picks its algorithms)
             for _ in range(2):
-                masked_step(stepper, func, _copy(static))
+                masked_step(stepper, func, _first_rows(static, static.batch_size))
         torch.cuda.current_stream(static.y.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
@@ -148,15 +148,8 @@ class StepGraphs:
     def step(self, state: SolverState) -> tuple[SolverState, Tensor]:
         """One masked step of ``state``'s rows in its size's graph: the rows and which accepted
         (for a caller that changes the rows between steps, like the serving engine)."""
-        rows = state.batch_size
-        padded, graph = self._load(state)
-        if graph is None:
-            stepped, accepted = masked_step(self.stepper, self.func, padded)
-        else:
-            graph.graph.replay()
-            stepped, accepted = graph.static, graph.accepted
-        live = torch.arange(rows, device=state.t.device)
-        return stepped.select(live), accepted.index_select(0, live)
+        stepped, accepted = self._step(*self._load(state))
+        return _first_rows(stepped, state.batch_size), accepted[: state.batch_size].clone()
 
     @torch.no_grad()
     def run(self, state: SolverState) -> SolverState:
@@ -166,18 +159,14 @@ class StepGraphs:
         done: list[SolverState] = []
         while state is not None:
             rows = state.batch_size
-            size = 1 << (rows - 1).bit_length()
             padded, graph = self._load(state)
             while True:
                 for _ in range(self.check_every):
-                    if graph is None:
-                        padded, _ = masked_step(self.stepper, self.func, padded)
-                    else:
-                        graph.graph.replay()
-                live = padded.select(torch.arange(rows, device=padded.t.device))
+                    padded, _ = self._step(padded, graph)
+                live = _first_rows(padded, rows)
                 running = live.status == int(Status.RUNNING)
                 left = int(running.sum())  # the host synchronisation
-                if left == 0 or (left <= size // 4 and size > 1):
+                if left == 0 or (left <= padded.batch_size // 4 and padded.batch_size > 1):
                     break
             done.append(live.select(running.logical_not().nonzero().squeeze(1)))
             state = live.select(running.nonzero().squeeze(1)) if left else None
@@ -187,12 +176,18 @@ class StepGraphs:
     def _load(self, state: SolverState) -> tuple[SolverState, _StepGraph | None]:
         """``state`` padded to its graph's size, and the graph (None when steps run eagerly),
         whose buffers then hold the padded rows."""
-        padded = _padded(state, 1 << (state.batch_size - 1).bit_length())
+        padded = _padded(state, _padded_size(state.batch_size))
         graph = self._graph(padded)
         if graph is None:
             return padded, None
         _assign(graph.static, padded)
         return graph.static, graph
+
+    def _step(self, padded: SolverState, graph: _StepGraph | None) -> tuple[SolverState, Tensor]:
+        if graph is None:
+            return masked_step(self.stepper, self.func, padded)
+        graph.graph.replay()
+        return graph.static, graph.accepted
 
     def _graph(self, padded: SolverState) -> _StepGraph | None:
         capture = self.capture if self.capture is not None else padded.y.is_cuda
@@ -202,7 +197,7 @@ class StepGraphs:
         if key not in self._graphs:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            self._graphs[key] = _StepGraph(self.stepper, self.func, _copy(padded), self._pool)
+            self._graphs[key] = _StepGraph(self.stepper, self.func, _first_rows(padded, padded.batch_size), self._pool)
         return self._graphs[key]
 
 
@@ -218,8 +213,14 @@ def _padded(state: SolverState, size: int) -> SolverState:
     return padded
 
 
-def _copy(state: SolverState) -> SolverState:
-    return state.select(torch.arange(state.batch_size, device=state.t.device))
+def _padded_size(rows: int) -> int:
+    """The captured size for ``rows`` rows: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+def _first_rows(state: SolverState, rows: int) -> SolverState:
+    """A copy of the first ``rows`` rows (all of them: a copy of ``state``)."""
+    return state.select(torch.arange(rows, device=state.t.device))
 
 
 def _assign(target: SolverState, source: SolverState) -> None:

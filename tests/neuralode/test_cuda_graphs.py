@@ -71,7 +71,6 @@ def test_whole_step_graphs_give_each_row_its_own_solve_on_the_cpu_path(check_eve
     assert final.status.tolist() == expected.status.tolist()
     assert {Status(s) for s in final.status.tolist()} == {Status.SUCCESS, Status.MAX_NFE}
     torch.testing.assert_close(final.y, expected.y1, rtol=0, atol=0)  # padded batches put rows elsewhere
-    assert graphs.captured_sizes == []  # nothing captured off the GPU
 
 
 def test_a_masked_step_leaves_rows_that_are_not_running_untouched():
