@@ -22,6 +22,13 @@
    in-process: throughput, and the worker's busy time split into f (the ODE's dynamics), the
    model outside the ODE (ODE-Net's downsampling and head) and the rest — the solver's
    arithmetic, joins, leaves and scheduling, which is the engine's overhead.
+6. **What continuous batching can buy here**: static batching in-process under the mixed
+   load, each solver step timed (without its joins and leaves) against the rows it stepped.
+   Static's steps cost ``static_ms`` per row on average, a full batch's ``full_batch_ms``: no
+   schedule of the same row-steps takes less, so their ratio bounds continuous batching's
+   throughput gain from the steps (``step_ceiling``), and with the rest of static's time
+   (joins, leaves, scheduling) added unchanged, the whole gain (``throughput_ceiling``). Also
+   ODE-Net's downsampling per image, a 256-image batch whole against the adapter's chunks.
 
     python bench/serve_load.py --data-dir ../shared/data [--clients 16] [--duration 20]
 
@@ -102,7 +109,8 @@ class InProcessTarget:
     """The same engine without gRPC: the model's adapter prepares the items, which go straight
     to ``Engine.submit``."""
 
-    def __init__(self, checkpoints: Path, max_batch: int, step_graphs: bool = False) -> None:
+    def __init__(self, checkpoints: Path, max_batch: int, step_graphs: bool = False, policy: str = "fair",
+                 max_delay: float = 0.005) -> None:  # fmt: skip
         from neuralode.devices import resolve_device
         from server.adapters import Limits
         from server.engine import Engine
@@ -110,7 +118,7 @@ class InProcessTarget:
 
         device = resolve_device("auto")  # where `python -m server` puts the models too
         self.model = load_models(checkpoints, device)[CLASSIFIER]
-        self.engine = Engine(device, max_batch=max_batch, step_graphs=step_graphs)
+        self.engine = Engine(device, max_batch=max_batch, policy=policy, max_delay=max_delay, step_graphs=step_graphs)
         self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER, expected_nfe=self.model.expected_nfe)
         self.limits = Limits(max_items=1024, max_abs_input=1e6)
 
@@ -280,6 +288,97 @@ def engine_times(checkpoints: Path, images: np.ndarray, clients: int, seconds: f
             "mean_nfe": row["mean_nfe"], **times.shares(wall)}  # fmt: skip
 
 
+# ---- 6. what continuous batching can buy here ----------------------------------------------
+class StepRows:
+    """Each executor step's stepped rows and its time without the joins and leaves it ran
+    (an instrument for this benchmark, wrapped in place like :class:`EngineTimes`)."""
+
+    def __init__(self, executor) -> None:
+        self.steps: list[tuple[int, float]] = []
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._inside = 0.0
+        step = executor.step
+        executor._join = self._timed("joins", executor._join)
+        executor._finish = self._timed("leaves", executor._finish)
+
+        def timed_step(plan):
+            self._inside, begin = 0.0, time.perf_counter()
+            outputs = step(plan)
+            elapsed = time.perf_counter() - begin
+            self.seconds["busy"] += elapsed
+            self.steps.append((sum(group.batch_size for group in outputs.groups), elapsed - self._inside))
+            return outputs
+
+        executor.step = timed_step
+
+    def _timed(self, part: str, fn):
+        def timed(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - begin
+                self.seconds[part] += elapsed
+                self._inside += elapsed
+
+        return timed
+
+
+def batching_ceiling(checkpoints: Path, images: np.ndarray, clients: int, seconds: float, warmup: float,
+                     max_batch: int, max_delay: float, seed: int) -> dict:  # fmt: skip
+    target = InProcessTarget(checkpoints, max_batch, policy="static", max_delay=max_delay)
+    try:
+        probe = StepRows(target.engine.workers[target.model.key].executor)
+        MixedLoad(images, warmup, 0.0, max_batch, seed).closed_loop(target, clients)
+        probe.steps.clear(), probe.seconds.clear()
+        begin = time.perf_counter()
+        row = MixedLoad(images, seconds, 0.0, max_batch, seed + 1).closed_loop(target, clients)
+        wall = time.perf_counter() - begin
+        downsampling = _downsampling_per_image(target.model.adapter, images[:max_batch])
+    finally:
+        target.close()
+    rows = np.array([r for r, _ in probe.steps], dtype=float)
+    step_seconds = np.array([s for r, s in probe.steps if r > 0])
+    rows = rows[rows > 0]
+    width = max(1, max_batch // 8)
+    by_rows = {}
+    for low in range(0, max_batch, width):
+        inside = (rows > low) & (rows <= low + width)
+        if inside.any():
+            by_rows[f"{low + 1}-{low + width}"] = {"steps": int(inside.sum()),
+                                                   "ms_per_row": 1e3 * step_seconds[inside].sum() / rows[inside].sum()}  # fmt: skip
+    static_ms = 1e3 * step_seconds.sum() / rows.sum()
+    full_batch_ms = min(b["ms_per_row"] for b in by_rows.values() if b["steps"] >= 10)
+    steps_ideal = step_seconds.sum() * full_batch_ms / static_ms
+    return {"static_items_per_s": row["throughput_items_per_s"], "row_steps": int(rows.sum()),
+            "step_ms_per_row_by_rows": by_rows, "static_ms": static_ms, "full_batch_ms": full_batch_ms,
+            "step_ceiling": static_ms / full_batch_ms,
+            "throughput_ceiling": wall / (wall - step_seconds.sum() + steps_ideal),
+            "share_of_wall": {"steps": step_seconds.sum() / wall, "joins": probe.seconds["joins"] / wall,
+                              "leaves": probe.seconds["leaves"] / wall},
+            "downsampling_ms_per_image": downsampling}  # fmt: skip
+
+
+def _downsampling_per_image(adapter, images: np.ndarray, repeats: int = 10) -> dict:
+    """ODE-Net's downsampling of one batch, whole against the adapter's chunks (its ``start``)."""
+    import torch
+
+    from server.api import Kind
+
+    batch = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    times: dict[str, list[float]] = {"whole batch": [], "chunked": []}
+    with torch.no_grad():
+        for _ in range(repeats):  # interleaved
+            for name, run in (
+                ("whole batch", adapter.model.downsample),
+                ("chunked", lambda x: adapter.start(Kind.CLASSIFY, x)),
+            ):
+                begin = time.perf_counter()
+                run(batch)
+                times[name].append(time.perf_counter() - begin)
+    return {name: 1e3 * statistics.median(ts) / len(images) for name, ts in times.items()} | {"images": len(images)}
+
+
 # ---- 2. contention and 3. hostile ----------------------------------------------------------
 def contention(target: GrpcTarget, images: np.ndarray) -> dict:
     small = classify_request(images[512:513], tol=1e-1)
@@ -417,7 +516,7 @@ def main() -> None:
     )
     parser.add_argument("--engine-clients", type=int, default=16, help="one-image clients of the engine section")
     parser.add_argument("--engine-seconds", type=float, default=20.0, help="seconds per engine-section run")
-    parser.add_argument("--sections", default="mixed,contention,hostile,auto,engine")
+    parser.add_argument("--sections", default="mixed,contention,hostile,auto,engine,ceiling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -437,7 +536,7 @@ def main() -> None:
         targets = {
             name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags)
             for name, flags in POLICIES.items()
-            if sections - {"engine"}  # the engine section runs in-process
+            if sections - {"engine", "ceiling"}  # these two run in-process
         }
         try:
             if "mixed" in sections:
@@ -495,6 +594,9 @@ def main() -> None:
         runs = [engine_times(args.checkpoints, images, args.engine_clients, args.engine_seconds, args.warmup,
                              args.max_batch, args.seed + repeat, step_graphs) for repeat in range(args.repeats)]  # fmt: skip
         record["engine"] = {key: float(np.median([run[key] for run in runs])) for key in runs[0]} | {"runs": runs}
+    if "ceiling" in sections:
+        record["ceiling"] = batching_ceiling(args.checkpoints, images, args.clients, args.duration, args.warmup,
+                                             args.max_batch, args.max_delay_ms / 1e3, args.seed)  # fmt: skip
 
     record["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -559,6 +661,21 @@ def _print(record: dict, args, machine: str) -> None:
               f"worker busy {e['busy_fraction_of_wall']:.0%} of the time")  # fmt: skip
         print(f"  of busy time: f {e['f_share']:.1%}, the model outside the ODE {e['model_outside_ode_share']:.1%}, "
               f"the engine's overhead {e['engine_overhead_share']:.1%} (outside f in all: {e['outside_f_share']:.1%})")  # fmt: skip
+    if "ceiling" in record:
+        c = record["ceiling"]
+        print(
+            f"\n6. what continuous batching can buy here: static batching, {args.clients} clients, mixed load, in-process"
+        )
+        print(f"  {c['static_items_per_s']:.1f} items/s; steps {c['share_of_wall']['steps']:.0%} of the time, joins "
+              f"{c['share_of_wall']['joins']:.0%}, leaves {c['share_of_wall']['leaves']:.0%}")  # fmt: skip
+        print("  ms per row-step by stepped rows: " + ", ".join(
+            f"{k}: {b['ms_per_row']:.3f} ({b['steps']})" for k, b in c["step_ms_per_row_by_rows"].items()))  # fmt: skip
+        print(f"  static {c['static_ms']:.3f} ms per row-step, a full batch {c['full_batch_ms']:.3f}: step ceiling "
+              f"{c['step_ceiling']:.2f}x, throughput ceiling {c['throughput_ceiling']:.2f}x static")  # fmt: skip
+        d = c["downsampling_ms_per_image"]
+        print(
+            f"  downsampling of {d['images']} images: {d['whole batch']:.3f} ms per image whole, {d['chunked']:.3f} in the adapter's chunks"
+        )
 
 
 if __name__ == "__main__":
