@@ -7,7 +7,8 @@
 #   3. the solver-overhead ratio on the device (bench/solver_overhead.py);
 #   4. the seed's Table 1 on the device: error, NFE and time against tolerance (training evaluate);
 #   5. bench/serve_load.py with the servers on the GPU: 64 clients, continuous against static
-#      batching (mixed load), and where the engine's time goes — with step_graphs off, then on.
+#      batching (mixed load), where the engine's time goes, and what continuous batching can buy
+#      there (static's step cost per row against a full batch's) — with step_graphs off, then on.
 #
 # Only the checkout travels: run bench/prepare_gpu_session.sh here first, then on the device, with
 # carry ["device-data", "device-wheels"]:   bash bench/gpu_inference.sh
@@ -46,7 +47,7 @@ checkpoint=checkpoints/odenet-mnist.pt
 "$PYTHON" -m training evaluate "$checkpoint" --data-dir "$DATA" --device "$DEVICE" "${subset[@]}" \
     --out "$RESULTS" | tee "$RESULTS/evaluate.txt"
 for graphs in off on; do
-    "$PYTHON" bench/serve_load.py --data-dir "$DATA" --sections mixed,engine --step-graphs "$graphs" "${serve[@]}" \
+    "$PYTHON" bench/serve_load.py --data-dir "$DATA" --sections mixed,engine,ceiling --step-graphs "$graphs" "${serve[@]}" \
         --out "$RESULTS/step-graphs-$graphs" | tee "$RESULTS/serve_load_step_graphs_$graphs.txt"
 done
 echo "gpu inference session done: $RESULTS"

@@ -348,7 +348,8 @@ def batching_ceiling(checkpoints: Path, images: np.ndarray, clients: int, second
             by_rows[f"{low + 1}-{low + width}"] = {"steps": int(inside.sum()),
                                                    "ms_per_row": 1e3 * step_seconds[inside].sum() / rows[inside].sum()}  # fmt: skip
     static_ms = 1e3 * step_seconds.sum() / rows.sum()
-    full_batch_ms = min(b["ms_per_row"] for b in by_rows.values() if b["steps"] >= 10)
+    measured = [b for b in by_rows.values() if b["steps"] >= 10] or list(by_rows.values())  # not one-off steps
+    full_batch_ms = min(b["ms_per_row"] for b in measured)
     steps_ideal = step_seconds.sum() * full_batch_ms / static_ms
     return {"static_items_per_s": row["throughput_items_per_s"], "row_steps": int(rows.sum()),
             "step_ms_per_row_by_rows": by_rows, "static_ms": static_ms, "full_batch_ms": full_batch_ms,
@@ -519,6 +520,7 @@ def main() -> None:
     parser.add_argument("--sections", default="mixed,contention,hostile,auto,engine,ceiling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default=None, help="result file name (default: serve_load_<device>)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
 
@@ -603,7 +605,7 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
     _print(record, args, machine)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve_load_{device}.json"
+    path = args.out / f"{args.name or f'serve_load_{device}'}.json"
     settings = {k: _relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     command = "python bench/serve_load.py " + " ".join(sys.argv[1:])
     document = {"benchmark": "serve_load", "machine": machine, "date": time.strftime("%Y-%m-%d"), "command": command,

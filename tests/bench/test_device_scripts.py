@@ -34,3 +34,4 @@ def test_the_gpu_inference_script_runs_every_step_and_records_each_figure(mnist_
         assert served["settings"]["step_graphs"] == graphs
         assert served["mixed"]["closed_loop"]["grpc static"]["throughput_items_per_s"] > 0
         assert 0 < served["engine"]["engine_overhead_share"] < 1
+        assert served["ceiling"]["row_steps"] > 0 and served["ceiling"]["step_ceiling"] > 0
