@@ -26,7 +26,7 @@ IMAGE_SIDE = 28
 CPU_CHUNK_BYTES = 4 << 20
 """On the CPU, the most activation memory one chunk of the downsampling may hold: a batch of
 256 images has 44 MB feature maps, which miss the cache and, from glibc, come as fresh pages
-to fault in; chunks of 4 MB (24 images) run the same arithmetic 3-4 times faster per image
+to fault in; chunks of 4 MB (24 images) run the same arithmetic about 3 times faster per image
 (docs/server.md, "The model outside the ODE")."""
 
 
