@@ -236,6 +236,19 @@ def _median_row(runs: list[dict]) -> dict:
 
 
 # ---- 5. the engine's own time ---------------------------------------------------------------
+def _timed(fn, add_seconds):
+    """``fn``, reporting the wall time of every call to ``add_seconds``."""
+
+    def timed(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            add_seconds(time.perf_counter() - begin)
+
+    return timed
+
+
 class EngineTimes:
     """Wall time one worker spends in each part of its steps, by wrapping those parts in
     place (an instrument for this benchmark; the server does not time f)."""
@@ -251,14 +264,10 @@ class EngineTimes:
         scheduler.update = self._timed("busy", scheduler.update)
 
     def _timed(self, part: str, fn):
-        def timed(*args, **kwargs):
-            begin = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[part] += time.perf_counter() - begin
+        def add(seconds: float) -> None:
+            self.seconds[part] += seconds
 
-        return timed
+        return _timed(fn, add)
 
     def shares(self, wall: float) -> dict:
         busy, f, model = self.seconds["busy"], self.seconds["f"], self.seconds["model outside the ODE"]
@@ -305,23 +314,17 @@ class StepRows:
             self._inside, begin = 0.0, time.perf_counter()
             outputs = step(plan)
             elapsed = time.perf_counter() - begin
-            self.seconds["busy"] += elapsed
             self.steps.append((sum(group.batch_size for group in outputs.groups), elapsed - self._inside))
             return outputs
 
         executor.step = timed_step
 
     def _timed(self, part: str, fn):
-        def timed(*args, **kwargs):
-            begin = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - begin
-                self.seconds[part] += elapsed
-                self._inside += elapsed
+        def add(seconds: float) -> None:
+            self.seconds[part] += seconds
+            self._inside += seconds
 
-        return timed
+        return _timed(fn, add)
 
 
 def batching_ceiling(checkpoints: Path, images: np.ndarray, clients: int, seconds: float, warmup: float,
@@ -330,16 +333,15 @@ def batching_ceiling(checkpoints: Path, images: np.ndarray, clients: int, second
     try:
         probe = StepRows(target.engine.workers[target.model.key].executor)
         MixedLoad(images, warmup, 0.0, max_batch, seed).closed_loop(target, clients)
-        probe.steps.clear(), probe.seconds.clear()
+        probe.steps.clear()
+        probe.seconds.clear()
         begin = time.perf_counter()
         row = MixedLoad(images, seconds, 0.0, max_batch, seed + 1).closed_loop(target, clients)
         wall = time.perf_counter() - begin
-        downsampling = _downsampling_per_image(target.model.adapter, images[:max_batch])
+        downsampling = _downsampling_per_image(target.model.adapter, images[:max_batch], target.limits)
     finally:
         target.close()
-    rows = np.array([r for r, _ in probe.steps], dtype=float)
-    step_seconds = np.array([s for r, s in probe.steps if r > 0])
-    rows = rows[rows > 0]
+    rows, step_seconds = np.array([step for step in probe.steps if step[0] > 0], dtype=float).T
     width = max(1, max_batch // 8)
     by_rows = {}
     for low in range(0, max_batch, width):
@@ -360,13 +362,13 @@ def batching_ceiling(checkpoints: Path, images: np.ndarray, clients: int, second
             "downsampling_ms_per_image": downsampling}  # fmt: skip
 
 
-def _downsampling_per_image(adapter, images: np.ndarray, repeats: int = 10) -> dict:
+def _downsampling_per_image(adapter, images: np.ndarray, limits, repeats: int = 10) -> dict:
     """ODE-Net's downsampling of one batch, whole against the adapter's chunks (its ``start``)."""
     import torch
 
     from server.api import Kind
 
-    batch = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    batch = adapter.prepare(Kind.CLASSIFY, {"images": images}, limits)
     times: dict[str, list[float]] = {"whole batch": [], "chunked": []}
     with torch.no_grad():
         for _ in range(repeats):  # interleaved
@@ -377,7 +379,7 @@ def _downsampling_per_image(adapter, images: np.ndarray, repeats: int = 10) -> d
                 begin = time.perf_counter()
                 run(batch)
                 times[name].append(time.perf_counter() - begin)
-    return {name: 1e3 * statistics.median(ts) / len(images) for name, ts in times.items()} | {"images": len(images)}
+    return {name: 1e3 * statistics.median(ts) / len(batch) for name, ts in times.items()} | {"images": len(batch)}
 
 
 # ---- 2. contention and 3. hostile ----------------------------------------------------------
