@@ -56,6 +56,7 @@ class Server:
             max_delay=config.max_delay_ms / 1000,
             default_priority=config.default_priority,
             guaranteed_share=config.guaranteed_share,
+            auto_headroom=config.auto_headroom,
             step_graphs=config.step_graphs == "on",
             stats=self.metrics,
             health=self._model_health,

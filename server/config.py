@@ -22,6 +22,7 @@ class ServerConfig:
     priority_levels: int = 3
     default_priority: int = 2
     guaranteed_share: float = 0.25
+    auto_headroom: float = 0.25
     max_batch: int = 256
     step_graphs: str = "off"
     max_delay_ms: float = 5.0
@@ -64,6 +65,8 @@ class ServerConfig:
             problems.append("need 1 <= default_priority <= priority_levels")
         if not 0 <= self.guaranteed_share <= 1:
             problems.append("guaranteed_share must be in [0, 1]")
+        if not 0 < self.auto_headroom <= 1:
+            problems.append("auto_headroom must be in (0, 1]")
         if not self.max_abs_input > 0:
             problems.append("max_abs_input must be > 0")
         for name in ("max_batch", "max_queued_items", "max_items_per_request", "max_nfe", "max_request_nfe",
@@ -105,6 +108,7 @@ _HELP = {
     "priority_levels": "request priorities 1 (most urgent) .. this; a request's 0 means default_priority",
     "default_priority": "the level of requests that do not set one",
     "guaranteed_share": "fair policy: the fraction of a level's batch slots split equally between its requests (at least one each while there are slots for all); the rest goes by earliest virtual deadline",
+    "auto_headroom": "auto_tol: the share of its deadline or latency target within which a request's predicted completion must fall (smaller loosens more under load)",
     "max_batch": "most items in one running batch",
     "step_graphs": "on: continuous batching takes each solver step as one CUDA graph replay per padded batch size (GPU; not yet measured on one)",
     "max_delay_ms": "static batching: longest wait for a full batch",

@@ -25,6 +25,7 @@ from neuralode.solvers import Status
 from .adapters import Adapter
 from .executor import Executor, ExecutorOutputs, Work, step_cost
 from .scheduler import (
+    AUTO_HEADROOM,
     BudgetExhausted,
     Cancelled,
     Candidate,
@@ -114,6 +115,7 @@ class ModelWorker:
         max_delay: float,
         default_priority: int,
         guaranteed_share: float,
+        auto_headroom: float,
         step_graphs: bool,
         clock: Clock,
         stats: StatsSink,
@@ -127,7 +129,7 @@ class ModelWorker:
         self.max_batch = max_batch
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
                                    default_priority=default_priority, guaranteed_share=guaranteed_share,
-                                   clock=clock)  # fmt: skip
+                                   auto_headroom=auto_headroom, clock=clock)  # fmt: skip
         self.step_graphs = step_graphs
         self.executor = Executor(adapter, device, step_graphs=step_graphs)
         self._lock = threading.Condition()
@@ -312,6 +314,7 @@ class Engine:
         max_delay: float = 0.005,
         default_priority: int = 1,
         guaranteed_share: float = 0.25,
+        auto_headroom: float = AUTO_HEADROOM,
         step_graphs: bool = False,
         clock: Clock = time.monotonic,
         stats: StatsSink = discard,
@@ -320,7 +323,7 @@ class Engine:
         self.device, self.clock, self.stats, self.health = device, clock, stats, health
         self._settings = dict(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
                               default_priority=default_priority, guaranteed_share=guaranteed_share,
-                              step_graphs=step_graphs)  # fmt: skip
+                              auto_headroom=auto_headroom, step_graphs=step_graphs)  # fmt: skip
         self.workers: dict[str, ModelWorker] = {}
         self._retired: list[tuple[str, ModelWorker]] = []
         self._lock = threading.Lock()

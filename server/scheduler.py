@@ -56,8 +56,9 @@ Clock = Callable[[], float]
 POLICIES = ("fair", "fifo", "static")
 
 AUTO_HEADROOM = 0.25
-"""``auto`` picks the tightest tolerance predicted to finish within this share of its target:
-forecasts made at arrival miss the work that arrives after, and under overload that is most."""
+"""The default share of its target within which ``auto`` must be predicted to finish: forecasts
+made at arrival miss the work that arrives after, and under overload that is most (at a half,
+fewer requests were on time; docs/server.md)."""
 
 OPTIMISTIC_NFE_FRACTION = 0.5
 """Deadline checks assume an item needs at least this share of the card's NFE at its
@@ -261,6 +262,7 @@ class Scheduler:
         max_delay: float = 0.0,
         default_priority: int = 1,
         guaranteed_share: float = 0.25,
+        auto_headroom: float = AUTO_HEADROOM,
         clock: Clock = time.monotonic,
     ) -> None:
         if policy not in POLICIES:
@@ -269,9 +271,11 @@ class Scheduler:
             raise ValueError("max_batch and max_queued must be >= 1")
         if not 0.0 <= guaranteed_share <= 1.0:
             raise ValueError(f"guaranteed_share must be in [0, 1], got {guaranteed_share}")
+        if not 0.0 < auto_headroom <= 1.0:
+            raise ValueError(f"auto_headroom must be in (0, 1], got {auto_headroom}")
         self.max_batch, self.max_queued, self.policy = max_batch, max_queued, policy
         self.max_delay, self.default_priority, self.clock = max_delay, default_priority, clock
-        self.guaranteed_share = guaranteed_share
+        self.guaranteed_share, self.auto_headroom = guaranteed_share, auto_headroom
         self.timer = StepTimer()
         self._requests: dict[int, Request] = {}  # not ended, by id
         self._live: dict[int, Item] = {}  # running or parked items, by id
@@ -554,7 +558,7 @@ class Scheduler:
         if target is None:
             return candidates[0]
         for candidate in candidates:
-            if self.predict_seconds(request, candidate.cost) <= AUTO_HEADROOM * target:
+            if self.predict_seconds(request, candidate.cost) <= self.auto_headroom * target:
                 return candidate
         return candidates[-1]
 

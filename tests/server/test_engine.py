@@ -167,6 +167,23 @@ def test_auto_solves_at_a_card_tolerance_and_reports_it(model, shipped, make_wor
         engine.close(timeout=30)
 
 
+def test_auto_headroom_is_a_setting_the_models_schedulers_take(shipped, capsys):
+    from server.config import parse_config
+    from server.models import load_models
+
+    config = parse_config(["--auto-headroom", "0.5"])
+    served = load_models(shipped, torch.device("cpu"))[DENSITY]
+    engine = Engine(torch.device("cpu"), auto_headroom=config.auto_headroom)
+    engine.add("cnf", served.adapter, label=DENSITY, expected_nfe=served.expected_nfe)
+    try:
+        assert engine.workers["cnf"].scheduler.auto_headroom == 0.5
+    finally:
+        engine.close(timeout=30)
+    with pytest.raises(SystemExit):
+        parse_config(["--auto-headroom", "0"])
+    assert "auto_headroom must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_a_cancelled_request_resolves_and_leaves_the_batch(engine, make_works):
     request, future = engine.submit("cnf", make_works(16, tol=1e-8))
     engine.cancel("cnf", request)

@@ -316,8 +316,9 @@ CANDIDATES = [Candidate(1e-4, Cost(START, STEP, START + 40 * STEP)),
               Candidate(1e-1, Cost(START, STEP, START + 3 * STEP))]  # fmt: skip
 
 
-def test_auto_picks_the_tightest_tolerance_predicted_to_meet_the_target_and_loosens_under_load():
-    h = Harness(max_batch=64, seconds_per_row=0.001)
+@pytest.mark.parametrize(("headroom", "loaded_tol"), [(None, 1e-2), (1.0, 1e-4)])
+def test_auto_picks_the_tightest_tolerance_predicted_to_meet_the_target_and_loosens_under_load(headroom, loaded_tol):
+    h = Harness(max_batch=64, seconds_per_row=0.001, **({} if headroom is None else {"auto_headroom": headroom}))
     for _ in range(5):
         h.run_until(h.submit([2]))  # the timer learns: 1 ms per row
     idle = h.submit([40], candidates=CANDIDATES, latency_target=0.5)
@@ -328,8 +329,9 @@ def test_auto_picks_the_tightest_tolerance_predicted_to_meet_the_target_and_loos
         h.step()
     assert h.scheduler.timer.predict(61) == pytest.approx(0.061, rel=0.05)
     loaded = h.submit([10], candidates=CANDIDATES, latency_target=3.0)
-    # Within a quarter of the target (AUTO_HEADROOM): 40 steps of 61 ms would take 2.4 s, 10 take 0.61 s.
-    assert loaded.tol == 1e-2
+    # 40 steps of 61 ms would take 2.4 s, 10 take 0.61 s: within the default quarter of the
+    # target (AUTO_HEADROOM) only the second; within all of it the first.
+    assert loaded.tol == loaded_tol
     hopeless = h.submit([3], candidates=CANDIDATES, latency_target=0.01)
     assert hopeless.tol == 1e-1  # nothing meets 10 ms: the loosest
     assert crowd.state is State.RUNNING
@@ -390,3 +392,6 @@ def test_invalid_settings_are_refused():
         Scheduler(max_batch=1, max_queued=1, policy="dynamic")
     with pytest.raises(ValueError, match=">= 1"):
         Scheduler(max_batch=0, max_queued=1)
+    for headroom in (0.0, 1.5):
+        with pytest.raises(ValueError, match="auto_headroom must be in"):
+            Scheduler(max_batch=1, max_queued=1, auto_headroom=headroom)
