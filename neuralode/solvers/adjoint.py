@@ -39,7 +39,7 @@ from .controller import ConstantController, PIController
 from .integrate import EventTracker, Trajectory, integrate
 from .problem import Problem, stops_between
 from .scipy_solve import ScipyMethod, scipy_integrate
-from .solver import Func, Solver, in_row_blocks, per_row, rows_of
+from .solver import Func, Solver, per_row, rows_of
 from .state import StepRecord
 from .status import SolverError, Status
 from .stepper import StepCallbacks, Stepper, rms_norm
@@ -213,13 +213,12 @@ class _AdjointSolve(torch.autograd.Function):
             if solve.scipy is not None:
                 out = scipy_integrate(solve.func, y0, t0, times, problem.rtol, problem.atol, solve.scipy)
             else:
-                func = in_row_blocks(solve.func, y0)
                 state = stepper.init(
-                    func, y0, t0, solve.stops[:, 0], times[:, -1], problem.rtol, problem.atol,
+                    solve.func, y0, t0, solve.stops[:, 0], times[:, -1], problem.rtol, problem.atol,
                     first_step=problem.first_step, max_nfe=problem.max_nfe,
                     jump=None if solve.stop_jumps is None else solve.stop_jumps[:, 0],
                 )  # fmt: skip
-                out = integrate(stepper, func, state, times, solve.stops, solve.stop_jumps,
+                out = integrate(stepper, solve.func, state, times, solve.stops, solve.stop_jumps,
                                 interpolant=solve.interpolant, events=solve.events)  # fmt: skip
         ctx.solve = solve
         # Read at backward time, so it can be swapped in between (torchdiffeq's tests do).
