@@ -4,15 +4,13 @@ For each batch size: NFE, wall time of the solve, and the ratio
 ``solve_time / (NFE × time of one bare f evaluation at that batch)``, i.e. how much the solver
 adds on top of the function evaluations it needs. f's time is given two ways: the median of
 single evaluations, and the fastest of several blocks of back-to-back evaluations (what f
-costs when nothing disturbs it, so the stricter floor). On the CPU a batch larger than the
-solver's row blocks (``neuralode.devices.CPU_BLOCK_BYTES``) is evaluated in blocks, which is
-faster than one call; f's time in those blocks is given too. For our per-sample solver NFE is the
+costs when nothing disturbs it, so the stricter floor). For our per-sample solver NFE is the
 mean over samples (finished samples are no longer evaluated); torchdiffeq's and torchode's are
 one shared count (torchode steps each sample with its own dt, but evaluates every row until
 all are done). The torchode column appears when torchode is importable
 (``pip install torchode``; it is not a dependency of this project).
 
-    python bench/solver_overhead.py [--device cpu|cuda] [--batch 1000 1] [--out bench/results] [--only-ours] [--name N]
+    python bench/solver_overhead.py [--device cpu|cuda] [--batch 1000 1] [--out bench/results] [--only-ours]
 
 ``--only-ours`` skips torchdiffeq, for comparing two neuralode revisions (run each with its
 checkout first on PYTHONPATH, alternating, and compare the ratios).
@@ -39,7 +37,6 @@ import torch
 
 from neuralode.models import ODEFunc
 from neuralode.solvers import solve_ivp
-from neuralode.solvers.solver import in_row_blocks
 
 
 def _sync(device: torch.device) -> None:
@@ -125,8 +122,6 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int, only_our
         per_block = max(3, int(0.1 / f_time))  # blocks of about 0.1 s
         f_min_time = fastest_block_seconds(lambda: func(t_batch, z0), device, repeats * 3, per_block)
         graph_f_time = _graph_f_time(func, t_batch, z0, repeats)
-        in_blocks = in_row_blocks(func, z0)  # how the solver evaluates f at this batch
-        blocks_time = None if in_blocks is func else median_seconds(lambda: in_blocks(t_batch, z0), device, repeats * 5)
 
         ours = {}
 
@@ -171,9 +166,6 @@ def measure(batch: int, device: torch.device, tol: float, repeats: int, only_our
             "ratio_to_fastest_f": ours_time / (ours_nfe * f_min_time),
         },
     }
-    if blocks_time is not None:
-        row["f_in_blocks_ms"] = blocks_time * 1e3
-        row["ours"]["ratio_to_f_in_blocks"] = ours_time / (ours_nfe * blocks_time)
     if torchode_time is not None:
         row["torchode"] = {
             "nfe": torchode_run["nfe"],
@@ -203,7 +195,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--only-ours", action="store_true", help="skip torchdiffeq")
-    parser.add_argument("--name", default=None, help="result file name (default: solver_overhead_<device>)")
     args = parser.parse_args()
     device = torch.device(args.device)
     machine = (
@@ -231,10 +222,6 @@ def main() -> None:
             f"{'':>6} fastest-block f {r['f_fastest_block_ms']:.3f} ms: ours {o['ratio_to_fastest_f']:.2f}"
             + ("" if d is None else f", torchdiffeq {d['ratio_to_fastest_f']:.2f}")
         )
-        if "f_in_blocks_ms" in r:
-            print(
-                f"{'':>6} f in the solver's row blocks {r['f_in_blocks_ms']:.3f} ms: ours {o['ratio_to_f_in_blocks']:.2f}"
-            )
         if "torchode" in r:
             c = r["torchode"]
             print(
@@ -247,7 +234,7 @@ def main() -> None:
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name or f'solver_overhead_{device.type}'}.json"
+    path = args.out / f"solver_overhead_{device.type}.json"
     record = {
         "benchmark": "solver_overhead",
         "machine": machine,

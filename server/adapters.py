@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from neuralode.devices import cpu_block_rows
 from neuralode.models import CNF, ODENet, standard_normal_log_prob
 from neuralode.solvers import rms_norm
 from neuralode.solvers.stepper import Norm
@@ -24,6 +23,11 @@ from neuralode.solvers.stepper import Norm
 from .api import Kind, Signature, Task, TensorSpec, invalid
 
 IMAGE_SIDE = 28
+CPU_CHUNK_BYTES = 4 << 20
+"""On the CPU, the most activation memory one chunk of the downsampling may hold: a batch of
+256 images has 44 MB feature maps, which miss the cache and, from glibc, come as fresh pages
+to fault in; chunks of 4 MB (24 images) run the same arithmetic about 3 times faster per image
+(docs/server.md, "The model outside the ODE")."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +111,7 @@ class ClassifierAdapter(Adapter):
                 widest = max(widest, probe.numel() * probe.element_size())
             classes = model.head(probe).shape[1]
         self._state_bytes = 2 * probe.numel() * probe.element_size()
-        # A batch of 256 images has 44 MB feature maps; chunks whose widest map fits the CPU's
-        # block bound (24 images) run the same arithmetic about 3 times faster per image.
-        self._chunk_rows = cpu_block_rows(parameter.device, widest)
+        self._chunk_rows = max(1, CPU_CHUNK_BYTES // widest) if parameter.device.type == "cpu" else None
         self.signatures = {Kind.CLASSIFY: Signature(Kind.CLASSIFY, (IMAGES,), (
             TensorSpec("probabilities", ("float32",), (-1, classes), "class probabilities; NaN where the item's solve failed"),
             TensorSpec("labels", ("int32",), (-1,), "the most probable class; -1 where the item's solve failed"),

@@ -15,7 +15,7 @@ from .integrate import Trajectory, integrate
 from .methods import SCIPY_METHOD, get_method
 from .problem import Problem, Tolerance, prepare_problem, stops_between
 from .scipy_solve import ScipyMethod, scipy_integrate
-from .solver import INTERPOLANTS, Func, Solver, in_row_blocks
+from .solver import INTERPOLANTS, Func, Solver
 from .status import Status, raise_for_status
 from .stepper import DEFAULT_MAX_STEPS, Norm, StepCallbacks, Stepper, rms_norm
 from .tuples import State, TupleLayout
@@ -132,7 +132,6 @@ def solve(
     if scipy is not None:
         trajectory = scipy_integrate(func, problem.y0, problem.t0, problem.times, problem.rtol, problem.atol, scipy)
     else:
-        func = in_row_blocks(func, problem.y0)
         state = stepper.init(
             func, problem.y0, problem.t0, stops[:, 0], problem.t1, problem.rtol, problem.atol,
             first_step=problem.first_step, max_nfe=problem.max_nfe,

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..devices import cpu_block_rows
 from .state import StepRecord
 
 Func = Callable[[Tensor, Tensor], Tensor]
@@ -166,28 +165,6 @@ def evaluate(func: Func, t: Tensor, y: Tensor) -> Tensor:
     if out.dtype != y.dtype:
         raise ValueError(f"func returned dtype {out.dtype}, but the state has dtype {y.dtype}")
     return out
-
-
-def in_row_blocks(func: Func, y0: Tensor) -> Func:
-    """``func``, evaluated in blocks of rows on the CPU when a batch like ``y0`` spans more
-    than :data:`~neuralode.devices.CPU_BLOCK_BYTES`; ``func`` itself otherwise.
-
-    Rows are independent samples, so each block gives its rows what the whole batch would; a
-    block that fits the cache is the faster call (ODE-Net's dynamics on 1,000 states: see
-    docs/solvers.md, "Measured")."""
-    rows = cpu_block_rows(y0.device, y0[0].numel() * y0.element_size()) if y0.shape[0] else None
-    if rows is None or y0.shape[0] <= rows:
-        return func
-
-    def blocked(t: Tensor, y: Tensor) -> Tensor:
-        if y.shape[0] <= rows:
-            return func(t, y)
-        outs = [func(t_block, y_block) for t_block, y_block in zip(t.split(rows), y.split(rows))]
-        if not all(isinstance(out, Tensor) for out in outs):
-            return outs[0]  # for evaluate() to name the problem
-        return torch.cat(outs)
-
-    return blocked
 
 
 def evaluate_rows(func: Func, t: Tensor, y: Tensor, mask: Tensor, fallback: Tensor) -> Tensor:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from neuralode.devices import CPU_BLOCK_BYTES
 from neuralode.solvers import Status, solve_ivp
 
 
@@ -117,25 +116,6 @@ def test_finished_samples_are_not_evaluated():
     # Every evaluated row is one function evaluation of one sample, and nothing more.
     assert sum(rows_per_call) == int(solution.nfe.sum())
     assert rows_per_call[0] == len(FREQUENCIES) and rows_per_call[-1] == 1
-
-
-def test_large_states_are_evaluated_in_cache_sized_blocks_with_each_samples_own_result():
-    row_elements = 300_000  # 1.2 MB a row: three rows to a block, so five rows make two blocks
-    rows_per_block = CPU_BLOCK_BYTES // (row_elements * 4)
-    rows_per_call = []
-
-    def counting(t, y):
-        rows_per_call.append(y.shape[0])
-        return forced(t, y)
-
-    generator = torch.Generator().manual_seed(0)
-    y0 = torch.rand(5, row_elements, generator=generator)
-    rtol = torch.tensor([1e-2, 1e-6, 1e-3, 1e-5, 1e-4])
-    batch, alone = _alone_vs_batch(counting, y0, (0.0, 2.0), rtol, rtol * 1e-2)
-    assert rows_per_block == 3 and max(rows_per_call) == rows_per_block
-    for i, single in enumerate(alone):
-        assert (int(batch.nfe[i]), int(batch.steps[i])) == (int(single.nfe), int(single.steps)), i
-        torch.testing.assert_close(batch.y1[i], single.y1[0], rtol=0, atol=0)
 
 
 def test_failures_stay_with_their_sample():

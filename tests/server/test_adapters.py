@@ -6,8 +6,7 @@ import torch
 from live_server import CLASSIFIER
 
 from neuralode.checkpoint import load_checkpoint
-from neuralode.devices import CPU_BLOCK_BYTES
-from server.adapters import adapter_for
+from server.adapters import CPU_CHUNK_BYTES, adapter_for
 from server.api import Kind
 
 
@@ -25,5 +24,5 @@ def test_the_downsampling_runs_in_chunks_within_the_byte_bound_and_gives_the_who
         whole = adapter.model.downsample(images)
     assert sum(chunks) == 100 and len(chunks) > 1
     bytes_per_image = max(widest) // max(chunks)
-    assert max(chunks) == CPU_BLOCK_BYTES // bytes_per_image  # as many images as fit in the bound
+    assert max(chunks) == CPU_CHUNK_BYTES // bytes_per_image  # as many images as fit in the bound
     torch.testing.assert_close(features, whole)
