@@ -42,21 +42,26 @@ def run(args: argparse.Namespace) -> dict:
         report = reports[0]
         _print_single(report)
         if checkpoints[0].kind in CLASSIFIERS:
-            _plot_classifier(report, stem.with_suffix(".png"))
+            _plot_classifier(report, _named(stem, ".png"))
         else:
             from .densities import plot_density
 
-            plot_density(checkpoints[0].model, checkpoints[0].card, stem.with_suffix(".png"), device)
+            plot_density(checkpoints[0].model, checkpoints[0].card, _named(stem, ".png"), device)
     else:
         stem = out_dir / (args.name or "-vs-".join(path.stem for path in args.checkpoints))
         report = {"compared": reports}
         _print_comparison(reports)
-        _plot_comparison(reports, stem.with_suffix(".png"))
+        _plot_comparison(reports, _named(stem, ".png"))
     report["device"] = device_name(device)
     report["date"] = date.today().isoformat()
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    _named(stem, ".json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {_named(stem, '.json')} and {_named(stem, '.png')}")
     return report
+
+
+def _named(stem: Path, suffix: str) -> Path:
+    """``stem`` plus ``suffix``: names like ``odenet-k0.1-j0.1`` have dots that are not suffixes."""
+    return stem.with_name(stem.name + suffix)
 
 
 # ---- measuring ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,16 +74,18 @@ def test_evaluate_writes_the_table_json_and_plot_under_runs_not_beside_the_check
 
 def test_evaluate_compares_two_checkpoints_side_by_side(short_odenet, mnist_dir, tmp_path):
     shipped = ROOT / "checkpoints" / "odenet-mnist.pt"
-    result = _run("evaluate", str(shipped), str(short_odenet), "--data-dir", str(mnist_dir), "--test-subset", "200",
+    dotted = tmp_path / "odenet-k0.1.pt"  # a name's dots are not a suffix to replace
+    shutil.copy(short_odenet, dotted)
+    result = _run("evaluate", str(shipped), str(dotted), "--data-dir", str(mnist_dir), "--test-subset", "200",
                   "--tols", "1e-2", "1", "--out", str(tmp_path), "--device", "cpu")  # fmt: skip
-    compared = json.loads((tmp_path / "odenet-mnist-vs-odenet.json").read_text())["compared"]
-    assert [report["name"] for report in compared] == ["odenet-mnist", "odenet"]
+    compared = json.loads((tmp_path / "odenet-mnist-vs-odenet-k0.1.json").read_text())["compared"]
+    assert [report["name"] for report in compared] == ["odenet-mnist", "odenet-k0.1"]
     shipped_row, short_row = (report["rows"][0] for report in compared)
     assert shipped_row["test_error"] < short_row["test_error"]  # 3 epochs against 160 small steps
     lines = result.stdout.splitlines()
     assert "odenet-mnist" in lines[1] and "odenet" in lines[1].replace("odenet-mnist", "")
     assert any(line.split()[0] == "0.01" and line.count("@") == 2 for line in lines[2:])
-    assert (tmp_path / "odenet-mnist-vs-odenet.png").stat().st_size > 5000
+    assert (tmp_path / "odenet-mnist-vs-odenet-k0.1.png").stat().st_size > 5000
 
 
 def test_evaluate_refuses_to_compare_different_datasets(tmp_path):
