@@ -37,31 +37,28 @@ def run(args: argparse.Namespace) -> dict:
             else _density_report(checkpoint, args, device)
         )
         reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint), **report})
-    if len(reports) == 1:
-        stem = out_dir / (args.name or f"{args.checkpoints[0].stem}-eval")
+    single = len(reports) == 1
+    default = f"{args.checkpoints[0].stem}-eval" if single else "-vs-".join(path.stem for path in args.checkpoints)
+    name = args.name or default  # may hold dots (odenet-mnist-k0.1-j0.1): no with_suffix
+    png, json_path = out_dir / f"{name}.png", out_dir / f"{name}.json"
+    if single:
         report = reports[0]
         _print_single(report)
         if checkpoints[0].kind in CLASSIFIERS:
-            _plot_classifier(report, _named(stem, ".png"))
+            _plot_classifier(report, png)
         else:
             from .densities import plot_density
 
-            plot_density(checkpoints[0].model, checkpoints[0].card, _named(stem, ".png"), device)
+            plot_density(checkpoints[0].model, checkpoints[0].card, png, device)
     else:
-        stem = out_dir / (args.name or "-vs-".join(path.stem for path in args.checkpoints))
         report = {"compared": reports}
         _print_comparison(reports)
-        _plot_comparison(reports, _named(stem, ".png"))
+        _plot_comparison(reports, png)
     report["device"] = device_name(device)
     report["date"] = date.today().isoformat()
-    _named(stem, ".json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {_named(stem, '.json')} and {_named(stem, '.png')}")
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {json_path} and {png}")
     return report
-
-
-def _named(stem: Path, suffix: str) -> Path:
-    """``stem`` plus ``suffix``: names like ``odenet-k0.1-j0.1`` have dots that are not suffixes."""
-    return stem.with_name(stem.name + suffix)
 
 
 # ---- measuring ------------------------------------------------------------------------
