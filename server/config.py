@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .scheduler import AUTO_HEADROOM
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -22,7 +24,7 @@ class ServerConfig:
     priority_levels: int = 3
     default_priority: int = 2
     guaranteed_share: float = 0.25
-    auto_headroom: float = 0.25
+    auto_headroom: float = AUTO_HEADROOM
     max_batch: int = 256
     step_graphs: str = "off"
     max_delay_ms: float = 5.0
