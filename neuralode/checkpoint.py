@@ -62,10 +62,17 @@ def read_card(path: str | Path) -> dict[str, Any]:
     return _read(Path(path))[0]
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model a card describes and load its weights, in eval mode."""
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None
+) -> Checkpoint:
+    """Rebuild the model a card describes and load its weights, in eval mode.
+
+    ``overrides`` change constructor settings of the card's ``hyper`` that leave the weights
+    as they are (a solver setting such as ``first_step``); the returned card says so."""
     path = Path(path)
     card, state_dict = _read(path)
+    if overrides:
+        card = {**card, "hyper": {**card.get("hyper", {}), **overrides}}
     try:
         model = build_model(card["kind"], card["hyper"])
     except (KeyError, TypeError, ValueError) as error:

@@ -52,6 +52,7 @@ class Adapter:
     signatures: dict[Kind, Signature]
     dynamics: Callable[[Tensor, Tensor], Tensor]
     norm: Norm = staticmethod(rms_norm)  # a plain function, not a method of the adapter
+    first_step: float | None = None  # the model's first step for adaptive methods; None: Hairer's rule
 
     def prepare(self, kind: Kind, inputs: Mapping[str, np.ndarray], limits: Limits) -> Tensor:
         """One row per item (``[N, ...]``, float32 on the CPU), after checking the inputs;
@@ -103,6 +104,7 @@ class ClassifierAdapter(Adapter):
     def __init__(self, model: ODENet) -> None:
         self.model = model
         self.dynamics = model.block.func
+        self.first_step = model.block.first_step
         parameter = next(model.parameters())
         probe, widest = torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=parameter.dtype, device=parameter.device), 0
         with torch.no_grad():
@@ -168,6 +170,7 @@ class DensityAdapter(Adapter):
         self.model = model
         self.dynamics = model.augmented
         self.norm = model.error_norm
+        self.first_step = model.first_step
         d = model.dim
         points = ("float32",), (-1, d)
         self.signatures = {

@@ -23,7 +23,7 @@ import torch
 from neuralode.solvers import Status
 
 from .adapters import Adapter
-from .executor import Executor, ExecutorOutputs, Work, step_cost
+from .executor import Executor, ExecutorOutputs, Work, first_step_of, step_cost
 from .scheduler import (
     AUTO_HEADROOM,
     BudgetExhausted,
@@ -144,7 +144,7 @@ class ModelWorker:
     def submit(self, works: list[Work], deadline: float | None, scheduling: Scheduling) -> tuple[Request, Future]:
         """Queue a request's items (which share one method and tolerance)."""
         method, tol = works[0].method, works[0].rtol
-        cost = step_cost(method)
+        cost = step_cost(method, first_step_of(self.adapter, method))
         candidates: list[Candidate] = []
         if scheduling.auto:
             candidates = [Candidate(t, cost.with_expected(self.expected_nfe(method, t))) for t in self.tolerances]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from neuralode.cuda_graphs import StepGraphs
 from neuralode.solvers import SolverState, Status, Stepper, get_method
+from neuralode.solvers.accuracy import takes_first_step
 from neuralode.solvers.stepper import Norm
 
 from .adapters import Adapter
@@ -64,11 +65,19 @@ class ExecutorOutputs(StepOutputs):
 
 
 @functools.cache
-def step_cost(method: str) -> Cost:
+def step_cost(method: str, first_step: float | None = None) -> Cost:
     """Function evaluations to start an item and per attempted step, for the scheduler's
-    budgets and predictions."""
+    budgets and predictions; ``first_step`` as :func:`first_step_of` gives it (a given first
+    step saves the evaluation Hairer's rule spends on choosing one)."""
     stepper = Stepper(get_method(method))
-    return Cost(start=stepper.start_cost(), step=stepper.step_cost())
+    given = None if first_step is None else torch.tensor([first_step])
+    return Cost(start=stepper.start_cost(given), step=stepper.step_cost())
+
+
+def first_step_of(adapter: Adapter, method: str) -> float | None:
+    """The first step an item solved by ``method`` tries: the model's, where the method
+    controls its step size."""
+    return adapter.first_step if adapter.first_step is not None and takes_first_step(method) else None
 
 
 @dataclass(frozen=True)
@@ -234,6 +243,8 @@ class Executor:
         def column(values: list[float], dtype=dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+        first_step = first_step_of(self.adapter, group.method)
+
         return group.stepper.init(
             self.adapter.dynamics,
             start.y0,
@@ -242,6 +253,7 @@ class Executor:
             start.t_end,
             column([w.rtol for _, w in batch]),
             column([w.atol for _, w in batch]),
+            first_step=None if first_step is None else column([first_step] * len(batch)),
             max_nfe=column([w.max_nfe for _, w in batch], torch.int64),
             sample_id=column([i for i, _ in batch], torch.int64),
         )

@@ -140,6 +140,8 @@ def _evaluate(sub) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--first-step", type=_first_step, default=argparse.SUPPRESS, metavar="T",
+                        help=FIRST_STEP_HELP + ". Default: each checkpoint's own setting")  # fmt: skip
     parser.add_argument(
         "--out",
         type=Path,
@@ -156,6 +158,39 @@ def _evaluate(sub) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import run
+
+    run(args)
+
+
+def _first_step(value: str) -> float | None:
+    if value == "rule":
+        return None
+    step = float(value)
+    if not step > 0:
+        raise argparse.ArgumentTypeError(f"a first step must be > 0 (or 'rule'), got {value}")
+    return step
+
+
+FIRST_STEP_HELP = ("the step each adaptive solve tries first: a time (the model's integration time, 1 for the "
+                   "shipped models, tries the whole span: cheap for regularised models, whose solves then mostly "
+                   "end in one step) or 'rule' for Hairer's rule, which costs one evaluation")  # fmt: skip
+
+
+def _tune(sub) -> None:
+    text = ("write a copy of a checkpoint that the server solves with other settings, its card's tables "
+            "measured again under them (see docs/training.md)")  # fmt: skip
+    parser = sub.add_parser("tune", help=text, description=text)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--first-step", type=_first_step, required=True, metavar="T", help=FIRST_STEP_HELP)
+    parser.add_argument("--out", type=Path, required=True, help="the new checkpoint")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--test-subset", type=int, default=None, help="measure on the first N test images")
+    parser.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> None:
+    from .tune import run
 
     run(args)
 
@@ -209,6 +244,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     _density(sub, "cnf", "continuous normalizing flow on a 2-D toy density or energy target")
     _density(sub, "planar-nf", "discrete planar normalizing flow (K layers) on an energy target")
     _evaluate(sub)
+    _tune(sub)
     _card(sub)
     args = parser.parse_args(argv)
     if getattr(args, "preset", None):

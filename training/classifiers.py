@@ -89,6 +89,19 @@ def evaluation_table(model: nn.Module, kind: str, data: ImageSet, device: torch.
     return [evaluate(model, kind, data, device, tol) for tol in tols]
 
 
+def card_metrics(model: nn.Module, kind: str, test_set: ImageSet, device: torch.device, tol: float) -> dict:
+    """A model card's ``metrics``: the evaluation table, and the error at the training ``tol``
+    (the server's default) or the one error of a model without an ODE."""
+    table = evaluation_table(model, kind, test_set, device)
+    for row in table:
+        log.info("eval %s", row.as_dict())
+    return {
+        "test_error": _row_at(table, tol if kind in ODE_CLASSIFIERS else None).test_error,
+        "table": [row.as_dict() for row in table],
+        "eval_device": device_name(device),
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -213,9 +226,6 @@ def train(kind: str, args: argparse.Namespace) -> Path:
 
     path = out
     if world.is_main:
-        table = evaluation_table(model, kind, test_set, device)
-        for row in table:
-            log.info("eval %s", row.as_dict())
         card = {
             "kind": kind,
             "hyper": hyper,
@@ -233,11 +243,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                 "duration_s": round(duration, 1), "images_per_s": round(step * args.batch_size * world.world_size / duration, 1),
                 "peak_memory_mib": peak_memory(device),
             },
-            "metrics": {
-                "test_error": _row_at(table, args.tol if kind in ODE_CLASSIFIERS else None).test_error,
-                "table": [row.as_dict() for row in table],
-                "eval_device": device_name(device),
-            },
+            "metrics": card_metrics(model, kind, test_set, device, args.tol),
         }  # fmt: skip
         save_checkpoint(path, model, card)
         log.info("wrote %s", path)

@@ -17,15 +17,17 @@ import json
 from datetime import date
 from pathlib import Path
 
-from neuralode.checkpoint import Checkpoint, load_checkpoint
-from neuralode.models.registry import CLASSIFIERS, ODE_CLASSIFIERS
+from neuralode.checkpoint import Checkpoint, load_checkpoint, read_card
+from neuralode.models.registry import CLASSIFIERS, ODE_CLASSIFIERS, ODE_KINDS
 
 from .common import device_name, resolve_device
 
 
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    checkpoints = [load_checkpoint(path, device) for path in args.checkpoints]
+    overrides = {"first_step": args.first_step} if hasattr(args, "first_step") else None
+    checkpoints = [load_checkpoint(path, device, overrides if read_card(path)["kind"] in ODE_KINDS else None)
+                   for path in args.checkpoints]  # fmt: skip
     _check_comparable(checkpoints)
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> dict:
             if checkpoint.kind in CLASSIFIERS
             else _density_report(checkpoint, args, device)
         )
-        reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint), **report})
+        reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint),
+                        "first_step": checkpoint.card["hyper"].get("first_step"), **report})  # fmt: skip
     single = len(reports) == 1
     default = f"{args.checkpoints[0].stem}-eval" if single else "-vs-".join(path.stem for path in args.checkpoints)
     name = args.name or default  # may hold dots (odenet-mnist-k0.1-j0.1): no with_suffix

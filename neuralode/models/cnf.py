@@ -117,6 +117,7 @@ class CNF(nn.Module):
         t1: float = 1.0,
         method: str = "dopri5",
         tol: float = 1e-5,
+        first_step: float | None = None,
     ) -> None:
         super().__init__()
         if trace not in TRACES:
@@ -125,6 +126,7 @@ class CNF(nn.Module):
             raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
         self.dynamics, self.dim = dynamics, dim
         self.trace, self.noise, self.t1, self.method, self.tol = trace, noise, t1, method, tol
+        self.first_step = first_step  # as for ODEBlock: None is Hairer's rule
 
     # ---- the augmented dynamics, usable by any solver or by the server's engine ----------
     def augmented(self, t: Tensor, state: Tensor) -> Tensor:
@@ -263,7 +265,7 @@ class CNF(nn.Module):
             self.augmented if regularisation is None else partial(self._rates, regularisation=regularisation),
             state,
             t_span,
-            **solve_settings(accuracy, rtol=self.tol, atol=self.tol, method=self.method),
+            **solve_settings(accuracy, rtol=self.tol, atol=self.tol, method=self.method, first_step=self.first_step),
             norm=self.error_norm,
             adjoint=adjoint,
             adjoint_params=tuple(self.dynamics.parameters()) if adjoint else None,

@@ -39,6 +39,11 @@ ODE_CLASSIFIERS = frozenset({"odenet", "rknet"})
 """Classifiers with an ODE block, whose forward takes tolerances and returns solver stats."""
 
 
+ODE_KINDS = ODE_CLASSIFIERS | {"cnf"}
+"""Kinds whose forward is an ODE solve, so their ``hyper`` carries solver settings
+(``method``, ``tol``, ``first_step``)."""
+
+
 def kinds() -> list[str]:
     return sorted(_BUILDERS)
 

@@ -6,7 +6,9 @@ from typing import TypedDict
 
 from torch import Tensor
 
+from .methods import SCIPY_METHOD, get_method
 from .problem import Tolerance
+from .solver import Solver
 
 
 class Accuracy(TypedDict, total=False):
@@ -19,10 +21,23 @@ class Accuracy(TypedDict, total=False):
     max_nfe: int | Tensor | None
 
 
-def solve_settings(accuracy: Accuracy, *, rtol: Tolerance, atol: Tolerance, method: str) -> dict:
-    """``solve_ivp`` keyword arguments: the call's ``accuracy`` over the model's defaults."""
+def solve_settings(
+    accuracy: Accuracy, *, rtol: Tolerance, atol: Tolerance, method: str, first_step: float | None = None
+) -> dict:
+    """``solve_ivp`` keyword arguments: the call's ``accuracy`` over the model's defaults.
+
+    The model's ``first_step`` goes only to methods with step-size control: a call may ask
+    for a fixed-step method, which has no first step to try."""
     unknown = set(accuracy) - set(Accuracy.__annotations__)
     if unknown:
         raise TypeError(f"unexpected accuracy settings {sorted(unknown)}; known are {sorted(Accuracy.__annotations__)}")
     defaults = {"rtol": rtol, "atol": atol, "method": method, "max_nfe": None}
-    return {key: default if accuracy.get(key) is None else accuracy[key] for key, default in defaults.items()}
+    settings = {key: default if accuracy.get(key) is None else accuracy[key] for key, default in defaults.items()}
+    settings["first_step"] = first_step if first_step is not None and takes_first_step(settings["method"]) else None
+    return settings
+
+
+def takes_first_step(method: str | Solver) -> bool:
+    """Whether ``method`` controls its step size, so that a first step can be given to it."""
+    solver = get_method(method) if isinstance(method, str) and method != SCIPY_METHOD else method
+    return isinstance(solver, Solver) and solver.adaptive

@@ -101,3 +101,16 @@ def test_malformed_checkpoints_are_refused(tmp_path, payload, message):
 def test_saving_is_atomic(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", ODENet(), _card())
     assert zipfile.is_zipfile(path) and not (tmp_path / "m.pt.tmp").exists()
+
+
+def test_overrides_change_a_solver_setting_and_keep_the_weights(tmp_path):
+    torch.manual_seed(0)
+    model = ODENet().eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, _card())
+    loaded = load_checkpoint(path, overrides={"first_step": 1.0})
+    assert loaded.card["hyper"]["first_step"] == 1.0 and loaded.model.block.first_step == 1.0
+    assert "first_step" not in read_card(path)["hyper"]  # the file is untouched
+    for name, weights in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], weights)
+    with pytest.raises(CheckpointError, match="does not describe a model we can build"):
+        load_checkpoint(path, overrides={"no_such_setting": 1})

@@ -128,3 +128,41 @@ def test_planar_flow_log_density_matches_change_of_variables():
     x, log_det = flow(z0)
     jacobians = torch.stack([torch.autograd.functional.jacobian(lambda z: flow(z[None])[0][0], z) for z in z0])
     torch.testing.assert_close(log_det, torch.linalg.det(jacobians).abs().log(), rtol=1e-10, atol=1e-10)
+
+
+class _Decay(torch.nn.Module):
+    def forward(self, t, z):
+        return -0.5 * z + 0.1 * torch.sin(3.0 * t)[:, None]
+
+
+def test_a_block_given_a_first_step_tries_the_whole_span_as_scipy_does():
+    """scipy's RK45 (the same Dormand–Prince pair) with ``first_step=1``: one accepted step,
+    f(t0) plus six stages, 7 evaluations; Hairer's rule would spend 2 + 6 per step."""
+    from scipy.integrate import solve_ivp as scipy_solve_ivp
+
+    from neuralode.models.odenet import ODEBlock
+
+    z0 = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    whole = ODEBlock(_Decay(), rtol=1e-3, atol=1e-3, first_step=1.0)
+    ruled = ODEBlock(_Decay(), rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        z1, solution = whole(z0)
+        _, by_rule = ruled(z0)
+    oracle = scipy_solve_ivp(lambda t, z: -0.5 * z + 0.1 * torch.sin(torch.tensor(3.0 * t)).item(), (0.0, 1.0),
+                             z0[0].numpy(), method="RK45", rtol=1e-3, atol=1e-3, first_step=1.0)  # fmt: skip
+    assert oracle.nfev == int(solution.nfe[0]) == 7 and int(solution.steps[0]) == 1
+    torch.testing.assert_close(z1[0], torch.from_numpy(oracle.y[:, -1]), rtol=1e-12, atol=1e-12)
+    assert int(by_rule.nfe[0]) >= 14
+
+
+def test_a_first_step_goes_only_to_methods_that_control_their_step():
+    from neuralode.solvers.accuracy import solve_settings
+
+    model_settings = {"rtol": 1e-3, "atol": 1e-3, "method": "dopri5", "first_step": 1.0}
+    assert solve_settings({}, **model_settings)["first_step"] == 1.0
+    assert solve_settings({"method": "rk4"}, **model_settings)["first_step"] is None
+    assert solve_settings({}, **{**model_settings, "first_step": None})["first_step"] is None
+    model = ODENet(channels=8, first_step=1.0).eval()
+    with torch.no_grad():  # a fixed-step call on a model with a first step: no error, fixed steps
+        _, solution = model(torch.rand(2, 1, 28, 28), method="rk4")
+    assert bool(solution.success.all())

@@ -75,7 +75,7 @@ class FaultyAdapter:
 
     def __init__(self, inner, faults: Faults) -> None:
         self.inner, self.faults = inner, faults
-        self.task, self.dynamics, self.norm = inner.task, inner.dynamics, inner.norm
+        self.task, self.dynamics, self.norm, self.first_step = inner.task, inner.dynamics, inner.norm, inner.first_step
 
     def start(self, kind, rows):
         self.faults.trip("join")

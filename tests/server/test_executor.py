@@ -13,7 +13,7 @@ from neuralode.models import build_model
 from neuralode.solvers import Status
 from server.adapters import Adapter, Limits, Start, adapter_for
 from server.api import Kind
-from server.executor import Executor, Work, step_cost
+from server.executor import Executor, Work, first_step_of, step_cost
 from server.scheduler import Item, Plan, Scheduler
 
 
@@ -146,3 +146,25 @@ def test_a_hutchinson_cnf_is_solved_with_its_own_error_norm():
     assert [results[i.id].nfe for i in items] == solution.nfe.tolist()
     torch.testing.assert_close(torch.stack([results[i.id].outputs["log_density"] for i in items]), expected,
                                rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_a_model_with_a_first_step_is_served_as_it_solves_in_process(shipped):
+    """The shipped ODE-Net given ``first_step=1`` (as ``training tune`` writes it): the
+    engine's items take the model's own solves, and starting one costs one evaluation, not
+    Hairer's two."""
+    model = load_checkpoint(shipped / f"{CLASSIFIER}.pt", overrides={"first_step": 1.0}).model
+    adapter = adapter_for(model)
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    tolerances = (1e-1, 1e-3, 1e-5)
+    with torch.no_grad():
+        solutions = [model(image[None], rtol=tol, atol=tol) for image, tol in zip(images, tolerances)]
+    executor = Executor(adapter, torch.device("cpu"))
+    items = _items([Work(Kind.CLASSIFY, image, tol, tol, "dopri5", 10_000) for image, tol in zip(images, tolerances)])
+    results = _run(executor, Plan(join=items), until={i.id for i in items})
+    for item, (logits, solution) in zip(items, solutions):
+        assert results[item.id].nfe == int(solution.nfe[0])
+        torch.testing.assert_close(results[item.id].outputs["probabilities"], torch.softmax(logits[0], 0),
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    assert results[items[0].id].nfe == 7  # one step over the whole span at tol 0.1
+    assert step_cost("dopri5", first_step_of(adapter, "dopri5")).start == 1
+    assert step_cost("dopri5").start == 2 and first_step_of(adapter, "rk4") is None

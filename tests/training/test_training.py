@@ -112,6 +112,59 @@ def test_card_prints_the_model_card(capsys):
     assert json.loads(capsys.readouterr().out) == read_card(ROOT / "checkpoints" / "cnf-moons.pt")
 
 
+def test_tune_writes_the_same_weights_with_a_first_step_and_a_table_measured_under_it(tmp_path):
+    """The shipped moons CNF tried over the whole span: its solves at tol 1 end in one step
+    (f(t0) and six stages: 7 evaluations, where Hairer's rule spends at least 14), the card's table
+    says so, and the new card names what it was tuned from."""
+    from neuralode.checkpoint import read_card
+    from training.__main__ import main
+
+    source, out = ROOT / "checkpoints" / "cnf-moons.pt", tmp_path / "moons-span.pt"
+    main(["tune", str(source), "--first-step", "1", "--out", str(out), "--device", "cpu"])
+    before, after = load_checkpoint(source), load_checkpoint(out)
+    assert after.card["hyper"] == {**before.card["hyper"], "first_step": 1.0} and after.model.first_step == 1.0
+    assert all(torch.equal(w, after.model.state_dict()[k]) for k, w in before.model.state_dict().items())
+    loosest = {row["tol"]: row["nfe_mean"] for row in after.card["metrics"]["table"]}
+    assert loosest[1.0] == 7.0 and before.card["metrics"]["table"][-1]["nfe_mean"] >= 14.0
+    assert after.card["training"] == before.card["training"]  # the training record stays
+    tuned = after.card["tuned"]
+    assert tuned["settings"] == {"first_step": 1.0} and tuned["from"]["file"] == "cnf-moons.pt"
+    assert tuned["from"]["code_version"] == before.card["code_version"] != after.card["code_version"]
+    assert tuned["from"]["created"] == before.card["created"] != after.card["created"]
+    assert read_card(source) == before.card  # the source is untouched
+
+    main(["tune", str(out), "--first-step", "rule", "--out", str(tmp_path / "back.pt"), "--device", "cpu"])
+    back = load_checkpoint(tmp_path / "back.pt").card
+    assert back["hyper"]["first_step"] is None
+    for measured, carded in zip(back["metrics"]["table"], before.card["metrics"]["table"], strict=True):
+        assert measured["nfe_mean"] == pytest.approx(carded["nfe_mean"], abs=0.05)  # another CPU may round apart
+
+
+def test_tune_refuses_models_without_an_ode_bad_steps_and_overwriting(tmp_path, capsys):
+    from neuralode.checkpoint import save_checkpoint
+    from training.__main__ import main
+
+    mlp = save_checkpoint(tmp_path / "mlp.pt", build_model("mlp", {}), {"kind": "mlp", "hyper": {}})
+    with pytest.raises(SystemExit, match="a mlp has no ODE solve to tune"):
+        main(["tune", str(mlp), "--first-step", "1", "--out", str(tmp_path / "out.pt"), "--device", "cpu"])
+    moons = ROOT / "checkpoints" / "cnf-moons.pt"
+    with pytest.raises(SystemExit, match="--out must name a new file"):
+        main(["tune", str(moons), "--first-step", "1", "--out", str(moons), "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        main(["tune", str(moons), "--first-step", "0", "--out", str(tmp_path / "out.pt")])
+    assert "a first step must be > 0 (or 'rule'), got 0" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
+
+
+def test_evaluate_measures_under_a_first_step_and_says_so(tmp_path):
+    from training.__main__ import main
+
+    main(["evaluate", str(ROOT / "checkpoints" / "cnf-8gaussians.pt"), "--first-step", "1", "--tols", "1",
+          "--out", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    report = json.loads((tmp_path / "cnf-8gaussians-eval.json").read_text())
+    assert report["first_step"] == 1.0 and report["rows"][0]["nfe_mean"] == 7.0
+
+
 def test_a_missing_train_extra_is_named_instead_of_a_traceback(monkeypatch):
     from training.__main__ import main
 
