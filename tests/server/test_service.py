@@ -28,6 +28,7 @@ def test_classification_matches_the_model_in_process(client, shipped, mnist_test
         logits, solution = model(torch.from_numpy(images[:, None]).float() / 255, rtol=1e-3, atol=1e-3)
     expected = torch.softmax(logits, 1).numpy()
     assert result.items.all_succeeded
+    np.testing.assert_array_equal(result.items.nfe, solution.nfe.numpy())  # the card's first step, served too
     np.testing.assert_array_equal(result.labels, expected.argmax(1))
     np.testing.assert_allclose(result.probabilities, expected, atol=2e-3)
     assert (result.labels == mnist_test.labels[:64].numpy()).mean() > 0.95
