@@ -7,6 +7,7 @@ The load is section 5 of ``bench/serve_load.py``: closed-loop clients of one rea
 image each over its tolerance mix (50% 1e-1, 30% 1e-3, 20% 1e-5). Prints throughput, latency
 and mean NFE per checkpoint (medians over the rounds) and the ratios of the second to the first.
 
+    git show 172d6ef:checkpoints/odenet-mnist.pt > runs/odenet-mnist-rule.pt   # as shipped before tuning
     python bench/first_step.py runs/odenet-mnist-rule.pt checkpoints/odenet-mnist.pt
 """
 
@@ -85,11 +86,17 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/first_step.py " + " ".join(sys.argv[1:]),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
-        "settings": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()
-                     if k != "checkpoints"},  # fmt: skip
+        "settings": {
+            k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if k != "checkpoints"
+        },  # fmt: skip
         "checkpoints": [
-            {"path": os.path.relpath(path, ROOT), "first_step": read_card(path)["hyper"].get("first_step"),
-             "code_version": read_card(path).get("code_version")}
+            {
+                "path": os.path.relpath(path, ROOT),
+                "first_step": read_card(path)["hyper"].get("first_step"),
+                "code_version": read_card(path).get("code_version"),
+            }
             for path in args.checkpoints
         ],  # fmt: skip
         "runs": {os.path.relpath(path, ROOT): rows for path, rows in runs.items()},

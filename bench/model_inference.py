@@ -2,7 +2,9 @@
 batch-1 latency and batch-1000 throughput at one tolerance (the whole model: downsampling,
 ODE block, head), with each side's NFE; on the GPU also ours with f from CUDA graphs, and
 ours with whole solver steps from CUDA graphs (``StepGraphs``; on the CPU the same masked
-steps run eagerly). Written for the GPU figures of the serving issues (targets on an H200:
+steps run eagerly). Every side starts with the checkpoint's first step (its card's
+``hyper.first_step``; torchdiffeq through its ``first_step`` option) or, without one, with
+Hairer's rule. Written for the GPU figures of the serving issues (targets on an H200:
 batch-1 ≤ 2 ms, ≥ 150k images/s at batch 1000); runs on the CPU too.
 
     python bench/model_inference.py [--checkpoint checkpoints/odenet-mnist.pt] [--device cuda] [--tol 1e-3]
@@ -42,12 +44,13 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
         calls["n"] += 1
         return block.func(t, z)
 
+    first_step = {} if block.first_step is None else {"first_step": block.first_step}  # the model's, for all
+
     def theirs():
         calls["n"] = 0
         z = model.downsample(images)
-        z1 = torchdiffeq.odeint(
-            counted, z, torch.tensor([0.0, block.t1], device=device), rtol=tol, atol=tol, method="dopri5"
-        )[-1]
+        z1 = torchdiffeq.odeint(counted, z, torch.tensor([0.0, block.t1], device=device), rtol=tol, atol=tol,
+                                method="dopri5", options=first_step)[-1]  # fmt: skip
         return model.head(z1)
 
     result = {}
@@ -59,7 +62,7 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
 
     def ours_graphed():
         z = model.downsample(images)
-        solution = solve_ivp(graphed_func, z, (0.0, block.t1), method=block.method, rtol=tol, atol=tol)
+        solution = solve_ivp(graphed_func, z, (0.0, block.t1), method=block.method, rtol=tol, atol=tol, **first_step)
         result["graphed_logits"] = model.head(solution.y1)
 
     stepper = Stepper(get_method(block.method))
@@ -69,7 +72,8 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
         z = model.downsample(images)
         t0 = torch.zeros(len(z), dtype=z.dtype, device=device)
         end, tol_rows = torch.full_like(t0, block.t1), torch.full_like(t0, tol)
-        final = step_graphs.run(stepper.init(block.func, z, t0, end, end, tol_rows, tol_rows))
+        given = None if block.first_step is None else torch.full_like(t0, block.first_step)
+        final = step_graphs.run(stepper.init(block.func, z, t0, end, end, tol_rows, tol_rows, first_step=given))
         result["step_graphs_logits"], result["step_graphs_nfe"] = model.head(final.y), final.nfe
 
     n = len(images)

@@ -44,7 +44,8 @@ def dynamics_measures(checkpoint_path: str, kind: str, dataset: str, data_dir: P
     """On held-out inputs: mean K and J per dimension of the learned dynamics at tol 1e-4; the
     fewest NFE and steps any input takes at tol 1e-3; and, at tol 1e-3 again, the mean NFE and
     the metric when the solver's first try is the whole span instead of the first-step rule's
-    choice (public ``solve_ivp(first_step=…)``; the server and the tables above use the rule)."""
+    choice (public ``solve_ivp(first_step=…)``; the tables above use each checkpoint's own
+    first step: the rule, unless ``training tune`` set one)."""
     model = load_checkpoint(checkpoint_path).model
     if kind == "cnf":
         from training.densities import TEST_POINTS, TEST_SEED
