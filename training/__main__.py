@@ -183,8 +183,9 @@ def _tune(sub) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--first-step", type=_first_step, required=True, metavar="T", help=FIRST_STEP_HELP)
     parser.add_argument("--out", type=Path, required=True, help="the new checkpoint")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                        help="MNIST, for a classifier's table (a CNF's test points are drawn). Default: %(default)s")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="where the table is measured. Default: %(default)s")
     parser.add_argument("--test-subset", type=int, default=None, help="measure on the first N test images")
     parser.set_defaults(run=_run_tune)
 
