@@ -90,15 +90,15 @@ def main() -> None:
             k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v
             for k, v in vars(args).items()
             if k != "checkpoints"
-        },  # fmt: skip
+        },
         "checkpoints": [
             {
                 "path": os.path.relpath(path, ROOT),
-                "first_step": read_card(path)["hyper"].get("first_step"),
-                "code_version": read_card(path).get("code_version"),
+                "first_step": card["hyper"].get("first_step"),
+                "code_version": card.get("code_version"),
             }
-            for path in args.checkpoints
-        ],  # fmt: skip
+            for path, card in zip(args.checkpoints, map(read_card, args.checkpoints))
+        ],
         "runs": {os.path.relpath(path, ROOT): rows for path, rows in runs.items()},
         "medians": {os.path.relpath(path, ROOT): row for path, row in medians.items()},
         "ratios_second_to_first": ratios,

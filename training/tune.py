@@ -12,7 +12,7 @@ import argparse
 import hashlib
 from datetime import date
 
-from neuralode.checkpoint import load_checkpoint, save_checkpoint
+from neuralode.checkpoint import load_checkpoint, read_card, save_checkpoint
 from neuralode.models.registry import CLASSIFIERS, ODE_KINDS
 
 from .common import command_line, device_name, resolve_device, setup_logging
@@ -21,10 +21,10 @@ from .common import command_line, device_name, resolve_device, setup_logging
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     setup_logging(None, True)
-    source = load_checkpoint(args.checkpoint, device)
-    if source.kind not in ODE_KINDS:
+    source = read_card(args.checkpoint)
+    if source["kind"] not in ODE_KINDS:
         raise SystemExit(
-            f"{args.checkpoint}: a {source.kind} has no ODE solve to tune (tune one of {', '.join(sorted(ODE_KINDS))})"
+            f"{args.checkpoint}: a {source['kind']} has no ODE solve to tune (tune one of {', '.join(sorted(ODE_KINDS))})"
         )
     if args.out.resolve() == args.checkpoint.resolve():
         raise SystemExit("--out must name a new file: the checkpoint being tuned stays as it is")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> dict:
     card["metrics"] = {**card.get("metrics", {}), **metrics, "eval_device": device_name(device)}
     card["tuned"] = {
         "from": {"file": args.checkpoint.name, "sha256": hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()[:12],
-                 "code_version": source.card.get("code_version"), "created": source.card.get("created")},
+                 "code_version": source.get("code_version"), "created": source.get("created")},
         "settings": settings,
         "command": command_line(),
         "date": date.today().isoformat(),
