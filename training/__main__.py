@@ -63,6 +63,8 @@ def _regularisers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jacobian", type=float, default=0.0, metavar="λ",
                         help="weight of the Jacobian's Frobenius norm ∫‖∂f/∂z‖²_F dt (per state dimension; a Hutchinson "
                         "estimate unless the model computes the Jacobian anyway) in the loss. Default: %(default)s")  # fmt: skip
+    parser.add_argument("--first-step", type=_first_step, default=None, metavar="T",
+                        help=FIRST_STEP_HELP + ", in training and in the checkpoint. Default: rule")  # fmt: skip
 
 
 def _classifier(sub, kind: str, help_text: str) -> None:

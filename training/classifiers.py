@@ -22,6 +22,7 @@ from .common import (
     Distributed,
     command_line,
     device_name,
+    first_step_hyper,
     peak_memory,
     regularisation_from,
     resolve_device,
@@ -109,7 +110,7 @@ def _sync(device: torch.device) -> None:
 
 def hyperparameters(kind: str, args: argparse.Namespace) -> dict:
     if kind in ODE_CLASSIFIERS:
-        return {"channels": 64, "method": args.method, "tol": args.tol}
+        return {"channels": 64, "method": args.method, "tol": args.tol} | first_step_hyper(args)
     return {}
 
 

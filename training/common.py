@@ -21,6 +21,7 @@ __all__ = [
     "command_line",
     "default_data_dir",
     "device_name",
+    "first_step_hyper",
     "peak_memory",
     "regularisation_from",
     "resolve_device",
@@ -46,6 +47,12 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return peak
+
+
+def first_step_hyper(args: argparse.Namespace) -> dict:
+    """``--first-step`` as a model setting: only when given, so a card without it means Hairer's rule."""
+    first_step = getattr(args, "first_step", None)
+    return {} if first_step is None else {"first_step": first_step}
 
 
 def regularisation_from(args: argparse.Namespace) -> Regularisation:

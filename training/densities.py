@@ -19,6 +19,7 @@ from .classifiers import warmup_cosine
 from .common import (
     command_line,
     device_name,
+    first_step_hyper,
     peak_memory,
     regularisation_from,
     resolve_device,
@@ -47,7 +48,7 @@ def cnf_hyper(args: argparse.Namespace) -> dict:
         hyper["width"] = args.width
     else:
         hyper["hidden"] = list(args.hidden)
-    return hyper
+    return hyper | first_step_hyper(args)
 
 
 def objective(
