@@ -144,7 +144,7 @@ def compare(report: dict, data_dir: Path) -> dict:
 
 
 def _is_regularised(regularisation: dict | None) -> bool:
-    return bool(regularisation and (regularisation["kinetic"] or regularisation["jacobian"]))
+    return bool(regularisation and any(regularisation.values()))
 
 
 def _target(baseline: dict, model: dict) -> dict:

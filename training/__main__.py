@@ -122,6 +122,10 @@ def _density(sub, kind: str, help_text: str) -> None:
         parser.add_argument("--trace", choices=["exact", "hutchinson"], default="exact")
         parser.add_argument("--t1", type=float, default=1.0, help="integration time")
         _regularisers(parser)
+        parser.add_argument("--density-curvature", type=float, default=0.0, metavar="λ",
+                            help="weight of ∫ (d tr(∂f/∂z)/dt)² dt, how fast the log-density's rate changes along a "
+                            "trajectory, in the loss: what keeps a regularised CNF from solving in one step. "
+                            "Default: %(default)s")  # fmt: skip
     else:
         parser.add_argument("--layers", type=int, default=8, help="K, the number of planar layers")
     parser.set_defaults(run=lambda args: _train_density(kind, args))

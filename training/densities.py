@@ -60,7 +60,7 @@ def objective(
     device,
 ) -> tuple[Tensor, object, Tensor | None]:
     """The training loss, the solver stats (None for the discrete flow) and, when
-    regularising, the regularisers' integrals ``[B, 2]`` (already in the loss)."""
+    regularising, the regularisers' integrals ``[B, columns]`` (already in the loss)."""
     adjoint = bool(args.adjoint)
     if args.target:  # reverse KL to p ∝ exp(-U), up to log Z: E_q[log q(x) + U(x)]
         if isinstance(model, PlanarFlow):
@@ -149,7 +149,8 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             if solution.backward is not None and solution.backward.nfe is not None:
                 postfix["nfe_b"] = f"{float(solution.backward.nfe.double().mean()):.0f}"
         if integrals is not None:
-            postfix["kinetic"], postfix["jacobian"] = (f"{v:.3g}" for v in integrals.detach().double().mean(0).tolist())
+            means = integrals.detach().double().mean(0).tolist()
+            postfix |= {name: f"{value:.3g}" for name, value in zip(("kinetic", "jacobian", "curvature"), means)}
         bar.set_postfix(postfix, refresh=False)
     duration = time.perf_counter() - begin
     final_loss = sum(losses[-50:]) / len(losses[-50:])

@@ -246,6 +246,6 @@ def _plot_comparison(reports: list[dict], path: Path) -> None:
 
 
 def _regularisation_label(regularisation: dict | None) -> str:
-    if not regularisation or not (regularisation["kinetic"] or regularisation["jacobian"]):
-        return ""
-    return f" (λ_K {regularisation['kinetic']:g}, λ_J {regularisation['jacobian']:g})"
+    symbols = {"kinetic": "λ_K", "jacobian": "λ_J", "density_curvature": "λ_C"}
+    weights = [f"{symbols[name]} {weight:g}" for name, weight in (regularisation or {}).items() if weight]
+    return f" ({', '.join(weights)})" if weights else ""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..solvers import Solution, rms_norm, solve_ivp
 from ..solvers.accuracy import Accuracy, solve_settings
-from .regularisation import INTEGRALS, NOISES, Regularisation, draw_noise, integrals_of, mean_square, rate_columns
+from .regularisation import NOISES, Regularisation, draw_noise, integrals_of, mean_square, rate_columns
 
 TRACES = ("exact", "hutchinson")
 
@@ -134,40 +134,49 @@ class CNF(nn.Module):
         return self._rates(t, state, None)
 
     def _rates(self, t: Tensor, state: Tensor, regularisation: Regularisation | None) -> Tensor:
-        """:meth:`augmented`, and with ``regularisation`` two more columns: d[K, J]/dt =
-        [‖f‖², ‖∂f/∂z‖²_F] / dim. The Jacobian term follows the trace: exact from the Jacobian's rows
-        (computed for the exact trace anyway, or for it when the trace is closed-form), the
-        Hutchinson estimate ‖εᵀ ∂f/∂z‖²/dim with the trace's own noise otherwise (as in RNODE)."""
+        """:meth:`augmented`, and with ``regularisation`` its integral columns: d[K, J]/dt =
+        [‖f‖², ‖∂f/∂z‖²_F] / dim, and dC/dt = (d tr(∂f/∂z)/dt)² when the density curvature is
+        weighed. The Jacobian term follows the trace: exact from the Jacobian's rows (computed
+        for the exact trace anyway, or for it when the trace is closed-form), the Hutchinson
+        estimate ‖εᵀ ∂f/∂z‖²/dim with the trace's own noise otherwise (as in RNODE). The
+        curvature differentiates whichever trace the model uses, by z and by each row's t."""
         d = self.dim
         differentiable = torch.is_grad_enabled()  # training: keep the trace differentiable
         with_jacobian = regularisation is not None and regularisation.jacobian > 0
-        jacobian = None
+        with_curvature = regularisation is not None and regularisation.density_curvature > 0
+        trace_graph = differentiable or with_curvature
+        jacobian = curvature = None
         with torch.enable_grad():
             z = state[:, :d]
             if not (differentiable and z.requires_grad):  # e.g. a view made under no_grad has no graph
                 z = z.detach().requires_grad_(True)
+            if with_curvature:  # a t per row, to differentiate the trace by
+                t = t.detach().to(z.dtype).reshape(-1).expand(z.shape[0]).clone().requires_grad_(True)
             if hasattr(self.dynamics, "forward_with_trace"):
                 f, trace = self.dynamics.forward_with_trace(t, z)
                 if with_jacobian:
                     jacobian = sum(mean_square(row) for row in _jacobian_rows(f, z, differentiable))
             elif self.trace == "exact":
                 f = self.dynamics(t, z)
-                rows = _jacobian_rows(f, z, differentiable)
+                rows = _jacobian_rows(f, z, trace_graph)
                 trace = sum(row[:, i] for i, row in enumerate(rows))
                 if with_jacobian:
                     jacobian = sum(mean_square(row) for row in rows)
             else:
                 f = self.dynamics(t, z)
                 noise = state[:, d + 1 : 2 * d + 1]
-                (vjp,) = torch.autograd.grad(f, z, noise, create_graph=differentiable, retain_graph=True)
+                (vjp,) = torch.autograd.grad(f, z, noise, create_graph=trace_graph, retain_graph=True)
                 trace = (vjp * noise).sum(1)
                 if with_jacobian:
                     jacobian = mean_square(vjp)
+            if with_curvature:
+                by_z, by_t = torch.autograd.grad(trace.sum(), (z, t), create_graph=differentiable, retain_graph=True)
+                curvature = ((by_z * f).sum(1) + by_t).square()
         parts = [f, -trace[:, None]]
         if self.trace == "hutchinson":
             parts.append(torch.zeros_like(f))
         if regularisation is not None:
-            parts.append(rate_columns(mean_square(f), jacobian, f))
+            parts.append(rate_columns(mean_square(f), jacobian, f, curvature))
         rates = torch.cat(parts, 1)
         return rates if differentiable else rates.detach()
 
@@ -206,10 +215,11 @@ class CNF(nn.Module):
         device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor, Solution, Tensor]:
         """:meth:`sample` at the model's tolerance, with the regularisers' integrals ``[B, 2]``
-        (∫‖f‖² dt, ∫‖∂f/∂z‖²_F dt, both / dim) from the same solve."""
-        state = self._with_integrals(self._base_draws(n, generator, device))
+        (∫‖f‖² dt, ∫‖∂f/∂z‖²_F dt, both / dim; ``[B, 3]`` with ∫ (d tr(∂f/∂z)/dt)² dt when that
+        is weighed) from the same solve."""
+        state = self._with_integrals(self._base_draws(n, generator, device), regularisation)
         solution = self._solve(state, (0.0, self.t1), {}, adjoint, regularisation)
-        integrals = integrals_of(solution.y1, forward=True)
+        integrals = integrals_of(solution.y1, forward=True, columns=regularisation.columns)
         return solution.y1[:, : self.dim], solution.y1[:, self.dim], solution, integrals
 
     def _base_draws(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
@@ -239,19 +249,20 @@ class CNF(nn.Module):
         generator: torch.Generator | None = None,
         adjoint: bool = False,
     ) -> tuple[Tensor, Solution, Tensor]:
-        """:meth:`log_prob` at the model's tolerance, with the regularisers' integrals ``[B, 2]``
-        (∫‖f‖² dt, ∫‖∂f/∂z‖²_F dt over [0, T], both / dim) from the same solve."""
-        state = self._with_integrals(self.initial_state(x, torch.zeros_like(x[:, 0]), generator))
+        """:meth:`log_prob` at the model's tolerance, with the regularisers' integrals over [0, T]
+        from the same solve (as for :meth:`sample_regularised`)."""
+        state = self._with_integrals(self.initial_state(x, torch.zeros_like(x[:, 0]), generator), regularisation)
         solution = self._solve(state, (self.t1, 0.0), {}, adjoint, regularisation)
-        return self._log_density(solution), solution, integrals_of(solution.y1, forward=False)
+        integrals = integrals_of(solution.y1, forward=False, columns=regularisation.columns)
+        return self._log_density(solution), solution, integrals
 
     def _log_density(self, solution: Solution) -> Tensor:
         z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]
         return standard_normal_log_prob(z0) - integral
 
     @staticmethod
-    def _with_integrals(state: Tensor) -> Tensor:
-        return torch.cat([state, state.new_zeros(state.shape[0], INTEGRALS)], 1)
+    def _with_integrals(state: Tensor, regularisation: Regularisation) -> Tensor:
+        return torch.cat([state, state.new_zeros(state.shape[0], regularisation.columns)], 1)
 
     def _solve(
         self,

@@ -100,6 +100,8 @@ class ODEBlock(nn.Module):
         block's own tolerance, all from one solve of the flat per-sample state ``[z, ε, K, J]``
         (``solution.y1`` is that state; ε only with the Jacobian term, zeros when it is off).
         The Rademacher noise ε is drawn here, once per sample, from ``generator``."""
+        if regularisation.density_curvature > 0:
+            raise ValueError("the density curvature is a CNF's regulariser: ODE-Net has no log-density")
         if not regularisation.active:
             y1, solution = self(z)
             return y1, solution, z.new_zeros(z.shape[0], INTEGRALS)

@@ -13,6 +13,14 @@ when ``E[εεᵀ] = I``), the noise ε sits in the state as constant columns too
 once, it stays fixed for its whole solve and travels with the sample however the batch
 shrinks. Error control leaves the integral and noise columns out, so regularised training
 takes the steps the model's own state asks for.
+
+A CNF may also weigh ``C = ∫ (d tr(∂f/∂z)/dt)² dt``, the squared rate at which the log-density's
+rate changes along a trajectory (its total time derivative, ∂/∂t plus the drift along f; a
+second-order term in the spirit of Kelly et al. 2020). K and J straighten z, but the
+log-density l, which a CNF's error control also covers, keeps bending where the flow compresses
+or spreads mass; on 8gaussians that bend, not z's, is what rejects a step over the whole span.
+C rides along as a third integral column, present only when its weight is set, so runs
+without it solve exactly the state they always did.
 """
 
 from __future__ import annotations
@@ -25,33 +33,43 @@ from torch import Tensor
 
 NOISES = ("rademacher", "gaussian")
 INTEGRALS = 2
-"""The last two state columns: K and J."""
+"""The integral columns every regularised state ends with: K and J (C comes after them when set)."""
 
 
 @dataclass(frozen=True)
 class Regularisation:
-    """The weights λ_K (``kinetic``) and λ_J (``jacobian``); zero switches a term off."""
+    """The weights λ_K (``kinetic``), λ_J (``jacobian``) and, for CNFs, λ_C
+    (``density_curvature``); zero switches a term off."""
 
     kinetic: float = 0.0
     jacobian: float = 0.0
+    density_curvature: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("kinetic", "jacobian"):
+        for name in ("kinetic", "jacobian", "density_curvature"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"the {name} weight must be finite and >= 0, got {value}")
 
     @property
     def active(self) -> bool:
-        return self.kinetic > 0 or self.jacobian > 0
+        return self.kinetic > 0 or self.jacobian > 0 or self.density_curvature > 0
+
+    @property
+    def columns(self) -> int:
+        """How many integral columns a regularised state ends with: K, J and C if it is set."""
+        return INTEGRALS + (self.density_curvature > 0)
 
     def penalty(self, integrals: Tensor) -> Tensor:
-        """The loss term λ_K·K + λ_J·J, averaged over the batch (``integrals``: ``[B, 2]``)."""
-        kinetic, jacobian = integrals.mean(0)
-        return self.kinetic * kinetic + self.jacobian * jacobian
+        """The loss term λ_K·K + λ_J·J (+ λ_C·C), averaged over the batch (``integrals``:
+        ``[B, columns]``)."""
+        means = integrals.mean(0)
+        penalty = self.kinetic * means[0] + self.jacobian * means[1]
+        return penalty + self.density_curvature * means[2] if self.density_curvature > 0 else penalty
 
     def card(self) -> dict:
-        return {"kinetic": self.kinetic, "jacobian": self.jacobian}
+        card = {"kinetic": self.kinetic, "jacobian": self.jacobian}
+        return card | {"density_curvature": self.density_curvature} if self.density_curvature > 0 else card
 
 
 def draw_noise(like: Tensor, kind: str, generator: torch.Generator | None) -> Tensor:
@@ -71,14 +89,18 @@ def hutchinson_jacobian(f: Tensor, z: Tensor, noise: Tensor, *, create_graph: bo
     return mean_square(vjp)
 
 
-def rate_columns(kinetic: Tensor | None, jacobian: Tensor | None, like: Tensor) -> Tensor:
-    """``[B, 2]`` rates for the integral columns; a term switched off (None) integrates zero."""
+def rate_columns(
+    kinetic: Tensor | None, jacobian: Tensor | None, like: Tensor, density_curvature: Tensor | None = None
+) -> Tensor:
+    """``[B, 2]`` rates for the integral columns, ``[B, 3]`` with a density-curvature rate; a
+    term switched off (None) integrates zero."""
     zeros = like.new_zeros(like.shape[0])
-    return torch.stack([zeros if kinetic is None else kinetic, zeros if jacobian is None else jacobian], 1)
+    rates = [zeros if kinetic is None else kinetic, zeros if jacobian is None else jacobian]
+    return torch.stack(rates if density_curvature is None else [*rates, density_curvature], 1)
 
 
-def integrals_of(y1: Tensor, forward: bool) -> Tensor:
-    """The positive integrals ``[B, 2]`` from a final augmented state (negated for a solve
-    that ran backwards in time, whose columns accumulate -∫)."""
-    columns = y1[:, -INTEGRALS:]
-    return columns if forward else -columns
+def integrals_of(y1: Tensor, forward: bool, columns: int = INTEGRALS) -> Tensor:
+    """The positive integrals ``[B, columns]`` from a final augmented state (negated for a
+    solve that ran backwards in time, whose columns accumulate -∫)."""
+    integrals = y1[:, -columns:]
+    return integrals if forward else -integrals

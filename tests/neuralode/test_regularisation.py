@@ -1,6 +1,7 @@
-"""The kinetic and Jacobian regularisers: their integrals against scipy quadrature along scipy
-trajectories, the Hutchinson estimate against the exact Frobenius norm, and gradients through
-the regularised adjoint solve against direct backprop and finite differences."""
+"""The kinetic, Jacobian and density-curvature regularisers: their integrals against scipy
+quadrature along scipy trajectories (the curvature by finite differences of the trace along
+them), the Hutchinson estimate against the exact Frobenius norm, and gradients through the
+regularised adjoint solve against direct backprop and finite differences."""
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from neuralode.models import (
 from neuralode.models.regularisation import draw_noise, hutchinson_jacobian
 
 BOTH = Regularisation(kinetic=0.7, jacobian=0.3)
+ALL = Regularisation(kinetic=0.7, jacobian=0.3, density_curvature=0.2)
 
 
 class SmoothFunc(torch.nn.Module):
@@ -68,11 +70,12 @@ def _quadrature(integrand, t0: float, t1: float) -> float:
 )
 def test_cnf_integrals_equal_quadratures_along_the_scipy_trajectory(dynamics, trace):
     """K, and J exactly where the Jacobian's rows are at hand; with the Hutchinson trace, J is
-    the estimate with the trace's own noise, read back from the state (it never changed)."""
+    the estimate with the trace's own noise, read back from the state (it never changed). C is
+    the square of the trace's central difference quotient along the scipy trajectory."""
     cnf = _cnf(dynamics=dynamics, trace=trace)
     x = torch.tensor([[1.5, -0.5], [-2.0, 1.0], [0.3, 0.2]], dtype=torch.float64)
     with torch.no_grad():
-        _, solution, integrals = cnf.log_prob_regularised(x, BOTH, generator=torch.Generator().manual_seed(3))
+        _, solution, integrals = cnf.log_prob_regularised(x, ALL, generator=torch.Generator().manual_seed(3))
     assert bool(solution.success.all())
     noise = solution.y1[:, 3:5] if trace == "hutchinson" else None
 
@@ -94,14 +97,23 @@ def test_cnf_integrals_equal_quadratures_along_the_scipy_trajectory(dynamics, tr
         assert float(integrals[i, 0]) == pytest.approx(kinetic, rel=1e-7)
         assert float(integrals[i, 1]) == pytest.approx(frobenius, rel=1e-7)
 
+        def trace_along(t: float) -> float:
+            matrix = jacobian(t, z(t))
+            return float(matrix.trace() if noise is None else noise[i] @ matrix @ noise[i])
+
+        h = 1e-4  # the dense output reaches h past the span's ends
+        curvature = _quadrature(lambda t: ((trace_along(t + h) - trace_along(t - h)) / (2 * h)) ** 2, 0.0, cnf.t1)
+        assert float(integrals[i, 2]) > 1e-6
+        assert float(integrals[i, 2]) == pytest.approx(curvature, rel=1e-5)
+
 
 def test_cnf_sampling_integrates_the_same_regularisers_as_the_way_back():
     """Sampling runs base → data; the log-density solve of those samples runs the same path
-    back: the two must integrate the same K and J (the latter with its sign turned)."""
+    back: the two must integrate the same K, J and C."""
     cnf = _cnf()
     with torch.no_grad():
-        x, log_q, _, forward = cnf.sample_regularised(4, BOTH, generator=torch.Generator().manual_seed(0))
-        log_p, _, backward = cnf.log_prob_regularised(x, BOTH)
+        x, log_q, _, forward = cnf.sample_regularised(4, ALL, generator=torch.Generator().manual_seed(0))
+        log_p, _, backward = cnf.log_prob_regularised(x, ALL)
     assert bool((forward > 0).all())
     torch.testing.assert_close(forward, backward, rtol=1e-7, atol=0)
     torch.testing.assert_close(log_p, log_q, rtol=0, atol=1e-7)
@@ -196,13 +208,16 @@ def _assert_gradients_agree(model, loss_of, indices):
         )
 
 
-def test_cnf_regularised_adjoint_gradients_match_backprop_and_finite_differences():
+@pytest.mark.parametrize("regularisation", [BOTH, ALL], ids=["kinetic-jacobian", "with-density-curvature"])
+def test_cnf_regularised_adjoint_gradients_match_backprop_and_finite_differences(regularisation):
+    """With the density curvature the adjoint differentiates a derivative of the trace, itself
+    a derivative of f: third order in the network."""
     cnf = _cnf()
     x = torch.tensor([[1.0, -0.5], [-0.7, 1.2]], dtype=torch.float64)
 
     def loss(adjoint: bool) -> torch.Tensor:
-        log_p, _, integrals = cnf.log_prob_regularised(x, BOTH, adjoint=adjoint)
-        return -log_p.mean() + BOTH.penalty(integrals)
+        log_p, _, integrals = cnf.log_prob_regularised(x, regularisation, adjoint=adjoint)
+        return -log_p.mean() + regularisation.penalty(integrals)
 
     _assert_gradients_agree(cnf, loss, indices=[0, 40, 300])
 
@@ -251,3 +266,14 @@ def test_weights_must_be_finite_and_not_negative():
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="kinetic weight"):
             Regularisation(kinetic=bad)
+
+
+def test_density_curvature_is_a_third_column_only_when_weighed_and_only_for_a_cnf():
+    assert (BOTH.columns, ALL.columns) == (2, 3)
+    assert "density_curvature" not in BOTH.card() and ALL.card()["density_curvature"] == 0.2
+    integrals = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
+    assert float(ALL.penalty(integrals)) == pytest.approx(0.7 * 2 + 0.3 * 3 + 0.2 * 4)
+    with pytest.raises(ValueError, match="density_curvature weight"):
+        Regularisation(density_curvature=-1.0)
+    with pytest.raises(ValueError, match="ODE-Net has no log-density"):
+        _block().forward_regularised(torch.zeros(1, 2, 3, 3, dtype=torch.float64), ALL)

@@ -303,6 +303,15 @@ def test_kinetic_regularisation_straightens_a_cnf():
     assert energies[3.0] < 0.5 * energies[0.0]
 
 
+def test_cnf_training_weighs_the_density_curvature_and_records_it(tmp_path):
+    out = tmp_path / "cnf.pt"
+    result = _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8",
+                  "--kinetic", "0.1", "--density-curvature", "0.01", "--out", str(out), "--device", "cpu")  # fmt: skip
+    regularisation = load_checkpoint(out).card["training"]["regularisation"]
+    assert regularisation == {"kinetic": 0.1, "jacobian": 0.0, "density_curvature": 0.01}
+    assert "curvature=" in result.stderr  # the progress bar shows its integral
+
+
 def test_regularisers_are_refused_where_there_is_no_ode_or_the_weight_is_negative(capsys):
     from training.__main__ import parse
     from training.common import regularisation_from
@@ -311,6 +320,10 @@ def test_regularisers_are_refused_where_there_is_no_ode_or_the_weight_is_negativ
         with pytest.raises(SystemExit):
             parse([kind, "--target", "U1", "--kinetic", "0.1"] if kind == "planar-nf" else [kind, "--kinetic", "0.1"])
         assert "unrecognized arguments: --kinetic" in capsys.readouterr().err
+    for kind in ("odenet", "rknet"):
+        with pytest.raises(SystemExit):
+            parse([kind, "--density-curvature", "0.1"])
+        assert "unrecognized arguments: --density-curvature" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="kinetic weight must be finite and >= 0"):
         regularisation_from(parse(["cnf", "--data", "moons", "--kinetic", "-1"]))
     assert regularisation_from(parse(["rknet", "--jacobian", "0.5"])).jacobian == 0.5
