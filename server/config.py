@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .scheduler import AUTO_HEADROOM
+from .scheduler import AUTO_HEADROOM, GUARANTEED_SHARE
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ServerConfig:
     policy: str = "fair"
     priority_levels: int = 3
     default_priority: int = 2
-    guaranteed_share: float = 0.25
+    guaranteed_share: float = GUARANTEED_SHARE
     auto_headroom: float = AUTO_HEADROOM
     max_batch: int = 256
     step_graphs: str = "off"

@@ -26,6 +26,7 @@ from .adapters import Adapter
 from .executor import Executor, ExecutorOutputs, Work, first_step_of, step_cost
 from .scheduler import (
     AUTO_HEADROOM,
+    GUARANTEED_SHARE,
     BudgetExhausted,
     Cancelled,
     Candidate,
@@ -313,7 +314,7 @@ class Engine:
         policy: str = "fair",
         max_delay: float = 0.005,
         default_priority: int = 1,
-        guaranteed_share: float = 0.25,
+        guaranteed_share: float = GUARANTEED_SHARE,
         auto_headroom: float = AUTO_HEADROOM,
         step_graphs: bool = False,
         clock: Clock = time.monotonic,

@@ -55,6 +55,8 @@ from typing import Any
 Clock = Callable[[], float]
 POLICIES = ("fair", "fifo", "static")
 
+GUARANTEED_SHARE = 0.25
+"""The default fraction of a priority level's batch slots split equally between its requests."""
 AUTO_HEADROOM = 0.25
 """The default share of its target within which ``auto`` must be predicted to finish: forecasts
 made at arrival miss the work that arrives after, and under overload that is most (at a half,
@@ -261,7 +263,7 @@ class Scheduler:
         policy: str = "fair",
         max_delay: float = 0.0,
         default_priority: int = 1,
-        guaranteed_share: float = 0.25,
+        guaranteed_share: float = GUARANTEED_SHARE,
         auto_headroom: float = AUTO_HEADROOM,
         clock: Clock = time.monotonic,
     ) -> None:

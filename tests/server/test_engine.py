@@ -167,18 +167,24 @@ def test_auto_solves_at_a_card_tolerance_and_reports_it(model, shipped, make_wor
         engine.close(timeout=30)
 
 
-def test_auto_headroom_is_a_setting_the_models_schedulers_take(shipped, capsys):
-    from server.config import parse_config
-    from server.models import load_models
+def test_the_servers_scheduling_settings_reach_every_models_scheduler(shipped, capsys):
+    """From the command line through ``Server`` (the one the CLI runs) to each model's scheduler."""
+    import asyncio
 
-    config = parse_config(["--auto-headroom", "0.5"])
-    served = load_models(shipped, torch.device("cpu"))[DENSITY]
-    engine = Engine(torch.device("cpu"), auto_headroom=config.auto_headroom)
-    engine.add("cnf", served.adapter, label=DENSITY, expected_nfe=served.expected_nfe)
-    try:
-        assert engine.workers["cnf"].scheduler.auto_headroom == 0.5
-    finally:
-        engine.close(timeout=30)
+    from server.app import Server
+    from server.config import parse_config
+
+    config = parse_config(["--checkpoints", str(shipped), "--port", "0", "--metrics-port", "0",
+                           "--guaranteed-share", "0.5", "--auto-headroom", "0.75", "--grace-seconds", "1"])  # fmt: skip
+
+    async def settings() -> list[tuple[float, float]]:
+        server = Server(config)
+        try:
+            return [(w.scheduler.guaranteed_share, w.scheduler.auto_headroom) for w in server.engine.workers.values()]
+        finally:
+            await server.stop()
+
+    assert asyncio.run(settings()) == [(0.5, 0.75)] * len(list(shipped.glob("*.pt")))
     with pytest.raises(SystemExit):
         parse_config(["--auto-headroom", "0"])
     assert "auto_headroom must be in (0, 1]" in capsys.readouterr().err
