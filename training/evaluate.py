@@ -247,5 +247,7 @@ def _plot_comparison(reports: list[dict], path: Path) -> None:
 
 def _regularisation_label(regularisation: dict | None) -> str:
     symbols = {"kinetic": "λ_K", "jacobian": "λ_J", "density_curvature": "λ_C"}
-    weights = [f"{symbols[name]} {weight:g}" for name, weight in (regularisation or {}).items() if weight]
+    weights = [
+        f"{symbol} {regularisation[name]:g}" for name, symbol in symbols.items() if (regularisation or {}).get(name)
+    ]
     return f" ({', '.join(weights)})" if weights else ""
