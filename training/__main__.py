@@ -52,7 +52,8 @@ def _common(
     )
 
 
-def _regularisers(parser: argparse.ArgumentParser) -> None:
+def _ode_flags(parser: argparse.ArgumentParser) -> None:
+    """What every model with an ODE takes: its regularisers and the first step its solves try."""
     parser.add_argument(
         "--kinetic",
         type=float,
@@ -71,7 +72,7 @@ def _classifier(sub, kind: str, help_text: str) -> None:
     parser = sub.add_parser(kind, help=help_text, description=help_text)
     _common(parser, epochs=3, steps=None, batch_size=128, lr=2e-3, out=f"runs/{kind}-mnist.pt")
     if kind in ("odenet", "rknet"):
-        _regularisers(parser)
+        _ode_flags(parser)
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps to warm up over")
@@ -121,7 +122,7 @@ def _density(sub, kind: str, help_text: str) -> None:
         parser.add_argument("--width", type=int, default=32, help="M, the planar dynamics' width")
         parser.add_argument("--trace", choices=["exact", "hutchinson"], default="exact")
         parser.add_argument("--t1", type=float, default=1.0, help="integration time")
-        _regularisers(parser)
+        _ode_flags(parser)
         parser.add_argument("--density-curvature", type=float, default=0.0, metavar="λ",
                             help="weight of ∫ (d tr(∂f/∂z)/dt)² dt, how fast the log-density's rate changes along a "
                             "trajectory, in the loss: what keeps a regularised CNF from solving in one step. "

@@ -51,8 +51,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 def first_step_hyper(args: argparse.Namespace) -> dict:
     """``--first-step`` as a model setting: only when given, so a card without it means Hairer's rule."""
-    first_step = getattr(args, "first_step", None)
-    return {} if first_step is None else {"first_step": first_step}
+    return {} if args.first_step is None else {"first_step": args.first_step}
 
 
 def regularisation_from(args: argparse.Namespace) -> Regularisation:
