@@ -55,13 +55,14 @@ def first_step_hyper(args: argparse.Namespace) -> dict:
 
 
 def regularisation_from(args: argparse.Namespace) -> Regularisation:
-    """``--kinetic``/``--jacobian``/``--density-curvature`` (absent where a model has no ODE, or
-    no log-density: no such term)."""
+    """``--kinetic``/``--jacobian``/``--density-curvature``/``--local-error`` (absent where a
+    model has no ODE, or the term is a CNF's: no such term)."""
     try:
         return Regularisation(
             kinetic=getattr(args, "kinetic", 0.0),
             jacobian=getattr(args, "jacobian", 0.0),
             density_curvature=getattr(args, "density_curvature", 0.0),
+            local_error=getattr(args, "local_error", 0.0),
         )
     except ValueError as error:
         raise SystemExit(str(error)) from None

@@ -60,25 +60,55 @@ def objective(
     device,
 ) -> tuple[Tensor, object, Tensor | None]:
     """The training loss, the solver stats (None for the discrete flow) and, when
-    regularising, the regularisers' integrals ``[B, columns]`` (already in the loss)."""
+    regularising, the regularisers' integrals ``[B, columns]`` (already in the loss), with the
+    mean whole-span local error as a last column when that term is weighed."""
+    loss, solution, integrals, start = _likelihood_objective(model, args, regularisation, batch, generator, device)
+    if regularisation.local_error == 0:
+        return loss, solution, integrals
+    if start is None:  # reverse KL: the trial step starts from base draws of its own
+        parameter = next(model.parameters())
+        start = torch.randn(batch, model.dim, generator=generator, device=device, dtype=parameter.dtype)
+    span_error = model.span_error(start, forward=bool(args.target), generator=generator)
+    column = span_error.detach()[:, None]
+    integrals = column if integrals is None else torch.cat([integrals.detach(), column], 1)
+    return loss + regularisation.local_error * span_error.mean(), solution, integrals
+
+
+def _likelihood_objective(
+    model: nn.Module,
+    args: argparse.Namespace,
+    regularisation: Regularisation,
+    batch: int,
+    generator: torch.Generator,
+    device,
+) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
+    """:func:`objective` without the local error term, and the data points it solved from
+    (None for reverse KL)."""
     adjoint = bool(args.adjoint)
     if args.target:  # reverse KL to p ∝ exp(-U), up to log Z: E_q[log q(x) + U(x)]
         if isinstance(model, PlanarFlow):
             x, log_q = model.sample(batch, generator=generator)
-            return (log_q + energy(args.target)(x)).mean(), None, None
+            return (log_q + energy(args.target)(x)).mean(), None, None, None
         if not regularisation.active:
             x, log_q, solution = model.sample(batch, generator=generator, adjoint=adjoint, device=device)
-            return (log_q + energy(args.target)(x)).mean(), solution, None
+            return (log_q + energy(args.target)(x)).mean(), solution, None, None
         x, log_q, solution, integrals = model.sample_regularised(
             batch, regularisation, generator=generator, adjoint=adjoint, device=device
         )
-        return (log_q + energy(args.target)(x)).mean() + regularisation.penalty(integrals), solution, integrals
+        kl = (log_q + energy(args.target)(x)).mean()
+        return kl + regularisation.penalty(integrals), solution, integrals, None
     data = sample_density(args.data, batch, generator).to(device)
     if not regularisation.active:
         log_p, solution = model.log_prob(data, adjoint=adjoint, generator=generator)
-        return -log_p.mean(), solution, None
+        return -log_p.mean(), solution, None, data
     log_p, solution, integrals = model.log_prob_regularised(data, regularisation, adjoint=adjoint, generator=generator)
-    return -log_p.mean() + regularisation.penalty(integrals), solution, integrals
+    return -log_p.mean() + regularisation.penalty(integrals), solution, integrals, data
+
+
+def _column_names(regularisation: Regularisation) -> list[str]:
+    """What the columns :func:`objective` returns beside the loss hold, for the progress bar."""
+    names = ["kinetic", "jacobian"] + ["curvature"] * (regularisation.density_curvature > 0)
+    return (names if regularisation.active else []) + ["span_error"] * (regularisation.local_error > 0)
 
 
 @torch.no_grad()
@@ -150,7 +180,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                 postfix["nfe_b"] = f"{float(solution.backward.nfe.double().mean()):.0f}"
         if integrals is not None:
             means = integrals.detach().double().mean(0).tolist()
-            postfix |= {name: f"{value:.3g}" for name, value in zip(("kinetic", "jacobian", "curvature"), means)}
+            postfix |= {name: f"{value:.3g}" for name, value in zip(_column_names(regularisation), means)}
         bar.set_postfix(postfix, refresh=False)
     duration = time.perf_counter() - begin
     final_loss = sum(losses[-50:]) / len(losses[-50:])

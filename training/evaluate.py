@@ -246,7 +246,7 @@ def _plot_comparison(reports: list[dict], path: Path) -> None:
 
 
 def _regularisation_label(regularisation: dict | None) -> str:
-    symbols = {"kinetic": "λ_K", "jacobian": "λ_J", "density_curvature": "λ_C"}
+    symbols = {"kinetic": "λ_K", "jacobian": "λ_J", "density_curvature": "λ_C", "local_error": "λ_E"}
     weights = [
         f"{symbol} {regularisation[name]:g}" for name, symbol in symbols.items() if (regularisation or {}).get(name)
     ]

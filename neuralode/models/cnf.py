@@ -21,7 +21,7 @@ from typing import Unpack
 import torch
 from torch import Tensor, nn
 
-from ..solvers import Solution, rms_norm, solve_ivp
+from ..solvers import ExplicitRK, Solution, get_method, rms_norm, solve_ivp
 from ..solvers.accuracy import Accuracy, solve_settings
 from .regularisation import NOISES, Regularisation, draw_noise, integrals_of, mean_square, rate_columns
 
@@ -255,6 +255,23 @@ class CNF(nn.Module):
         solution = self._solve(state, (self.t1, 0.0), {}, adjoint, regularisation)
         integrals = integrals_of(solution.y1, forward=False, columns=regularisation.columns)
         return self._log_density(solution), solution, integrals
+
+    def span_error(self, start: Tensor, *, forward: bool, generator: torch.Generator | None = None) -> Tensor:
+        """Per row, the scaled error estimate of one step of the model's method over the whole
+        span at the model's tolerance, from base draws ``start`` = z(0) (``forward``, as
+        :meth:`sample` solves) or from data points ``start`` = x (back, as :meth:`log_prob`
+        solves): at most 1 where a solve that tries the whole span first ends in that step.
+        Differentiable, for the local error term of training (``Regularisation.local_error``)."""
+        method = get_method(self.method)
+        if not isinstance(method, ExplicitRK) or method.tableau.b_err is None:
+            raise ValueError(f"the local error term needs an explicit method with an error estimate, not {self.method}")
+        log_density = standard_normal_log_prob(start) if forward else torch.zeros_like(start[:, 0])
+        state = self.initial_state(start, log_density, generator)
+        t0, t1 = (0.0, self.t1) if forward else (self.t1, 0.0)
+        tol = state.new_full((state.shape[0],), self.tol)
+        return method.trial_error(
+            self.augmented, torch.full_like(tol, t0), state, torch.full_like(tol, t1), tol, tol, self.error_norm
+        )
 
     def _log_density(self, solution: Solution) -> Tensor:
         z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]

@@ -102,6 +102,8 @@ class ODEBlock(nn.Module):
         The Rademacher noise ε is drawn here, once per sample, from ``generator``."""
         if regularisation.density_curvature > 0:
             raise ValueError("the density curvature is a CNF's regulariser: ODE-Net has no log-density")
+        if regularisation.local_error > 0:
+            raise ValueError("the local error term is trained for CNFs only (CNF.span_error)")
         if not regularisation.active:
             y1, solution = self(z)
             return y1, solution, z.new_zeros(z.shape[0], INTEGRALS)

@@ -21,6 +21,13 @@ log-density l, which a CNF's error control also covers, keeps bending where the 
 or spreads mass; on 8gaussians that bend, not z's, is what rejects a step over the whole span.
 C rides along as a third integral column, present only when its weight is set, so runs
 without it solve exactly the state they always did.
+
+A CNF may also weigh ``E``, the solver's own verdict on one step over the whole span: the scaled
+local error estimate that step control accepts at ≤ 1 (Pal et al., ICML 2021, regularise a
+solver's error estimates the same way). K, J and C shape the dynamics in the hope that the
+solver will take longer steps; E asks for it directly, for a model whose solves try the whole
+span first (``--first-step``). It is no integral: a separate trial step from the same starting
+points, whose gradients come by backprop through its stages.
 """
 
 from __future__ import annotations
@@ -39,20 +46,22 @@ INTEGRALS = 2
 @dataclass(frozen=True)
 class Regularisation:
     """The weights λ_K (``kinetic``), λ_J (``jacobian``) and, for CNFs, λ_C
-    (``density_curvature``); zero switches a term off."""
+    (``density_curvature``) and λ_E (``local_error``); zero switches a term off."""
 
     kinetic: float = 0.0
     jacobian: float = 0.0
     density_curvature: float = 0.0
+    local_error: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("kinetic", "jacobian", "density_curvature"):
+        for name in ("kinetic", "jacobian", "density_curvature", "local_error"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"the {name} weight must be finite and >= 0, got {value}")
 
     @property
     def active(self) -> bool:
+        """Whether the solve integrates the regularisers' columns (E needs none)."""
         return self.kinetic > 0 or self.jacobian > 0 or self.density_curvature > 0
 
     @property
@@ -69,7 +78,8 @@ class Regularisation:
 
     def card(self) -> dict:
         card = {"kinetic": self.kinetic, "jacobian": self.jacobian}
-        return card | {"density_curvature": self.density_curvature} if self.density_curvature > 0 else card
+        optional = {"density_curvature": self.density_curvature, "local_error": self.local_error}
+        return card | {name: weight for name, weight in optional.items() if weight > 0}
 
 
 def draw_noise(like: Tensor, kind: str, generator: torch.Generator | None) -> Tensor:

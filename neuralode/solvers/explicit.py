@@ -6,12 +6,12 @@ passes, no host–device synchronisation, and nothing for perturbed evaluations 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .solver import Attempt, Func, Perturbation, Solver, evaluate, evaluate_rows, nudged, rows_of
+from .solver import Attempt, Func, Perturbation, Solver, evaluate, evaluate_rows, nudged, rows_of, scaled_error_norm
 from .state import StepRecord
 from .tableau import ButcherTableau
 
@@ -121,6 +121,27 @@ class ExplicitRK(Solver):
             with torch.no_grad():  # step control never needs gradients
                 error = weighted_sum(tableau.b_err, ks)
         return Attempt(y1, error, nfe, stage_t, stage_y, ks, k1, {"f0": ks[-1]} if self.fsal else {})
+
+    def trial_error(
+        self,
+        func: Func,
+        t0: Tensor,
+        y0: Tensor,
+        t1: Tensor,
+        rtol: Tensor,
+        atol: Tensor,
+        norm: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        """Each row's scaled error for one step from ``t0`` straight to ``t1``: the number step
+        control accepts the step at (at most 1), differentiable. Training can then weigh how far
+        a model's solves are from ending in one step, as Pal et al. (ICML 2021) weigh a solver's
+        error estimates; the hot path (:meth:`step`) keeps its estimate out of autograd."""
+        if self.tableau.b_err is None:
+            raise ValueError(f"{self.name} has no error estimate")
+        dt = t1 - t0
+        k1 = evaluate(func, t0, y0)
+        _, _, ks, y1 = explicit_stages(func, self.tableau, t0, y0, dt, t1, k1, t0, None)
+        return scaled_error_norm(y0, y1, weighted_sum(self.tableau.b_err, ks), dt, rtol, atol, norm)
 
     def needs_f1(self, interpolant: str) -> bool:
         return interpolant == "cubic" and not self.fsal

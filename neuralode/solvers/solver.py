@@ -155,6 +155,17 @@ def per_row(values: Tensor) -> Tensor:
     return values.reshape(values.shape[0], -1)
 
 
+def scaled_error_norm(
+    y: Tensor, y1: Tensor, error: Tensor, dt: Tensor, rtol: Tensor, atol: Tensor, norm: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Step control's measure of a step from ``y`` to ``y1`` with local error estimate ``error``
+    (per element, before the factor ``dt``): ``|dt| * norm(error / (atol + rtol * max(|y|, |y1|)))``
+    per row; at most 1 is accepted. Divides ``error`` in place unless autograd needs it."""
+    scale = torch.maximum(y.abs(), y1.abs()).mul_(rows_of(rtol, y)).add_(rows_of(atol, y))
+    scaled = error.div(scale) if error.requires_grad else error.div_(scale)
+    return dt.abs() * norm(scaled)
+
+
 def evaluate(func: Func, t: Tensor, y: Tensor) -> Tensor:
     """``func(t, y)``, with an error naming the problem if it returns the wrong thing."""
     out = func(t, y)

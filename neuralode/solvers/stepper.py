@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .controller import ConstantController, Norm, PIController, StepSizeController
-from .solver import Func, Perturbation, Solver, evaluate, per_row, rows_of
+from .solver import Func, Perturbation, Solver, evaluate, per_row, rows_of, scaled_error_norm
 from .state import SolverState, StepRecord
 from .status import Status
 
@@ -35,7 +35,8 @@ _LANDING_SLACK = 1.01
 def rms_norm(scaled: Tensor) -> Tensor:
     """Root mean square over each sample's own elements (one pass over them)."""
     rows = per_row(scaled)
-    return torch.linalg.vector_norm(rows, dim=1).div_(math.sqrt(rows.shape[1]))
+    norm = torch.linalg.vector_norm(rows, dim=1)
+    return norm.div(math.sqrt(rows.shape[1])) if norm.requires_grad else norm.div_(math.sqrt(rows.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -242,8 +243,7 @@ class Stepper:
         return new_state, record
 
     def _error_norm(self, y: Tensor, attempt, dt: Tensor, state: SolverState) -> Tensor:
-        scale = torch.maximum(y.abs(), attempt.y1.abs()).mul_(rows_of(state.rtol, y)).add_(rows_of(state.atol, y))
-        return dt.abs() * self.norm(attempt.error.div_(scale))
+        return scaled_error_norm(y, attempt.y1, attempt.error, dt, state.rtol, state.atol, self.norm)
 
     def start_cost(self, first_step: Tensor | None = None) -> int:
         """Evaluations :meth:`init` makes per row: ``f(t0, y0)`` where needed and the
