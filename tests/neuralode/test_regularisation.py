@@ -19,6 +19,7 @@ from neuralode.models import (
     PlanarDynamics,
     Regularisation,
 )
+from neuralode.models.cnf import standard_normal_log_prob as CNF_BASE_LOG_PROB
 from neuralode.models.regularisation import draw_noise, hutchinson_jacobian
 
 BOTH = Regularisation(kinetic=0.7, jacobian=0.3)
@@ -277,3 +278,75 @@ def test_density_curvature_is_a_third_column_only_when_weighed_and_only_for_a_cn
         Regularisation(density_curvature=-1.0)
     with pytest.raises(ValueError, match="ODE-Net has no log-density"):
         _block().forward_regularised(torch.zeros(1, 2, 3, 3, dtype=torch.float64), ALL)
+
+
+def _scipy_span_error(cnf: CNF, start: np.ndarray, forward: bool) -> float:
+    """scipy's own Dormand–Prince step (RK45's tableau and stage loop) over the whole span and
+    its error norm, as RK45 computes it before accepting a step: the outside oracle."""
+    from scipy.integrate import RK45
+    from scipy.integrate._ivp.rk import rk_step
+
+    def fun(t: float, y: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return cnf.augmented(torch.tensor([t], dtype=torch.float64), torch.from_numpy(y)[None])[0].numpy()
+
+    z = torch.from_numpy(start)[None]
+    log_density = float(CNF_BASE_LOG_PROB(z)[0]) if forward else 0.0
+    y0 = np.array([*start, log_density])
+    t0, h = (0.0, cnf.t1) if forward else (cnf.t1, -cnf.t1)
+    stages = np.empty((RK45.n_stages + 1, y0.size))
+    y1, _ = rk_step(fun, t0, y0, fun(t0, y0), h, RK45.A, RK45.B, RK45.C, stages)
+    scale = cnf.tol + np.maximum(np.abs(y0), np.abs(y1)) * cnf.tol
+    return float(np.sqrt(np.mean((stages.T @ RK45.E * h / scale) ** 2)))
+
+
+@pytest.mark.parametrize("dynamics", ["concatsquash", "planar"])
+@pytest.mark.parametrize("forward", [False, True], ids=["log-density", "sampling"])
+def test_span_error_is_scipys_dormand_prince_error_estimate(dynamics, forward):
+    cnf = _cnf(tol=1e-3, dynamics=dynamics)
+    start = torch.tensor([[1.5, -0.5], [-2.0, 1.0], [0.3, 0.2]], dtype=torch.float64)
+    with torch.no_grad():
+        errors = cnf.span_error(start, forward=forward)
+    expected = [_scipy_span_error(cnf, point.numpy(), forward) for point in start]
+    assert min(expected) > 1e-4  # a step with something to estimate
+    torch.testing.assert_close(errors, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=0)
+
+
+def test_span_error_decides_whether_a_whole_span_first_step_is_accepted():
+    """At most 1: the solve that tries the whole span first ends in that step (dopri5: 7 NFE);
+    above 1 it is rejected and costs more."""
+    torch.manual_seed(1)
+    cnf = CNF(ConcatSquashMLP(2, (16, 16)), 2, tol=1e-6, first_step=1.0).double()
+    x = torch.randn(64, 2, dtype=torch.float64) * 2
+    with torch.no_grad():
+        errors = cnf.span_error(x, forward=False)
+        _, solution = cnf.log_prob(x)
+    one_step = errors <= 1
+    assert 0 < int(one_step.sum()) < len(x)  # both kinds among the points
+    assert bool((solution.nfe[one_step] == 7).all()) and bool((solution.nfe[~one_step] > 7).all())
+
+
+def test_span_error_gradients_match_finite_differences():
+    cnf = _cnf(tol=1e-3)
+    x = torch.tensor([[1.0, -0.5], [-0.7, 1.2]], dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return cnf.span_error(x, forward=False).mean()
+
+    gradients = _gradients(cnf, loss)
+    assert float(gradients.abs().max()) > 0
+    for index in (0, 40, 300):
+        assert float(gradients[index]) == pytest.approx(_finite_difference(cnf, loss, index), rel=1e-6, abs=1e-10)
+
+
+def test_local_error_is_a_weight_of_the_card_and_only_a_cnfs():
+    weighed = Regularisation(kinetic=0.1, local_error=0.05)
+    assert not Regularisation(local_error=0.05).active  # no integral columns for it
+    assert weighed.card() == {"kinetic": 0.1, "jacobian": 0.0, "local_error": 0.05}
+    assert "local_error" not in BOTH.card()
+    with pytest.raises(ValueError, match="local_error weight"):
+        Regularisation(local_error=float("nan"))
+    with pytest.raises(ValueError, match="CNFs only"):
+        _block().forward_regularised(torch.zeros(1, 2, 3, 3, dtype=torch.float64), weighed)
+    with pytest.raises(ValueError, match="error estimate, not rk4"):
+        CNF(ConcatSquashMLP(2, (4,)), 2, method="rk4").span_error(torch.zeros(1, 2), forward=False)
