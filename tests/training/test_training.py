@@ -303,22 +303,23 @@ def test_kinetic_regularisation_straightens_a_cnf():
     assert energies[3.0] < 0.5 * energies[0.0]
 
 
-def test_cnf_training_weighs_the_density_curvature_and_records_it(tmp_path):
+@pytest.mark.parametrize(
+    "flags, recorded, shown, not_shown",
+    [
+        (("--kinetic", "0.1", "--density-curvature", "0.01"), {"kinetic": 0.1, "density_curvature": 0.01},
+         "curvature=", "span_error="),
+        (("--local-error", "0.05", "--first-step", "1"), {"kinetic": 0.0, "local_error": 0.05},
+         "span_error=", ", kinetic="),  # no integral columns without K, J or C
+    ],
+    ids=["density-curvature", "local-error"],
+)  # fmt: skip
+def test_cnf_training_weighs_the_cnf_only_terms_and_records_them(tmp_path, flags, recorded, shown, not_shown):
     out = tmp_path / "cnf.pt"
-    result = _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8",
-                  "--kinetic", "0.1", "--density-curvature", "0.01", "--out", str(out), "--device", "cpu")  # fmt: skip
+    result = _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8", *flags,
+                  "--out", str(out), "--device", "cpu")  # fmt: skip
     regularisation = load_checkpoint(out).card["training"]["regularisation"]
-    assert regularisation == {"kinetic": 0.1, "jacobian": 0.0, "density_curvature": 0.01}
-    assert "curvature=" in result.stderr  # the progress bar shows its integral
-
-
-def test_cnf_training_weighs_the_local_error_and_records_it(tmp_path):
-    out = tmp_path / "cnf.pt"
-    result = _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8",
-                  "--local-error", "0.05", "--first-step", "1", "--out", str(out), "--device", "cpu")  # fmt: skip
-    regularisation = load_checkpoint(out).card["training"]["regularisation"]
-    assert regularisation == {"kinetic": 0.0, "jacobian": 0.0, "local_error": 0.05}
-    assert "span_error=" in result.stderr and ", kinetic=" not in result.stderr  # no integrals without K, J
+    assert regularisation == {"jacobian": 0.0, **recorded}
+    assert shown in result.stderr and not_shown not in result.stderr  # the progress bar shows each term
 
 
 @pytest.mark.parametrize("task", [("--data", "8gaussians"), ("--target", "U1")], ids=["likelihood", "reverse-kl"])
