@@ -129,8 +129,9 @@ def _density(sub, kind: str, help_text: str) -> None:
                             "Default: %(default)s")  # fmt: skip
         parser.add_argument("--local-error", type=float, default=0.0, metavar="λ",
                             help="weight of the solver's scaled error estimate for one step over the whole span, at "
-                            "--tol (at most 1 where that step is accepted), in the loss: asks for solves that end in "
-                            "their first step; goes with --first-step at the span. Default: %(default)s")  # fmt: skip
+                            "--tol (at most 1 where that step is accepted), from both ends (back from the data, "
+                            "forward from base draws), in the loss: asks for solves that end in their first step; "
+                            "goes with --first-step at the span. Default: %(default)s")  # fmt: skip
     else:
         parser.add_argument("--layers", type=int, default=8, help="K, the number of planar layers")
     parser.set_defaults(run=lambda args: _train_density(kind, args))

@@ -61,17 +61,18 @@ def objective(
 ) -> tuple[Tensor, object, Tensor | None]:
     """The training loss, the solver stats (None for the discrete flow) and, when
     regularising, the regularisers' integrals ``[B, columns]`` (already in the loss), with the
-    mean whole-span local error as a last column when that term is weighed."""
-    loss, solution, integrals, start = _likelihood_objective(model, args, regularisation, batch, generator, device)
+    local error term's trial steps as a last column when it is weighed."""
+    loss, solution, integrals, data_end = _likelihood_objective(model, args, regularisation, batch, generator, device)
     if regularisation.local_error == 0:
         return loss, solution, integrals
-    if start is None:  # reverse KL: the trial step starts from base draws of its own
-        parameter = next(model.parameters())
-        start = torch.randn(batch, model.dim, generator=generator, device=device, dtype=parameter.dtype)
-    span_error = model.span_error(start, forward=bool(args.target), generator=generator)
-    column = span_error.detach()[:, None]
+    # A CNF is solved both ways (LogDensity from the data, Sample from the base): one trial step
+    # over the whole span from each end, back from the data points and forward from base draws.
+    base_draws = torch.randn(data_end.shape, generator=generator, device=device, dtype=data_end.dtype)
+    back = model.span_error(data_end, forward=False, generator=generator)
+    forward = model.span_error(base_draws, forward=True, generator=generator)
+    column = ((back + forward) / 2).detach()[:, None]
     integrals = column if integrals is None else torch.cat([integrals.detach(), column], 1)
-    return loss + regularisation.local_error * span_error.mean(), solution, integrals
+    return loss + regularisation.local_error * (back.mean() + forward.mean()) / 2, solution, integrals
 
 
 def _likelihood_objective(
@@ -82,8 +83,8 @@ def _likelihood_objective(
     generator: torch.Generator,
     device,
 ) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
-    """:func:`objective` without the local error term, and the data points it solved from
-    (None for reverse KL)."""
+    """:func:`objective` without the local error term, and the points at the data end of its
+    solve: the data, or the samples for reverse KL (None for the discrete flow)."""
     adjoint = bool(args.adjoint)
     if args.target:  # reverse KL to p ∝ exp(-U), up to log Z: E_q[log q(x) + U(x)]
         if isinstance(model, PlanarFlow):
@@ -91,12 +92,12 @@ def _likelihood_objective(
             return (log_q + energy(args.target)(x)).mean(), None, None, None
         if not regularisation.active:
             x, log_q, solution = model.sample(batch, generator=generator, adjoint=adjoint, device=device)
-            return (log_q + energy(args.target)(x)).mean(), solution, None, None
+            return (log_q + energy(args.target)(x)).mean(), solution, None, x.detach()
         x, log_q, solution, integrals = model.sample_regularised(
             batch, regularisation, generator=generator, adjoint=adjoint, device=device
         )
         kl = (log_q + energy(args.target)(x)).mean()
-        return kl + regularisation.penalty(integrals), solution, integrals, None
+        return kl + regularisation.penalty(integrals), solution, integrals, x.detach()
     data = sample_density(args.data, batch, generator).to(device)
     if not regularisation.active:
         log_p, solution = model.log_prob(data, adjoint=adjoint, generator=generator)
