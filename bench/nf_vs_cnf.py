@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from neuralode.models import build_model
+from neuralode.models import Regularisation, build_model
 from training.densities import kl_estimate, objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def train(kind: str, hyper: dict, target: str, steps: int, batch: int, lr: float
     generator = torch.Generator().manual_seed(seed)
     begin = time.perf_counter()
     for _ in range(steps):
-        loss, _ = objective(model, args, batch, generator, "cpu")
+        loss, _, _ = objective(model, args, Regularisation(), batch, generator, "cpu")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
