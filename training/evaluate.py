@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from datetime import date
 from pathlib import Path
 
@@ -205,6 +206,19 @@ def _plot_classifier(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _labels_by_point(xs: list[float], ys: list[float], rows: list[dict]) -> dict[tuple[float, float], str]:
+    """One label per distinct point: tolerances whose solves land on the same point (every
+    loose tolerance of a model whose solves end in one step, say) share it, "0.1, 1", instead
+    of being printed over each other."""
+    labels: dict[tuple[float, float], list[str]] = {}
+    for x, y, row in zip(xs, ys, rows):
+        key = next(
+            (k for k in labels if math.isclose(k[0], x, abs_tol=0.05) and math.isclose(k[1], y, abs_tol=1e-3)), (x, y)
+        )
+        labels.setdefault(key, []).append(_tol(row))
+    return {point: ", ".join(tols) for point, tols in labels.items()}
+
+
 def _plot_comparison(reports: list[dict], path: Path) -> None:
     """Metric against mean NFE, one curve per checkpoint, each point labelled with its tolerance;
     a model without an ODE is a horizontal line (it has no tolerance to trade)."""
@@ -223,10 +237,8 @@ def _plot_comparison(reports: list[dict], path: Path) -> None:
             continue
         xs = [row["nfe_mean"] for row in rows]
         (line,) = ax.plot(xs, ys, "o-", label=label)
-        for x, y, row in zip(xs, ys, rows):
-            ax.annotate(
-                _tol(row), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color()
-            )
+        for (x, y), tols in _labels_by_point(xs, ys, rows).items():
+            ax.annotate(tols, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
     if metric == "test_error":
         ax.set_ylim(0, max(values) * 1.3)
     ax.set_xlim(left=0)

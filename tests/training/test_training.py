@@ -420,3 +420,11 @@ def test_a_time_budget_fits_the_steps_to_the_measured_step_time(tmp_path, mnist_
     assert training["duration_s"] < 8.0 * 1.5
     log = out.with_suffix(".log").read_text()
     assert "time budget 8 s:" in log and log.count("test error") == 1  # evaluated at the end only
+
+
+def test_comparison_plot_labels_tolerances_that_land_on_one_point_together():
+    from training.evaluate import _labels_by_point
+
+    rows = [{"tol": tol} for tol in (1e-4, 1e-3, 1e-1, 1.0)]
+    labels = _labels_by_point([22.8, 11.5, 7.0, 7.0], [-2.827, -2.830, -2.8167, -2.8167], rows)
+    assert list(labels.values()) == ["0.0001", "0.001", "0.1, 1"]
