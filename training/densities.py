@@ -62,7 +62,7 @@ def objective(
     """The training loss, the solver stats (None for the discrete flow) and, when
     regularising, the regularisers' integrals ``[B, columns]`` (already in the loss), with the
     local error term's trial steps as a last column when it is weighed."""
-    loss, solution, integrals, data_end = _likelihood_objective(model, args, regularisation, batch, generator, device)
+    loss, solution, integrals, data_end = _fit_objective(model, args, regularisation, batch, generator, device)
     if regularisation.local_error == 0:
         return loss, solution, integrals
     # A CNF is solved both ways (LogDensity from the data, Sample from the base): one trial step
@@ -75,7 +75,7 @@ def objective(
     return loss + regularisation.local_error * (back.mean() + forward.mean()) / 2, solution, integrals
 
 
-def _likelihood_objective(
+def _fit_objective(
     model: nn.Module,
     args: argparse.Namespace,
     regularisation: Regularisation,

@@ -26,8 +26,9 @@ A CNF may also weigh ``E``, the solver's own verdict on one step over the whole 
 local error estimate that step control accepts at ≤ 1 (Pal et al., ICML 2021, regularise a
 solver's error estimates the same way). K, J and C shape the dynamics in the hope that the
 solver will take longer steps; E asks for it directly, for a model whose solves try the whole
-span first (``--first-step``). It is no integral: a separate trial step from the same starting
-points, whose gradients come by backprop through its stages.
+span first (``--first-step``). It is no integral: trial steps beside the training solve, one
+back from the data end and one forward from base draws (a CNF is served both ways), whose
+gradients come by backprop through their stages.
 """
 
 from __future__ import annotations

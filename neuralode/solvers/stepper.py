@@ -35,8 +35,8 @@ _LANDING_SLACK = 1.01
 def rms_norm(scaled: Tensor) -> Tensor:
     """Root mean square over each sample's own elements (one pass over them)."""
     rows = per_row(scaled)
-    norm = torch.linalg.vector_norm(rows, dim=1)
-    return norm.div(math.sqrt(rows.shape[1])) if norm.requires_grad else norm.div_(math.sqrt(rows.shape[1]))
+    norm, root = torch.linalg.vector_norm(rows, dim=1), math.sqrt(rows.shape[1])
+    return norm.div(root) if norm.requires_grad else norm.div_(root)  # in place unless autograd needs it
 
 
 @dataclass(frozen=True)
