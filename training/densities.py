@@ -68,11 +68,13 @@ def objective(
     # A CNF is solved both ways (LogDensity from the data, Sample from the base): one trial step
     # over the whole span from each end, back from the data points and forward from base draws.
     base_draws = torch.randn(data_end.shape, generator=generator, device=device, dtype=data_end.dtype)
-    back = model.span_error(data_end, forward=False, generator=generator)
-    forward = model.span_error(base_draws, forward=True, generator=generator)
-    column = ((back + forward) / 2).detach()[:, None]
+    span_error = (
+        model.span_error(data_end, forward=False, generator=generator)
+        + model.span_error(base_draws, forward=True, generator=generator)
+    ) / 2
+    column = span_error.detach()[:, None]
     integrals = column if integrals is None else torch.cat([integrals.detach(), column], 1)
-    return loss + regularisation.local_error * (back.mean() + forward.mean()) / 2, solution, integrals
+    return loss + regularisation.local_error * span_error.mean(), solution, integrals
 
 
 def _fit_objective(

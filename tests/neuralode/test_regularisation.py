@@ -19,7 +19,7 @@ from neuralode.models import (
     PlanarDynamics,
     Regularisation,
 )
-from neuralode.models.cnf import standard_normal_log_prob as CNF_BASE_LOG_PROB
+from neuralode.models.cnf import standard_normal_log_prob
 from neuralode.models.regularisation import draw_noise, hutchinson_jacobian
 
 BOTH = Regularisation(kinetic=0.7, jacobian=0.3)
@@ -291,7 +291,7 @@ def _scipy_span_error(cnf: CNF, start: np.ndarray, forward: bool) -> float:
             return cnf.augmented(torch.tensor([t], dtype=torch.float64), torch.from_numpy(y)[None])[0].numpy()
 
     z = torch.from_numpy(start)[None]
-    log_density = float(CNF_BASE_LOG_PROB(z)[0]) if forward else 0.0
+    log_density = float(standard_normal_log_prob(z)[0]) if forward else 0.0
     y0 = np.array([*start, log_density])
     t0, h = (0.0, cnf.t1) if forward else (cnf.t1, -cnf.t1)
     stages = np.empty((RK45.n_stages + 1, y0.size))
