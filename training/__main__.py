@@ -92,6 +92,20 @@ def _classifier(sub, kind: str, help_text: str) -> None:
         default=False,
         help="TF32 for convolutions and matrix products on GPUs (solver state and error control stay float32)",
     )
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice, one per core)")  # fmt: skip
+    resume = parser.add_argument_group("resumable training")
+    resume.add_argument("--resume", type=Path, default=None, metavar="STATE",
+                        help="continue from this training-state file (same recipe: the flags that decide the weights "
+                        "must match), bit-identically to the run that never stopped; the state is then kept there")  # fmt: skip
+    resume.add_argument("--state", type=Path, default=None, metavar="FILE",
+                        help="where the training state is written. Default: --out with the suffix .state.pt")  # fmt: skip
+    resume.add_argument("--state-every", type=float, default=300.0, metavar="SECONDS",
+                        help="write the training state this often (also after every epoch, at the end and on "
+                        "SIGINT/SIGTERM; 0: only then). Default: %(default)s")  # fmt: skip
+    resume.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                        help="stop after this many steps of this sitting, writing the training state (to split a "
+                        "long run into sittings)")  # fmt: skip
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),

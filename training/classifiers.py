@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,17 @@ from .common import (
     seed_everything,
     setup_logging,
 )
-from .data import ImageSet, batches, load_mnist, to_float
+from .data import ImageSet, batches, epoch_order, load_mnist, to_float
+from .state import (
+    Position,
+    TrainingStateError,
+    generator_states,
+    load_state,
+    position_dict,
+    position_from,
+    restore_generators,
+    save_state,
+)
 
 log = logging.getLogger("training")
 
@@ -127,16 +141,23 @@ class RegularisedForward(nn.Module):
 
 
 def train(kind: str, args: argparse.Namespace) -> Path:
-    """Train ``kind`` on MNIST, evaluate it on the held-out test set, write a checkpoint."""
+    """Train ``kind`` on MNIST, evaluate it on the held-out test set, write a checkpoint.
+
+    Training state goes to ``--state`` (default: beside ``--out``) every ``--state-every``
+    seconds, at the end, on SIGINT/SIGTERM and after ``--stop-after`` steps; ``--resume``
+    continues from such a file, bit-identically to the run that never stopped."""
     adjoint = _adjoint_choice(kind, args.adjoint)
     regularisation = regularisation_from(args)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     world = Distributed.from_environment(device)
     device = world.device_for(device)
     if device.type == "cuda":  # TF32 only inside convolutions and matrix products; the solver stays float32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     out = Path(args.out)
-    setup_logging(out.with_suffix(".log"), world.is_main)
+    state_path = Path(args.resume or args.state or out.with_suffix(".state.pt"))
+    setup_logging(out.with_suffix(".log"), world.is_main, append=args.resume is not None)
     generator = seed_everything(args.seed)
 
     train_set = load_mnist(args.data_dir, train=True).head(args.train_subset)
@@ -144,86 +165,158 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     hyper = hyperparameters(kind, args)
     model = build_model(kind, hyper).to(device)
     forward: nn.Module = model
+    # Hutchinson noise from its own stream: the data order and crops stay those of the
+    # unregularised run with the same seed.
+    noise = torch.Generator(device=device).manual_seed(args.seed)
     if kind in ODE_CLASSIFIERS:
         model.block.adjoint = adjoint
-        # Hutchinson noise from its own stream: the data order and crops stay those of the
-        # unregularised run with the same seed.
-        forward = RegularisedForward(model, regularisation, torch.Generator(device=device).manual_seed(args.seed))
+        forward = RegularisedForward(model, regularisation, noise)
     trained = nn.parallel.DistributedDataParallel(forward) if world.enabled else forward
 
     steps_per_epoch = len(train_set) // (args.batch_size * world.world_size)
     if steps_per_epoch == 0:
         raise SystemExit("--batch-size is larger than the training set")
     total_steps = args.steps or args.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = _optimizer(args, model)
     plan = StepPlan(total_steps, args.warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)
     budget = TimeBudget(args.time_budget, device) if args.time_budget else None
+    recipe = _recipe(kind, hyper, args, adjoint, regularisation, world.world_size, len(train_set), len(test_set))
+    generators = {"data": generator, "noise": noise}
+
+    position, order, best, running = Position(), None, None, _Running()
+    if args.resume is not None:
+        try:
+            state = load_state(state_path, recipe)
+        except TrainingStateError as error:
+            raise SystemExit(str(error)) from None
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict({**state["schedule"], "lr_lambdas": [None]})
+        plan.total = int(state["plan_total"])
+        if budget is not None:
+            budget.step_seconds = state["budget_step_seconds"]
+        torch.set_rng_state(state["rng"]["torch"])
+        restore_generators(generators, state["rng"]["generators"])
+        position, order, best = position_from(state), state["order"], state["best"]
+        vars(running).update(state["running"])
+        position.sittings += 1
+        log.info(
+            "resumed from %s: epoch %d, batch %d of %d, step %d of %d, %.0f s trained before (sitting %d)",
+            state_path, position.epoch, position.batch, steps_per_epoch, position.step, plan.total,
+            position.elapsed_s, position.sittings,
+        )  # fmt: skip
     log.info(
         "%s: %d parameters, %d training / %d test images, %d steps (%d epochs of %d) at batch %d x %d, tol %g, "
         "adjoint %s, %s, %s",
-        kind, sum(p.numel() for p in model.parameters()), len(train_set), len(test_set), total_steps, epochs,
-        steps_per_epoch, args.batch_size, world.world_size, args.tol, adjoint, regularisation, device_name(device),
+        kind, sum(p.numel() for p in model.parameters()), len(train_set), len(test_set), plan.total,
+        math.ceil(plan.total / steps_per_epoch), steps_per_epoch, args.batch_size, world.world_size, args.tol,
+        adjoint, regularisation, device_name(device),
     )  # fmt: skip
 
-    step, epoch, begin = 0, 0, time.perf_counter()
-    while step < plan.total:
-        epoch += 1
-        model.train()
-        epoch_begin = time.perf_counter()
-        running = _Running()
-        bar = tqdm(total=min(steps_per_epoch, plan.total - step), desc=f"epoch {epoch}", disable=not world.is_main)
-        for images, labels in batches(
-            train_set, args.batch_size, shuffle=not args.no_shuffle, augment=not args.no_augment, generator=generator,
-            rank=world.rank, world_size=world.world_size,
-        ):  # fmt: skip
-            if step >= plan.total:
-                break
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            solution = integrals = None
-            if kind in ODE_CLASSIFIERS:
-                logits, solution, integrals = trained(images)
-            else:
-                logits = trained(images)
-            loss = nn.functional.cross_entropy(logits, labels)
-            if regularisation.active:
-                loss = loss + regularisation.penalty(integrals)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            running.add(loss, logits, labels, solution, integrals)
-            bar.update(1)
-            bar.set_postfix(running.postfix(), refresh=False)
-            fitted = budget.fit(step, begin) if budget is not None else None
-            if fitted is not None:
-                plan.total = world.from_main(min(plan.total, fitted), device)
-                bar.total = min(steps_per_epoch, plan.total - step + bar.n)
+    def write_state() -> None:
+        if not world.is_main:
+            return
+        position.elapsed_s = previous_elapsed + (time.perf_counter() - begin)
+        save_state(state_path, {
+            "recipe": recipe, "position": position_dict(position), "model": _cpu(model.state_dict()),
+            "optimizer": optimizer.state_dict(), "schedule": _schedule_state(schedule), "plan_total": plan.total,
+            "budget_step_seconds": None if budget is None else budget.step_seconds,
+            "rng": {"torch": torch.get_rng_state(), "generators": generator_states(generators)},
+            "order": order, "best": best, "running": vars(running), "command": command_line(),
+        })  # fmt: skip
+
+    stop = StopRequest()
+    previous_elapsed, begin, last_saved = position.elapsed_s, time.perf_counter(), time.perf_counter()
+    steps_this_sitting = 0
+    images_per_step = args.batch_size * world.world_size
+    bar = tqdm(total=plan.total, initial=position.step, disable=not world.is_main, unit="step", dynamic_ncols=True)
+    with stop.installed():
+        while position.step < plan.total:
+            if position.batch == 0:
+                position.epoch += 1
+                order = epoch_order(train_set, shuffle=not args.no_shuffle, generator=generator)
+            epochs = math.ceil(plan.total / steps_per_epoch)
+            bar.set_description(f"epoch {position.epoch}/{epochs}")
+            model.train()
+            epoch_begin = time.perf_counter()
+            for images, labels in batches(
+                train_set, order, args.batch_size, augment=not args.no_augment, generator=generator,
+                rank=world.rank, world_size=world.world_size, first=position.batch,
+            ):  # fmt: skip
+                if position.step >= plan.total:
+                    break
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                solution = integrals = None
+                if kind in ODE_CLASSIFIERS:
+                    logits, solution, integrals = trained(images)
+                else:
+                    logits = trained(images)
+                loss = nn.functional.cross_entropy(logits, labels)
+                if regularisation.active:
+                    loss = loss + regularisation.penalty(integrals)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                position.step += 1
+                position.batch += 1
+                steps_this_sitting += 1
+                running.add(loss, logits, labels, solution, integrals)
+                bar.update(1)
+                rate = bar.format_dict["rate"]
+                postfix = running.postfix() | {"img/s": f"{(rate or 0) * images_per_step:.0f}"}
+                if position.history:
+                    postfix["test_err"] = f"{position.history[-1]['test_error']:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                fitted = budget.fit(position.step, begin) if budget is not None else None
+                if fitted is not None:
+                    plan.total = world.from_main(min(plan.total, fitted), device)
+                    bar.total = plan.total
+                    log.info("time budget %.0f s: %.3f s per step, so %d steps in all",
+                             args.time_budget, budget.step_seconds, plan.total)  # fmt: skip
+                stopping = world.from_main(int(stop.requested or steps_this_sitting == args.stop_after), device)
+                if stopping:
+                    write_state()
+                    bar.close()
+                    reason = f"signal {stop.requested}" if stop.requested else f"--stop-after {args.stop_after}"
+                    log.info("stopped (%s) at epoch %d, step %d of %d; continue with: %s --resume %s",
+                             reason, position.epoch, position.step, plan.total, _without_resume(), state_path)  # fmt: skip
+                    world.close()
+                    raise SystemExit(128 + stop.requested if stop.requested else 0)
+                if args.state_every and time.perf_counter() - last_saved >= args.state_every:
+                    write_state()
+                    last_saved = time.perf_counter()
+            position.batch = 0
+            epoch_time = time.perf_counter() - epoch_begin
+            if world.is_main:
+                last = position.step >= plan.total
+                evaluated = ""
+                if last or (args.eval_every and position.epoch % args.eval_every == 0):
+                    row = evaluate(model, kind, test_set, device, args.tol if kind in ODE_CLASSIFIERS else None)
+                    evaluated = f"; test error {row.test_error:.4f} ({len(test_set)} images)"
+                    position.history.append(
+                        {"epoch": position.epoch, "step": position.step, "test_error": row.test_error,
+                         "elapsed_s": round(previous_elapsed + time.perf_counter() - begin, 1)}
+                    )  # fmt: skip
+                    if best is None or row.test_error < best["test_error"]:
+                        best = {
+                            "epoch": position.epoch,
+                            "test_error": row.test_error,
+                            "model": _cpu(model.state_dict()),
+                        }
+                regularisers = ""
+                if regularisation.active:
+                    regularisers = f", kinetic {running.kinetic:.4g} jacobian {running.jacobian:.4g} per dimension"
                 log.info(
-                    "time budget %.0f s: %.3f s per step, so %d steps in all",
-                    args.time_budget,
-                    budget.step_seconds,
-                    plan.total,
-                )
-        bar.close()
-        epoch_time = time.perf_counter() - epoch_begin
-        if world.is_main:
-            last = step >= plan.total
-            evaluated = ""
-            if last or (args.eval_every and epoch % args.eval_every == 0):
-                row = evaluate(model, kind, test_set, device, args.tol if kind in ODE_CLASSIFIERS else None)
-                evaluated = f"; test error {row.test_error:.4f} ({len(test_set)} images)"
-            regularisers = ""
-            if regularisation.active:
-                regularisers = f", kinetic {running.kinetic:.4g} jacobian {running.jacobian:.4g} per dimension"
-            log.info(
-                "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f%s%s",
-                epoch, epoch_time, running.loss, running.accuracy, running.nfe_forward, running.nfe_backward,
-                regularisers, evaluated,
-            )  # fmt: skip
-    duration = time.perf_counter() - begin
+                    "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f%s%s",
+                    position.epoch, epoch_time, running.loss, running.accuracy, running.nfe_forward,
+                    running.nfe_backward, regularisers, evaluated,
+                )  # fmt: skip
+            write_state()
+            last_saved = time.perf_counter()
+    bar.close()
+    duration = previous_elapsed + time.perf_counter() - begin
 
     path = out
     if world.is_main:
@@ -237,12 +330,14 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             "training": {
                 "command": command_line(), "tol": args.tol if kind in ODE_CLASSIFIERS else None,
                 "method": args.method if kind in ODE_CLASSIFIERS else None, "adjoint": adjoint,
-                "epochs": epoch, "steps": step, "batch_size": args.batch_size, "world_size": world.world_size,
-                "preset": args.preset, "time_budget_s": args.time_budget, "tf32": args.tf32,
-                "optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "device": device_name(device),
+                "epochs": position.epoch, "steps": position.step, "batch_size": args.batch_size,
+                "world_size": world.world_size, "preset": args.preset, "time_budget_s": args.time_budget,
+                "tf32": args.tf32, "optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
+                "warmup": args.warmup, "seed": args.seed, "device": device_name(device),
                 "regularisation": regularisation.card() if kind in ODE_CLASSIFIERS else None,
-                "duration_s": round(duration, 1), "images_per_s": round(step * args.batch_size * world.world_size / duration, 1),
-                "peak_memory_mib": peak_memory(device),
+                "duration_s": round(duration, 1), "sittings": position.sittings,
+                "images_per_s": round(position.step * images_per_step / duration, 1),
+                "peak_memory_mib": peak_memory(device), "test_error_history": position.history,
             },
             "metrics": card_metrics(model, kind, test_set, device, args.tol),
         }  # fmt: skip
@@ -251,6 +346,68 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     world.barrier()
     world.close()
     return path
+
+
+def _recipe(
+    kind: str, hyper: dict, args: argparse.Namespace, adjoint: bool, regularisation: Regularisation,
+    world_size: int, train_images: int, test_images: int,
+) -> dict:  # fmt: skip
+    """What decides a run's weights: a state is only continued under the same recipe."""
+    return {
+        "kind": kind, "hyper": hyper, "adjoint": adjoint, "regularisation": regularisation.card(),
+        "batch_size": args.batch_size, "world_size": world_size, "optimizer": args.optimizer, "lr": args.lr,
+        "weight_decay": args.weight_decay, "warmup": args.warmup, "epochs": args.epochs, "steps": args.steps,
+        "time_budget": args.time_budget, "seed": args.seed, "augment": not args.no_augment,
+        "shuffle": not args.no_shuffle, "train_images": train_images, "test_images": test_images,
+    }  # fmt: skip
+
+
+def _cpu(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
+
+
+def _schedule_state(schedule: torch.optim.lr_scheduler.LambdaLR) -> dict:
+    """The schedule's counters; its function is rebuilt from the recipe, never stored."""
+    return {key: value for key, value in schedule.state_dict().items() if key != "lr_lambdas"}
+
+
+def _without_resume() -> str:
+    """This command line less any ``--resume FILE``, to print what continues the run."""
+    words, kept, skip = command_line().split(" "), [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif not word.startswith("--resume="):
+            kept.append(word)
+    return " ".join(kept)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM as a request to stop after the current step (and write the state),
+    instead of an exception in the middle of a solve."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signum
+        log.info("signal %d: stopping after this step, writing the training state", signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def _adjoint_choice(kind: str, requested: bool | None) -> bool:

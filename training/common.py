@@ -125,12 +125,13 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def setup_logging(log_file: Path | None, is_main: bool) -> None:
-    """Log to stderr and, on the main process, to ``log_file``."""
+def setup_logging(log_file: Path | None, is_main: bool, append: bool = False) -> None:
+    """Log to stderr and, on the main process, to ``log_file`` (``append``: a resumed run
+    continues the log of the sittings before it)."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None and is_main:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w"))
+        handlers.append(logging.FileHandler(log_file, mode="a" if append else "w"))
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -50,22 +50,29 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
     return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+def epoch_order(data: ImageSet, *, shuffle: bool, generator: torch.Generator) -> Tensor:
+    """The order of one epoch's examples (drawn from ``generator`` when shuffling)."""
+    return torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
+
+
 def batches(
     data: ImageSet,
+    order: Tensor,
     batch_size: int,
     *,
-    shuffle: bool,
     augment: bool,
     generator: torch.Generator,
     rank: int = 0,
     world_size: int = 1,
+    first: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """One epoch of float batches. Under data parallelism each rank takes every
-    ``world_size``-th example, so the ranks' batches k together are one batch k of
-    ``batch_size * world_size`` in a single process (full batches only)."""
-    order = torch.randperm(len(data), generator=generator) if shuffle else torch.arange(len(data))
+    """One epoch of float batches in ``order``, from batch ``first`` on (a resumed epoch; the
+    crops are drawn lazily, batch by batch, so ``generator`` must be where it stood then).
+    Under data parallelism each rank takes every ``world_size``-th example, so the ranks'
+    batches k together are one batch k of ``batch_size * world_size`` in a single process
+    (full batches only)."""
     mine = order[rank::world_size]
-    for start in range(0, len(mine) - batch_size + 1, batch_size):
+    for start in range(first * batch_size, len(mine) - batch_size + 1, batch_size):
         index = mine[start : start + batch_size]
         images = data.images[index]
         if augment:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training.data import ImageSet, batches, load_mnist, random_crop
+from training.data import ImageSet, batches, epoch_order, load_mnist, random_crop
 from training.toy import DENSITIES, ENERGIES, sample_density
 
 
@@ -25,13 +25,12 @@ def test_random_crop_moves_images_by_at_most_the_padding():
 
 def test_ranks_split_each_global_batch_between_them():
     data = ImageSet(torch.zeros(20, 1, 28, 28, dtype=torch.uint8), torch.arange(20))
-    single = [labels for _, labels in batches(data, 4, shuffle=False, augment=False, generator=torch.Generator())]
+    order = epoch_order(data, shuffle=False, generator=torch.Generator())
+    single = [labels for _, labels in batches(data, order, 4, augment=False, generator=torch.Generator())]
     ranks = [
         [
             labels
-            for _, labels in batches(
-                data, 2, shuffle=False, augment=False, generator=torch.Generator(), rank=r, world_size=2
-            )
+            for _, labels in batches(data, order, 2, augment=False, generator=torch.Generator(), rank=r, world_size=2)
         ]
         for r in range(2)
     ]

@@ -428,3 +428,86 @@ def test_comparison_plot_labels_tolerances_that_land_on_one_point_together():
     rows = [{"tol": tol} for tol in (1e-4, 1e-3, 1e-1, 1.0)]
     labels = _labels_by_point([22.8, 11.5, 7.0, 7.0], [-2.827, -2.830, -2.8167, -2.8167], rows)
     assert list(labels.values()) == ["0.0001", "0.001", "0.1, 1"]
+
+
+RESUME_RUN = ["--steps", "12", "--batch-size", "16", "--train-subset", "96", "--test-subset", "50",
+              "--eval-every", "1", "--tol", "1e-2", "--device", "cpu", "--seed", "5"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["odenet", "resnet"])
+def test_a_run_stopped_and_resumed_gives_the_weights_of_the_run_that_never_stopped(kind, tmp_path, mnist_dir):
+    # 6 steps an epoch: the first sitting stops mid-epoch (step 4), the second at an epoch's
+    # end (step 6, its evaluation still to do), the third finishes; shuffling, crops and the
+    # schedule all run, with every random stream restored.
+    common = [kind, "--data-dir", str(mnist_dir), *RESUME_RUN]
+    env = {"OMP_NUM_THREADS": "1"}
+    _run(*common, "--out", str(tmp_path / "whole.pt"), env=env)
+    broken = tmp_path / "broken.pt"
+    state = tmp_path / "broken.state.pt"
+    first = _run(*common, "--out", str(broken), "--stop-after", "4", env=env)
+    assert not broken.exists() and state.exists()
+    assert f"--resume {state}" in first.stderr
+    _run(*common, "--out", str(broken), "--resume", str(state), "--stop-after", "2", env=env)
+    resumed = _run(*common, "--out", str(broken), "--resume", str(state), env=env)
+    assert "resumed from" in resumed.stderr and "epoch 1, batch 6 of 6, step 6 of 12" in resumed.stderr
+    whole, parts = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(broken)
+    for (name, a), b in zip(whole.model.state_dict().items(), parts.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert parts.card["training"]["sittings"] == 3 and whole.card["training"]["sittings"] == 1
+    history = parts.card["training"]["test_error_history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert [row["test_error"] for row in history] == [
+        row["test_error"] for row in whole.card["training"]["test_error_history"]
+    ]
+    log = broken.with_suffix(".log").read_text()
+    assert log.count("resumed from") == 2 and log.count("epoch 1:") == 1  # one log across the sittings
+    epoch_lines = [line.split(" INFO ")[1].split(", train loss")[1] for line in log.splitlines() if "epoch 1:" in line]
+    whole_lines = (tmp_path / "whole.log").read_text().splitlines()
+    assert epoch_lines == [
+        line.split(" INFO ")[1].split(", train loss")[1] for line in whole_lines if "epoch 1:" in line
+    ]
+
+
+def test_a_state_from_another_recipe_or_a_corrupt_file_is_refused(tmp_path, mnist_dir):
+    common = ["odenet", "--data-dir", str(mnist_dir), *RESUME_RUN, "--out", str(tmp_path / "a.pt")]
+    _run(*common, "--stop-after", "1")
+    state = tmp_path / "a.state.pt"
+    other = subprocess.run([sys.executable, "-m", "training", *common, "--lr", "0.5", "--resume", str(state)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert other.returncode != 0 and "another recipe (lr: state 0.002, this run 0.5)" in other.stderr
+    assert "Traceback" not in other.stderr
+    other_model = subprocess.run([sys.executable, "-m", "training", "resnet", *common[1:], "--resume", str(state)],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert other_model.returncode != 0 and "kind: state 'odenet', this run 'resnet'" in other_model.stderr
+    corrupt = tmp_path / "corrupt.state.pt"
+    corrupt.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])
+    refused = subprocess.run([sys.executable, "-m", "training", *common, "--resume", str(corrupt)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode != 0 and "not a readable training-state file" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_sigterm_writes_a_last_state_that_resumes(tmp_path, mnist_dir):
+    import signal
+    import time
+
+    out = tmp_path / "signalled.pt"
+    command = [sys.executable, "-m", "training", "odenet", "--data-dir", str(mnist_dir), "--out", str(out),
+               "--steps", "100000", "--batch-size", "8", "--train-subset", "800", "--test-subset", "20",
+               "--tol", "1e-1", "--device", "cpu", "--state-every", "0"]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    log = out.with_suffix(".log")
+    deadline = time.monotonic() + 120
+    while "steps (" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # some steps in
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped (signal 15)" in stderr and "Traceback" not in stderr
+    from training.state import FORMAT
+
+    state = torch.load(out.with_suffix(".state.pt"), weights_only=True)
+    assert state["format"] == FORMAT and state["position"]["step"] >= 1 and not out.exists()
