@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,6 +32,9 @@ from .v1 import V1
 from .validation import auto_tolerances
 
 log = logging.getLogger("server")
+
+EXIT_STUCK = 3  # the exit status when a model's step did not end after the grace period
+_ANSWER_SECONDS = 1.0  # past the grace period, for stopped requests' calls to be answered
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -138,11 +142,12 @@ class Server:
             log.info("reloaded %s: %d models, new or changed: %s, removed: %s", self.config.checkpoints, len(fresh),
                      ", ".join(changed) or "none", ", ".join(sorted(old.keys() - fresh.keys())) or "none")  # fmt: skip
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
         """Drain: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish within the
-        grace period; then close."""
+        grace period; what is still running then is stopped (its callers get UNAVAILABLE); then
+        close. False when a model's worker did not end its step (the process must exit hard)."""
         if self._stopped:
-            return
+            return True
         self._stopped = True
         grace = self.config.grace_seconds
         log.info("draining (grace %.0f s)", grace)
@@ -151,11 +156,16 @@ class Server:
         end = time.monotonic() + grace
         while not self.engine.idle and time.monotonic() < end:
             await asyncio.sleep(0.02)
-        await asyncio.to_thread(self.engine.close, max(0.0, end - time.monotonic()))
-        await self.frontend.server.stop(max(0.0, end - time.monotonic()))
+        stuck = await asyncio.to_thread(self.engine.close, max(0.0, end - time.monotonic()))
+        # The calls of stopped requests are answering now: a moment for that, not a cancel.
+        await self.frontend.server.stop(max(_ANSWER_SECONDS, end - time.monotonic()))
         if self._metrics_server is not None:
             self._metrics_server.close()
+        if stuck:
+            log.error("stopped, but the worker of %s is still inside a step", ", ".join(stuck))
+            return False
         log.info("stopped")
+        return True
 
 
 def _version() -> str:
@@ -165,7 +175,7 @@ def _version() -> str:
         return "unknown"
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig) -> bool:
     server = Server(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -181,14 +191,17 @@ async def serve(config: ServerConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     await server.start()
     await stop.wait()
-    await server.stop()
+    return await server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log.info("settings: %s", config.as_dict())
-    asyncio.run(serve(config))
+    if not asyncio.run(serve(config)):
+        # A thread still inside torch would abort the interpreter's exit (SIGABRT): leave now.
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
     return 0
 
 

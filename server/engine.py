@@ -51,6 +51,7 @@ __all__ = [
     "RequestExpired",
     "Result",
     "Scheduling",
+    "ShutDown",
     "WorkerFailed",
     "WorkerRetired",
 ]
@@ -60,6 +61,7 @@ HealthSink = Callable[[str, bool], None]
 """Told ``(model label, serving)`` when a worker starts and stops recovering from a crash."""
 
 _RESTART_BACKOFF = (0.0, 0.1, 0.5, 2.0)  # seconds NOT_SERVING after consecutive crashes
+STOP_SECONDS = 10.0  # past the grace period, how long a worker may take to end its current step
 
 
 class EngineClosed(Exception):
@@ -68,6 +70,11 @@ class EngineClosed(Exception):
 
 class WorkerRetired(EngineClosed):
     """The model version asked for was replaced by a reload; the caller looks it up again."""
+
+
+class ShutDown(Cancelled, EngineClosed):
+    """The server stopped past its grace period before the request finished; its items were
+    stopped (the caller may retry elsewhere)."""
 
 
 class WorkerFailed(Exception):
@@ -178,6 +185,15 @@ class ModelWorker:
         with self._lock:
             self._closing = True
             self._lock.notify()
+
+    def abort(self, error: ShutDown) -> int:
+        """Refuse new requests and end every accepted one with ``error`` at the next step
+        (the worker then stops); how many there were."""
+        with self._lock:
+            self._closing = True
+            stopped = self.scheduler.cancel_all(error)
+            self._lock.notify()
+        return stopped
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -379,8 +395,10 @@ class Engine:
             workers = [*self.workers.values(), *(w for _, w in self._retired)]
         return all(worker.idle for worker in workers)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Refuse new work, let accepted requests finish within ``timeout``, stop the workers."""
+    def close(self, timeout: float = 30.0) -> list[str]:
+        """Refuse new work, let accepted requests finish within ``timeout``, then stop what is
+        left (its requests fail with :class:`ShutDown`) and the workers. Returns the names of
+        workers still inside a step ``STOP_SECONDS`` after that (none, unless a model hangs)."""
         end = time.monotonic() + timeout
         with self._lock:
             workers = [*self.workers.values(), *(w for _, w in self._retired)]
@@ -388,3 +406,13 @@ class Engine:
             worker.stop_accepting()
         for worker in workers:
             worker.join(max(0.0, end - time.monotonic()))
+        running = [worker for worker in workers if worker.alive]
+        if running:
+            error = ShutDown("the server shut down before the request finished (its grace period passed); "
+                             "its items were stopped; retry on another replica")  # fmt: skip
+            stopped = sum(worker.abort(error) for worker in running)
+            log.warning("grace period over: stopped %d request(s) still in flight", stopped)
+            end = time.monotonic() + STOP_SECONDS
+            for worker in running:
+                worker.join(max(0.0, end - time.monotonic()))
+        return [worker.name for worker in workers if worker.alive]

@@ -348,6 +348,14 @@ class Scheduler:
         if not request.ended:
             request.error = Cancelled()
 
+    def cancel_all(self, error: Cancelled) -> int:
+        """Every request not yet ended ends with ``error`` at the next ``schedule`` (a shutdown
+        past its grace period); how many there were."""
+        pending = [request for request in self._requests.values() if not request.ended]
+        for request in pending:
+            request.error = error
+        return len(pending)
+
     # ---- the step --------------------------------------------------------------------------
     def schedule(self) -> Plan:
         now = self.clock()

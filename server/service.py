@@ -21,6 +21,7 @@ from .engine import (
     QueueFull,
     RequestCancelled,
     RequestExpired,
+    ShutDown,
     WorkerFailed,
     WorkerRetired,
 )
@@ -40,6 +41,7 @@ _ENGINE_ERRORS: list[tuple[type[Exception], Code, str]] = [
         Code.DEADLINE_EXCEEDED,
         "the request's deadline passed before it finished; its items were stopped",
     ),
+    (ShutDown, Code.UNAVAILABLE, ""),
     (RequestCancelled, Code.CANCELLED, "the request was cancelled; its items were stopped"),
     (EngineClosed, Code.UNAVAILABLE, "the server is shutting down; retry on another replica"),
 ]

@@ -202,3 +202,39 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(shipped, tmp_pat
         assert time.monotonic() - begin < 30
     finally:
         draining.stop(signal.SIGKILL)
+
+
+def test_sigterm_past_the_grace_period_stops_the_solve_and_exits_cleanly(shipped, tmp_path):
+    """A request that cannot finish within ``grace_seconds`` is stopped (UNAVAILABLE, so
+    clients retry elsewhere) and the process exits 0 — never SIGABRT from a thread still in
+    the middle of a solver step at interpreter exit."""
+    draining = start_server(shipped, tmp_path, "--grace-seconds", "2")
+    outcome = {}
+    try:
+        with Client(draining.target, timeout_s=120, retries=0) as client:
+            images = np.random.default_rng(4).integers(0, 255, (1024, 28, 28), dtype=np.uint8)
+
+            def in_flight():
+                try:
+                    outcome["result"] = client.classify(images, model=CLASSIFIER, tol=1e-8)
+                except OdeServeError as error:
+                    outcome["error"] = error
+
+            thread = threading.Thread(target=in_flight)
+            thread.start()
+            time.sleep(2.0)
+            begin = time.monotonic()
+            draining.process.send_signal(signal.SIGTERM)
+            status = draining.process.wait(60)
+            seconds = time.monotonic() - begin
+            thread.join(60)
+    finally:
+        draining.stop(signal.SIGKILL)
+    log = draining.log.read_text()
+    assert "terminate called" not in log, log[-2000:]
+    assert status == 0, log[-2000:]
+    assert seconds < 2 + 10
+    assert "result" not in outcome, "the request finished within the grace period; make it slower"
+    assert outcome["error"].code == "UNAVAILABLE", outcome["error"]
+    assert "grace" in outcome["error"].message
+    assert "stopped 1 request" in log
