@@ -5,11 +5,18 @@ read with ``torch.load(weights_only=True)``, whose unpickler only rebuilds tenso
 containers: a file carrying a pickled object (the classic code-execution payload) is refused
 before anything runs. The card says how to rebuild the model; the weights must then fit it
 exactly, or loading fails with the names of what does not match.
+
+Nothing in a card is trusted before it is checked (:func:`check_card`): the fields this project
+reads have their types and ranges checked, hyper-parameters are small numbers, short strings or
+short lists of them (a layer width is at most ``MAX_HYPER_INT``), and the model is first built
+on the ``meta`` device — no memory — so a card whose architecture does not fit its weights is
+refused before anything of its size is allocated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,9 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models.registry import build_model
+from .models.registry import build_model, kinds
+from .solvers import METHODS
 
 FORMAT = "odeserve-checkpoint/1"
+MAX_HYPER_INT = 4096
+"""The largest integer a card's ``hyper`` may hold (a layer width, a dimension, a count)."""
+MAX_HYPER_LIST = 64
+"""The longest list a card's ``hyper`` may hold (say, the hidden layers' widths)."""
+MAX_HYPER_TEXT = 64
+"""The longest string a card's ``hyper`` may hold (a solver or trace name)."""
+MAX_TABLE_ROWS = 64
+"""The most rows of a card's evaluation table (``metrics.table``)."""
 
 
 class CheckpointError(ValueError):
@@ -74,15 +90,103 @@ def load_checkpoint(
     if overrides:
         card = {**card, "hyper": {**card.get("hyper", {}), **overrides}}
     try:
-        model = build_model(card["kind"], card["hyper"])
+        check_card(card)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    try:
+        with torch.device("meta"):  # shapes only: nothing of the card's size is allocated yet
+            skeleton = build_model(card["kind"], card["hyper"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: the model card does not describe a model we can build: {error}") from None
+    problem = _misfit(skeleton.state_dict(), state_dict)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not match the model card ({card['kind']}): {problem}")
+    model = build_model(card["kind"], card["hyper"])
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
         detail = " ".join(str(error).split())
         raise CheckpointError(f"{path}: weights do not match the model card ({card['kind']}): {detail}") from None
     return Checkpoint(card=card, model=model.to(device).eval())
+
+
+def check_card(card: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first field of ``card`` that is not what this project
+    reads there: ``kind`` (a known kind), ``hyper`` (small numbers, short strings, short lists;
+    a positive ``tol`` and ``first_step``, a known ``method``), ``training.tol`` (a positive
+    number, the server's default tolerance) and ``metrics.table`` (rows whose ``tol`` and
+    ``nfe_mean`` are positive numbers or null)."""
+    if not isinstance(card.get("kind"), str) or card["kind"] not in kinds():
+        raise ValueError(f"card.kind: unknown model kind {_shown(card.get('kind'))}; known: {', '.join(kinds())}")
+    hyper = card.get("hyper")
+    if not isinstance(hyper, dict):
+        raise ValueError(f"card.hyper must be an object of constructor arguments, got {_shown(hyper)}")
+    for key, value in hyper.items():
+        _check_hyper(f"card.hyper.{str(key)[:MAX_HYPER_TEXT]}", value, nested=False)
+    for key in ("tol", "first_step"):
+        if hyper.get(key) is not None:
+            _positive(f"card.hyper.{key}", hyper[key])
+    if hyper.get("method") is not None and hyper["method"] not in METHODS:
+        raise ValueError(f"card.hyper.method must be a known solver, got {_shown(hyper['method'])}")
+    for section in ("training", "metrics", "dataset", "input"):
+        if section in card and not isinstance(card[section], dict):
+            raise ValueError(f"card.{section} must be an object, got {_shown(card[section])}")
+    training = card.get("training", {})
+    if training.get("tol") is not None:
+        _positive("card.training.tol", training["tol"])
+    table = card.get("metrics", {}).get("table", [])
+    if not isinstance(table, list) or len(table) > MAX_TABLE_ROWS:
+        raise ValueError(f"card.metrics.table must be a list of at most {MAX_TABLE_ROWS} rows")
+    for index, row in enumerate(table):
+        if not isinstance(row, dict):
+            raise ValueError(f"card.metrics.table[{index}] must be an object, got {_shown(row)}")
+        for key in ("tol", "nfe_mean"):
+            if row.get(key) is not None:
+                _positive(f"card.metrics.table[{index}].{key}", row[key])
+
+
+def _check_hyper(field: str, value: Any, *, nested: bool) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_HYPER_INT:
+            raise ValueError(f"{field} must be at most {MAX_HYPER_INT} in magnitude, got {value}")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{field} must be a finite number, got {value}")
+    elif isinstance(value, str):
+        if len(value) > MAX_HYPER_TEXT:
+            raise ValueError(f"{field} must be at most {MAX_HYPER_TEXT} characters long")
+    elif isinstance(value, list) and not nested:
+        if len(value) > MAX_HYPER_LIST:
+            raise ValueError(f"{field} must be a list of at most {MAX_HYPER_LIST} entries, got {len(value)}")
+        for index, entry in enumerate(value):
+            _check_hyper(f"{field}[{index}]", entry, nested=True)
+    else:
+        raise ValueError(f"{field} must be a number, a string or a list of them, got {_shown(value)}")
+
+
+def _positive(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{field} must be a positive number, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """A value from a card, quoted short (a card is outside input)."""
+    text = json.dumps(value) if isinstance(value, str | int | float | bool | None) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _misfit(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """What differs between a model's parameter names and shapes and a file's weights ('' if
+    nothing), compared before the model is built for real."""
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    shapes = [f"{name} {tuple(given[name].shape)} for {tuple(expected[name].shape)}"
+              for name in expected.keys() & given.keys() if given[name].shape != expected[name].shape]  # fmt: skip
+    parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+             for label, names in (("Missing key(s)", missing), ("Unexpected key(s)", unexpected), ("size mismatch", sorted(shapes)))
+             if names]  # fmt: skip
+    return "; ".join(parts)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

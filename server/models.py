@@ -38,13 +38,19 @@ class ServedModel:
     @cached_property
     def _card_nfe(self) -> list[tuple[float, float]]:
         """(log tol, log mean NFE) of the card's evaluation table, loosest tolerance last."""
-        table = sorted((row["tol"], row["nfe_mean"]) for row in self.card.get("metrics", {}).get("table", ()))
-        return [(math.log(tol), math.log(nfe)) for tol, nfe in table]
+        return [(math.log(tol), math.log(nfe)) for tol, nfe in self._card_table]
+
+    @cached_property
+    def _card_table(self) -> list[tuple[float, float]]:
+        """(tol, mean NFE) of the card's evaluation table rows that have both (the card was
+        checked on loading: they are positive numbers), tightest first."""
+        rows = self.card.get("metrics", {}).get("table", ())
+        return sorted((float(r["tol"]), float(r["nfe_mean"])) for r in rows if r.get("tol") and r.get("nfe_mean"))
 
     @property
     def card_tolerances(self) -> list[float]:
         """The tolerances the card's evaluation table measured, tightest first."""
-        return sorted(float(row["tol"]) for row in self.card.get("metrics", {}).get("table", ()))
+        return [tol for tol, _ in self._card_table]
 
     def expected_nfe(self, method: str, tol: float) -> float | None:
         """The model card's mean NFE per item at ``tol``, the baseline against which served
@@ -69,8 +75,9 @@ class ServedModel:
 def load_models(
     directory: Path, device: torch.device, previous: dict[str, ServedModel] | None = None
 ) -> dict[str, ServedModel]:
-    """Every loadable ``*.pt`` in ``directory``; anything unsafe, corrupt or not servable is
-    skipped with the reason logged, so one bad file never takes the others down.
+    """Every loadable ``*.pt`` in ``directory``; anything unsafe, corrupt, with a malformed
+    model card (checked field by field before anything is built) or not servable is skipped
+    with the reason logged, so one bad file never takes the others down.
 
     With ``previous`` (a reload), unchanged files keep their loaded model, and a file that
     no longer loads keeps serving its previous version rather than vanishing."""
@@ -83,25 +90,26 @@ def load_models(
             if old is not None and old.version == version:
                 models[name] = old
                 continue
-            checkpoint = load_checkpoint(path, device)
+            checkpoint = load_checkpoint(path, device)  # checks the card before building anything
             adapter = adapter_for(checkpoint.model)
+            models[name] = ServedModel(
+                name=name,
+                version=version,
+                kind=checkpoint.kind,
+                task=adapter.task,
+                card=checkpoint.card,
+                adapter=adapter,
+                default_tol=float(checkpoint.card.get("training", {}).get("tol") or 1e-3),
+                device=str(device),
+            )
+            models[name]._card_nfe  # read the card's table here, inside the guard  # noqa: B018
         except Exception as error:  # noqa: BLE001 - one bad file must never take the others down
             if old is not None:
                 log.error("not reloading %s: %s; still serving version %s", path.name, error, old.version)
                 models[name] = old
             else:
+                models.pop(name, None)
                 log.error("not serving %s: %s", path.name, error)
             continue
-        default_tol = float(checkpoint.card.get("training", {}).get("tol") or 1e-3)
-        models[name] = ServedModel(
-            name=name,
-            version=version,
-            kind=checkpoint.kind,
-            task=adapter.task,
-            card=checkpoint.card,
-            adapter=adapter,
-            default_tol=default_tol,
-            device=str(device),
-        )
         log.info("serving %s (%s, %s, version %s) on %s", name, checkpoint.kind, adapter.task.value, version, device)
     return models

@@ -114,3 +114,56 @@ def test_overrides_change_a_solver_setting_and_keep_the_weights(tmp_path):
         assert torch.equal(loaded.model.state_dict()[name], weights)
     with pytest.raises(CheckpointError, match="does not describe a model we can build"):
         load_checkpoint(path, overrides={"no_such_setting": 1})
+
+
+def _with_card(tmp_path, change):
+    path = save_checkpoint(tmp_path / "m.pt", ODENet(), _card())
+    payload = torch.load(path, weights_only=True)
+    card = json.loads(payload["card"])
+    change(card)
+    payload["card"] = json.dumps(card)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(training={"tol": "abc"}), "card.training.tol must be a positive number"),
+        (lambda c: c.update(training=[]), "card.training must be an object"),
+        (lambda c: c.update(metrics={"table": [{"tol": "x", "nfe_mean": 7.0}]}), r"card.metrics.table\[0\].tol"),
+        (lambda c: c.update(metrics={"table": [{"tol": 1e-3, "nfe_mean": -1}]}), r"table\[0\].nfe_mean"),
+        (lambda c: c.update(metrics={"table": "rows"}), "card.metrics.table must be a list"),
+        (lambda c: c["hyper"].update(tol=float("nan")), "card.hyper.tol must be a finite number"),
+        (lambda c: c["hyper"].update(tol=0), "card.hyper.tol must be a positive number"),
+        (lambda c: c["hyper"].update(channels=10**9), "card.hyper.channels must be at most 4096"),
+        (lambda c: c["hyper"].update(channels={"a": 1}), "card.hyper.channels must be a number"),
+        (lambda c: c["hyper"].update(method="x" * 1000), "at most 64 characters"),
+        (lambda c: c["hyper"].update(method="euler2"), "card.hyper.method must be a known solver"),
+        (lambda c: c.update(hyper=[]), "card.hyper must be an object"),
+    ],
+)
+def test_a_malformed_card_is_refused_naming_the_field(tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_with_card(tmp_path, change))
+
+
+def test_a_card_that_does_not_fit_its_weights_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    """hyper.channels=2048 beside 64-channel weights once allocated 1.35 GB before the weights
+    were refused: the model is built on the meta device first and compared."""
+    import neuralode.checkpoint as checkpoint
+
+    devices = []
+
+    def recording_build(kind, hyper):
+        devices.append(torch.get_default_device().type)
+        return build_model(kind, hyper)
+
+    monkeypatch.setattr(checkpoint, "build_model", recording_build)
+    path = _with_card(tmp_path, lambda c: c["hyper"].update(channels=2048))
+    with pytest.raises(CheckpointError, match="weights do not match the model card.*size mismatch"):
+        load_checkpoint(path)
+    assert devices == ["meta"]  # never built for real
+    devices.clear()
+    load_checkpoint(save_checkpoint(tmp_path / "good.pt", ODENet(), _card()))
+    assert devices == ["meta", "cpu"]

@@ -3,6 +3,7 @@ served folder, and reloading checkpoints (SIGHUP) without downtime."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import signal
@@ -162,6 +163,72 @@ def test_bad_checkpoints_are_refused_with_a_reason_and_the_others_serve(shipped,
     for name in ("malicious", "pickle", "truncated", "garbage", "wrong-shapes", "card-mismatch"):
         assert f"not serving {name}.pt: " in log, name
     assert not (folder / "pwned").exists(), "unpickling ran code from a checkpoint"
+
+
+def with_card(source: Path, destination: Path, change) -> None:
+    """A copy of ``source`` (valid weights) whose model card ``change`` edits."""
+    checkpoint = torch.load(source, weights_only=True)
+    card = json.loads(checkpoint["card"])
+    change(card)
+    checkpoint["card"] = json.dumps(card)
+    torch.save(checkpoint, destination)
+
+
+MALFORMED_CARDS = {
+    "tol-abc": (DENSITY, lambda card: card["training"].update(tol="abc")),
+    "table-tol-x": (DENSITY, lambda card: card["metrics"]["table"][0].update(tol="x")),
+    "training-list": (DENSITY, lambda card: card.update(training=[])),
+    "channels-2048": (CLASSIFIER, lambda card: card["hyper"].update(channels=2048)),
+}
+
+
+def write_malformed_cards(folder: Path, shipped: Path) -> None:
+    for name, (source, change) in MALFORMED_CARDS.items():
+        with_card(shipped / f"{source}.pt", folder / f"{name}.pt", change)
+
+
+def test_malformed_model_cards_are_skipped_and_named_and_the_others_serve(shipped, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(shipped / f"{DENSITY}.pt", folder / f"{DENSITY}.pt")
+    write_malformed_cards(folder, shipped)
+    running = start_server(folder, tmp_path)
+    try:
+        with Client(running.target, timeout_s=30) as client:
+            assert [m.name for m in client.models()] == [DENSITY]
+            assert client.log_density(POINTS, model=DENSITY, tol=1e-3).items.all_succeeded
+    finally:
+        assert running.stop() == 0
+    log = running.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    for name, field in [("tol-abc", "card.training.tol"), ("table-tol-x", "card.metrics.table[0].tol"),
+                        ("training-list", "card.training must be an object"),
+                        ("channels-2048", "weights do not match the model card")]:  # fmt: skip
+        assert f"not serving {name}.pt: " in log and field in log, name
+
+
+def test_sighup_applies_the_rest_of_a_reload_beside_a_malformed_card(shipped, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(shipped / f"{DENSITY}.pt", folder / f"{DENSITY}.pt")
+    running = start_server(folder, tmp_path)
+    try:
+        with Client(running.target, timeout_s=30) as client:
+            write_malformed_cards(folder, shipped)
+            shutil.copy(shipped / f"{DENSITIES[1]}.pt", folder / "new-density.pt")
+            running.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while "reloaded" not in running.log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sorted(m.name for m in client.models()) == sorted([DENSITY, "new-density"])
+            assert client.log_density(POINTS, model="new-density", tol=1e-3).items.all_succeeded
+            assert client.log_density(POINTS, model=DENSITY, tol=1e-3).items.all_succeeded
+    finally:
+        assert running.stop() == 0
+    log = running.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    for name in MALFORMED_CARDS:
+        assert f"not serving {name}.pt: " in log, name
 
 
 def retrained_copy(source: Path, destination: Path) -> None:
