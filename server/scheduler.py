@@ -28,10 +28,17 @@ Policies (``policy``):
   each request taking what it still needs. Work is served nearly in arrival order (the tail
   stays that of first-come-first-served), yet a cheap request overtakes an expensive one that
   arrived shortly before it. A request holding more than it is allocated is preempted, row by
-  row, for the others.
+  row, for the others. No level starves: while less urgent levels have work, each level leaves
+  them ``lower_level_share`` of the rows still free (at least one), so a flood of urgent work
+  slows the others down but never stops them.
 * ``fifo``: first come, first served; nothing is preempted (the engine before v2).
 * ``static``: a batch starts only when nothing runs and either ``max_batch`` items wait or the
   oldest has waited ``max_delay``; it runs to its end and its requests complete together.
+
+Admission is shared between clients (a request's ``owner``: whoever the server identified):
+beyond the queue limit itself, a client that already holds queued items may hold at most
+``client_queue_share`` of the room the other clients leave free, so one client's burst never
+fills the queue for everyone else. A client's first queued request is admitted whenever it fits.
 
 Costs are function evaluations (NFE). A request may carry a total NFE budget: a step that
 would take it over is not started, and the request fails with :class:`BudgetExhausted`. A
@@ -57,6 +64,11 @@ POLICIES = ("fair", "fifo", "static")
 
 GUARANTEED_SHARE = 0.25
 """The default fraction of a priority level's batch slots split equally between its requests."""
+LOWER_LEVEL_SHARE = 0.1
+"""The default fraction of the free rows each priority level leaves the less urgent levels while
+they have work (at least one row): strict priority, without starvation."""
+CLIENT_QUEUE_SHARE = 0.5
+"""The default fraction of the queue room left free by other clients that one client may hold."""
 AUTO_HEADROOM = 0.25
 """The default share of its target within which ``auto`` must be predicted to finish: forecasts
 made at arrival miss the work that arrives after, and under overload that is most (at a half,
@@ -138,6 +150,7 @@ class Request:
     deadline: float | None = None  # on the scheduler's clock
     budget: int | None = None  # most NFE over all items
     tol: float | None = None  # chosen for an ``auto`` request; None: the items' own
+    owner: Any = None  # the client, for fair admission; None: not counted per client
     state: State = State.WAITING
     error: Exception | None = None  # why it did not finish
     nfe: int = 0  # spent so far, over all items
@@ -265,6 +278,8 @@ class Scheduler:
         default_priority: int = 1,
         guaranteed_share: float = GUARANTEED_SHARE,
         auto_headroom: float = AUTO_HEADROOM,
+        lower_level_share: float = LOWER_LEVEL_SHARE,
+        client_queue_share: float = CLIENT_QUEUE_SHARE,
         clock: Clock = time.monotonic,
     ) -> None:
         if policy not in POLICIES:
@@ -275,14 +290,20 @@ class Scheduler:
             raise ValueError(f"guaranteed_share must be in [0, 1], got {guaranteed_share}")
         if not 0.0 < auto_headroom <= 1.0:
             raise ValueError(f"auto_headroom must be in (0, 1], got {auto_headroom}")
+        if not 0.0 <= lower_level_share < 1.0:
+            raise ValueError(f"lower_level_share must be in [0, 1), got {lower_level_share}")
+        if not 0.0 < client_queue_share <= 1.0:
+            raise ValueError(f"client_queue_share must be in (0, 1], got {client_queue_share}")
         self.max_batch, self.max_queued, self.policy = max_batch, max_queued, policy
         self.max_delay, self.default_priority, self.clock = max_delay, default_priority, clock
         self.guaranteed_share, self.auto_headroom = guaranteed_share, auto_headroom
+        self.lower_level_share, self.client_queue_share = lower_level_share, client_queue_share
         self.timer = StepTimer()
         self._requests: dict[int, Request] = {}  # not ended, by id
         self._live: dict[int, Item] = {}  # running or parked items, by id
         self._held: list[Request] = []  # static mode: finished, handed back when the batch ends
         self._queued = 0  # items waiting or parked
+        self._queued_by: dict[Any, int] = {}  # the same, by owner (owners holding none are left out)
         self._running = 0
         self._queues: dict[int, _Queue] = {}
         self._step_started: float | None = None
@@ -313,19 +334,22 @@ class Scheduler:
         budget: int | None = None,
         candidates: Sequence[Candidate] = (),
         latency_target: float | None = None,
+        owner: Any = None,
     ) -> Request:
         """Queue a request's items, all or none. With ``candidates`` (tightest first), the
         request is ``auto``: it gets the tightest candidate tolerance predicted to finish
-        within ``latency_target`` seconds (or by its deadline), else the loosest."""
+        within ``latency_target`` seconds (or by its deadline), else the loosest. ``owner``
+        (hashable) names the client, whose share of the queue is bounded."""
         if not payloads:
             raise ValueError("a request needs at least one item")
         if self._queued + len(payloads) > self.max_queued:
             raise QueueFull(
                 f"{self._queued} items queued; {len(payloads)} more would exceed the limit of {self.max_queued}"
             )
+        self._check_share(owner, len(payloads))
         now = self.clock()
         request = Request(items=[], cost=cost, priority=self.default_priority if priority is None else priority,
-                          enqueued_at=now, deadline=deadline, budget=budget)  # fmt: skip
+                          enqueued_at=now, deadline=deadline, budget=budget, owner=owner)  # fmt: skip
         request.items = [Item(request, i, payload) for i, payload in enumerate(payloads)]
         if candidates:
             target = latency_target if latency_target is not None else (None if deadline is None else deadline - now)
@@ -340,8 +364,24 @@ class Scheduler:
         request.virtual_deadline = self._virtual_deadline(now, len(payloads), request.cost, deadline)
         request.counts[State.WAITING] = len(payloads)
         self._queued += len(payloads)
+        if owner is not None:
+            self._queued_by[owner] = self._queued_by.get(owner, 0) + len(payloads)
         self._requests[request.id] = request
         return request
+
+    def _check_share(self, owner: Any, items: int) -> None:
+        """A client holding queued items may hold at most ``client_queue_share`` of the room
+        the other clients leave free: the queue never fills up with one client's work."""
+        held = 0 if owner is None else self._queued_by.get(owner, 0)
+        if not held:
+            return
+        room = self.max_queued - (self._queued - held)
+        allowed = int(self.client_queue_share * room)
+        if held + items > allowed:
+            raise QueueFull(
+                f"this client holds {held} queued items; {items} more would exceed its share of the queue "
+                f"({allowed} of the {room} items other clients leave free): wait for its requests to finish"
+            )
 
     def cancel(self, request: Request) -> None:
         """Takes effect at the next ``schedule``: the request's items leave the batch."""
@@ -452,18 +492,28 @@ class Scheduler:
         return wanted
 
     def _shares(self, requests: list[Request]) -> dict[int, int]:
-        """Slots per request: strict priority between levels; within one, the guaranteed
-        share split max-min fairly, the rest by earliest virtual deadline."""
+        """Slots per request: priority between levels (each leaving the less urgent ones
+        ``lower_level_share`` of the free slots while they have work); within one, the
+        guaranteed share split max-min fairly, the rest by earliest virtual deadline."""
         shares: dict[int, int] = {}
         left = self.max_batch
         self._queues = {}
-        for priority in sorted({r.priority for r in requests}):
+        priorities = sorted({r.priority for r in requests})
+        level_demand = {p: 0 for p in priorities}
+        for request in requests:
+            level_demand[request.priority] += request.demand
+        below = sum(level_demand.values())
+        for priority in priorities:
             level = sorted((r for r in requests if r.priority == priority), key=Request._order)
             demand = {r.id: r.demand for r in level}
+            below -= level_demand[priority]
+            # Rows kept for the less urgent levels while they have work: none of them starves.
+            kept = min(below, math.ceil(self.lower_level_share * left)) if self.lower_level_share else 0
+            free = left - kept
             # At least a slot per request while there are slots for all: nobody waits for a first one.
-            pool = min(left, max(int(self.guaranteed_share * left), len(level)))
+            pool = min(free, max(int(self.guaranteed_share * free), len(level)))
             guaranteed = _water_fill(level, demand, pool)
-            spare = left - sum(guaranteed.values())
+            spare = free - sum(guaranteed.values())
             for request in level:
                 extra = min(demand[request.id] - guaranteed[request.id], spare)
                 shares[request.id] = guaranteed[request.id] + extra
@@ -514,7 +564,16 @@ class Scheduler:
         counts[old] = counts.get(old, 0) - 1
         counts[state] = counts.get(state, 0) + 1
         queued = (State.WAITING, State.PREEMPTED)
-        self._queued += (state in queued) - (old in queued)
+        change = (state in queued) - (old in queued)
+        if change:
+            self._queued += change
+            owner = item.request.owner
+            if owner is not None:
+                held = self._queued_by.get(owner, 0) + change
+                if held:
+                    self._queued_by[owner] = held
+                else:
+                    del self._queued_by[owner]
         self._running += (state is State.RUNNING) - (old is State.RUNNING)
         item.state = state
 

@@ -274,7 +274,7 @@ def test_preempted_items_keep_their_progress_and_nfe():
 
 # ---- priorities ---------------------------------------------------------------------------------
 def test_an_urgent_level_takes_its_slots_first_and_lower_levels_share_the_rest():
-    h = Harness(max_batch=6, default_priority=2)
+    h = Harness(max_batch=6, default_priority=2, lower_level_share=0.0)  # strict priority
     normal = h.submit([50] * 6)
     h.step()
     urgent = h.submit([5] * 4, priority=1)
@@ -287,6 +287,50 @@ def test_an_urgent_level_takes_its_slots_first_and_lower_levels_share_the_rest()
     h.run_until(normal)
     h.run_until(background)
     assert urgent.finished_at < normal.finished_at < background.finished_at
+
+
+def test_a_flood_of_urgent_work_leaves_each_lower_level_a_share_and_never_starves_it():
+    h = Harness(max_batch=20, default_priority=2)  # lower_level_share 0.1: 2 of 20 rows, then 1 of 2
+    flood = h.submit([1000] * 40, priority=1)
+    plan = h.step()
+    assert len(plan.join) == 20  # nothing below it: the urgent level takes the whole batch
+    normal = h.submit([3], priority=2)
+    background = h.submit([3, 3, 3], priority=3)
+    plan = h.step()
+    assert {i.request.id for i in plan.park} == {flood.id} and len(plan.park) == 2
+    assert [i.request for i in plan.join] == [normal, background]
+    assert h.run_until(normal) == 2  # its 3 steps, one each step: it joined the step above
+    h.run_until(background)
+    h.step()
+    assert not flood.ended and flood.count(State.RUNNING) == 20  # the batch is the flood's again
+
+
+def test_strict_priority_starves_lower_levels_when_asked_to():
+    h = Harness(max_batch=20, default_priority=2, lower_level_share=0.0)
+    flood = h.submit([1000] * 40, priority=1)
+    normal = h.submit([3])
+    for _ in range(50):
+        h.step()
+    assert normal.state is State.WAITING and flood.count(State.RUNNING) == 20
+
+
+# ---- fair admission ----------------------------------------------------------------------------
+def test_one_client_cannot_fill_the_queue_for_the_others():
+    h = Harness(max_batch=2, max_queued=100)  # client_queue_share 0.5
+    h.submit([1] * 40, owner="hog")  # a first request is admitted whenever it fits
+    with pytest.raises(QueueFull, match=r"this client holds 40 queued items; 20 more would exceed its share of the "
+                                        r"queue \(50 of the 100 items other clients leave free\)"):  # fmt: skip
+        h.submit([1] * 20, owner="hog")
+    h.submit([1] * 10, owner="hog")
+    other = h.submit([1] * 30, owner="other")  # the room the hog left
+    with pytest.raises(QueueFull, match=r"more would exceed its share of the queue \(25 of the 50"):
+        h.submit([1] * 1, owner="other")
+    assert h.submit([1], owner="third").owner == "third" and h.scheduler.queued == 81
+    assert h.scheduler._queued_by == {"hog": 50, "other": 30, "third": 1}
+    with pytest.raises(QueueFull, match="81 items queued; 20 more would exceed the limit of 100"):
+        h.submit([1] * 20, owner="fourth")  # the queue limit itself comes first
+    h.run_until(other)
+    assert "other" not in h.scheduler._queued_by  # an owner holding nothing is forgotten
 
 
 # ---- budgets ----------------------------------------------------------------------------------
