@@ -16,7 +16,7 @@ import numpy as np
 
 from server.oip import grpc_predict_v2_pb2 as oip
 
-from .api import Accuracy, InferenceRequest, Kind, Scheduling, Task, invalid, quoted
+from .api import Accuracy, Code, InferenceRequest, Kind, RequestError, Scheduling, Task, invalid, quoted
 from .frontend import Rpc
 from .models import ServedModel
 from .service import Call, InferenceService
@@ -25,6 +25,10 @@ from .wire import MAX_DIMENSIONS
 SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ("model_repository", "parameters")
 MAX_ID = 256  # characters of a request id echoed back
+# A bound on the bytes a response holds beyond its outputs' raw contents: the model's name and
+# version, the id, the solved parameters (fixed), and per output its name, datatype, shape (at
+# most MAX_DIMENSIONS dimensions) and the tags and lengths around them.
+_RESPONSE_BYTES, _OUTPUT_BYTES = 512, 160
 
 # Datatype names of the protocol, their little-endian numpy types and the typed-contents field.
 DATATYPES = {
@@ -106,6 +110,7 @@ class OpenInference:
             raise invalid(f"id is {len(message.id)} characters long; at most {MAX_ID} are echoed back")
         model = self.service.model(message.model_name, message.model_version)
         kind = _kind(model, [tensor.name for tensor in message.inputs])
+        requested = _requested_outputs(model, kind, [tensor.name for tensor in message.outputs])
         parameters = _Parameters(message.parameters)
         accuracy, scheduling, timeout = parameters.accuracy(), parameters.scheduling(), parameters.timeout()
         if timeout is not None:
@@ -114,11 +119,16 @@ class OpenInference:
                                    accuracy, scheduling)  # fmt: skip
         result = await self.service.infer(request, call)
         produced = {**result.outputs, "nfe": result.nfe, "status": result.status}
-        wanted = [o.name for o in message.outputs] or list(produced)
-        unknown = [name for name in wanted if name not in produced]
-        if unknown:
-            raise invalid(f"outputs: model {quoted(model.name)} has no output {quoted(unknown[0])} "
-                          f"(outputs: {', '.join(produced)})")  # fmt: skip
+        wanted = requested or list(produced)
+        # Bounded and charged before any of it is built: never more than one message, and held
+        # against max_inflight_bytes like the request.
+        size = response_bytes(model.name, model.version, message.id, [produced[name] for name in wanted])
+        limit = self.service.config.max_message_bytes
+        if size > limit:
+            raise RequestError(Code.RESOURCE_EXHAUSTED,
+                               f"the response would take up to {size} bytes, over the server's max_message_bytes of "
+                               f"{limit}: ask for fewer items or outputs")  # fmt: skip
+        call.reservation.add(size)
         solved = result.solved
         response = oip.ModelInferResponse(model_name=model.name, model_version=model.version, id=message.id)
         response.parameters["rtol"].double_param = solved.rtol
@@ -131,6 +141,29 @@ class OpenInference:
             response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             response.raw_output_contents.append(array.astype(DATATYPES[datatype][0], copy=False).tobytes())
         return response
+
+
+def response_bytes(model: str, version: str, id_: str, arrays: list[np.ndarray]) -> int:
+    """An upper bound on the serialized size of a response holding ``arrays``."""
+    fixed = _RESPONSE_BYTES + len(model.encode()) + len(version.encode()) + len(id_.encode())
+    return fixed + sum(_OUTPUT_BYTES + array.nbytes for array in arrays)
+
+
+def _requested_outputs(model: ServedModel, kind: Kind, names: list[str]) -> list[str]:
+    """The outputs a request asks for, each at most once (none: all), checked before any work."""
+    signature = model.adapter.signatures.get(kind)
+    if signature is None:  # the service refuses the request
+        return names
+    produced = [spec.name for spec in signature.outputs] + [name for name, _, _ in PER_ITEM]
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if name not in produced:
+            raise invalid(f"outputs: model {quoted(model.name)} has no output {quoted(name)} "
+                          f"(outputs: {', '.join(produced)})")  # fmt: skip
+        if name in seen:
+            raise invalid(f"outputs[{index}]: output {quoted(name)} is asked for twice; ask for each output once")
+        seen.add(name)
+    return names
 
 
 def _tensors(model: ServedModel) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:

@@ -267,3 +267,116 @@ def test_tokens_guard_inference_but_not_the_probes(density_only, tmp_path):
         assert metric(running.metrics_url, "odeserve_requests_total", rpc="ModelInfer", code="UNAUTHENTICATED") == 1
     finally:
         assert running.stop() == 0
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_repeated_outputs_are_refused_before_any_work(server, stubs, mnist_test_digits):
+    """The issue's amplification: 1,024 real digits at tol 1e-1 with ``outputs`` naming
+    ``probabilities`` 25,000 times (a 1.23 MB request). The server built one copy per name
+    before any size check: RSS 0.64 -> 3.63 GB, health Check 4.5 s, four such calls 13 s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    attack = infer(CLASSIFIER, {"images": ("UINT8", mnist_test_digits[0][:1024])}, outputs=["probabilities"] * 25_000,
+                   tol=1e-1)  # fmt: skip
+    assert 1_200_000 < attack.ByteSize() < 1_300_000
+
+    def refused() -> tuple[grpc.StatusCode, str, float]:
+        begin = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            stubs[1].ModelInfer(attack, timeout=60)
+        return raised.value.code(), raised.value.details(), time.monotonic() - begin
+
+    rss_before = _rss_bytes(server.process.pid)
+    with grpc.insecure_channel(server.target) as channel, ThreadPoolExecutor(4) as pool:
+        health = health_pb2_grpc.HealthStub(channel)
+        calls = [pool.submit(refused) for _ in range(4)]
+        checks = []
+        while not checks or not all(call.done() for call in calls):
+            begin = time.monotonic()
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
+            checks.append(time.monotonic() - begin)
+        outcomes = [call.result() for call in calls]
+    grown = _rss_bytes(server.process.pid) - rss_before
+    print(f"4 amplification calls: {max(s for *_, s in outcomes):.3f} s each at most, RSS {rss_before / 2**20:.0f} MiB "
+          f"-> {grown / 2**20:+.1f} MiB, health Check {max(checks) * 1000:.1f} ms at most")  # fmt: skip
+    for code, details, seconds in outcomes:
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert details == "outputs[1]: output 'probabilities' is asked for twice; ask for each output once"
+        assert seconds < 2.0
+    assert grown < 64 * 2**20 and max(checks) < 0.5
+
+
+def test_a_response_over_the_message_limit_is_refused_before_it_is_built(density_only, tmp_path):
+    """Sample n=1,024 answers 20 kB: over a 16 kB max_message_bytes the server says so, rather
+    than building the response for gRPC to refuse to send."""
+    from live_server import start_server
+
+    running = start_server(density_only, tmp_path, "--max-message-bytes", "16384")
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            n = np.array([1024], np.uint32)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ModelInfer(infer(DENSITY, {"n": ("UINT32", n)}, tol=1e-1), timeout=60)
+            assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert raised.value.details().startswith("the response would take up to 21") and raised.value.details().endswith(
+                " bytes, over the server's max_message_bytes of 16384: ask for fewer items or outputs")  # fmt: skip
+            response = stub.ModelInfer(infer(DENSITY, {"n": ("UINT32", n)}, outputs=["nfe", "status"], tol=1e-1),
+                                       timeout=60)  # fmt: skip
+            assert [o.name for o in response.outputs] == ["nfe", "status"] and response.ByteSize() < 16384
+    finally:
+        assert running.stop() == 0
+
+
+def test_the_response_is_charged_to_the_inflight_bytes_and_its_bound_holds(density_only):
+    """The response's bound is held against ``max_inflight_bytes`` before the response is built,
+    and it is a true bound on the message's size."""
+    import asyncio
+
+    import torch
+
+    from server.api import CallRecord, InferenceResult, RequestError, Solved
+    from server.config import ServerConfig
+    from server.models import load_models
+    from server.open_inference import OpenInference, response_bytes
+    from server.service import ByteBudget, Call
+
+    model = load_models(density_only, torch.device("cpu"))[DENSITY]
+    n = 1000
+    outputs = {"points": np.zeros((n, 2), np.float32), "log_density": np.zeros(n, np.float32)}
+    result = InferenceResult(model.name, model.version, outputs, np.ones(n, np.uint32), np.ones(n, np.int32), 0.0, 0.0,
+                             Solved(0.1, 0.1, "dopri5", 0))  # fmt: skip
+
+    class Service:  # the service's part the translator uses, with a canned result
+        config = ServerConfig()
+
+        def model(self, name: str, version: str = ""):
+            return model
+
+        async def infer(self, request, call):
+            return result
+
+    request = infer(DENSITY, {"n": ("UINT32", np.array([n], np.uint32))}, tol=1e-1)
+    request.id = "x" * 256
+    bound = response_bytes(model.name, model.version, request.id, [*outputs.values(), result.nfe, result.status])
+    translator = OpenInference(Service(), version="test")
+    tight = ByteBudget(bound - 1).reservation()
+    with pytest.raises(RequestError) as raised:
+        asyncio.run(translator.model_infer(request, Call(lambda: None, CallRecord("ModelInfer"), tight)))
+    assert raised.value.code.value == "RESOURCE_EXHAUSTED" and "(max_inflight_bytes)" in raised.value.message
+    assert tight.held == 0
+    enough = ByteBudget(bound).reservation()
+    response = asyncio.run(translator.model_infer(request, Call(lambda: None, CallRecord("ModelInfer"), enough)))
+    assert enough.held == bound and response.ByteSize() <= bound
+    print(f"response {response.ByteSize()} bytes, bound {bound}")
