@@ -9,7 +9,8 @@ tolerance for checkpoints side by side, against the same solves at ``--reference
 
     python bench/cnf_directions.py checkpoints/cnf-moons.pt runs/other.pt [--points 5000]
 
-Writes ``bench/results/cnf_directions_<name>.json``.
+Writes ``bench/results/cnf_directions_<name>.json``. A CNF's card carries the same table for
+its own checkpoint (``metrics.directions``, written by training and ``tune``).
 """
 
 from __future__ import annotations
@@ -24,31 +25,16 @@ from pathlib import Path
 import torch
 
 from neuralode.checkpoint import load_checkpoint
-from training.densities import TABLE_TOLERANCES, TEST_SEED
-from training.toy import sample_density
+from training.densities import direction_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def directions(path: Path, points: int, reference: float) -> dict:
     checkpoint = load_checkpoint(path)
-    model, dataset = checkpoint.model, checkpoint.card["dataset"]["name"]
-    data = sample_density(dataset, points, torch.Generator().manual_seed(TEST_SEED))
-    rows = []
-    with torch.no_grad():
-        exact_back, _ = model.log_prob(data, rtol=reference, atol=reference)
-        for tol in TABLE_TOLERANCES:
-            log_p, back = model.log_prob(data, rtol=tol, atol=tol)
-            x, log_q, forward = model.sample(points, rtol=tol, atol=tol, generator=torch.Generator().manual_seed(0))
-            exact_forward, _ = model.log_prob(x, rtol=reference, atol=reference)
-            rows.append({
-                "tol": tol,
-                "back_nfe_mean": float(back.nfe.double().mean()),
-                "back_log_density_error": float((log_p - exact_back).abs().mean()),
-                "forward_nfe_mean": float(forward.nfe.double().mean()),
-                "forward_log_density_error": float((log_q - exact_forward).abs().mean()),
-            })  # fmt: skip
-    return {"checkpoint": str(path), "dataset": dataset, "rows": rows}
+    dataset = checkpoint.card["dataset"]["name"]
+    measured = direction_errors(checkpoint.model, dataset, "cpu", points=points, reference=reference)
+    return {"checkpoint": str(path), "dataset": dataset, "rows": measured["rows"]}
 
 
 def main() -> None:

@@ -5,12 +5,15 @@ gracefully on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.metadata
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,10 +48,17 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        if config.reuse_port == "off":
+            _refuse_busy(config.host, config.port, "--port")
+        _refuse_busy(config.metrics_host, config.metrics_port, "--metrics-port")
+        if not Path(config.checkpoints).is_dir():
+            raise SystemExit(f"--checkpoints {config.checkpoints}: not a folder (a folder of *.pt checkpoints is "
+                             "served); no models to serve")  # fmt: skip
         self.device = resolve_device(config.device)
         self.models = load_models(config.checkpoints, self.device)
         if not self.models:
-            log.warning("no servable checkpoints in %s", config.checkpoints)
+            raise SystemExit(f"--checkpoints {config.checkpoints}: no servable *.pt checkpoints (each file's "
+                             "reason is logged above); no models to serve")  # fmt: skip
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -74,9 +84,13 @@ class Server:
         except OSError as error:
             raise SystemExit(f"cannot read {error.filename}: {error.strerror}") from None
         address = f"{config.host}:{config.port}"
-        self.port = self.frontend.listen(address)
+        try:
+            self.port = self.frontend.listen(address)
+        except RuntimeError:  # gRPC's "Failed to bind": taken meanwhile, or not an address of this host
+            self.port = 0
         if self.port == 0:
-            raise SystemExit(f"cannot listen on {address}")
+            raise SystemExit(f"cannot listen on {address} (in use, or not an address of this host); "
+                             "choose another with --port (0: any free port) or --host")  # fmt: skip
         security = "mutual TLS" if config.tls_client_ca else "TLS" if self.frontend.credentials else "plaintext"
         self.security = security + (f", {self.frontend.tokens} bearer token(s)" if self.frontend.tokens else "")
         self.metrics_port: int | None = None
@@ -106,9 +120,15 @@ class Server:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         config = self.config
-        self._metrics_server = await self.metrics.serve(config.metrics_host, config.metrics_port,
-                                                        max_connections=config.metrics_max_connections,
-                                                        read_timeout=config.metrics_read_timeout_s)  # fmt: skip
+        try:
+            self._metrics_server = await self.metrics.serve(config.metrics_host, config.metrics_port,
+                                                            max_connections=config.metrics_max_connections,
+                                                            read_timeout=config.metrics_read_timeout_s)  # fmt: skip
+        except OSError as error:
+            raise SystemExit(
+                f"cannot serve /metrics on {config.metrics_host}:{config.metrics_port}: "
+                f"{error.strerror}; choose another with --metrics-port (0: any free port)"
+            ) from None
         self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
         await self.frontend.server.start()
         for name in ("", V1_SERVICE, OIP_SERVICE, *self.models):
@@ -166,6 +186,27 @@ class Server:
             return False
         log.info("stopped")
         return True
+
+
+def _refuse_busy(host: str, port: int, flag: str) -> None:
+    """Exit with one line when another process already listens on ``host:port`` (checked before
+    anything is loaded; gRPC would otherwise fail later with its own error, or share the port)."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise SystemExit(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as error:
+                busy = error.errno == errno.EADDRINUSE
+                raise SystemExit(f"cannot listen on {host}:{port}: "
+                                 f"{'the port is in use (another odeserve?)' if busy else error.strerror}; "
+                                 f"choose another with {flag} (0: any free port)") from None  # fmt: skip
 
 
 def _version() -> str:

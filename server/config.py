@@ -15,6 +15,7 @@ from .scheduler import AUTO_HEADROOM, GUARANTEED_SHARE
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    reuse_port: str = "off"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090
     checkpoints: Path = Path("checkpoints")
@@ -63,6 +64,8 @@ class ServerConfig:
             problems.append(f"policy must be fair or fifo, got {self.policy!r}")
         if self.step_graphs not in ("off", "on"):
             problems.append(f"step_graphs must be off or on, got {self.step_graphs!r}")
+        if self.reuse_port not in ("off", "on"):
+            problems.append(f"reuse_port must be off or on, got {self.reuse_port!r}")
         if not 1 <= self.default_priority <= self.priority_levels:
             problems.append("need 1 <= default_priority <= priority_levels")
         if not 0 <= self.guaranteed_share <= 1:
@@ -100,9 +103,10 @@ class ServerConfig:
 
 _HELP = {
     "host": "address for gRPC",
-    "port": "gRPC port (0: pick a free one)",
+    "port": "gRPC port (0: pick a free one); a port another process listens on is refused",
+    "reuse_port": "on: share the gRPC port with other servers bound with SO_REUSEPORT (the kernel splits connections between them); off: refuse to start on a port in use",
     "metrics_host": "address for the Prometheus /metrics endpoint",
-    "metrics_port": "metrics port (0: pick a free one)",
+    "metrics_port": "metrics port (0: pick a free one; a port in use is refused)",
     "checkpoints": "folder whose *.pt checkpoints are served, by file name",
     "device": "auto, cpu, cuda or cuda:N (auto: the GPU when present)",
     "batching": "continuous (solver-step level) or static (collect, then solve to the end)",

@@ -146,6 +146,7 @@ class Frontend:
             ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * 1000)),
             ("grpc.http2.max_ping_strikes", 2),
             ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_s * 1000)),
+            ("grpc.so_reuseport", 1 if config.reuse_port == "on" else 0),  # gRPC's default shares a busy port
         ]
         if config.max_connection_age_s > 0:  # a GOAWAY after this; calls in flight get the grace period to finish
             options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),

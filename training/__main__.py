@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import sys
 from pathlib import Path
 
 from .common import default_data_dir
@@ -284,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if getattr(args, "needs_train_extra", True):
         _require_train_extra(args.command)
-    args.run(args)
+    try:
+        args.run(args)
+    except BrokenPipeError:  # output piped into a reader that stopped early (`card … | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
 
 
 if __name__ == "__main__":

@@ -29,7 +29,12 @@ def load_mnist(data_dir: str | Path, train: bool, download: bool = True) -> Imag
     try:
         dataset = torchvision.datasets.MNIST(root=str(data_dir), train=train, download=download)
     except RuntimeError as error:
-        raise SystemExit(f"MNIST not found under {data_dir} and not downloadable: {error}") from None
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(
+            f"MNIST not found under {data_dir} (torchvision's layout: {Path(data_dir) / 'MNIST' / 'raw'}) and not "
+            f"downloadable ({cause}; torchvision fetches the whole set, training images first): pass --data-dir "
+            "a folder that holds it"
+        ) from None
     return ImageSet(dataset.data.unsqueeze(1).contiguous(), dataset.targets.clone())
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger("training")
 TEST_POINTS = 5000
 TEST_SEED = 12345  # held-out test points come from their own stream
 TABLE_TOLERANCES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+REFERENCE_TOL = 1e-8  # what a direction's error is measured against
 
 
 def cnf_hyper(args: argparse.Namespace) -> dict:
@@ -125,6 +126,34 @@ def test_log_likelihood(model: CNF, data_name: str, tol: float, device, points: 
         "nfe_mean": float(solution.nfe.double().mean()),
         "time_per_1000_s": (time.perf_counter() - begin) * 1000 / points,
     }
+
+
+@torch.no_grad()
+def direction_errors(
+    model: CNF, data_name: str, device, points: int = TEST_POINTS, reference: float = REFERENCE_TOL
+) -> dict:
+    """What each tolerance buys a client, in both directions a CNF is served, against solves at
+    ``reference``: back from the held-out points (``LogDensity``: mean NFE and mean
+    |log p - log p_ref| per point) and forward from base draws (``Sample``: mean NFE and mean
+    |log q - log p_ref(x)| per sample, log q being what the sampling solve reports for its own
+    sample x, so the error in x and in log q both count)."""
+    data = sample_density(data_name, points, torch.Generator().manual_seed(TEST_SEED)).to(device)
+    exact_back, _ = model.log_prob(data, rtol=reference, atol=reference)
+    rows = []
+    for tol in TABLE_TOLERANCES:
+        log_p, back = model.log_prob(data, rtol=tol, atol=tol)
+        x, log_q, forward = model.sample(
+            points, rtol=tol, atol=tol, generator=torch.Generator(device=device).manual_seed(0), device=device
+        )
+        exact_forward, _ = model.log_prob(x, rtol=reference, atol=reference)
+        rows.append({
+            "tol": tol,
+            "back_nfe_mean": float(back.nfe.double().mean()),
+            "back_log_density_error": float((log_p - exact_back).abs().mean()),
+            "forward_nfe_mean": float(forward.nfe.double().mean()),
+            "forward_log_density_error": float((log_q - exact_forward).abs().mean()),
+        })  # fmt: skip
+    return {"reference_tol": reference, "points": points, "rows": rows}
 
 
 @torch.no_grad()
@@ -226,6 +255,10 @@ def card_metrics(model: nn.Module, kind: str, dataset: str, tol: float, device) 
     else:
         metrics = {"table": [test_log_likelihood(model, dataset, t, device) for t in TABLE_TOLERANCES],
                    "test_log_likelihood": test_log_likelihood(model, dataset, tol, device)["test_log_likelihood"]}  # fmt: skip
+        if isinstance(model, CNF):
+            metrics["directions"] = direction_errors(model, dataset, device)
+            for row in metrics["directions"]["rows"]:
+                log.info("directions %s", row)
     for row in metrics["table"]:
         log.info("eval %s", row)
     return metrics
@@ -266,14 +299,17 @@ def plot_density(model: nn.Module, card: dict, path: Path, device, tol: float = 
         data = sample_density(name, 20000, torch.Generator().manual_seed(TEST_SEED))
         axes[0].hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=resolution, range=[[-extent, extent]] * 2)
         axes[0].set_title(f"data: {name}")
+    nfe = {}
     if isinstance(model, CNF):
-        _, log_p = density_grid(model, extent, resolution, tol, device)
+        points, log_p = density_grid(model, extent, resolution, tol, device)
         axes[1].imshow(log_p.exp().reshape(resolution, resolution).cpu(), origin="lower", extent=[-extent, extent] * 2)
         axes[1].set_title(f"learned density (tol {tol:g})")
         with torch.no_grad():
-            samples, _, _ = model.sample(
+            _, back = model.log_prob(points[:2000], rtol=tol, atol=tol)
+            samples, _, forward = model.sample(
                 20000, rtol=tol, atol=tol, generator=torch.Generator(device=device).manual_seed(0)
             )
+        nfe = {"back": float(back.nfe.double().mean()), "forward": float(forward.nfe.double().mean())}
     else:
         axes[1].axis("off")
         with torch.no_grad():
@@ -284,8 +320,24 @@ def plot_density(model: nn.Module, card: dict, path: Path, device, tol: float = 
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{card['kind']} {card['hyper']}", fontsize=8)
+        ax.set_aspect("equal")  # the three panels the same square size
+    fig.suptitle(_plot_title(card, tol, nfe), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _plot_title(card: dict, tol: float, nfe: dict[str, float]) -> str:
+    """What a reader needs to place the figure: the model, how it was trained, what the
+    density and samples cost at the plotted tolerance."""
+    hyper = card["hyper"]
+    if card["kind"] == "planar-nf":
+        return f"planar flow, {hyper['layers']} layers"
+    shape = f"width {hyper['width']}" if hyper["dynamics"] == "planar" else f"hidden {hyper['hidden']}"
+    title = f"CNF, {hyper['dynamics']} dynamics ({shape}), {hyper['trace']} trace, {hyper['method']}"
+    regularisation = {k: v for k, v in (card.get("training", {}).get("regularisation") or {}).items() if v}
+    if regularisation:
+        title += ", " + ", ".join(f"{name} {value:g}" for name, value in sorted(regularisation.items()))
+    title += f"\ntol {tol:g}: mean NFE {nfe['back']:.1f} for the density (back), {nfe['forward']:.1f} for sampling"
+    return title

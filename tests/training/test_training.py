@@ -240,6 +240,31 @@ def test_cnf_maximum_likelihood_training_improves_test_likelihood(tmp_path):
     after = test_log_likelihood(checkpoint.model, "8gaussians", 1e-3, "cpu", points=1000)["test_log_likelihood"]
     assert after > before + 0.3
     assert checkpoint.card["training"]["objective"] == "maximum likelihood"
+    # The card tells a client what each tolerance buys in both directions it is served.
+    directions = checkpoint.card["metrics"]["directions"]
+    assert directions["reference_tol"] == 1e-8 and [row["tol"] for row in directions["rows"]] == [
+        1e-4,
+        1e-3,
+        1e-2,
+        1e-1,
+        1.0,
+    ]
+    tight, loose = directions["rows"][0], directions["rows"][3]
+    for way in ("back", "forward"):
+        assert tight[f"{way}_nfe_mean"] > loose[f"{way}_nfe_mean"]
+        assert 0 <= tight[f"{way}_log_density_error"] < 1e-3  # a short training's flow is nearly straight
+
+
+def test_the_density_plot_title_names_the_model_and_what_the_plotted_solves_cost():
+    from training.densities import _plot_title
+
+    card = {"kind": "cnf", "hyper": {"dynamics": "concatsquash", "hidden": [64, 64], "trace": "exact", "method": "dopri5"},
+            "training": {"regularisation": {"kinetic": 0.0, "local_error": 0.05}}}  # fmt: skip
+    title = _plot_title(card, 1e-4, {"back": 23.94, "forward": 20.4})
+    assert title == (
+        "CNF, concatsquash dynamics (hidden [64, 64]), exact trace, dopri5, local_error 0.05\n"
+        "tol 0.0001: mean NFE 23.9 for the density (back), 20.4 for sampling"
+    )
 
 
 def test_regularised_odenet_training_records_its_settings(tmp_path, mnist_dir):
@@ -511,3 +536,22 @@ def test_sigterm_writes_a_last_state_that_resumes(tmp_path, mnist_dir):
 
     state = torch.load(out.with_suffix(".state.pt"), weights_only=True)
     assert state["format"] == FORMAT and state["position"]["step"] >= 1 and not out.exists()
+
+
+def test_card_piped_into_a_reader_that_stops_early_ends_quietly():
+    process = subprocess.Popen([sys.executable, "-m", "training", "card", "checkpoints/odenet-mnist.pt"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)  # fmt: skip
+    process.stdout.close()  # a reader gone before the card is printed, as `| head -1` is after its line
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+
+
+def test_missing_mnist_names_the_folder_and_the_flag(tmp_path):
+    from training.data import load_mnist
+
+    with pytest.raises(SystemExit) as refused:
+        load_mnist(tmp_path, train=False, download=False)
+    assert f"MNIST not found under {tmp_path} (torchvision's layout: {tmp_path / 'MNIST' / 'raw'})" in str(
+        refused.value
+    )
+    assert "pass --data-dir" in str(refused.value)
