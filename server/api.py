@@ -28,6 +28,7 @@ class Code(enum.Enum):
     CANCELLED = "CANCELLED"
     UNAVAILABLE = "UNAVAILABLE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     INTERNAL = "INTERNAL"
 
@@ -155,6 +156,16 @@ class InferenceResult:
     queue_seconds: float
     compute_seconds: float
     solved: Solved
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a call, as the front end identified them: ``key`` names them for fair
+    admission (never a secret); ``max_priority`` is the most urgent level they may ask for
+    (None: the server's ``default_priority``)."""
+
+    key: str = ""
+    max_priority: int | None = None
 
 
 @dataclass

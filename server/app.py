@@ -70,6 +70,8 @@ class Server:
             max_delay=config.max_delay_ms / 1000,
             default_priority=config.default_priority,
             guaranteed_share=config.guaranteed_share,
+            lower_level_share=config.lower_level_share,
+            client_queue_share=config.client_queue_share,
             auto_headroom=config.auto_headroom,
             step_graphs=config.step_graphs == "on",
             stats=self.metrics,
@@ -83,6 +85,8 @@ class Server:
             self.frontend = Frontend(config, self.service, rpcs, self.metrics, self._standard_services)
         except OSError as error:
             raise SystemExit(f"cannot read {error.filename}: {error.strerror}") from None
+        except ValueError as error:  # a malformed token grant
+            raise SystemExit(str(error)) from None
         address = f"{config.host}:{config.port}"
         try:
             self.port = self.frontend.listen(address)

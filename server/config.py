@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .scheduler import AUTO_HEADROOM, GUARANTEED_SHARE
+from .scheduler import AUTO_HEADROOM, CLIENT_QUEUE_SHARE, GUARANTEED_SHARE, LOWER_LEVEL_SHARE
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class ServerConfig:
     priority_levels: int = 3
     default_priority: int = 2
     guaranteed_share: float = GUARANTEED_SHARE
+    lower_level_share: float = LOWER_LEVEL_SHARE
+    client_queue_share: float = CLIENT_QUEUE_SHARE
     auto_headroom: float = AUTO_HEADROOM
     max_batch: int = 256
     step_graphs: str = "off"
@@ -70,6 +72,10 @@ class ServerConfig:
             problems.append("need 1 <= default_priority <= priority_levels")
         if not 0 <= self.guaranteed_share <= 1:
             problems.append("guaranteed_share must be in [0, 1]")
+        if not 0 <= self.lower_level_share < 1:
+            problems.append("lower_level_share must be in [0, 1)")
+        if not 0 < self.client_queue_share <= 1:
+            problems.append("client_queue_share must be in (0, 1]")
         if not 0 < self.auto_headroom <= 1:
             problems.append("auto_headroom must be in (0, 1]")
         if not self.max_abs_input > 0:
@@ -112,8 +118,10 @@ _HELP = {
     "batching": "continuous (solver-step level) or static (collect, then solve to the end)",
     "policy": "continuous batching: fair (priority levels, then a fair share of the batch per request, with preemption) or fifo (first come, first served)",
     "priority_levels": "request priorities 1 (most urgent) .. this; a request's 0 means default_priority",
-    "default_priority": "the level of requests that do not set one",
+    "default_priority": "the level of requests that do not set one, and the most urgent that callers may ask for without a token granted more (token_file)",
     "guaranteed_share": "fair policy: the fraction of a level's batch slots split equally between its requests (at least one each while there are slots for all); the rest goes by earliest virtual deadline",
+    "lower_level_share": "fair policy: while less urgent priority levels have work, each level leaves them this fraction of the batch slots still free (at least one), so none starves; 0: strict priority",
+    "client_queue_share": "a client (its bearer token; without tokens, its connection) already holding queued items may hold at most this fraction of the queue room the other clients leave free (beyond: RESOURCE_EXHAUSTED); its first request is admitted whenever it fits",
     "auto_headroom": "auto_tol: the share of its deadline or latency target within which a request's predicted completion must fall (smaller loosens more under load)",
     "max_batch": "most items in one running batch",
     "step_graphs": "on: continuous batching takes each solver step as one CUDA graph replay per padded batch size (GPU; not yet measured on one)",
@@ -142,8 +150,8 @@ _HELP = {
     "tls_cert": "PEM certificate chain: serve gRPC over TLS",
     "tls_key": "PEM private key for tls_cert",
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
-    "token_file": "file of accepted bearer tokens, one per line ('#' comments); the inference service then needs one",
-    "tokens": "comma-separated accepted bearer tokens; prefer ODESERVE_TOKENS or token_file over a flag",
+    "token_file": "file of accepted bearer tokens, one per line ('#' comments), each optionally followed by 'priority=N', the most urgent level it may ask for (default: default_priority); the inference service then needs one",
+    "tokens": "comma-separated accepted bearer tokens, each optionally followed by ' priority=N' as in token_file; prefer ODESERVE_TOKENS or token_file over a flag",
 }
 
 

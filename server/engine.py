@@ -26,7 +26,9 @@ from .adapters import Adapter
 from .executor import Executor, ExecutorOutputs, Work, first_step_of, step_cost
 from .scheduler import (
     AUTO_HEADROOM,
+    CLIENT_QUEUE_SHARE,
     GUARANTEED_SHARE,
+    LOWER_LEVEL_SHARE,
     BudgetExhausted,
     Cancelled,
     Candidate,
@@ -88,12 +90,14 @@ class Scheduling:
     ``priority``: lower is more urgent (None: the server's default). ``budget``: most function
     evaluations over all items. ``auto``: solve at the tightest of ``tolerances`` (the model
     card's, tightest first) predicted to finish within ``latency_target`` seconds, or by the
-    deadline when no target is given."""
+    deadline when no target is given. ``owner``: the client, whose share of the queue is
+    bounded (None: not counted per client)."""
 
     priority: int | None = None
     budget: int | None = None
     auto: bool = False
     latency_target: float | None = None
+    owner: str | None = None
 
 
 @dataclass
@@ -124,6 +128,8 @@ class ModelWorker:
         default_priority: int,
         guaranteed_share: float,
         auto_headroom: float,
+        lower_level_share: float,
+        client_queue_share: float,
         step_graphs: bool,
         clock: Clock,
         stats: StatsSink,
@@ -137,7 +143,8 @@ class ModelWorker:
         self.max_batch = max_batch
         self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
                                    default_priority=default_priority, guaranteed_share=guaranteed_share,
-                                   auto_headroom=auto_headroom, clock=clock)  # fmt: skip
+                                   auto_headroom=auto_headroom, lower_level_share=lower_level_share,
+                                   client_queue_share=client_queue_share, clock=clock)  # fmt: skip
         self.step_graphs = step_graphs
         self.executor = Executor(adapter, device, step_graphs=step_graphs)
         self._lock = threading.Condition()
@@ -166,7 +173,8 @@ class ModelWorker:
             try:
                 request = self.scheduler.submit(works, cost=cost, priority=scheduling.priority, deadline=deadline,
                                                 budget=scheduling.budget, candidates=candidates,
-                                                latency_target=scheduling.latency_target)  # fmt: skip
+                                                latency_target=scheduling.latency_target,
+                                                owner=scheduling.owner)  # fmt: skip
             except BudgetExhausted:
                 self.stats(RequestEndStats(self.name, "budget_exhausted"))
                 raise
@@ -332,6 +340,8 @@ class Engine:
         default_priority: int = 1,
         guaranteed_share: float = GUARANTEED_SHARE,
         auto_headroom: float = AUTO_HEADROOM,
+        lower_level_share: float = LOWER_LEVEL_SHARE,
+        client_queue_share: float = CLIENT_QUEUE_SHARE,
         step_graphs: bool = False,
         clock: Clock = time.monotonic,
         stats: StatsSink = discard,
@@ -340,7 +350,8 @@ class Engine:
         self.device, self.clock, self.stats, self.health = device, clock, stats, health
         self._settings = dict(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
                               default_priority=default_priority, guaranteed_share=guaranteed_share,
-                              auto_headroom=auto_headroom, step_graphs=step_graphs)  # fmt: skip
+                              auto_headroom=auto_headroom, lower_level_share=lower_level_share,
+                              client_queue_share=client_queue_share, step_graphs=step_graphs)  # fmt: skip
         self.workers: dict[str, ModelWorker] = {}
         self._retired: list[tuple[str, ModelWorker]] = []
         self._lock = threading.Lock()

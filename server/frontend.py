@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from .api import CallRecord, Code, RequestError, invalid
+from .api import Caller, CallRecord, Code, RequestError, invalid
 from .config import ServerConfig
 from .service import Call, InferenceService
 from .stats import RequestStats, StatsSink
@@ -59,13 +59,64 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def accepted_tokens(config: ServerConfig) -> list[bytes]:
-    """Tokens from ``tokens`` (comma-separated) and ``token_file`` (one per line)."""
-    tokens = [t.strip() for t in config.tokens.split(",")]
+@dataclass(frozen=True)
+class Token:
+    """An accepted bearer token and the most urgent priority level its callers may ask for
+    (None: ``default_priority``, like callers without a token)."""
+
+    secret: bytes
+    max_priority: int | None = None
+
+
+def read_tokens(config: ServerConfig) -> list[Token]:
+    """Tokens from ``tokens`` (comma-separated) and ``token_file`` (one per line), each
+    optionally followed by ``priority=N``. A malformed grant is a ValueError that names where
+    it is, never the token."""
+    entries = [(f"tokens entry {n}", entry) for n, entry in enumerate(config.tokens.split(","), 1)]
     if config.token_file:
-        for line in Path(config.token_file).read_text().splitlines():
-            tokens.append(line.split("#", 1)[0].strip())
-    return [t.encode() for t in tokens if t]
+        lines = Path(config.token_file).read_text().splitlines()
+        entries += [(f"{config.token_file} line {n}", line.split("#", 1)[0]) for n, line in enumerate(lines, 1)]
+    tokens = []
+    for where, entry in entries:
+        words = entry.split()
+        if not words:
+            continue
+        grant = None
+        for word in words[1:]:
+            name, _, level = word.partition("=")
+            if name != "priority" or not level.isdigit() or not 1 <= int(level) <= config.default_priority:
+                raise ValueError(f"{where}: a token may only be followed by 'priority=N', N in 1 .. "
+                                 f"{config.default_priority} (default_priority)")  # fmt: skip
+            grant = int(level)
+        tokens.append(Token(words[0].encode(), grant))
+    return tokens
+
+
+def matching_token(tokens: Sequence[Token], header: str | None) -> Token | None:
+    """The token an ``authorization: Bearer <token>`` header names, compared with every
+    accepted one in constant time (timing reveals neither a token nor which one matched)."""
+    if header is None:
+        return None
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return None
+    given_bytes = given.strip().encode()
+    matched = None
+    for token in tokens:
+        if hmac.compare_digest(given_bytes, token.secret):
+            matched = token
+    return matched
+
+
+def caller_of(context: grpc.aio.ServicerContext, tokens: Sequence[Token]) -> Caller:
+    """Who a call comes from: its bearer token when tokens are configured (named by its place
+    in the list, never by the secret), else its connection (the peer address)."""
+    if tokens:
+        header = dict(context.invocation_metadata() or ()).get("authorization")
+        token = matching_token(tokens, header)
+        if token is not None:
+            return Caller(f"token {tokens.index(token) + 1}", token.max_priority)
+    return Caller(context.peer() or UNKNOWN)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -151,7 +202,8 @@ class Frontend:
         if config.max_connection_age_s > 0:  # a GOAWAY after this; calls in flight get the grace period to finish
             options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]  # fmt: skip
-        tokens = accepted_tokens(config)
+        self.accepted = read_tokens(config)
+        tokens = [token.secret for token in self.accepted]
         self.credentials = server_credentials(config)
         interceptors = [TokenAuth(tokens, self.rpcs, stats)] if tokens else []
         self.tokens = len(tokens)
@@ -185,7 +237,8 @@ class Frontend:
                     request = rpc.request.FromString(raw)
                 except DecodeError:
                     raise invalid(f"the request is not a valid {rpc.request.DESCRIPTOR.full_name} message") from None
-                response = await rpc.handle(request, Call(_remaining(context), record, reservation))
+                caller = caller_of(context, self.accepted)
+                response = await rpc.handle(request, Call(_remaining(context), record, reservation, caller))
             except RequestError as error:
                 code, message = error.code, error.message
             except asyncio.CancelledError:  # the client cancelled, or its deadline passed

@@ -12,7 +12,18 @@ from collections.abc import Callable
 import numpy as np
 
 from .adapters import Limits
-from .api import CallRecord, Code, InferenceRequest, InferenceResult, RequestError, Solved, SolveStatus, invalid, quoted
+from .api import (
+    Caller,
+    CallRecord,
+    Code,
+    InferenceRequest,
+    InferenceResult,
+    RequestError,
+    Solved,
+    SolveStatus,
+    invalid,
+    quoted,
+)
 from .config import ServerConfig
 from .engine import (
     BudgetExhausted,
@@ -82,10 +93,11 @@ class Reservation:
 
 class Call:
     """One call as the service sees it: time left before its deadline, the record its
-    metrics come from, and its share of the memory budget."""
+    metrics come from, its share of the memory budget, and who sent it."""
 
-    def __init__(self, remaining: Callable[[], float | None], record: CallRecord, reservation: Reservation) -> None:
-        self.remaining, self.record, self.reservation = remaining, record, reservation
+    def __init__(self, remaining: Callable[[], float | None], record: CallRecord, reservation: Reservation,
+                 caller: Caller = Caller()) -> None:  # fmt: skip
+        self.remaining, self.record, self.reservation, self.caller = remaining, record, reservation, caller
 
 
 class InferenceService:
@@ -150,7 +162,7 @@ class InferenceService:
         remaining = call.remaining()
         if remaining is not None and remaining <= 0:
             raise RequestError(Code.DEADLINE_EXCEEDED, "the call's deadline had passed when it arrived")
-        scheduling = scheduling_settings(request.accuracy, request.scheduling, remaining, self.config)
+        scheduling = scheduling_settings(request.accuracy, request.scheduling, remaining, self.config, call.caller)
         record.priority = scheduling.priority
         inputs = request.inputs()
         rows = model.adapter.prepare(request.kind, inputs, self.limits)

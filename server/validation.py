@@ -7,7 +7,7 @@ import math
 
 from neuralode.solvers import METHODS
 
-from .api import Accuracy, Code, RequestError, Scheduling, invalid, quoted
+from .api import Accuracy, Caller, Code, RequestError, Scheduling, invalid, quoted
 from .config import ServerConfig
 from .engine import Scheduling as EngineScheduling
 from .models import ServedModel
@@ -65,17 +65,25 @@ def auto_tolerances(model: ServedModel, config: ServerConfig) -> list[float]:
 
 
 def scheduling_settings(accuracy: Accuracy, scheduling: Scheduling, deadline: float | None,
-                        config: ServerConfig) -> EngineScheduling:  # fmt: skip
-    """The engine's scheduling for a request: priority level, NFE budget, auto tolerance."""
+                        config: ServerConfig, caller: Caller = Caller()) -> EngineScheduling:  # fmt: skip
+    """The engine's scheduling for a request: priority level (at most as urgent as the caller
+    was granted), NFE budget, auto tolerance; the caller owns its share of the queue."""
     priority = scheduling.priority or config.default_priority
     if not 1 <= priority <= config.priority_levels:
         raise invalid(f"scheduling.priority must be 0 (the default, {config.default_priority}) or 1 .. "
                       f"{config.priority_levels}, got {scheduling.priority}")  # fmt: skip
+    allowed = caller.max_priority or config.default_priority
+    if priority < allowed:
+        raise RequestError(Code.PERMISSION_DENIED,
+                           f"scheduling.priority {priority} is more urgent than this caller may ask for "
+                           f"({allowed} .. {config.priority_levels}): levels above the default need a bearer "
+                           "token granted them (token_file: '<token> priority=N')")  # fmt: skip
     budget = min(scheduling.max_total_nfe or config.max_request_nfe, config.max_request_nfe)
     target = accuracy.latency_target_seconds or None
     if accuracy.auto_tol and target is None and deadline is None:
         raise invalid("accuracy.auto_tol needs latency_target_seconds or a deadline on the call")
-    return EngineScheduling(priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target)
+    return EngineScheduling(priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target,
+                            owner=caller.key or None)  # fmt: skip
 
 
 def find_model(models: dict[str, ServedModel], name: str, version: str) -> ServedModel:

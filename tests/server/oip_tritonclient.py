@@ -25,7 +25,7 @@ report = {
 for tol in (1e-1, 1e-4):
     tensor = triton.InferInput("images", list(images.shape), "UINT8")
     tensor.set_data_from_numpy(images)
-    result = client.infer("odenet-mnist", [tensor], parameters={"tol": tol}, priority=1, timeout=60_000_000)
+    result = client.infer("odenet-mnist", [tensor], parameters={"tol": tol}, priority=3, timeout=60_000_000)
     report[str(tol)] = {
         "accuracy": float((result.as_numpy("labels") == labels).mean()),
         "probabilities_shape": list(result.as_numpy("probabilities").shape),

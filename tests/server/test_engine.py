@@ -175,16 +175,18 @@ def test_the_servers_scheduling_settings_reach_every_models_scheduler(shipped, c
     from server.config import parse_config
 
     config = parse_config(["--checkpoints", str(shipped), "--port", "0", "--metrics-port", "0",
-                           "--guaranteed-share", "0.5", "--auto-headroom", "0.75", "--grace-seconds", "1"])  # fmt: skip
+                           "--guaranteed-share", "0.5", "--auto-headroom", "0.75", "--lower-level-share", "0.2",
+                           "--client-queue-share", "0.3", "--grace-seconds", "1"])  # fmt: skip
 
-    async def settings() -> list[tuple[float, float]]:
+    async def settings() -> list[tuple[float, ...]]:
         server = Server(config)
         try:
-            return [(w.scheduler.guaranteed_share, w.scheduler.auto_headroom) for w in server.engine.workers.values()]
+            return [(w.scheduler.guaranteed_share, w.scheduler.auto_headroom, w.scheduler.lower_level_share,
+                     w.scheduler.client_queue_share) for w in server.engine.workers.values()]  # fmt: skip
         finally:
             await server.stop()
 
-    assert asyncio.run(settings()) == [(0.5, 0.75)] * len(list(shipped.glob("*.pt")))
+    assert asyncio.run(settings()) == [(0.5, 0.75, 0.2, 0.3)] * len(list(shipped.glob("*.pt")))
     with pytest.raises(SystemExit):
         parse_config(["--auto-headroom", "0"])
     assert "auto_headroom must be in (0, 1]" in capsys.readouterr().err

@@ -146,12 +146,12 @@ def test_open_inference_requests_are_checked_field_by_field(stubs, request_, mes
 def test_requested_outputs_priority_timeout_and_auto(server, stubs, images):
     open_inference = stubs[1]
     request = infer(CLASSIFIER, {"images": ("UINT8", images[:4])}, outputs=["nfe", "labels"], tol="auto")
-    request.parameters["priority"].uint64_param = 1
+    request.parameters["priority"].uint64_param = 3  # 1 would need a token granted it (test_fairness.py)
     request.parameters["timeout"].int64_param = 30_000_000  # Triton's microseconds: the deadline auto aims for
     response = open_inference.ModelInfer(request, timeout=60)
     assert [o.name for o in response.outputs] == ["nfe", "labels"] and len(response.raw_output_contents) == 2
     assert response.parameters["rtol"].double_param == 1e-4  # idle, 30 s: the card's tightest
-    samples_before = metric(server.metrics_url, "odeserve_queue_wait_seconds_count", model=CLASSIFIER, priority="1")
+    samples_before = metric(server.metrics_url, "odeserve_queue_wait_seconds_count", model=CLASSIFIER, priority="3")
     assert samples_before >= 1
     hurried = infer(CLASSIFIER, {"images": ("UINT8", images[:4])}, tol="auto", latency_target_seconds=1e-6)
     assert open_inference.ModelInfer(hurried, timeout=60).parameters["rtol"].double_param == 1.0

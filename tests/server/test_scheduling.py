@@ -115,10 +115,13 @@ def test_priority_levels_are_validated_and_labelled(server, stub, images):
         stub.Classify(_classify(images[:1], tol=1e-2, priority=4), timeout=30)
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == "scheduling.priority must be 0 (the default, 2) or 1 .. 3, got 4"
-    for priority in (1, 3):
+    with pytest.raises(grpc.RpcError) as raised:  # more urgent than the default needs a token granted it
+        stub.Classify(_classify(images[:1], tol=1e-2, priority=1), timeout=30)
+    assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    for priority in (2, 3):
         stub.Classify(_classify(images[:2], tol=1e-2, priority=priority), timeout=30)
     samples = scrape(server.metrics_url)
-    for level in ("1", "3"):
+    for level in ("2", "3"):  # level 1, granted by a token: test_fairness.py
         assert value(samples, "odeserve_queue_wait_seconds_count", model=CLASSIFIER, priority=level) >= 1
 
 
