@@ -20,7 +20,7 @@ from .api import Accuracy, Code, InferenceRequest, Kind, RequestError, Schedulin
 from .frontend import Rpc
 from .models import ServedModel
 from .service import Call, InferenceService
-from .wire import MAX_DIMENSIONS
+from .wire import check_shape
 
 SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ("model_repository", "parameters")
@@ -212,11 +212,7 @@ def _decode_inputs(message: oip.ModelInferRequest) -> dict[str, np.ndarray]:
             raise invalid(f"{field}: input {quoted(name)} is given twice")
         if tensor.datatype not in DATATYPES:
             raise invalid(f"{field}.datatype must be one of {', '.join(DATATYPES)}, got {quoted(tensor.datatype)}")
-        if len(tensor.shape) > MAX_DIMENSIONS:
-            raise invalid(f"{field}.shape has {len(tensor.shape)} dimensions; at most {MAX_DIMENSIONS} are accepted")
-        shape = list(tensor.shape)
-        if any(n < 0 for n in shape):
-            raise invalid(f"{field}.shape must not be negative, got {shape}")
+        shape = check_shape(tensor.shape, field)
         dtype, contents = DATATYPES[tensor.datatype]
         count = math.prod(shape)
         if raw:
@@ -228,7 +224,14 @@ def _decode_inputs(message: oip.ModelInferRequest) -> dict[str, np.ndarray]:
             values = getattr(tensor.contents, contents)
             if len(values) != count:
                 raise invalid(f"{field}: contents.{contents} has {len(values)} values, but shape {shape} needs {count}")
-            array = np.asarray(values).astype(dtype)
+            array = np.asarray(values)
+            if dtype.kind in "iu" and array.size:  # uint_contents carries UINT8 as uint32: never wrap
+                low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
+                outside = np.flatnonzero((array < low) | (array > high))
+                if outside.size:
+                    raise invalid(f"{field}: contents.{contents}[{outside[0]}] is {int(array[outside[0]])}, outside "
+                                  f"{tensor.datatype}'s range {low} .. {high}")  # fmt: skip
+            array = array.astype(dtype)
         array = array.reshape(shape)
         if name in COUNT_INPUTS:
             if array.size != 1 or array.dtype.kind not in "iu":

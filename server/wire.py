@@ -4,6 +4,7 @@ Every problem raises a :class:`server.api.RequestError` naming the field."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from odeserve.v1 import odeserve_pb2 as pb
@@ -13,16 +14,29 @@ from .api import invalid, quoted
 DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 MAX_DIMENSIONS = 8
 """More than any served input needs; a larger rank is refused before numpy sees it."""
+MAX_ELEMENTS = 2**32
+"""More elements than any message can carry: a shape whose non-zero dimensions multiply to more
+is refused (an empty tensor of shape [2**62, 2**62, 0] would overflow numpy's sizes)."""
+
+
+def check_shape(shape: Sequence[int], field: str) -> list[int]:
+    """A tensor's shape as a list, once its rank, signs and size are within bounds: every wire
+    protocol's tensors pass here before numpy sees their shape."""
+    if len(shape) > MAX_DIMENSIONS:
+        raise invalid(f"{field}.shape has {len(shape)} dimensions; at most {MAX_DIMENSIONS} are accepted")
+    shape = list(shape)
+    if any(n < 0 for n in shape):
+        raise invalid(f"{field}.shape must not be negative, got {shape}")
+    if math.prod(n for n in shape if n) > MAX_ELEMENTS:
+        raise invalid(f"{field}.shape {shape} is too large: its non-zero dimensions multiply to more than "
+                      f"{MAX_ELEMENTS}")  # fmt: skip
+    return shape
 
 
 def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     if tensor.dtype not in DTYPES:
         raise invalid(f"{field}.dtype must be one of {', '.join(DTYPES)}, got {quoted(tensor.dtype)}")
-    if len(tensor.shape) > MAX_DIMENSIONS:
-        raise invalid(f"{field}.shape has {len(tensor.shape)} dimensions; at most {MAX_DIMENSIONS} are accepted")
-    shape = list(tensor.shape)
-    if any(n < 0 for n in shape):
-        raise invalid(f"{field}.shape must not be negative, got {shape}")
+    shape = check_shape(tensor.shape, field)
     dtype = DTYPES[tensor.dtype]
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:

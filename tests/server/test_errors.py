@@ -97,6 +97,13 @@ BAD_REQUESTS = [
         "points contains NaN or Inf (item 0)",
     ),
     ("negative shape", log_density(tensor(POINTS, shape=[-3, -2])), INVALID, "points.shape must not be negative"),
+    (
+        "huge empty images",
+        classify(tensor(IMAGE, shape=[2**62, 2**62, 0], data=b"")),
+        INVALID,
+        f"images.shape [{2**62}, {2**62}, 0] is too large",
+    ),
+    ("huge empty points", log_density(tensor(POINTS, shape=[2**62, 2**62, 0], data=b"")), INVALID, "is too large"),
 ]
 
 

@@ -62,6 +62,14 @@ def infer(
     return request
 
 
+def huge_empty(model: str, name: str, datatype: str = "UINT8") -> oip.ModelInferRequest:
+    """An empty tensor whose shape multiplies out beyond any size numpy can hold."""
+    request = oip.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype=datatype, shape=[2**62, 2**62, 0])
+    request.raw_input_contents.append(b"")
+    return request
+
+
 def as_arrays(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
     dtypes = {"FP32": "<f4", "INT32": "<i4", "UINT32": "<u4"}
     return {o.name: np.frombuffer(raw, dtypes[o.datatype]).reshape(o.shape)
@@ -134,8 +142,15 @@ def test_errors_are_the_same_codes_and_messages_in_both_protocols(stubs, name, v
         (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, outputs=["logits"]),
          "outputs: model 'odenet-mnist' has no output 'logits' (outputs: probabilities, labels, nfe, status)"),
         (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol="tight"), "parameters.tol must be a number, got 'tight'"),
+        (huge_empty(CLASSIFIER, "images"), f"inputs[0] ('images').shape [{2**62}, {2**62}, 0] is too large"),
+        (huge_empty(DENSITY, "points", "FP32"), f"inputs[0] ('points').shape [{2**62}, {2**62}, 0] is too large"),
+        (infer(CLASSIFIER, {"images": ("UINT8", np.full((1, 28, 28), 300))}, raw=False),
+         "inputs[0] ('images'): contents.uint_contents[0] is 300, outside UINT8's range 0 .. 255"),
+        (infer(CLASSIFIER, {"images": ("UINT8", np.where(np.arange(784).reshape(1, 28, 28) == 5, 2**32 - 1, 0))}, raw=False),
+         "inputs[0] ('images'): contents.uint_contents[5] is 4294967295, outside UINT8's range 0 .. 255"),
     ],
-    ids=["unknown input", "fractional n", "unsupported datatype", "unknown output", "non-numeric tol"],
+    ids=["unknown input", "fractional n", "unsupported datatype", "unknown output", "non-numeric tol", "huge empty images",
+         "huge empty points", "uint8 of 300", "uint8 of 2**32-1"],
 )  # fmt: skip
 def test_open_inference_requests_are_checked_field_by_field(stubs, request_, message):
     with pytest.raises(grpc.RpcError) as raised:
