@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from neuralode.devices import resolve_device
@@ -25,6 +24,7 @@ from neuralode.devices import resolve_device
 from .config import ServerConfig, parse_config
 from .engine import Engine
 from .frontend import Frontend
+from .health import Health
 from .metrics import Metrics
 from .models import ServedModel, load_models
 from .open_inference import SERVICE as OIP_SERVICE
@@ -60,7 +60,7 @@ class Server:
             raise SystemExit(f"--checkpoints {config.checkpoints}: no servable *.pt checkpoints (each file's "
                              "reason is logged above); no models to serve")  # fmt: skip
         self.metrics = Metrics()
-        self.health = health_aio.HealthServicer()
+        self.health = Health(("", V1_SERVICE, OIP_SERVICE))  # a model's entry needs a token when tokens are set
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine = Engine(
             self.device,
@@ -87,6 +87,7 @@ class Server:
             raise SystemExit(f"cannot read {error.filename}: {error.strerror}") from None
         except ValueError as error:  # a malformed token grant
             raise SystemExit(str(error)) from None
+        self.health.tokens = self.frontend.accepted
         address = f"{config.host}:{config.port}"
         try:
             self.port = self.frontend.listen(address)

@@ -149,11 +149,36 @@ def test_a_token_needs_the_bearer_scheme(pki, tls_server):
 
 def test_health_needs_no_token_and_refusals_are_counted(pki, tls_server):
     with grpc.secure_channel(tls_server.target, trusting(pki).credentials()) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=DENSITY), timeout=20)
-    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "odeserve.v1.Inference", "inference.GRPCInferenceService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=20)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
     with pytest.raises(OdeServeError):
         log_density(tls_server.target, trusting(pki), None)
     assert metric(tls_server.metrics_url, "odeserve_requests_total", code="UNAUTHENTICATED") >= 1
+
+
+def test_health_does_not_confirm_model_names_without_a_token(pki, tls_server):
+    """ListModels needs a token; so does learning from health that a model name exists: without
+    one, a served model's name is answered as a made-up one is."""
+    with grpc.secure_channel(tls_server.target, trusting(pki).credentials()) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def check(service: str, token: str | None = None):
+            metadata = (("authorization", f"Bearer {token}"),) if token else None
+            request = health_pb2.HealthCheckRequest(service=service)
+            try:
+                return health.Check(request, timeout=20, metadata=metadata).status
+            except grpc.RpcError as error:
+                return error.code(), error.details()
+
+        assert check(DENSITY) == check("no-such-model") == check(DENSITY, "not-a-token")
+        assert check(DENSITY)[0] == grpc.StatusCode.NOT_FOUND
+        assert check(DENSITY, TOKENS[0]) == health_pb2.HealthCheckResponse.SERVING
+        assert check("no-such-model", TOKENS[0])[0] == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=DENSITY), timeout=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        watch.cancel()
 
 
 @pytest.mark.parametrize("tls", ["plaintext", "untrusted server"])
