@@ -8,6 +8,7 @@ from typing import Unpack
 import torch
 from torch import Tensor, nn
 
+from ..precision import in_precision, precision_dtype
 from ..solvers import Solution, rms_norm, solve_ivp
 from ..solvers.accuracy import Accuracy, solve_settings
 from .regularisation import (
@@ -197,8 +198,12 @@ class ODENet(nn.Module):
         self.head = classifier_head(channels)
 
     def forward(self, images: Tensor, **accuracy: Unpack[Accuracy]) -> tuple[Tensor, Solution]:
-        features, solution = self.block(self.downsample(images), **accuracy)
-        return self.head(features), solution
+        """Logits and the block's solution. ``precision="bfloat16"`` evaluates the downsampling,
+        f and the head in bfloat16; the ODE's state and step control stay float32."""
+        dtype = precision_dtype(accuracy.get("precision"))
+        features = in_precision(lambda _, x: self.downsample(x), dtype)(None, images)
+        features, solution = self.block(features, **accuracy)
+        return in_precision(lambda _, x: self.head(x), dtype)(None, features), solution
 
     def forward_regularised(
         self, images: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None

@@ -13,12 +13,14 @@ from .solver import Solver
 
 class Accuracy(TypedDict, total=False):
     """Keyword arguments a call may override (``None`` or absent: the model's own setting):
-    ``rtol``/``atol`` (floats or ``[B]`` tensors), ``method`` and a ``max_nfe`` budget."""
+    ``rtol``/``atol`` (floats or ``[B]`` tensors), ``method``, a ``max_nfe`` budget and the
+    ``precision`` f is evaluated in (``"float32"``, ``"bfloat16"``; :mod:`neuralode.precision`)."""
 
     rtol: Tolerance | None
     atol: Tolerance | None
     method: str | None
     max_nfe: int | Tensor | None
+    precision: str | None
 
 
 def solve_settings(
@@ -31,7 +33,7 @@ def solve_settings(
     unknown = set(accuracy) - set(Accuracy.__annotations__)
     if unknown:
         raise TypeError(f"unexpected accuracy settings {sorted(unknown)}; known are {sorted(Accuracy.__annotations__)}")
-    defaults = {"rtol": rtol, "atol": atol, "method": method, "max_nfe": None}
+    defaults = {"rtol": rtol, "atol": atol, "method": method, "max_nfe": None, "precision": None}
     settings = {key: default if accuracy.get(key) is None else accuracy[key] for key, default in defaults.items()}
     settings["first_step"] = first_step if first_step is not None and takes_first_step(settings["method"]) else None
     return settings

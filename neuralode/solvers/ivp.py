@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..precision import in_precision, precision_dtype
 from .adjoint import IDENTITY, AdjointConfig, BackwardStats, ForwardSolve, OutputLayout, PartsNorm, adjoint_solve
 from .controller import ConstantController, StepSizeController
 from .events import EventFn, EventTracker, event_gradient
@@ -169,6 +170,7 @@ def solve_ivp(
     adjoint_rtol: Tolerance | None = None,
     adjoint_atol: Tolerance | None = None,
     adjoint_norm: str | PartsNorm = "seminorm",
+    precision: str | torch.dtype | None = None,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)`` for each sample along dim 0 of ``y0`` on its own.
 
@@ -196,13 +198,19 @@ def solve_ivp(
     ``y0`` may be a tuple of ``[B, ...]`` tensors: ``func``, ``norm``, ``event_fn`` and the
     callbacks then see tuples, ``y1`` and ``ys`` are tuples, and the default norm is the
     largest RMS of the parts, per sample.
+
+    ``precision`` (``"bfloat16"``) evaluates ``func`` in that precision under autocast, in the
+    forward solve and the adjoint's alike; the state, the stages' accumulation, the error norm
+    and step control stay in ``y0``'s dtype (:mod:`neuralode.precision`).
     """
+    dtype = precision_dtype(precision)
     layout = TupleLayout.of(y0, batched=True)
+    if adjoint and adjoint_params is None and isinstance(func, nn.Module):
+        adjoint_params = tuple(func.parameters())  # before func is wrapped below
     if layout.shapes is not None:
-        if adjoint and adjoint_params is None and isinstance(func, nn.Module):
-            adjoint_params = tuple(func.parameters())
         func, norm, event_fn, callbacks = _flat_tuple(layout, func, norm, event_fn, callbacks)
         y0 = layout.flatten(y0)
+    func = in_precision(func, dtype)
     solver = resolve_method(method)
     interpolant = resolve_interpolant(interpolate)
     problem = prepare_problem(y0, t_span, t_eval, rtol, atol, first_step, max_nfe, step_t=step_t, jump_t=jump_t,

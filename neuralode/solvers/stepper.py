@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..precision import full_precision
 from .controller import ConstantController, Norm, PIController, StepSizeController
 from .solver import Func, Perturbation, Solver, evaluate, per_row, rows_of, scaled_error_norm
 from .state import SolverState, StepRecord
@@ -114,11 +115,12 @@ class Stepper:
         direction = torch.sign(t_end - t0)
         nfe = torch.zeros(batch, dtype=torch.int64, device=device)
         f0 = None
+        precise = full_precision(func)  # f0 and the first-step rule's difference: no bf16 rounding
         if needs_f0:
-            f0 = evaluate(func, t0, y0)
+            f0 = evaluate(precise, t0, y0)
             nfe += 1
         dt, controller_rows = self.controller.init(
-            self.method, func, t0, y0, f0, direction, rtol, atol, self.norm, first_step
+            self.method, precise, t0, y0, f0, direction, rtol, atol, self.norm, first_step
         )
         nfe += self.controller.init_cost(first_step)
         status = torch.full((batch,), int(Status.RUNNING), dtype=torch.int64, device=device)
