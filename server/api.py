@@ -168,13 +168,17 @@ class Caller:
     max_priority: int | None = None
 
 
+NO_MODEL = "none"
+"""The model label of calls about no model (ListModels, the Open Inference server calls)."""
+
+
 @dataclass
 class CallRecord:
     """What a call resolved to, for metrics: label values only ever from closed sets (known
     RPC names, served model names, served methods), filled in as the call is validated."""
 
     rpc: str
-    model: str = "unknown"
+    model: str = "unknown"  # a call naming no served model; NO_MODEL for RPCs that name none
     method: str = "none"
     priority: int | None = None
     result: InferenceResult | None = None

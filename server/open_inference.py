@@ -16,7 +16,7 @@ import numpy as np
 
 from server.oip import grpc_predict_v2_pb2 as oip
 
-from .api import Accuracy, Code, InferenceRequest, Kind, RequestError, Scheduling, Task, invalid, quoted
+from .api import NO_MODEL, Accuracy, Code, InferenceRequest, Kind, RequestError, Scheduling, Task, invalid, quoted
 from .frontend import Rpc
 from .models import ServedModel
 from .service import Call, InferenceService
@@ -71,9 +71,11 @@ class OpenInference:
 
     # ---- server and models ------------------------------------------------------------------
     async def server_live(self, message: oip.ServerLiveRequest, call: Call) -> oip.ServerLiveResponse:
+        call.record.model = NO_MODEL
         return oip.ServerLiveResponse(live=True)
 
     async def server_ready(self, message: oip.ServerReadyRequest, call: Call) -> oip.ServerReadyResponse:
+        call.record.model = NO_MODEL
         return oip.ServerReadyResponse(ready=not self.service.draining and bool(self.service.models))
 
     async def model_ready(self, message: oip.ModelReadyRequest, call: Call) -> oip.ModelReadyResponse:
@@ -82,6 +84,7 @@ class OpenInference:
         return oip.ModelReadyResponse(ready=ready)
 
     async def server_metadata(self, message: oip.ServerMetadataRequest, call: Call) -> oip.ServerMetadataResponse:
+        call.record.model = NO_MODEL
         return oip.ServerMetadataResponse(name="odeserve", version=self.version, extensions=EXTENSIONS)
 
     async def model_metadata(self, message: oip.ModelMetadataRequest, call: Call) -> oip.ModelMetadataResponse:
@@ -100,6 +103,7 @@ class OpenInference:
         )  # fmt: skip
 
     async def repository_index(self, message: oip.RepositoryIndexRequest, call: Call) -> oip.RepositoryIndexResponse:
+        call.record.model = NO_MODEL
         entry = oip.RepositoryIndexResponse.ModelIndex
         models = [entry(name=m.name, version=m.version, state="READY") for m in self.service.models.values()]
         return oip.RepositoryIndexResponse(models=models)

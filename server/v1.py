@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from odeserve.v1 import odeserve_pb2 as pb
 
 from . import wire
-from .api import Accuracy, InferenceRequest, InferenceResult, Kind, Scheduling, TensorSpec
+from .api import NO_MODEL, Accuracy, InferenceRequest, InferenceResult, Kind, Scheduling, TensorSpec
 from .frontend import Rpc
 from .models import ServedModel
 from .service import Call, InferenceService
@@ -86,6 +86,7 @@ class V1:
         return handle
 
     async def list_models(self, message: pb.ListModelsRequest, call: Call) -> pb.ListModelsResponse:
+        call.record.model = NO_MODEL
         return pb.ListModelsResponse(models=[self.model_info(m) for m in self.service.models.values()])
 
     async def get_model(self, message: pb.GetModelRequest, call: Call) -> pb.ModelInfo:

@@ -104,3 +104,28 @@ def test_batch_gauges_follow_the_running_batch_and_empty_when_idle(server, clien
     while batch_gauges() != (0, 0) and time.monotonic() < end:
         time.sleep(0.05)
     assert batch_gauges() == (0, 0)
+
+
+def test_calls_about_no_model_are_not_counted_as_unknown_models(server, client):
+    """ListModels (and Open Inference's server calls) name no model: model="none", so
+    model="unknown" keeps meaning requests for models that are not served."""
+    import grpc
+
+    from server.oip import grpc_predict_v2_pb2 as oip
+    from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    before = scrape(server.metrics_url)
+    client.models()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        stub.ServerLive(oip.ServerLiveRequest(), timeout=10)
+        stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)
+    after = scrape(server.metrics_url)
+
+    def grew(**labels) -> float:
+        return value(after, "odeserve_requests_total", **labels) - value(before, "odeserve_requests_total", **labels)
+
+    assert grew(model="none", rpc="ListModels", code="OK") == 1
+    assert grew(model="none", rpc="ServerLive", code="OK") == 1
+    assert grew(model="none", rpc="RepositoryIndex", code="OK") == 1
+    assert grew(model="unknown") == 0
