@@ -121,7 +121,10 @@ class OpenInference:
             call = _with_timeout(call, timeout)
         request = InferenceRequest(kind, model.name, message.model_version, lambda: _decode_inputs(message),
                                    accuracy, scheduling)  # fmt: skip
-        result = await self.service.infer(request, call)
+        try:
+            result = await self.service.infer(request, call)
+        except RequestError as error:
+            raise in_parameters_terms(error) from None
         produced = {**result.outputs, "nfe": result.nfe, "status": result.status}
         wanted = requested or list(produced)
         # Bounded and charged before any of it is built: never more than one message, and held
@@ -245,6 +248,22 @@ def _decode_inputs(message: oip.ModelInferRequest) -> dict[str, np.ndarray]:
             array = array.reshape(()).astype(np.uint64)
         inputs[name] = array
     return inputs
+
+
+# odeserve.v1's field names in the shared request path's messages, as this protocol spells them
+# (first match wins: the specific names before the message prefixes).
+_FIELD_NAMES = (("accuracy.auto_tol", 'parameters.tol "auto"'), ("accuracy: auto_tol", 'parameters: tol "auto"'),
+                ("auto_tol", 'tol "auto"'), ("scheduling.priority", "priority"), ("accuracy.", "parameters."),
+                ("scheduling.", "parameters."), ("accuracy:", "parameters:"))  # fmt: skip
+
+
+def in_parameters_terms(error: RequestError) -> RequestError:
+    """A refusal from the shared request path, naming this protocol's fields: ``parameters.tol``
+    where odeserve.v1 says ``accuracy.tol``, ``priority`` for ``scheduling.priority``."""
+    message = error.message
+    for v1_name, name in _FIELD_NAMES:
+        message = message.replace(v1_name, name)
+    return RequestError(error.code, message)
 
 
 class _Parameters:

@@ -3,6 +3,7 @@ resolved with the model's defaults. Protocol-neutral: every wire protocol's requ
 
 from __future__ import annotations
 
+import difflib
 import math
 
 from neuralode.solvers import METHODS
@@ -12,6 +13,8 @@ from .config import ServerConfig
 from .engine import Scheduling as EngineScheduling
 from .models import ServedModel
 
+LISTED_MODELS = 8
+"""The most served model names an unknown model's message lists (ListModels has them all)."""
 SERVED_METHODS = tuple(sorted(name for name, method in METHODS.items() if method.adaptive))
 DEFAULT_METHOD = "dopri5"
 
@@ -86,12 +89,21 @@ def scheduling_settings(accuracy: Accuracy, scheduling: Scheduling, deadline: fl
                             owner=caller.key or None)  # fmt: skip
 
 
+def _alternatives(models: dict[str, ServedModel], name: str) -> str:
+    """The closest served name, and the served names (the first few), for an unknown model's
+    message: callers who may ask may also list them."""
+    names = sorted(models)
+    close = difflib.get_close_matches(name[:64], names, n=1, cutoff=0.6)
+    listed = ", ".join(names[:LISTED_MODELS]) + (f", ... ({len(names)} in all)" if len(names) > LISTED_MODELS else "")
+    return (f"; did you mean {close[0]!r}?" if close else "") + (f" (served: {listed})" if names else "")
+
+
 def find_model(models: dict[str, ServedModel], name: str, version: str) -> ServedModel:
     if not name:
         raise invalid("model must name a served model (see ListModels)")
     model = models.get(name)  # a dictionary lookup: names never touch the file system
     if model is None:
-        raise RequestError(Code.NOT_FOUND, f"model {quoted(name)} is not served (see ListModels)")
+        raise RequestError(Code.NOT_FOUND, f"model {quoted(name)} is not served{_alternatives(models, name)}")
     if version and version != model.version:
         raise RequestError(
             Code.NOT_FOUND, f"model {quoted(name)} has no version {quoted(version)} (serving {model.version})"

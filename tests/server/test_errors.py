@@ -45,6 +45,14 @@ INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 BAD_REQUESTS = [
     ("unknown model", classify(model="nope"), NOT_FOUND, "model 'nope' is not served"),
     ("path traversal name", classify(model="../checkpoints/odenet-mnist"), NOT_FOUND, "is not served"),
+    (
+        "misspelt model",
+        classify(model="odenet-mnst"),
+        NOT_FOUND,
+        "model 'odenet-mnst' is not served; did you mean 'odenet-mnist'? (served: cnf-8gaussians, cnf-moons, "
+        "odenet-mnist)",
+    ),
+    ("unknown model lists the served", classify(model="nope"), NOT_FOUND, "nope' is not served (served: cnf-8g"),
     ("empty model name", classify(model=""), INVALID, "model must name a served model"),
     ("unknown version", classify(version="v999"), NOT_FOUND, "has no version 'v999'"),
     ("classify a density model", classify(model=DENSITY), INVALID, "is a density model"),

@@ -129,7 +129,9 @@ def test_errors_are_the_same_codes_and_messages_in_both_protocols(stubs, name, v
         getattr(v1, rpc)(request, timeout=30)
     with pytest.raises(grpc.RpcError) as theirs:
         open_inference.ModelInfer(oip_request, timeout=30)
-    assert theirs.value.code() == mine.value.code() and theirs.value.details() == mine.value.details()
+    # One message, each protocol naming its own fields (parameters.tol for accuracy.tol).
+    in_their_terms = mine.value.details().replace("accuracy.", "parameters.").replace("scheduling.priority", "priority")
+    assert theirs.value.code() == mine.value.code() and theirs.value.details() == in_their_terms
 
 
 @pytest.mark.parametrize(
@@ -142,6 +144,12 @@ def test_errors_are_the_same_codes_and_messages_in_both_protocols(stubs, name, v
         (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, outputs=["logits"]),
          "outputs: model 'odenet-mnist' has no output 'logits' (outputs: probabilities, labels, nfe, status)"),
         (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol="tight"), "parameters.tol must be a number, got 'tight'"),
+        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=-1.0), "parameters.tol must be > 0"),
+        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=1e-3, rtol=1e-3),
+         "parameters: give tol, or rtol and atol, not both"),
+        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, method="rk45"), "parameters.method must be one of"),
+        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol="auto", method="tsit5"),
+         'parameters.tol "auto" needs the method the model card was measured with (dopri5)'),
         (huge_empty(CLASSIFIER, "images"), f"inputs[0] ('images').shape [{2**62}, {2**62}, 0] is too large"),
         (huge_empty(DENSITY, "points", "FP32"), f"inputs[0] ('points').shape [{2**62}, {2**62}, 0] is too large"),
         (infer(CLASSIFIER, {"images": ("UINT8", np.full((1, 28, 28), 300))}, raw=False),
@@ -149,7 +157,8 @@ def test_errors_are_the_same_codes_and_messages_in_both_protocols(stubs, name, v
         (infer(CLASSIFIER, {"images": ("UINT8", np.where(np.arange(784).reshape(1, 28, 28) == 5, 2**32 - 1, 0))}, raw=False),
          "inputs[0] ('images'): contents.uint_contents[5] is 4294967295, outside UINT8's range 0 .. 255"),
     ],
-    ids=["unknown input", "fractional n", "unsupported datatype", "unknown output", "non-numeric tol", "huge empty images",
+    ids=["unknown input", "fractional n", "unsupported datatype", "unknown output", "non-numeric tol", "negative tol",
+         "tol and rtol", "unknown method", "auto with another method", "huge empty images",
          "huge empty points", "uint8 of 300", "uint8 of 2**32-1"],
 )  # fmt: skip
 def test_open_inference_requests_are_checked_field_by_field(stubs, request_, message):
