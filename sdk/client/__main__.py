@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,24 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
     """--model and a flag per request option (--tol, --max-nfe, ...)."""
     parser.add_argument("--model", required=True, help="a served model's name (see: models)")
     for option in REQUEST_OPTIONS:
-        parser.add_argument(f"--{option.name.replace('_', '-')}", type=option.cli_type, help=option.help)
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=_parsing(option), help=option.help)
+
+
+def _parsing(option) -> Callable[[str], object]:
+    """The option's parser, whose refusal says what was expected (not "invalid _tolerance value")."""
+    parse = option.cli_type
+
+    def parsed(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as error:
+            if option.parser is not None:  # its message says what it expects
+                raise argparse.ArgumentTypeError(str(error)) from None
+            expected = "an integer" if parse is int else "a number"
+            raise argparse.ArgumentTypeError(f"{expected}; got {text!r}") from None
+
+    parsed.__name__ = option.name  # argparse names a type by it in other messages
+    return parsed
 
 
 def _request_kwargs(args: argparse.Namespace) -> dict:
@@ -65,8 +83,11 @@ def _request_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _items(result) -> dict:
+    solved = result.solved
     return {"nfe": result.items.nfe.tolist(), "status": result.items.status,
-            "queue_seconds": result.timing.queue_seconds, "compute_seconds": result.timing.compute_seconds}  # fmt: skip
+            "queue_seconds": result.timing.queue_seconds, "compute_seconds": result.timing.compute_seconds,
+            "solved": {"rtol": solved.rtol, "atol": solved.atol, "method": solved.method,
+                       "preemptions": solved.preemptions}}  # fmt: skip
 
 
 def run(args: argparse.Namespace, client: Client) -> dict:
@@ -113,6 +134,11 @@ def render(command: str, report: dict) -> str:
             lines.append(
                 f"{m['name']:<24} {m['kind']:<8} {m['task']:<9} {m['default_tol']:>7g} {m['version']:<13} {m['device']}"
             )
+    if "solved" in report:
+        solved = report["solved"]
+        same = solved["rtol"] == solved["atol"]
+        tolerance = f"tol {solved['rtol']:g}" if same else f"rtol {solved['rtol']:g}, atol {solved['atol']:g}"
+        lines.append(f"solved at {tolerance} ({solved['method']})")
     if "compute_seconds" in report:
         lines.append(
             f"server: queue {report['queue_seconds'] * 1e3:.1f} ms, compute {report['compute_seconds'] * 1e3:.1f} ms"

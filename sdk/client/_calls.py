@@ -10,6 +10,7 @@ command line's flags follow from it. A keyword of one call is a parameter of its
 
 from __future__ import annotations
 
+import numbers
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,13 @@ class Call(Generic[R]):
 
 
 def _tolerance(text: str) -> float | str:
-    return text if text == "auto" else float(text)
+    """A tolerance on the command line: a number, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"a number such as 1e-3, or auto; got {text!r}") from None
 
 
 class RequestOptions(TypedDict, total=False):
@@ -110,6 +117,7 @@ def _request_fields(options: RequestOptions) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the request options are "
                         f"{', '.join(RequestOptions.__annotations__)}")  # fmt: skip
+    _check_types(options)
     tol = options.get("tol")
     auto = tol == "auto"
     accuracy = pb.Accuracy(tol=0.0 if auto else tol or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
@@ -117,6 +125,26 @@ def _request_fields(options: RequestOptions) -> dict[str, Any]:
                            latency_target_seconds=options.get("latency_target_s") or 0.0)  # fmt: skip
     scheduling = pb.Scheduling(priority=options.get("priority") or 0, max_total_nfe=options.get("max_total_nfe") or 0)
     return {"accuracy": accuracy, "scheduling": scheduling}
+
+
+def _check_types(options: RequestOptions) -> None:
+    """A clear TypeError for an option of the wrong type (say ``tol="1e-2"``), before protobuf's
+    own, which names no option."""
+    hints = typing.get_type_hints(RequestOptions)
+    for name, value in options.items():
+        if value is None:
+            continue
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        numeric = [t for t in allowed if t in (int, float)]
+        literals = [a for t in allowed if typing.get_origin(t) is Literal for a in typing.get_args(t)]
+        if value in literals or isinstance(value, str) and str in allowed:
+            continue
+        wanted = numbers.Integral if numeric == [int] else numbers.Real
+        if numeric and isinstance(value, wanted) and not isinstance(value, bool):
+            continue
+        kind = "an integer" if numeric == [int] else "a number" if numeric else "a string"
+        also = "".join(f" or {a!r}" for a in literals)
+        raise TypeError(f"{name} must be {kind}{also}, got {value!r} ({type(value).__name__})")
 
 
 def classify(images: npt.ArrayLike, *, model: str, version: str = "", timeout_s: float | None = None,

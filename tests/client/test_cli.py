@@ -82,6 +82,31 @@ def test_every_request_option_is_a_flag(server):
     assert nfe_and_status("--tol", "1e-5", "--max-nfe", "8")[1] == ["MAX_NFE"] * 4
 
 
+def test_the_tolerance_used_is_shown_and_in_the_json(server):
+    table = cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--tol", "1e-2")
+    assert table.returncode == 0 and "solved at tol 0.01 (dopri5)" in table.stdout, table.stdout
+    default = cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--tol", "0")  # 0: the model's default
+    assert "solved at tol 0.001 (dopri5)" in default.stdout, default.stdout
+    report = json.loads(cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--rtol", "1e-3", "--atol", "1e-5",
+                            "--json").stdout)  # fmt: skip
+    assert report["solved"] == {"rtol": 1e-3, "atol": 1e-5, "method": "dopri5", "preemptions": 0}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--tol", "abc"), "argument --tol: a number such as 1e-3, or auto; got 'abc'"),
+    (("--max-nfe", "1.5"), "argument --max-nfe: an integer; got '1.5'"),
+    (("--rtol", "x"), "argument --rtol: a number; got 'x'"),
+])  # fmt: skip
+def test_a_malformed_option_says_what_it_expects(server, flags, message):
+    result = cli(server, "sample", "--model", DENSITIES[0], *flags)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1].endswith(message), result.stderr
+
+
+def test_a_misspelt_model_gets_a_suggestion(server):
+    result = cli(server, "sample", "--model", "cnf-8gausians")
+    assert result.returncode == 1 and "did you mean 'cnf-8gaussians'?" in result.stderr, result.stderr
+
+
 def test_errors_exit_nonzero_with_the_reason(server):
     result = cli(server, "sample", "--model", "nope")
     assert result.returncode == 1 and "NOT_FOUND" in result.stderr

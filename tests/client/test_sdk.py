@@ -136,6 +136,23 @@ def test_an_unknown_keyword_is_a_type_error_before_anything_is_sent(sdk):
         sdk.models(verbose=True)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tol": "1e-2"}, "tol must be a number or 'auto', got '1e-2' (str)"),
+        ({"tol": True}, "tol must be a number or 'auto', got True (bool)"),
+        ({"max_nfe": 2.5}, "max_nfe must be an integer, got 2.5 (float)"),
+        ({"method": 5}, "method must be a string, got 5 (int)"),
+    ],
+)
+def test_an_option_of_the_wrong_type_is_a_type_error_naming_it(options, message):
+    """Before, protobuf raised a bare TypeError naming no option; numpy scalars stay welcome."""
+    with pytest.raises(TypeError) as error:
+        calls.sample(2, model=DENSITY, **options)
+    assert str(error.value) == message
+    assert calls.sample(2, model=DENSITY, tol=np.float32(1e-3), max_nfe=np.int64(50)).request.accuracy.max_nfe == 50
+
+
 @pytest.fixture(scope="module")
 def token_server(density_only, tmp_path_factory):
     running = start_server(density_only, tmp_path_factory.mktemp("token"), env={"ODESERVE_TOKENS": "sdk-token-51e0"})
