@@ -232,7 +232,7 @@ def _check_classifications(report: dict) -> None:
     assert loose["accuracy"] >= 0.95 and tight["accuracy"] >= 0.95 and loose["status"] == tight["status"] == [1]
     assert loose["nfe"] < tight["nfe"]
     assert report["negative_tol"]["status"].endswith("INVALID_ARGUMENT")
-    assert report["negative_tol"]["message"].startswith("accuracy.tol must be > 0")
+    assert report["negative_tol"]["message"].startswith("parameters.tol must be > 0")
 
 
 def test_the_stock_tritonclient_classifies_real_mnist(tritonclient_venv, server, mnist_dir):

@@ -60,6 +60,8 @@ def test_evaluate_writes_the_table_json_and_plot_under_runs_not_beside_the_check
 ):
     """By default into ./runs/eval (git-ignored), never into the checkpoint's folder, which
     for the shipped models is the folder the server serves."""
+    beside = sorted(p.name for p in short_odenet.parent.iterdir())
+    assert beside == ["odenet.log", "odenet.pt", "odenet.state.pt"]  # training's own: its log and last state
     result = _run("evaluate", str(short_odenet), "--data-dir", str(mnist_dir), "--test-subset", "200",
                   "--tols", "1e-4", "1e-2", "1", "--device", "cpu", cwd=tmp_path)  # fmt: skip
     assert "test error" in result.stdout
@@ -69,7 +71,7 @@ def test_evaluate_writes_the_table_json_and_plot_under_runs_not_beside_the_check
     assert [row["tol"] for row in report["rows"]] == [1e-4, 1e-2, 1.0]
     assert nfe[0] > nfe[1] >= nfe[2]
     assert (out / "odenet-eval.png").stat().st_size > 5000
-    assert sorted(p.name for p in short_odenet.parent.iterdir()) == ["odenet.log", "odenet.pt"]
+    assert sorted(p.name for p in short_odenet.parent.iterdir()) == beside
 
 
 def test_evaluate_compares_two_checkpoints_side_by_side(short_odenet, mnist_dir, tmp_path):
