@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from neuralode.cuda_graphs import StepGraphs
-from neuralode.solvers import SolverState, Status, Stepper, get_method
-from neuralode.solvers.accuracy import takes_first_step
-from neuralode.solvers.stepper import Norm
+from neuralode.solvers import Norm, SolverState, Status, Stepper, get_method, takes_first_step
 
 from .adapters import Adapter
 from .api import Kind
@@ -70,8 +68,7 @@ def step_cost(method: str, first_step: float | None = None) -> Cost:
     budgets and predictions; ``first_step`` as :func:`first_step_of` gives it (a given first
     step saves the evaluation Hairer's rule spends on choosing one)."""
     stepper = Stepper(get_method(method))
-    given = None if first_step is None else torch.tensor([first_step])
-    return Cost(start=stepper.start_cost(given), step=stepper.step_cost())
+    return Cost(start=stepper.start_cost(first_step), step=stepper.step_cost())
 
 
 def first_step_of(adapter: Adapter, method: str) -> float | None:

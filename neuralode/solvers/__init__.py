@@ -1,5 +1,6 @@
 """ODE solvers with per-sample step control behind one solver interface, and the adjoint."""
 
+from .accuracy import takes_first_step
 from .adams import Adams
 from .adjoint import BackwardStats
 from .controller import ConstantController, PIController, StepSizeController
@@ -13,7 +14,7 @@ from .scipy_solve import ScipyMethod
 from .solver import Solver
 from .state import SolverState, StepRecord
 from .status import SolverError, Status
-from .stepper import StepCallbacks, Stepper, rms_norm
+from .stepper import Norm, StepCallbacks, Stepper, rms_norm
 from .tableau import ButcherTableau, ImplicitTableau
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ExplicitRK",
     "ImplicitRK",
     "ImplicitTableau",
+    "Norm",
     "PIController",
     "ScipyMethod",
     "Solution",
@@ -45,4 +47,5 @@ __all__ = [
     "odeint_event",
     "rms_norm",
     "solve_ivp",
+    "takes_first_step",
 ]

@@ -47,10 +47,10 @@ class StepSizeController(ABC):
     """Whether ``adapt`` reads the error estimate (and so needs a method that has one)."""
 
     @abstractmethod
-    def init_cost(self, first_step: Tensor | None) -> int:
+    def init_cost(self, first_step: Tensor | float | None) -> int:
         """Evaluations ``init`` makes beyond ``f(t0, y0)``."""
 
-    def needs_f0(self, first_step: Tensor | None) -> bool:
+    def needs_f0(self, first_step: Tensor | float | None) -> bool:
         return False
 
     @abstractmethod
@@ -122,10 +122,10 @@ class PIController(StepSizeController):
         factor = factor.mul_(self.safety).clamp_min_(self.min_factor).minimum(upper)
         return accept, dt * factor, torch.where(accept, err, prev_error)
 
-    def init_cost(self, first_step: Tensor | None) -> int:
+    def init_cost(self, first_step: Tensor | float | None) -> int:
         return 0 if first_step is not None else 1
 
-    def needs_f0(self, first_step: Tensor | None) -> bool:
+    def needs_f0(self, first_step: Tensor | float | None) -> bool:
         return first_step is None
 
     def init(self, solver, func, t0, y0, f0, direction, rtol, atol, norm, first_step):
@@ -162,7 +162,7 @@ class ConstantController(StepSizeController):
         if self.step_size is not None and not self.step_size > 0:
             raise ValueError(f"step_size must be > 0, got {self.step_size}")
 
-    def init_cost(self, first_step: Tensor | None) -> int:
+    def init_cost(self, first_step: Tensor | float | None) -> int:
         return 0
 
     def init(self, solver, func, t0, y0, f0, direction, rtol, atol, norm, first_step):

@@ -247,9 +247,10 @@ class Stepper:
     def _error_norm(self, y: Tensor, attempt, dt: Tensor, state: SolverState) -> Tensor:
         return scaled_error_norm(y, attempt.y1, attempt.error, dt, state.rtol, state.atol, self.norm)
 
-    def start_cost(self, first_step: Tensor | None = None) -> int:
+    def start_cost(self, first_step: Tensor | float | None = None) -> int:
         """Evaluations :meth:`init` makes per row: ``f(t0, y0)`` where needed and the
-        controller's first-step heuristic."""
+        controller's first-step heuristic. Only whether ``first_step`` is given counts (a
+        tensor of rows' first steps, or one for all)."""
         needs_f0 = self.method.needs_f0 or self.controller.needs_f0(first_step)
         return int(needs_f0) + self.controller.init_cost(first_step)
 
