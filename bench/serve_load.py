@@ -66,7 +66,7 @@ POLICIES = {
     "fair": ("--policy", "fair"),
     "max-min": ("--policy", "fair", "--guaranteed-share", "1"),  # the whole batch shared equally
     "fifo": ("--policy", "fifo"),
-    "static": ("--batching", "static"),
+    "static": ("--policy", "static"),
 }
 
 
@@ -113,12 +113,15 @@ class InProcessTarget:
                  max_delay: float = 0.005) -> None:  # fmt: skip
         from neuralode.devices import resolve_device
         from server.adapters import Limits
+        from server.config import EngineConfig
         from server.engine import Engine
         from server.models import load_models
+        from server.scheduling import SchedulerConfig
 
         device = resolve_device("auto")  # where `python -m server` puts the models too
         self.model = load_models(checkpoints, device)[CLASSIFIER]
-        self.engine = Engine(device, max_batch=max_batch, policy=policy, max_delay=max_delay, step_graphs=step_graphs)
+        scheduler = SchedulerConfig(max_batch=max_batch, policy=policy, max_delay=max_delay)
+        self.engine = Engine(device, EngineConfig(scheduler, step_graphs=step_graphs))
         self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER, expected_nfe=self.model.expected_nfe)
         self.limits = Limits(max_items=1024, max_abs_input=1e6)
 

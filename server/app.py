@@ -62,21 +62,7 @@ class Server:
         self.metrics = Metrics()
         self.health = Health(("", V1_SERVICE, OIP_SERVICE))  # a model's entry needs a token when tokens are set
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.engine = Engine(
-            self.device,
-            max_batch=config.max_batch,
-            max_queued=config.max_queued_items,
-            policy="static" if config.batching == "static" else config.policy,
-            max_delay=config.max_delay_ms / 1000,
-            default_priority=config.default_priority,
-            guaranteed_share=config.guaranteed_share,
-            lower_level_share=config.lower_level_share,
-            client_queue_share=config.client_queue_share,
-            auto_headroom=config.auto_headroom,
-            step_graphs=config.step_graphs == "on",
-            stats=self.metrics,
-            health=self._model_health,
-        )
+        self.engine = Engine(self.device, config.engine(), stats=self.metrics, health=self._model_health)
         for model in self.models.values():
             self._add_worker(model)
         self.service = InferenceService(self.models, self.engine, config)

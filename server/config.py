@@ -8,7 +8,24 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .scheduler import AUTO_HEADROOM, CLIENT_QUEUE_SHARE, GUARANTEED_SHARE, LOWER_LEVEL_SHARE
+from .scheduling import (
+    AUTO_HEADROOM,
+    CLIENT_QUEUE_SHARE,
+    GUARANTEED_SHARE,
+    LOWER_LEVEL_SHARE,
+    SchedulerConfig,
+    policy_class,
+)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's settings, passed whole to every model's worker: its scheduler's and
+    whether steps replay as CUDA graphs. Built from the server's settings by
+    :meth:`ServerConfig.engine`."""
+
+    scheduler: SchedulerConfig = SchedulerConfig()
+    step_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,8 +79,10 @@ class ServerConfig:
         problems = []
         if self.batching not in ("continuous", "static"):
             problems.append(f"batching must be continuous or static, got {self.batching!r}")
-        if self.policy not in ("fair", "fifo"):
-            problems.append(f"policy must be fair or fifo, got {self.policy!r}")
+        try:
+            policy_class(self.policy)
+        except ValueError as error:
+            problems.append(str(error))
         if self.step_graphs not in ("off", "on"):
             problems.append(f"step_graphs must be off or on, got {self.step_graphs!r}")
         if self.reuse_port not in ("off", "on"):
@@ -99,6 +118,21 @@ class ServerConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def engine(self) -> EngineConfig:
+        """The settings the engine and every model's scheduler take, in their own units."""
+        scheduler = SchedulerConfig(
+            max_batch=self.max_batch,
+            max_queued=self.max_queued_items,
+            policy="static" if self.batching == "static" else self.policy,
+            max_delay=self.max_delay_ms / 1000,
+            default_priority=self.default_priority,
+            guaranteed_share=self.guaranteed_share,
+            lower_level_share=self.lower_level_share,
+            client_queue_share=self.client_queue_share,
+            auto_headroom=self.auto_headroom,
+        )
+        return EngineConfig(scheduler=scheduler, step_graphs=self.step_graphs == "on")
+
     def as_dict(self) -> dict:
         """The settings, with secrets masked (safe to log)."""
         values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -115,8 +149,8 @@ _HELP = {
     "metrics_port": "metrics port (0: pick a free one; a port in use is refused)",
     "checkpoints": "folder whose *.pt checkpoints are served, by file name",
     "device": "auto, cpu, cuda or cuda:N (auto: the GPU when present)",
-    "batching": "continuous (solver-step level) or static (collect, then solve to the end)",
-    "policy": "continuous batching: fair (priority levels, then a fair share of the batch per request, with preemption) or fifo (first come, first served)",
+    "batching": "continuous (solver-step level) or static (collect, then solve to the end); static is policy static",
+    "policy": "fair (continuous batching: priority levels, then a fair share of the batch per request, with preemption), fifo (continuous batching, first come first served) or static (collect a batch, then solve it to the end)",
     "priority_levels": "request priorities 1 (most urgent) .. this; a request's 0 means default_priority",
     "default_priority": "the level of requests that do not set one, and the most urgent that callers may ask for without a token granted more (token_file)",
     "guaranteed_share": "fair policy: the fraction of a level's batch slots split equally between its requests (at least one each while there are slots for all); the rest goes by earliest virtual deadline",
@@ -125,7 +159,7 @@ _HELP = {
     "auto_headroom": "auto_tol: the share of its deadline or latency target within which a request's predicted completion must fall (smaller loosens more under load)",
     "max_batch": "most items in one running batch",
     "step_graphs": "on: continuous batching takes each solver step as one CUDA graph replay per padded batch size (GPU; not yet measured on one)",
-    "max_delay_ms": "static batching: longest wait for a full batch",
+    "max_delay_ms": "static policy: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",
     "max_items_per_request": "images or points per request, and Sample's n",
     "max_nfe": "function evaluations per item before it stops with MAX_NFE",
@@ -157,10 +191,10 @@ _HELP = {
 
 def _environment() -> dict[str, str]:
     values = {}
-    for f in fields(ServerConfig):
-        key = f"ODESERVE_{f.name.upper()}"
+    for name in (f.name for f in fields(ServerConfig)):
+        key = f"ODESERVE_{name.upper()}"
         if key in os.environ:
-            values[f.name] = os.environ[key]
+            values[name] = os.environ[key]
     return values
 
 

@@ -23,12 +23,9 @@ import torch
 from neuralode.solvers import Status
 
 from .adapters import Adapter
+from .config import EngineConfig
 from .executor import Executor, ExecutorOutputs, Work, first_step_of, step_cost
-from .scheduler import (
-    AUTO_HEADROOM,
-    CLIENT_QUEUE_SHARE,
-    GUARANTEED_SHARE,
-    LOWER_LEVEL_SHARE,
+from .scheduling import (
     BudgetExhausted,
     Cancelled,
     Candidate,
@@ -52,7 +49,8 @@ __all__ = [
     "RequestCancelled",
     "RequestExpired",
     "Result",
-    "Scheduling",
+    "Runtime",
+    "SchedulingTerms",
     "ShutDown",
     "WorkerFailed",
     "WorkerRetired",
@@ -84,8 +82,10 @@ class WorkerFailed(Exception):
 
 
 @dataclass(frozen=True)
-class Scheduling:
-    """How a request is scheduled, beyond its items' own accuracy settings.
+class SchedulingTerms:
+    """How the engine schedules a request, beyond its items' own accuracy settings: what the
+    server settled from the request's ``scheduling`` (:class:`server.api.Scheduling`), its
+    caller and the server's limits.
 
     ``priority``: lower is more urgent (None: the server's default). ``budget``: most function
     evaluations over all items. ``auto``: solve at the tightest of ``tolerances`` (the model
@@ -114,39 +114,43 @@ class Result:
     preemptions: int = 0
 
 
+def _serving(name: str, serving: bool) -> None:
+    """A health sink for callers without a health service."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What an engine's workers share besides their settings: the device, the clock, and
+    where stats and health changes go."""
+
+    device: torch.device
+    clock: Clock = time.monotonic
+    stats: StatsSink = discard
+    health: HealthSink = _serving
+
+
 class ModelWorker:
+    """One served model version: its scheduler, its executor and the thread between them.
+    ``expected_nfe(method, tol)`` is the model card's NFE per item and ``tolerances`` the
+    card's evaluated ones, for deadlines and ``auto`` requests."""
+
     def __init__(
         self,
         name: str,
         adapter: Adapter,
-        device: torch.device,
+        config: EngineConfig,
+        runtime: Runtime,
         *,
-        max_batch: int,
-        max_queued: int,
-        policy: str,
-        max_delay: float,
-        default_priority: int,
-        guaranteed_share: float,
-        auto_headroom: float,
-        lower_level_share: float,
-        client_queue_share: float,
-        step_graphs: bool,
-        clock: Clock,
-        stats: StatsSink,
-        health: HealthSink,
         expected_nfe: Callable[[str, float], float | None],
         tolerances: Sequence[float],
     ) -> None:
-        self.name, self.adapter, self.device, self.clock = name, adapter, device, clock
-        self.stats, self.health, self.expected_nfe = stats, health, expected_nfe
+        self.name, self.adapter, self.config = name, adapter, config
+        self.device, self.clock, self.stats, self.health = runtime.device, runtime.clock, runtime.stats, runtime.health
+        self.expected_nfe = expected_nfe
         self.tolerances = sorted(tolerances)
-        self.max_batch = max_batch
-        self.scheduler = Scheduler(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
-                                   default_priority=default_priority, guaranteed_share=guaranteed_share,
-                                   auto_headroom=auto_headroom, lower_level_share=lower_level_share,
-                                   client_queue_share=client_queue_share, clock=clock)  # fmt: skip
-        self.step_graphs = step_graphs
-        self.executor = Executor(adapter, device, step_graphs=step_graphs)
+        self.max_batch = config.scheduler.max_batch
+        self.scheduler = Scheduler(config.scheduler, clock=self.clock)
+        self.executor = Executor(adapter, self.device, step_graphs=config.step_graphs)
         self._lock = threading.Condition()
         self._futures: dict[int, Future] = {}
         self._closing = False
@@ -156,7 +160,7 @@ class ModelWorker:
         self._thread.start()
 
     # ---- called from request threads ---------------------------------------------------
-    def submit(self, works: list[Work], deadline: float | None, scheduling: Scheduling) -> tuple[Request, Future]:
+    def submit(self, works: list[Work], deadline: float | None, scheduling: SchedulingTerms) -> tuple[Request, Future]:
         """Queue a request's items (which share one method and tolerance)."""
         method, tol = works[0].method, works[0].rtol
         cost = step_cost(method, first_step_of(self.adapter, method))
@@ -302,7 +306,7 @@ class ModelWorker:
             failure = WorkerFailed(f"the model's worker failed ({type(error).__name__}: {str(error)[:200]}) "
                                    "and was restarted; the request's items were stopped")  # fmt: skip
             with self._lock:
-                self.executor = Executor(self.adapter, self.device, step_graphs=self.step_graphs)
+                self.executor = Executor(self.adapter, self.device, step_graphs=self.config.step_graphs)
                 self._resolve(self.scheduler.fail_started(failure))
             self.stats(WorkerStats(self.name, "restart"))
         except Exception:  # noqa: BLE001 - recovery itself must never end the worker
@@ -318,10 +322,6 @@ def _no_card(method: str, tol: float) -> float | None:
     return None
 
 
-def _serving(name: str, serving: bool) -> None:
-    """A health sink for callers without a health service."""
-
-
 class Engine:
     """One worker per served model version, all on one device.
 
@@ -332,26 +332,15 @@ class Engine:
     def __init__(
         self,
         device: torch.device,
+        config: EngineConfig = EngineConfig(),
         *,
-        max_batch: int = 256,
-        max_queued: int = 4096,
-        policy: str = "fair",
-        max_delay: float = 0.005,
-        default_priority: int = 1,
-        guaranteed_share: float = GUARANTEED_SHARE,
-        auto_headroom: float = AUTO_HEADROOM,
-        lower_level_share: float = LOWER_LEVEL_SHARE,
-        client_queue_share: float = CLIENT_QUEUE_SHARE,
-        step_graphs: bool = False,
         clock: Clock = time.monotonic,
         stats: StatsSink = discard,
         health: HealthSink = _serving,
     ) -> None:
+        self.config = config
+        self.runtime = Runtime(device, clock, stats, health)
         self.device, self.clock, self.stats, self.health = device, clock, stats, health
-        self._settings = dict(max_batch=max_batch, max_queued=max_queued, policy=policy, max_delay=max_delay,
-                              default_priority=default_priority, guaranteed_share=guaranteed_share,
-                              auto_headroom=auto_headroom, lower_level_share=lower_level_share,
-                              client_queue_share=client_queue_share, step_graphs=step_graphs)  # fmt: skip
         self.workers: dict[str, ModelWorker] = {}
         self._retired: list[tuple[str, ModelWorker]] = []
         self._lock = threading.Lock()
@@ -368,8 +357,8 @@ class Engine:
         """Start a worker for ``key``; ``label`` names it in stats and health (default: the
         key). ``expected_nfe(method, tol)`` is the model card's NFE per item and
         ``tolerances`` the card's evaluated ones, for deadlines and ``auto`` requests."""
-        worker = ModelWorker(label or key, adapter, self.device, clock=self.clock, stats=self.stats, health=self.health,
-                             expected_nfe=expected_nfe, tolerances=tolerances, **self._settings)  # fmt: skip
+        worker = ModelWorker(label or key, adapter, self.config, self.runtime, expected_nfe=expected_nfe,
+                             tolerances=tolerances)  # fmt: skip
         with self._lock:
             if key in self.workers:
                 raise ValueError(f"engine already has a worker for {key!r}")
@@ -384,7 +373,11 @@ class Engine:
         worker.stop_accepting()
 
     def submit(
-        self, key: str, works: list[Work], timeout: float | None = None, scheduling: Scheduling = Scheduling()
+        self,
+        key: str,
+        works: list[Work],
+        timeout: float | None = None,
+        scheduling: SchedulingTerms = SchedulingTerms(),
     ) -> tuple[Request, Future]:
         """Queue a request's items; raises QueueFull or BudgetExhausted (nothing queued),
         WorkerRetired (the model was reloaded meanwhile: look it up again) or EngineClosed."""

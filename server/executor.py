@@ -22,7 +22,7 @@ from neuralode.solvers import Norm, SolverState, Status, Stepper, get_method, ta
 
 from .adapters import Adapter
 from .api import Kind
-from .scheduler import Cost, Item, Plan, StepOutputs
+from .scheduling import Cost, Item, Plan, StepOutputs
 
 _RUNNING = int(Status.RUNNING)
 

@@ -10,7 +10,7 @@ from neuralode.solvers import METHODS
 
 from .api import Accuracy, Caller, Code, RequestError, Scheduling, invalid, quoted
 from .config import ServerConfig
-from .engine import Scheduling as EngineScheduling
+from .engine import SchedulingTerms
 from .models import ServedModel
 
 LISTED_MODELS = 8
@@ -68,7 +68,7 @@ def auto_tolerances(model: ServedModel, config: ServerConfig) -> list[float]:
 
 
 def scheduling_settings(accuracy: Accuracy, scheduling: Scheduling, deadline: float | None,
-                        config: ServerConfig, caller: Caller = Caller()) -> EngineScheduling:  # fmt: skip
+                        config: ServerConfig, caller: Caller = Caller()) -> SchedulingTerms:  # fmt: skip
     """The engine's scheduling for a request: priority level (at most as urgent as the caller
     was granted), NFE budget, auto tolerance; the caller owns its share of the queue."""
     priority = scheduling.priority or config.default_priority
@@ -85,8 +85,8 @@ def scheduling_settings(accuracy: Accuracy, scheduling: Scheduling, deadline: fl
     target = accuracy.latency_target_seconds or None
     if accuracy.auto_tol and target is None and deadline is None:
         raise invalid("accuracy.auto_tol needs latency_target_seconds or a deadline on the call")
-    return EngineScheduling(priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target,
-                            owner=caller.key or None)  # fmt: skip
+    return SchedulingTerms(priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target,
+                           owner=caller.key or None)  # fmt: skip
 
 
 def _alternatives(models: dict[str, ServedModel], name: str) -> str:

@@ -11,14 +11,16 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import pytest
 import torch
 from live_server import DENSITIES
+from toy_policy import NewestFirst
 
 from neuralode.checkpoint import load_checkpoint
 from server.adapters import Limits, adapter_for
 from server.api import Kind
-from server.engine import Engine, Scheduling, WorkerFailed
+from server.config import EngineConfig
+from server.engine import Engine, SchedulingTerms, WorkerFailed
 from server.executor import Work
 from server.metrics import Metrics
-from server.scheduler import BudgetExhausted
+from server.scheduling import POLICIES, BudgetExhausted, SchedulerConfig
 from server.stats import StepStats, WorkerStats
 
 DENSITY = DENSITIES[0]
@@ -95,7 +97,9 @@ def engine(model):
         faults.stats_sink(event)
         metrics(event)
 
-    engine = Engine(torch.device("cpu"), max_batch=64, stats=stats, health=faults.health_sink)
+    engine = Engine(
+        torch.device("cpu"), EngineConfig(SchedulerConfig(max_batch=64)), stats=stats, health=faults.health_sink
+    )
     engine.add("cnf", FaultyAdapter(adapter_for(model), faults), label=DENSITY)
     engine.faults, engine.metrics = faults, metrics
     yield engine
@@ -129,7 +133,9 @@ def test_a_crash_fails_the_request_it_touched_and_the_worker_recovers(engine, pl
 
 def test_requests_still_waiting_survive_a_crash(model, make_works):
     faults = Faults()
-    engine = Engine(torch.device("cpu"), max_batch=2, policy="fifo", health=faults.health_sink)
+    engine = Engine(
+        torch.device("cpu"), EngineConfig(SchedulerConfig(max_batch=2, policy="fifo")), health=faults.health_sink
+    )
     engine.add("cnf", FaultyAdapter(adapter_for(model), faults), label=DENSITY)
     try:
         faults.armed.add("adapter")
@@ -144,8 +150,8 @@ def test_requests_still_waiting_survive_a_crash(model, make_works):
 
 def test_a_request_over_its_budget_fails_without_exceeding_it(engine, make_works):
     with pytest.raises(BudgetExhausted, match="cannot pay for 8 items"):
-        engine.submit("cnf", make_works(8), scheduling=Scheduling(budget=10))
-    _, future = engine.submit("cnf", make_works(8, tol=1e-8), scheduling=Scheduling(budget=500))
+        engine.submit("cnf", make_works(8), scheduling=SchedulingTerms(budget=10))
+    _, future = engine.submit("cnf", make_works(8, tol=1e-8), scheduling=SchedulingTerms(budget=500))
     with pytest.raises(BudgetExhausted, match="budget of 500 is spent"):
         future.result(RESULT_TIMEOUT)
     assert engine.metrics.budget_exhausted.labels(DENSITY)._value.get() == 2
@@ -155,14 +161,30 @@ def test_auto_solves_at_a_card_tolerance_and_reports_it(model, shipped, make_wor
     from server.models import load_models
 
     served = load_models(shipped, torch.device("cpu"))[DENSITY]
-    engine = Engine(torch.device("cpu"), max_batch=64)
+    engine = Engine(torch.device("cpu"), EngineConfig(SchedulerConfig(max_batch=64)))
     engine.add(
         "cnf", served.adapter, label=DENSITY, expected_nfe=served.expected_nfe, tolerances=served.card_tolerances
     )
     try:
-        _, future = engine.submit("cnf", make_works(4), scheduling=Scheduling(auto=True, latency_target=30.0))
+        _, future = engine.submit("cnf", make_works(4), scheduling=SchedulingTerms(auto=True, latency_target=30.0))
         result = future.result(RESULT_TIMEOUT)
         assert result.rtol == result.atol == min(served.card_tolerances)  # an idle server: the tightest
+    finally:
+        engine.close(timeout=30)
+
+
+def test_a_policy_registered_in_a_test_runs_the_engine(model, make_works, monkeypatch):
+    """A new policy is one module and a registry line: the engine then runs it by name."""
+    monkeypatch.setitem(POLICIES, "newest", NewestFirst)
+    engine = Engine(torch.device("cpu"), EngineConfig(SchedulerConfig(max_batch=4, policy="newest")))
+    engine.add("cnf", adapter_for(model), label=DENSITY)
+    try:
+        futures = [engine.submit("cnf", make_works(3, seed=seed))[1] for seed in range(3)]
+        results = [future.result(RESULT_TIMEOUT) for future in futures]
+        assert [len(result.nfe) for result in results] == [3, 3, 3]
+        assert all(status.name == "SUCCESS" for result in results for status in result.statuses)
+        policy = engine.workers["cnf"].scheduler.policy
+        assert isinstance(policy, NewestFirst) and policy.decisions > 0
     finally:
         engine.close(timeout=30)
 
@@ -181,8 +203,9 @@ def test_the_servers_scheduling_settings_reach_every_models_scheduler(shipped, c
     async def settings() -> list[tuple[float, ...]]:
         server = Server(config)
         try:
-            return [(w.scheduler.guaranteed_share, w.scheduler.auto_headroom, w.scheduler.lower_level_share,
-                     w.scheduler.client_queue_share) for w in server.engine.workers.values()]  # fmt: skip
+            return [(w.scheduler.config.guaranteed_share, w.scheduler.config.auto_headroom,
+                     w.scheduler.config.lower_level_share, w.scheduler.config.client_queue_share)
+                    for w in server.engine.workers.values()]  # fmt: skip
         finally:
             await server.stop()
 

@@ -14,7 +14,7 @@ from neuralode.solvers import Status
 from server.adapters import Adapter, Limits, Start, adapter_for
 from server.api import Kind
 from server.executor import Executor, Work, first_step_of, step_cost
-from server.scheduler import Item, Plan, Scheduler
+from server.scheduling import Item, Plan, Scheduler, SchedulerConfig
 
 
 class ElementwiseAdapter(Adapter):
@@ -34,7 +34,7 @@ class ElementwiseAdapter(Adapter):
 
 
 def _items(works: list[Work]) -> list[Item]:
-    return Scheduler(max_batch=1, max_queued=10_000).submit(works, cost=step_cost("dopri5")).items
+    return Scheduler(SchedulerConfig(max_batch=1, max_queued=10_000)).submit(works, cost=step_cost("dopri5")).items
 
 
 def _run(executor: Executor, plan: Plan, until: set[int] | None = None, steps: int | None = None) -> dict[int, object]:

@@ -6,19 +6,26 @@ evaluations per row and ``seconds_per_row`` of fake time per row of the batch.""
 from __future__ import annotations
 
 import pytest
+from toy_policy import NewestFirst
 
-from server.scheduler import (
+from server.scheduling import (
+    POLICIES,
     BudgetExhausted,
     Cancelled,
     Candidate,
     Cost,
     Expired,
+    FairShare,
+    FirstComeFirstServed,
     Plan,
     QueueFull,
     Scheduler,
+    SchedulerConfig,
     State,
+    StaticBatching,
     StepOutputs,
     StepTimer,
+    policy_class,
 )
 
 START, STEP = 2, 6
@@ -71,7 +78,8 @@ class Harness:
     def __init__(self, **settings) -> None:
         self.clock = FakeClock()
         self.executor = FakeExecutor(self.clock, settings.pop("seconds_per_row", 0.001))
-        self.scheduler = Scheduler(clock=self.clock, **{"max_batch": 8, "max_queued": 10_000, **settings})
+        config = SchedulerConfig(**{"max_batch": 8, "max_queued": 10_000, "max_delay": 0.0, **settings})
+        self.scheduler = Scheduler(config, clock=self.clock)
         self.steps = 0
         self.ended: list = []
 
@@ -433,9 +441,36 @@ def test_the_step_timer_fits_overhead_and_per_row_cost():
 
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError, match="policy must be one of"):
-        Scheduler(max_batch=1, max_queued=1, policy="dynamic")
+        SchedulerConfig(max_batch=1, max_queued=1, policy="dynamic")
     with pytest.raises(ValueError, match=">= 1"):
-        Scheduler(max_batch=0, max_queued=1)
+        SchedulerConfig(max_batch=0, max_queued=1)
     for headroom in (0.0, 1.5):
         with pytest.raises(ValueError, match="auto_headroom must be in"):
-            Scheduler(max_batch=1, max_queued=1, auto_headroom=headroom)
+            SchedulerConfig(max_batch=1, max_queued=1, auto_headroom=headroom)
+
+
+# ---- the policy registry ------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "kind"), [("fair", FairShare), ("fifo", FirstComeFirstServed),
+                                            ("static", StaticBatching)])  # fmt: skip
+def test_the_registry_resolves_each_policy_by_name(name, kind):
+    assert policy_class(name) is kind and POLICIES[name] is kind
+    assert type(Harness(policy=name).scheduler.policy) is kind
+
+
+def test_an_unknown_policy_is_refused_naming_the_choices():
+    for name in ("dynamic", "", "FAIR"):
+        with pytest.raises(ValueError, match=f"^policy must be one of fair, fifo, static; got {name!r}$"):
+            policy_class(name)
+        with pytest.raises(ValueError, match="policy must be one of fair, fifo, static"):
+            SchedulerConfig(policy=name)
+
+
+def test_a_policy_registered_by_name_decides_the_batch(monkeypatch):
+    """A new policy is one module (tests/server/toy_policy.py) and one registry line."""
+    monkeypatch.setitem(POLICIES, "newest", NewestFirst)
+    h = Harness(max_batch=2, policy="newest")
+    first, second, third = h.submit([3]), h.submit([3]), h.submit([3])
+    assert {i.request for i in h.step().join} == {second, third}  # fifo would take first and second
+    h.run_until(first)
+    assert first.started_at >= third.finished_at and h.scheduler.policy.decisions > 0
+    assert all(r.state is State.FINISHED for r in (first, second, third))
