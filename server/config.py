@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -13,9 +14,12 @@ from .scheduling import (
     CLIENT_QUEUE_SHARE,
     GUARANTEED_SHARE,
     LOWER_LEVEL_SHARE,
+    POLICIES,
     SchedulerConfig,
     policy_class,
 )
+
+log = logging.getLogger("server.config")
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,6 @@ class ServerConfig:
     metrics_port: int = 9090
     checkpoints: Path = Path("checkpoints")
     device: str = "auto"
-    batching: str = "continuous"
     policy: str = "fair"
     priority_levels: int = 3
     default_priority: int = 2
@@ -77,8 +80,6 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.batching not in ("continuous", "static"):
-            problems.append(f"batching must be continuous or static, got {self.batching!r}")
         try:
             policy_class(self.policy)
         except ValueError as error:
@@ -123,7 +124,7 @@ class ServerConfig:
         scheduler = SchedulerConfig(
             max_batch=self.max_batch,
             max_queued=self.max_queued_items,
-            policy="static" if self.batching == "static" else self.policy,
+            policy=self.policy,
             max_delay=self.max_delay_ms / 1000,
             default_priority=self.default_priority,
             guaranteed_share=self.guaranteed_share,
@@ -149,7 +150,6 @@ _HELP = {
     "metrics_port": "metrics port (0: pick a free one; a port in use is refused)",
     "checkpoints": "folder whose *.pt checkpoints are served, by file name",
     "device": "auto, cpu, cuda or cuda:N (auto: the GPU when present)",
-    "batching": "continuous (solver-step level) or static (collect, then solve to the end); static is policy static",
     "policy": "fair (continuous batching: priority levels, then a fair share of the batch per request, with preemption), fifo (continuous batching, first come first served) or static (collect a batch, then solve it to the end)",
     "priority_levels": "request priorities 1 (most urgent) .. this; a request's 0 means default_priority",
     "default_priority": "the level of requests that do not set one, and the most urgent that callers may ask for without a token granted more (token_file)",
@@ -189,13 +189,34 @@ _HELP = {
 }
 
 
+DEPRECATED = ("batching",)
+"""Settings still read, and mapped onto their successors (:func:`_replace_deprecated`)."""
+
+
 def _environment() -> dict[str, str]:
     values = {}
-    for name in (f.name for f in fields(ServerConfig)):
+    for name in (*(f.name for f in fields(ServerConfig)), *DEPRECATED):
         key = f"ODESERVE_{name.upper()}"
         if key in os.environ:
             values[name] = os.environ[key]
     return values
+
+
+def _replace_deprecated(values: dict) -> None:
+    """``batching`` (before ``policy`` took ``static``): ``static`` is ``policy = "static"``
+    (whatever ``policy`` says, as before), ``continuous`` leaves ``policy`` as it is; either is
+    logged as deprecated. A ValueError for any other value."""
+    if "batching" not in values:
+        return
+    batching = values.pop("batching")
+    if batching == "static":
+        log.warning("the setting batching = 'static' is deprecated: it is read as policy = 'static'; set that instead")
+        values["policy"] = "static"
+    elif batching == "continuous":
+        log.warning("the setting batching = 'continuous' is deprecated and changes nothing: drop it (policy "
+                    "chooses among %s)", ", ".join(POLICIES))  # fmt: skip
+    else:
+        raise ValueError(f"batching (deprecated: use policy) must be continuous or static, got {batching!r}")
 
 
 def parse_config(argv: list[str] | None = None) -> ServerConfig:
@@ -216,6 +237,7 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
             default=None,
             help=f"{_HELP[f.name]} (default: {default})",
         )
+    parser.add_argument("--batching", default=None, help=argparse.SUPPRESS)  # deprecated: --policy static
     args = parser.parse_args(argv)
     values: dict = {}
     if args.config is not None:
@@ -223,6 +245,10 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
             values.update(tomllib.load(handle))
     values.update(_environment())
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    try:
+        _replace_deprecated(values)
+    except ValueError as error:
+        parser.error(str(error))
     unknown = set(values) - {f.name for f in fields(ServerConfig)}
     if unknown:
         parser.error(f"unknown settings: {', '.join(sorted(unknown))}")

@@ -70,7 +70,7 @@ def test_a_loose_request_overtakes_a_tight_one_that_arrived_first(server, images
 
 
 def test_static_batching_makes_the_loose_request_wait(shipped, images, tmp_path):
-    static = start_server(shipped, tmp_path, "--batching", "static", "--max-delay-ms", "20")
+    static = start_server(shipped, tmp_path, "--policy", "static", "--max-delay-ms", "20")
     try:
         tight_done, loose_done = _race(static.target, images)
     finally:
