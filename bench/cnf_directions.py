@@ -8,6 +8,10 @@ tolerance for checkpoints side by side, against the same solves at ``--reference
   (it mixes the error in x with the error in log q, both of which a client receives).
 
     python bench/cnf_directions.py checkpoints/cnf-moons.pt runs/other.pt [--points 5000]
+    python bench/cnf_directions.py checkpoints/cnf-moons.pt --precisions float32 bfloat16
+
+``--precisions`` measures the solves with f in each precision, against the same float32
+reference (``tune --precision-table`` writes the same comparison into a card).
 
 Writes ``bench/results/cnf_directions_<name>.json``. A CNF's card carries the same table for
 its own checkpoint (``metrics.directions``, written by training and ``tune``).
@@ -30,11 +34,13 @@ from training.densities import direction_errors
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def directions(path: Path, points: int, reference: float) -> dict:
+def directions(path: Path, points: int, reference: float, precision: str) -> dict:
     checkpoint = load_checkpoint(path)
     dataset = checkpoint.card["dataset"]["name"]
-    measured = direction_errors(checkpoint.model, dataset, "cpu", points=points, reference=reference)
-    return {"checkpoint": str(path), "dataset": dataset, "rows": measured["rows"]}
+    measured = direction_errors(
+        checkpoint.model, dataset, "cpu", points=points, reference=reference, precision=precision
+    )
+    return {"checkpoint": str(path), "dataset": dataset, "precision": precision, "rows": measured["rows"]}
 
 
 def main() -> None:
@@ -42,13 +48,15 @@ def main() -> None:
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--points", type=int, default=5000)
     parser.add_argument("--reference", type=float, default=1e-8, help="tolerance of the reference solves")
+    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="what f is evaluated in for the measured solves (the reference stays float32)")  # fmt: skip
     parser.add_argument("--name", default=None, help="result file suffix (default: the first checkpoint's stem)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    reports = [directions(path, args.points, args.reference) for path in args.checkpoints]
+    reports = [directions(path, args.points, args.reference, p) for path in args.checkpoints for p in args.precisions]
     print("tol: back NFE / mean |error| (nats); forward NFE / mean |error|")
     for report in reports:
-        print(report["checkpoint"])
+        print(report["checkpoint"], report["precision"])
         for row in report["rows"]:
             print(f"  {row['tol']:g}: back {row['back_nfe_mean']:.2f} / {row['back_log_density_error']:.4f}; "
                   f"forward {row['forward_nfe_mean']:.2f} / {row['forward_log_density_error']:.4f}")  # fmt: skip

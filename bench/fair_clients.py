@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--big-token", default="", help="the big client's token (default: ops for flood, hog)")
     parser.add_argument("--small-token", default="", help="the small client's token (default: small)")
     parser.add_argument("--name", default="", help="write the figures to bench/results/<name>.json too")
+    parser.add_argument("--server", default='ODESERVE_TOKENS="ops priority=1, hog, small" python -m server --metrics-port 0',
+                        help="how the measured server was started, for the record")  # fmt: skip
     args = parser.parse_args()
     raw = (args.data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
     digits = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:1024]
@@ -84,8 +88,10 @@ def main() -> None:
         calls = [big.Classify.future(_request(images, 1e-8), timeout=600, metadata=_metadata(big_token))
                  for images in (digits, digits, digits, digits, digits[:256])]  # fmt: skip
     time.sleep(3.0)  # the big requests are in the batch and the queue
-    result = {"scenario": args.scenario, "small": _small_calls(small, digits, args.calls, 1e-2 if args.scenario == "flood"
-                                                               else 1e-1, small_token)}  # fmt: skip
+    result = {"scenario": args.scenario, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+              "date": time.strftime("%Y-%m-%d"), "command": "python bench/fair_clients.py " + " ".join(sys.argv[1:]),
+              "server": args.server}  # fmt: skip
+    result["small"] = _small_calls(small, digits, args.calls, 1e-2 if args.scenario == "flood" else 1e-1, small_token)
     result["big"] = [call.code().name if call.done() else "still running" for call in calls]
     refused = [call.details() for call in calls if call.done() and call.code() is not grpc.StatusCode.OK]
     if refused:

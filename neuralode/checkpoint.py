@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .models.registry import build_model, kinds
+from .precision import PRECISIONS
 from .solvers import METHODS
 
 FORMAT = "odeserve-checkpoint/1"
@@ -114,8 +115,9 @@ def check_card(card: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first field of ``card`` that is not what this project
     reads there: ``kind`` (a known kind), ``hyper`` (small numbers, short strings, short lists;
     a positive ``tol`` and ``first_step``, a known ``method``), ``training.tol`` (a positive
-    number, the server's default tolerance) and ``metrics.table`` (rows whose ``tol`` and
-    ``nfe_mean`` are positive numbers or null)."""
+    number, the server's default tolerance), ``metrics.table`` (rows whose ``tol`` and
+    ``nfe_mean`` are positive numbers or null) and ``metrics.precision_table`` (the same, and a
+    known ``precision`` and a boolean ``matches_float32``)."""
     if not isinstance(card.get("kind"), str) or card["kind"] not in kinds():
         raise ValueError(f"card.kind: unknown model kind {_shown(card.get('kind'))}; known: {', '.join(kinds())}")
     hyper = card.get("hyper")
@@ -134,15 +136,27 @@ def check_card(card: dict[str, Any]) -> None:
     training = card.get("training", {})
     if training.get("tol") is not None:
         _positive("card.training.tol", training["tol"])
-    table = card.get("metrics", {}).get("table", [])
+    for name in ("table", "precision_table"):
+        _check_table(f"card.metrics.{name}", card.get("metrics", {}).get(name, []))
+
+
+def _check_table(field: str, table: Any) -> None:
     if not isinstance(table, list) or len(table) > MAX_TABLE_ROWS:
-        raise ValueError(f"card.metrics.table must be a list of at most {MAX_TABLE_ROWS} rows")
+        raise ValueError(f"{field} must be a list of at most {MAX_TABLE_ROWS} rows")
     for index, row in enumerate(table):
         if not isinstance(row, dict):
-            raise ValueError(f"card.metrics.table[{index}] must be an object, got {_shown(row)}")
+            raise ValueError(f"{field}[{index}] must be an object, got {_shown(row)}")
         for key in ("tol", "nfe_mean"):
             if row.get(key) is not None:
-                _positive(f"card.metrics.table[{index}].{key}", row[key])
+                _positive(f"{field}[{index}].{key}", row[key])
+        if "precision" in row and row["precision"] not in PRECISIONS:
+            raise ValueError(
+                f"{field}[{index}].precision must be one of {', '.join(PRECISIONS)}, got {_shown(row['precision'])}"
+            )
+        if "matches_float32" in row and not isinstance(row["matches_float32"], bool):
+            raise ValueError(
+                f"{field}[{index}].matches_float32 must be true or false, got {_shown(row['matches_float32'])}"
+            )
 
 
 def _check_hyper(field: str, value: Any, *, nested: bool) -> None:

@@ -71,3 +71,24 @@ def in_precision(func: Dynamics, dtype: torch.dtype | None) -> Dynamics:
 def full_precision(func: Dynamics) -> Dynamics:
     """The state's-precision version of ``func`` (``func`` itself unless it is :class:`LowPrecision`)."""
     return func.full_precision if isinstance(func, LowPrecision) else func
+
+
+def computes_natively(precision: str, device: torch.device) -> bool:
+    """Whether ``device`` has arithmetic units for ``precision``, so that evaluating f in it
+    can pay. Without them bfloat16 is emulated: on an AVX2-only CPU (AMD EPYC, 2026-12-06) a
+    batch-256 convolution of the ODE block took 1.37 s in bfloat16 against 0.115 s in float32,
+    12x slower. bfloat16 is native on CPUs with AVX512-BF16 or AMX and on CUDA GPUs that
+    support it (Ampere and later)."""
+    dtype = precision_dtype(precision)
+    if dtype is None:
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
+    return False
+
+
+def _cpu_has(probe: str) -> bool:
+    check = getattr(torch.cpu, probe, None)  # torch's own CPU feature probes (cpuinfo)
+    return bool(check()) if check is not None else False

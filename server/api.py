@@ -29,6 +29,7 @@ class Code(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     INTERNAL = "INTERNAL"
 
@@ -112,6 +113,7 @@ class Accuracy:
     max_nfe: int = 0
     auto_tol: bool = False
     latency_target_seconds: float = 0.0
+    precision: str = ""  # "" is "auto"
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,14 @@ class InferenceRequest:
 
 @dataclass(frozen=True)
 class Solved:
-    """The accuracy the items were solved with, and how often they were parked."""
+    """The accuracy the items were solved with (the precision f was evaluated in included),
+    and how often they were parked."""
 
     rtol: float
     atol: float
     method: str
     preemptions: int
+    precision: str
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ class CallRecord:
     rpc: str
     model: str = "unknown"  # a call naming no served model; NO_MODEL for RPCs that name none
     method: str = "none"
+    precision: str = "none"
     priority: int | None = None
     result: InferenceResult | None = None
     expected_nfe: float | None = None

@@ -50,6 +50,7 @@ class ServerConfig:
     auto_headroom: float = AUTO_HEADROOM
     max_batch: int = 256
     step_graphs: str = "off"
+    bfloat16: str = "native"
     max_delay_ms: float = 5.0
     max_queued_items: int = 4096
     max_items_per_request: int = 1024
@@ -86,6 +87,8 @@ class ServerConfig:
             problems.append(str(error))
         if self.step_graphs not in ("off", "on"):
             problems.append(f"step_graphs must be off or on, got {self.step_graphs!r}")
+        if self.bfloat16 not in ("native", "on", "off"):
+            problems.append(f"bfloat16 must be native, on or off, got {self.bfloat16!r}")
         if self.reuse_port not in ("off", "on"):
             problems.append(f"reuse_port must be off or on, got {self.reuse_port!r}")
         if not 1 <= self.default_priority <= self.priority_levels:
@@ -159,6 +162,7 @@ _HELP = {
     "auto_headroom": "auto_tol: the share of its deadline or latency target within which a request's predicted completion must fall (smaller loosens more under load)",
     "max_batch": "most items in one running batch",
     "step_graphs": "on: continuous batching takes each solver step as one CUDA graph replay per padded batch size (GPU; not yet measured on one)",
+    "bfloat16": "native: serve requests in bfloat16 (precision bfloat16, or auto where the model card allows it) only on a device with bfloat16 units (CPUs with AVX512-BF16 or AMX, recent GPUs); on: also where it is emulated, which is slower than float32; off: float32 only",
     "max_delay_ms": "static policy: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",
     "max_items_per_request": "images or points per request, and Sample's n",

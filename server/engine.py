@@ -252,14 +252,14 @@ class ModelWorker:
         return True
 
     def _report(self, plan: Plan, outputs: ExecutorOutputs, queued: int) -> None:
-        parked = Counter(item.payload.method for item in plan.park)
+        parked = Counter((item.payload.method, item.payload.precision) for item in plan.park)
         for group in outputs.groups:
             if group.batch_size:
                 self.stats(StepStats(self.name, group.method, group.batch_size, self.max_batch, group.rejected,
-                                     preempted=parked[group.method]))  # fmt: skip
+                                     preempted=parked[group.method, group.precision], precision=group.precision))  # fmt: skip
             if group.finished:
                 self.stats(ItemStats(self.name, group.method, tuple(o.nfe for o in group.finished),
-                                     tuple(o.status.name for o in group.finished)))  # fmt: skip
+                                     tuple(o.status.name for o in group.finished), group.precision))  # fmt: skip
         self.stats(QueueStats(self.name, queued, self.executor.running, self.scheduler.max_queued))
 
     def _resolve(self, requests: list[Request]) -> None:

@@ -3,11 +3,13 @@
 Rows are items from any request and any tolerance; each row's ``sample_id`` is its item's
 id. ``step(plan)`` applies the scheduler's plan — drop, park, resume, join — and then attempts
 one solver step on every running row. A parked item's row is kept aside untouched, so it
-resumes exactly where it stopped. Rows that use different methods run as separate groups.
+resumes exactly where it stopped. Rows that use different methods, or evaluate f in different
+precisions, run as separate groups.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import defaultdict
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from neuralode.cuda_graphs import StepGraphs
+from neuralode.precision import in_precision, precision_dtype
 from neuralode.solvers import Norm, SolverState, Status, Stepper, get_method, takes_first_step
 
 from .adapters import Adapter
@@ -37,6 +40,7 @@ class Work:
     atol: float
     method: str
     max_nfe: int
+    precision: str = "float32"  # what f is evaluated in (neuralode.precision.PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class GroupStep:
     batch_size: int
     rejected: int
     finished: list[Outcome]
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -79,20 +84,24 @@ def first_step_of(adapter: Adapter, method: str) -> float | None:
 
 @dataclass(frozen=True)
 class _Parked:
-    method: str
+    group: tuple[str, str]  # (method, precision)
     kind: Kind
     row: SolverState
 
 
 class _Group:
-    """The running rows of one method; ``ids`` and ``kinds`` mirror the rows on the host, so
-    knowing which item a row is never needs the device. With ``graphs`` its steps are masked
-    steps replayed from CUDA graphs (eagerly off the GPU)."""
+    """The running rows of one method and precision; ``ids`` and ``kinds`` mirror the rows on
+    the host, so knowing which item a row is never needs the device. ``dynamics`` is the
+    model's f evaluated in the group's precision. With ``graphs`` its steps are masked steps
+    replayed from CUDA graphs (eagerly off the GPU)."""
 
-    def __init__(self, method: str, max_steps: int, norm: Norm, graphs_of: Callable | None = None) -> None:
-        self.method = method
+    def __init__(self, method: str, precision: str, dynamics: Callable, max_steps: int, norm: Norm,
+                 graphs_of: Callable | None = None) -> None:  # fmt: skip
+        self.method, self.precision = method, precision
+        self.dtype = precision_dtype(precision)
+        self.dynamics = in_precision(dynamics, self.dtype)
         self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
-        self.graphs: StepGraphs | None = None if graphs_of is None else graphs_of(self.stepper)
+        self.graphs: StepGraphs | None = None if graphs_of is None else graphs_of(self.stepper, self.dynamics)
         self.state: SolverState | None = None
         self.ids: list[int] = []
         self.kinds: list[Kind] = []
@@ -126,8 +135,8 @@ class Executor:
         self, adapter: Adapter, device: torch.device, max_steps: int = 100_000, step_graphs: bool = False
     ) -> None:
         self.adapter, self.device, self.max_steps = adapter, device, max_steps
-        self._graphs_of = (lambda stepper: StepGraphs(stepper, adapter.dynamics)) if step_graphs else None
-        self.groups: dict[str, _Group] = {}
+        self._graphs_of = StepGraphs if step_graphs else None
+        self.groups: dict[tuple[str, str], _Group] = {}
         self.parked: dict[int, _Parked] = {}
 
     @property
@@ -149,7 +158,7 @@ class Executor:
                 continue
             size = group.size
             if group.graphs is None:
-                group.state, record = group.stepper.step(self.adapter.dynamics, group.state)
+                group.state, record = group.stepper.step(group.dynamics, group.state)
                 step_accepted = record.accepted
             else:
                 group.state, step_accepted = group.graphs.step(group.state)
@@ -158,17 +167,20 @@ class Executor:
             nfe.update(zip(group.ids, counts))
             outcomes = self._finish(group, status, counts)
             finished.update((o.item_id, o) for o in outcomes)
-            groups.append(GroupStep(group.method, size, size - sum(accepted), outcomes))
+            groups.append(GroupStep(group.method, size, size - sum(accepted), outcomes, group.precision))
         for group_step in started_done:
             finished.update((o.item_id, o) for o in group_step.finished)
         groups.extend(started_done)
         return ExecutorOutputs(nfe=nfe, finished=finished, groups=groups)
 
     # ---- plan changes ----------------------------------------------------------------------
-    def _group(self, method: str) -> _Group:
-        if method not in self.groups:
-            self.groups[method] = _Group(method, self.max_steps, self.adapter.norm, self._graphs_of)
-        return self.groups[method]
+    def _group(self, key: tuple[str, str]) -> _Group:
+        if key not in self.groups:
+            self.groups[key] = self._new_group(*key, self._graphs_of)
+        return self.groups[key]
+
+    def _new_group(self, method: str, precision: str, graphs_of: Callable | None = None) -> _Group:
+        return _Group(method, precision, self.adapter.dynamics, self.max_steps, self.adapter.norm, graphs_of)
 
     def _drop(self, item_ids: set[int]) -> None:
         """Discard rows (cancelled, expired, failed) whether running or parked."""
@@ -186,16 +198,16 @@ class Executor:
             parked = group.state.select(torch.tensor(rows, device=group.state.t.device))
             for position, row in enumerate(rows):
                 single = parked.select(torch.tensor([position], device=parked.t.device))
-                self.parked[group.ids[row]] = _Parked(group.method, group.kinds[row], single)
+                self.parked[group.ids[row]] = _Parked((group.method, group.precision), group.kinds[row], single)
             group.keep([row for row, i in enumerate(group.ids) if i not in item_ids])
 
     def _resume(self, items: list[Item]) -> None:
-        by_method: dict[str, list[tuple[int, _Parked]]] = defaultdict(list)
+        by_group: dict[tuple[str, str], list[tuple[int, _Parked]]] = defaultdict(list)
         for item in items:
             parked = self.parked.pop(item.id)
-            by_method[parked.method].append((item.id, parked))
-        for method, rows in by_method.items():
-            self._group(method).add(
+            by_group[parked.group].append((item.id, parked))
+        for key, rows in by_group.items():
+            self._group(key).add(
                 SolverState.cat([parked.row for _, parked in rows]),
                 [item_id for item_id, _ in rows],
                 [parked.kind for _, parked in rows],
@@ -205,25 +217,25 @@ class Executor:
         """Start the ODEs of new items: their initial evaluations run now, on them alone.
         Items whose start already ends their solve (a non-finite f, a budget too small to
         start) leave at once."""
-        by_group: dict[tuple[str, Kind], list[tuple[int, Work]]] = defaultdict(list)
+        by_group: dict[tuple[str, str, Kind], list[tuple[int, Work]]] = defaultdict(list)
         for item in items:
             work: Work = item.payload
             if item.request.tol is not None:  # an ``auto`` request: the scheduler chose its tolerance
                 work = replace(work, rtol=item.request.tol, atol=item.request.tol)
-            by_group[(work.method, work.kind)].append((item.id, work))
+            by_group[(work.method, work.precision, work.kind)].append((item.id, work))
         ended = []
-        for (method, kind), batch in by_group.items():
-            group = self._group(method)
+        for (method, precision, kind), batch in by_group.items():
+            group = self._group((method, precision))
             state = self._start(group, kind, batch)
             ids = [item_id for item_id, _ in batch]
             status, counts = torch.stack([state.status, state.nfe]).tolist()
             nfe.update(zip(ids, counts))
             running = [row for row, s in enumerate(status) if s == _RUNNING]
             if len(running) < len(ids):
-                starting = _Group(method, self.max_steps, self.adapter.norm)
+                starting = self._new_group(method, precision)
                 starting.add(state, ids, [kind] * len(ids))
                 outcomes = self._finish(starting, status, counts)
-                ended.append(GroupStep(method, 0, 0, outcomes))
+                ended.append(GroupStep(method, 0, 0, outcomes, precision))
                 state, ids = starting.state, starting.ids
             if ids:
                 group.add(state, ids, [kind] * len(ids))
@@ -234,8 +246,9 @@ class Executor:
         if self.device.type == "cuda":
             inputs = inputs.pin_memory()
         inputs = inputs.to(self.device, non_blocking=True)
-        start = self.adapter.start(kind, inputs)
-        dtype, device = start.y0.dtype, start.y0.device
+        with _autocast(self.device, group.dtype):  # the model outside the ODE, in the group's precision too
+            start = self.adapter.start(kind, inputs)
+        dtype, device = torch.promote_types(start.y0.dtype, torch.float32), start.y0.device  # bfloat16 out of autocast
 
         def column(values: list[float], dtype=dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -243,8 +256,8 @@ class Executor:
         first_step = first_step_of(self.adapter, group.method)
 
         return group.stepper.init(
-            self.adapter.dynamics,
-            start.y0,
+            group.dynamics,
+            start.y0.to(dtype),
             start.t0,
             start.t_end,
             start.t_end,
@@ -267,7 +280,8 @@ class Executor:
         for position, row in enumerate(done):
             by_kind[group.kinds[row]].append(position)
         for kind, positions in by_kind.items():
-            result = self.adapter.finish(kind, y1[positions])
+            with _autocast(self.device, group.dtype):
+                result = self.adapter.finish(kind, y1[positions])
             for name, values in result.items():
                 values = values.float().cpu()
                 for j, position in enumerate(positions):
@@ -278,3 +292,7 @@ class Executor:
         outcomes = [Outcome(group.ids[row], out, nfe[row], Status(status[row])) for row, out in zip(done, outputs)]
         group.keep([row for row, s in enumerate(status) if s == _RUNNING])
         return outcomes
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

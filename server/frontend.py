@@ -263,6 +263,7 @@ class Frontend:
             queue_seconds=None if result is None else result.queue_seconds,
             compute_seconds=None if result is None else result.compute_seconds,
             expected_nfe=record.expected_nfe, priority=record.priority, auto_tol=record.auto_tol,
+            precision=record.precision,
         ))  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Prometheus metrics, fed from the engine's and servicer's plain stats. The only module that
 imports prometheus_client. Names follow Prometheus conventions (base units, ``_total``,
-``_seconds``); labels are model, method, rpc, code/status, never a tolerance value."""
+``_seconds``); labels are model, method, precision, rpc, code/status, never a tolerance value."""
 
 from __future__ import annotations
 
@@ -20,37 +20,37 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("odeserve_requests_total", "Finished RPCs by gRPC status code.",
-                                ["model", "method", "rpc", "code"], registry=r)  # fmt: skip
+                                ["model", "method", "precision", "rpc", "code"], registry=r)  # fmt: skip
         self.latency = Histogram("odeserve_request_latency_seconds", "Server-side RPC latency.",
-                                 ["model", "method", "rpc"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+                                 ["model", "method", "precision", "rpc"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.queue_wait = Histogram("odeserve_queue_wait_seconds", "Time a request waited for a batch slot, by priority level.",
-                                    ["model", "method", "priority"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+                                    ["model", "method", "precision", "priority"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.compute = Histogram("odeserve_compute_seconds", "Time from a request's first item joining a batch to its last finishing.",
-                                 ["model", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+                                 ["model", "method", "precision"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.nfe = Histogram("odeserve_item_nfe", "Function evaluations per item.",
-                             ["model", "method"], buckets=NFE_BUCKETS, registry=r)  # fmt: skip
+                             ["model", "method", "precision"], buckets=NFE_BUCKETS, registry=r)  # fmt: skip
         self.items = Counter("odeserve_items_total", "Items that left the batch, by solve status.",
-                             ["model", "method", "status"], registry=r)  # fmt: skip
+                             ["model", "method", "precision", "status"], registry=r)  # fmt: skip
         self.steps = Counter("odeserve_solver_steps_total", "Solver steps attempted, summed over the rows of the batch.",
-                             ["model", "method"], registry=r)  # fmt: skip
+                             ["model", "method", "precision"], registry=r)  # fmt: skip
         self.rejected = Counter("odeserve_rejected_steps_total", "Row-steps rejected by error control.",
-                                ["model", "method"], registry=r)  # fmt: skip
+                                ["model", "method", "precision"], registry=r)  # fmt: skip
         self.batch_steps = Counter("odeserve_batch_steps_total", "Solver steps over a running batch.",
-                                   ["model", "method"], registry=r)  # fmt: skip
+                                   ["model", "method", "precision"], registry=r)  # fmt: skip
         self.batch_size = Gauge("odeserve_running_batch_size", "Rows in the running batch at the last step.",
-                                ["model", "method"], registry=r)  # fmt: skip
+                                ["model", "method", "precision"], registry=r)  # fmt: skip
         self.occupancy = Gauge("odeserve_batch_occupancy_ratio", "Running batch size over the batch limit.",
-                               ["model", "method"], registry=r)  # fmt: skip
+                               ["model", "method", "precision"], registry=r)  # fmt: skip
         self.queued = Gauge("odeserve_queued_items", "Items waiting for a batch slot.", ["model"], registry=r)
         self.queue_capacity = Gauge("odeserve_queue_capacity_items", "Most items a model's queue takes (beyond: RESOURCE_EXHAUSTED).",
                                     ["model"], registry=r)  # fmt: skip
         self.expected_nfe = Counter("odeserve_item_expected_nfe_total",
                                     "The model card's NFE for the items served (at their tolerance, for the card's solver); "
                                     "compare with odeserve_item_nfe_sum to see drift.",
-                                    ["model", "method"], registry=r)  # fmt: skip
+                                    ["model", "method", "precision"], registry=r)  # fmt: skip
         self.running = Gauge("odeserve_running_items", "Items in the running batch.", ["model"], registry=r)
         self.preemptions = Counter("odeserve_preemptions_total", "Items parked to give other requests their share of the batch.",
-                                   ["model", "method"], registry=r)  # fmt: skip
+                                   ["model", "method", "precision"], registry=r)  # fmt: skip
         self.budget_exhausted = Counter("odeserve_budget_exhausted_total",
                                         "Requests refused or stopped because their NFE budget could not pay for them.",
                                         ["model"], registry=r)  # fmt: skip
@@ -59,42 +59,44 @@ class Metrics:
         self.auto_tol = Histogram("odeserve_auto_tolerance", "Tolerance chosen for auto_tol requests.",
                                   ["model"], buckets=TOLERANCE_BUCKETS, registry=r)  # fmt: skip
 
-        self._stepped: dict[str, set[str]] = {}  # model -> solver methods with batch gauges
+        self._stepped: dict[str, set[tuple[str, str]]] = {}  # model -> (method, precision) with batch gauges
 
     def __call__(self, stats: Stats) -> None:
         if isinstance(stats, StepStats):
-            self._stepped.setdefault(stats.model, set()).add(stats.method)
-            self.batch_steps.labels(stats.model, stats.method).inc()
-            self.steps.labels(stats.model, stats.method).inc(stats.batch_size)
-            self.rejected.labels(stats.model, stats.method).inc(stats.rejected)
-            self.batch_size.labels(stats.model, stats.method).set(stats.batch_size)
-            self.occupancy.labels(stats.model, stats.method).set(stats.batch_size / stats.max_batch)
+            self._stepped.setdefault(stats.model, set()).add((stats.method, stats.precision))
+            self.batch_steps.labels(stats.model, stats.method, stats.precision).inc()
+            self.steps.labels(stats.model, stats.method, stats.precision).inc(stats.batch_size)
+            self.rejected.labels(stats.model, stats.method, stats.precision).inc(stats.rejected)
+            self.batch_size.labels(stats.model, stats.method, stats.precision).set(stats.batch_size)
+            self.occupancy.labels(stats.model, stats.method, stats.precision).set(stats.batch_size / stats.max_batch)
             if stats.preempted:
-                self.preemptions.labels(stats.model, stats.method).inc(stats.preempted)
+                self.preemptions.labels(stats.model, stats.method, stats.precision).inc(stats.preempted)
         elif isinstance(stats, ItemStats):
-            histogram = self.nfe.labels(stats.model, stats.method)
+            histogram = self.nfe.labels(stats.model, stats.method, stats.precision)
             for nfe, status in zip(stats.nfe, stats.statuses):
                 histogram.observe(nfe)
-                self.items.labels(stats.model, stats.method, status).inc()
+                self.items.labels(stats.model, stats.method, stats.precision, status).inc()
         elif isinstance(stats, QueueStats):
             self.queued.labels(stats.model).set(stats.queued)
             self.running.labels(stats.model).set(stats.running)
             self.queue_capacity.labels(stats.model).set(stats.capacity)
             if stats.running == 0:  # an idle model's batch is empty, not the size of its last step
-                for method in self._stepped.get(stats.model, ()):
-                    self.batch_size.labels(stats.model, method).set(0)
-                    self.occupancy.labels(stats.model, method).set(0)
+                for group in self._stepped.get(stats.model, ()):
+                    self.batch_size.labels(stats.model, *group).set(0)
+                    self.occupancy.labels(stats.model, *group).set(0)
         elif isinstance(stats, RequestStats):
-            self.requests.labels(stats.model, stats.method, stats.rpc, stats.code).inc()
-            self.latency.labels(stats.model, stats.method, stats.rpc).observe(stats.latency_seconds)
+            self.requests.labels(stats.model, stats.method, stats.precision, stats.rpc, stats.code).inc()
+            self.latency.labels(stats.model, stats.method, stats.precision, stats.rpc).observe(stats.latency_seconds)
             if stats.queue_seconds is not None:
-                self.queue_wait.labels(stats.model, stats.method, str(stats.priority)).observe(stats.queue_seconds)
+                self.queue_wait.labels(stats.model, stats.method, stats.precision, str(stats.priority)).observe(
+                    stats.queue_seconds
+                )
             if stats.auto_tol is not None:
                 self.auto_tol.labels(stats.model).observe(stats.auto_tol)
             if stats.compute_seconds is not None:
-                self.compute.labels(stats.model, stats.method).observe(stats.compute_seconds)
+                self.compute.labels(stats.model, stats.method, stats.precision).observe(stats.compute_seconds)
             if stats.expected_nfe is not None:
-                self.expected_nfe.labels(stats.model, stats.method).inc(stats.expected_nfe)
+                self.expected_nfe.labels(stats.model, stats.method, stats.precision).inc(stats.expected_nfe)
 
         elif isinstance(stats, RequestEndStats):
             self.budget_exhausted.labels(stats.model).inc()

@@ -47,6 +47,21 @@ class ServedModel:
         rows = self.card.get("metrics", {}).get("table", ())
         return sorted((float(r["tol"]), float(r["nfe_mean"])) for r in rows if r.get("tol") and r.get("nfe_mean"))
 
+    @cached_property
+    def bfloat16_from_tol(self) -> float | None:
+        """The tightest tolerance from which, at every looser one the card measured, bfloat16
+        gave float32's error and NFE (``metrics.precision_table``, written by ``training tune
+        --precision-table``); None when the card has no such row (float32 only)."""
+        rows = self.card.get("metrics", {}).get("precision_table", ())
+        verdicts = sorted((float(r["tol"]), bool(r.get("matches_float32"))) for r in rows
+                          if r.get("precision") == "bfloat16" and r.get("tol"))  # fmt: skip
+        floor = None
+        for tol, matches in reversed(verdicts):  # loosest first
+            if not matches:
+                break
+            floor = tol
+        return floor
+
     @property
     def card_tolerances(self) -> list[float]:
         """The tolerances the card's evaluation table measured, tightest first."""

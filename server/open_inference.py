@@ -142,6 +142,7 @@ class OpenInference:
         response.parameters["atol"].double_param = solved.atol
         response.parameters["method"].string_param = solved.method
         response.parameters["preemptions"].int64_param = solved.preemptions
+        response.parameters["precision"].string_param = solved.precision
         for name in wanted:
             array = np.ascontiguousarray(produced[name])
             datatype = NAME_OF[str(array.dtype.newbyteorder("<"))]
@@ -297,13 +298,17 @@ class _Parameters:
     def accuracy(self) -> Accuracy:
         tol = self._value("tol")
         auto = isinstance(tol, str) and tol.strip().lower() == "auto"
-        method = self._value("method")
-        if method is not None and not isinstance(method, str):
-            raise invalid(f"parameters.method must be a string, got {method!r}")
+        method, precision = self.string("method"), self.string("precision")
         return Accuracy(tol=0.0 if auto else self.number("tol", float) or 0.0, rtol=self.number("rtol", float) or 0.0,
-                        atol=self.number("atol", float) or 0.0, method=method or "",
+                        atol=self.number("atol", float) or 0.0, method=method, precision=precision,
                         max_nfe=self.number("max_nfe", int) or 0, auto_tol=auto,
                         latency_target_seconds=self.number("latency_target_seconds", float) or 0.0)  # fmt: skip
+
+    def string(self, name: str) -> str:
+        value = self._value(name)
+        if value is not None and not isinstance(value, str):
+            raise invalid(f"parameters.{name} must be a string, got {value!r}")
+        return value or ""
 
     def scheduling(self) -> Scheduling:
         return Scheduling(

@@ -38,7 +38,7 @@ from .engine import (
 )
 from .executor import Work
 from .models import ServedModel
-from .validation import accuracy_settings, find_model, scheduling_settings
+from .validation import accuracy_settings, find_model, precision_setting, scheduling_settings
 
 log = logging.getLogger("server.service")
 
@@ -133,7 +133,7 @@ class InferenceService:
             raise _engine_error(error) from None
         succeeded = np.array([int(s) == SolveStatus.SUCCESS for s in result.statuses])
         outputs = model.adapter.present(request.kind, result.outputs, succeeded)
-        solved = Solved(result.rtol, result.atol, works[0].method, result.preemptions)
+        solved = Solved(result.rtol, result.atol, works[0].method, result.preemptions, works[0].precision)
         inference = InferenceResult(
             model=model.name,
             model_version=model.version,
@@ -159,6 +159,8 @@ class InferenceService:
             raise invalid(f"model {quoted(model.name)} is a {model.task.value} model: {record.rpc} does not apply")
         rtol, atol, method, max_nfe = accuracy_settings(request.accuracy, model, self.config)
         record.method = method
+        precision = precision_setting(request.accuracy, model, self.config, rtol, atol)
+        record.precision = precision
         remaining = call.remaining()
         if remaining is not None and remaining <= 0:
             raise RequestError(Code.DEADLINE_EXCEEDED, "the call's deadline had passed when it arrived")
@@ -169,7 +171,7 @@ class InferenceService:
         if first:
             decoded = sum(array.nbytes for array in inputs.values())
             call.reservation.add(decoded + rows.nbytes + len(rows) * model.adapter.state_bytes(request.kind))
-        works = [Work(request.kind, row, rtol, atol, method, max_nfe) for row in rows]
+        works = [Work(request.kind, row, rtol, atol, method, max_nfe, precision) for row in rows]
         return model, works, remaining, scheduling
 
 

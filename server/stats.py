@@ -17,6 +17,7 @@ class StepStats:
     max_batch: int
     rejected: int
     preempted: int = 0  # items parked by the plan of this step
+    precision: str = "float32"  # what f was evaluated in
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ItemStats:
     method: str
     nfe: tuple[int, ...]
     statuses: tuple[str, ...]
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RequestStats:
     expected_nfe: float | None = None  # the model card's NFE for these items, where it has one
     priority: int | None = None  # the request's priority level, once validated
     auto_tol: float | None = None  # the tolerance chosen for an ``auto`` request
+    precision: str = "none"  # what f was evaluated in, once validated
 
 
 Stats = StepStats | QueueStats | ItemStats | RequestEndStats | WorkerStats | RequestStats

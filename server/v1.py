@@ -54,7 +54,7 @@ RPC_OF_KIND = {spec.kind: spec.name for spec in COMPUTE}
 def _accuracy(message: pb.Accuracy) -> Accuracy:
     return Accuracy(tol=message.tol, rtol=message.rtol, atol=message.atol, method=message.method,
                     max_nfe=message.max_nfe, auto_tol=message.auto_tol,
-                    latency_target_seconds=message.latency_target_seconds)  # fmt: skip
+                    latency_target_seconds=message.latency_target_seconds, precision=message.precision)  # fmt: skip
 
 
 def _scheduling(message: pb.Scheduling) -> Scheduling:
@@ -115,5 +115,11 @@ def _common(result: InferenceResult) -> dict:
         "items": pb.ItemStats(nfe=result.nfe.tolist(), status=result.status.tolist()),
         "timing": pb.Timing(queue_seconds=result.queue_seconds, compute_seconds=result.compute_seconds),
         "model_version": result.model_version,
-        "solved": pb.Solved(rtol=solved.rtol, atol=solved.atol, method=solved.method, preemptions=solved.preemptions),
+        "solved": pb.Solved(
+            rtol=solved.rtol,
+            atol=solved.atol,
+            method=solved.method,
+            preemptions=solved.preemptions,
+            precision=solved.precision,
+        ),
     }

@@ -4,8 +4,12 @@ resolved with the model's defaults. Protocol-neutral: every wire protocol's requ
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 
+import torch
+
+from neuralode.precision import PRECISIONS, computes_natively
 from neuralode.solvers import METHODS
 
 from .api import Accuracy, Caller, Code, RequestError, Scheduling, invalid, quoted
@@ -17,6 +21,45 @@ LISTED_MODELS = 8
 """The most served model names an unknown model's message lists (ListModels has them all)."""
 SERVED_METHODS = tuple(sorted(name for name, method in METHODS.items() if method.adaptive))
 DEFAULT_METHOD = "dopri5"
+REQUEST_PRECISIONS = ("auto", *PRECISIONS)
+LOW_PRECISIONS = tuple(name for name in PRECISIONS if name != "float32")
+
+
+def precision_setting(accuracy: Accuracy, model: ServedModel, config: ServerConfig, rtol: float, atol: float) -> str:
+    """The precision f is evaluated in for a request. ``auto`` (the default) is bfloat16 only
+    where the model card measured bfloat16 giving float32's error and NFE, at this tolerance and
+    every looser one, and only on a device that computes bfloat16 natively (emulated, it is
+    slower than float32); ``auto_tol`` requests stay float32 (their tolerance is chosen later)."""
+    asked = accuracy.precision or "auto"
+    if asked not in REQUEST_PRECISIONS:
+        raise invalid(f"accuracy.precision must be one of {', '.join(REQUEST_PRECISIONS)} (empty: auto), "
+                      f"got {quoted(accuracy.precision)}")  # fmt: skip
+    if asked == "float32":
+        return asked
+    if asked != "auto":
+        refusal = _unserved(asked, model, config)
+        if refusal:
+            raise RequestError(Code.FAILED_PRECONDITION, f"accuracy.precision {asked!r} is not served here: {refusal}; "
+                                                         "ask for float32 or auto")  # fmt: skip
+        return asked
+    floor = model.bfloat16_from_tol
+    fits = floor is not None and not accuracy.auto_tol and min(rtol, atol) >= floor
+    return "bfloat16" if fits and not _unserved("bfloat16", model, config) else "float32"
+
+
+def _unserved(precision: str, model: ServedModel, config: ServerConfig) -> str:
+    """Why ``precision`` is not served for ``model`` ("" when it is)."""
+    if config.bfloat16 == "off":
+        return "the server's bfloat16 setting is off"
+    if config.bfloat16 == "native" and not _native(precision, model.device):
+        return (f"the server's {model.device} has no {precision} units (emulated, f runs several times slower "
+                "than in float32; the server's bfloat16 setting 'on' serves it anyway)")  # fmt: skip
+    return ""
+
+
+@functools.cache
+def _native(precision: str, device: str) -> bool:
+    return computes_natively(precision, torch.device(device))
 
 
 def accuracy_settings(accuracy: Accuracy, model: ServedModel, config: ServerConfig) -> tuple[float, float, str, int]:

@@ -209,7 +209,10 @@ def _tune(sub) -> None:
             "measured again under them (see docs/training.md)")  # fmt: skip
     parser = sub.add_parser("tune", help=text, description=text)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--first-step", type=_first_step, required=True, metavar="T", help=FIRST_STEP_HELP)
+    parser.add_argument("--first-step", type=_first_step, metavar="T", help=FIRST_STEP_HELP + " (default: the card's)")
+    parser.add_argument("--precision-table", action="store_true",
+                        help="measure each table tolerance in float32 and bfloat16 side by side (classifiers): the "
+                             "server's precision=auto serves bfloat16 where it matched float32 (docs/solvers.md)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="the new checkpoint")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help="MNIST, for a classifier's table (a CNF's test points are drawn). Default: %(default)s")  # fmt: skip

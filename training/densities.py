@@ -130,21 +130,26 @@ def test_log_likelihood(model: CNF, data_name: str, tol: float, device, points: 
 
 @torch.no_grad()
 def direction_errors(
-    model: CNF, data_name: str, device, points: int = TEST_POINTS, reference: float = REFERENCE_TOL
+    model: CNF,
+    data_name: str,
+    device,
+    points: int = TEST_POINTS,
+    reference: float = REFERENCE_TOL,
+    precision: str = "float32",
 ) -> dict:
     """What each tolerance buys a client, in both directions a CNF is served, against solves at
     ``reference``: back from the held-out points (``LogDensity``: mean NFE and mean
     |log p - log p_ref| per point) and forward from base draws (``Sample``: mean NFE and mean
     |log q - log p_ref(x)| per sample, log q being what the sampling solve reports for its own
-    sample x, so the error in x and in log q both count)."""
+    sample x, so the error in x and in log q both count). ``precision`` is what f is evaluated
+    in for the measured solves; the reference solves are float32."""
     data = sample_density(data_name, points, torch.Generator().manual_seed(TEST_SEED)).to(device)
     exact_back, _ = model.log_prob(data, rtol=reference, atol=reference)
     rows = []
     for tol in TABLE_TOLERANCES:
-        log_p, back = model.log_prob(data, rtol=tol, atol=tol)
-        x, log_q, forward = model.sample(
-            points, rtol=tol, atol=tol, generator=torch.Generator(device=device).manual_seed(0), device=device
-        )
+        log_p, back = model.log_prob(data, rtol=tol, atol=tol, precision=precision)
+        x, log_q, forward = model.sample(points, rtol=tol, atol=tol, precision=precision,
+                                         generator=torch.Generator(device=device).manual_seed(0), device=device)  # fmt: skip
         exact_forward, _ = model.log_prob(x, rtol=reference, atol=reference)
         rows.append({
             "tol": tol,
@@ -154,6 +159,28 @@ def direction_errors(
             "forward_log_density_error": float((log_q - exact_forward).abs().mean()),
         })  # fmt: skip
     return {"reference_tol": reference, "points": points, "rows": rows}
+
+
+PRECISION_ERROR_MARGIN = 0.01
+"""bfloat16 matches float32 at a tolerance when, in both directions, its mean per-point
+log-density error is at most this many nats above float32's and its mean NFE at most
+PRECISION_NFE_MARGIN times float32's."""
+PRECISION_NFE_MARGIN = 1.05
+
+
+def precision_table(model: CNF, data_name: str, device, points: int = TEST_POINTS) -> list[dict]:
+    """Each table tolerance in float32 and in bfloat16, both directions, against the same
+    float32 reference solves, and whether bfloat16 matched float32: what ``precision=auto`` reads."""
+    exact, low = (
+        direction_errors(model, data_name, device, points, precision=p)["rows"] for p in ("float32", "bfloat16")
+    )
+    rows = []
+    for f32, bf16 in zip(exact, low, strict=True):
+        matches = all(bf16[f"{way}_log_density_error"] <= f32[f"{way}_log_density_error"] + PRECISION_ERROR_MARGIN
+                      and bf16[f"{way}_nfe_mean"] <= PRECISION_NFE_MARGIN * f32[f"{way}_nfe_mean"]
+                      for way in ("back", "forward"))  # fmt: skip
+        rows += [{**f32, "precision": "float32"}, {**bf16, "precision": "bfloat16", "matches_float32": matches}]
+    return rows
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
-"""``python -m training tune CHECKPOINT --first-step T --out FILE``: the same weights served
-with other solver settings, and a card whose tables were measured again under them.
+"""``python -m training tune CHECKPOINT [--first-step T] [--precision-table] --out FILE``: the
+same weights served with other solver settings, and a card whose tables were measured again
+under them; ``--precision-table`` adds each tolerance measured in float32 and bfloat16 side by
+side, which is what the server's ``precision=auto`` serves bfloat16 from.
 
 A card's NFE table is what the server predicts deadlines, ``auto`` tolerances and drift
 from, so a solver setting that changes NFE must never be changed without measuring the table
@@ -13,6 +15,7 @@ import hashlib
 from datetime import date
 
 from neuralode.checkpoint import load_checkpoint, read_card, save_checkpoint
+from neuralode.models import CNF
 from neuralode.models.registry import CLASSIFIERS, ODE_KINDS
 
 from .common import command_line, device_name, resolve_device, setup_logging
@@ -28,8 +31,13 @@ def run(args: argparse.Namespace) -> dict:
         )
     if args.out.resolve() == args.checkpoint.resolve():
         raise SystemExit("--out must name a new file: the checkpoint being tuned stays as it is")
-    settings = {"first_step": args.first_step}
+    if args.first_step is None and not args.precision_table:
+        raise SystemExit("nothing to tune: give --first-step, --precision-table or both")
+    settings = {} if args.first_step is None else {"first_step": args.first_step}
     tuned = load_checkpoint(args.checkpoint, device, settings)
+    on_data = isinstance(tuned.model, CNF) and not source.get("dataset", {}).get("name", "").startswith("energy ")
+    if args.precision_table and tuned.kind not in CLASSIFIERS and not on_data:
+        raise SystemExit(f"--precision-table measures classifiers and CNFs trained on data, not this {tuned.kind}")
     card = {key: value for key, value in tuned.card.items() if key not in ("created", "code_version")}
     tol = card.get("training", {}).get("tol")
     if tuned.kind in CLASSIFIERS:
@@ -38,19 +46,29 @@ def run(args: argparse.Namespace) -> dict:
 
         test_set = load_mnist(args.data_dir, train=False).head(args.test_subset)
         metrics = card_metrics(tuned.model, tuned.kind, test_set, device, tol)
+        if args.precision_table:
+            from .classifiers import precision_table
+
+            metrics["precision_table"] = precision_table(tuned.model, tuned.kind, test_set, device)
         card["dataset"] = {**card["dataset"], "test_images": len(test_set)}
     else:
         from .densities import card_metrics
 
         metrics = card_metrics(tuned.model, tuned.kind, card["dataset"]["name"], tol, device)
+        if args.precision_table:
+            from .densities import TEST_POINTS, precision_table
+
+            points = args.test_subset or TEST_POINTS
+            metrics["precision_table"] = precision_table(tuned.model, card["dataset"]["name"], device, points)
     card["metrics"] = {**card.get("metrics", {}), **metrics, "eval_device": device_name(device)}
     card["tuned"] = {
         "from": {"file": args.checkpoint.name, "sha256": hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()[:12],
                  "code_version": source.get("code_version"), "created": source.get("created")},
-        "settings": settings,
+        "settings": {**settings, **({"precision_table": True} if args.precision_table else {})},
         "command": command_line(),
         "date": date.today().isoformat(),
     }  # fmt: skip
     save_checkpoint(args.out, tuned.model, card)
-    print(f"wrote {args.out}: {tuned.kind} with {settings}, its table measured again on {device_name(device)}")
+    print(f"wrote {args.out}: {tuned.kind} with {card['tuned']['settings']}, its tables measured again on "
+          f"{device_name(device)}")  # fmt: skip
     return card

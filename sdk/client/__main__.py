@@ -87,7 +87,7 @@ def _items(result) -> dict:
     return {"nfe": result.items.nfe.tolist(), "status": result.items.status,
             "queue_seconds": result.timing.queue_seconds, "compute_seconds": result.timing.compute_seconds,
             "solved": {"rtol": solved.rtol, "atol": solved.atol, "method": solved.method,
-                       "preemptions": solved.preemptions}}  # fmt: skip
+                       "precision": solved.precision, "preemptions": solved.preemptions}}  # fmt: skip
 
 
 def run(args: argparse.Namespace, client: Client) -> dict:
@@ -138,7 +138,7 @@ def render(command: str, report: dict) -> str:
         solved = report["solved"]
         same = solved["rtol"] == solved["atol"]
         tolerance = f"tol {solved['rtol']:g}" if same else f"rtol {solved['rtol']:g}, atol {solved['atol']:g}"
-        lines.append(f"solved at {tolerance} ({solved['method']})")
+        lines.append(f"solved at {tolerance} ({solved['method']}, {solved['precision']})")
     if "compute_seconds" in report:
         lines.append(
             f"server: queue {report['queue_seconds'] * 1e3:.1f} ms, compute {report['compute_seconds'] * 1e3:.1f} ms"

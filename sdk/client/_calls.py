@@ -75,6 +75,11 @@ class RequestOptions(TypedDict, total=False):
         '"dopri5" (default), or another adaptive method: "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun"',
     ]
     max_nfe: Annotated[int | None, "stop each item after this many function evaluations (its status: MAX_NFE)"]
+    precision: Annotated[
+        str | None,
+        'what f is evaluated in: "auto" (default: bfloat16 only where the model card shows it gives float32\'s '
+        'answers, on hardware with bfloat16 units), "float32" or "bfloat16" (result.solved says which)',
+    ]
     latency_target_s: Annotated[float | None, 'with tol="auto": the latency to aim for (default: the deadline)']
     priority: Annotated[int | None, "1 is the most urgent level (default: the server's default level)"]
     max_total_nfe: Annotated[int | None, "most function evaluations over all items; beyond: RESOURCE_EXHAUSTED"]
@@ -122,7 +127,8 @@ def _request_fields(options: RequestOptions) -> dict[str, Any]:
     auto = tol == "auto"
     accuracy = pb.Accuracy(tol=0.0 if auto else tol or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
                            method=options.get("method") or "", max_nfe=options.get("max_nfe") or 0, auto_tol=auto,
-                           latency_target_seconds=options.get("latency_target_s") or 0.0)  # fmt: skip
+                           latency_target_seconds=options.get("latency_target_s") or 0.0,
+                           precision=options.get("precision") or "")  # fmt: skip
     scheduling = pb.Scheduling(priority=options.get("priority") or 0, max_total_nfe=options.get("max_total_nfe") or 0)
     return {"accuracy": accuracy, "scheduling": scheduling}
 

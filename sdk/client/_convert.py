@@ -35,12 +35,14 @@ class Timing:
 @dataclass(frozen=True)
 class Solved:
     """The accuracy the server solved with (the request's own, the model's default, or what
-    ``tol="auto"`` chose), and how often the request's items were parked for others."""
+    ``tol="auto"`` chose; the precision f was evaluated in), and how often the request's items
+    were parked for others."""
 
     rtol: float
     atol: float
     method: str
     preemptions: int
+    precision: str
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def timing(message: pb.Timing) -> Timing:
 
 
 def solved(message: pb.Solved) -> Solved:
-    return Solved(message.rtol, message.atol, message.method, message.preemptions)
+    return Solved(message.rtol, message.atol, message.method, message.preemptions, message.precision)
 
 
 def _common(response) -> dict:

@@ -84,12 +84,18 @@ def test_every_request_option_is_a_flag(server):
 
 def test_the_tolerance_used_is_shown_and_in_the_json(server):
     table = cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--tol", "1e-2")
-    assert table.returncode == 0 and "solved at tol 0.01 (dopri5)" in table.stdout, table.stdout
+    assert table.returncode == 0 and "solved at tol 0.01 (dopri5, float32)" in table.stdout, table.stdout
     default = cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--tol", "0")  # 0: the model's default
-    assert "solved at tol 0.001 (dopri5)" in default.stdout, default.stdout
+    assert "solved at tol 0.001 (dopri5, float32)" in default.stdout, default.stdout
     report = json.loads(cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--rtol", "1e-3", "--atol", "1e-5",
                             "--json").stdout)  # fmt: skip
-    assert report["solved"] == {"rtol": 1e-3, "atol": 1e-5, "method": "dopri5", "preemptions": 0}
+    assert report["solved"] == {
+        "rtol": 1e-3,
+        "atol": 1e-5,
+        "method": "dopri5",
+        "precision": "float32",
+        "preemptions": 0,
+    }
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -117,7 +117,7 @@ def test_dropping_discards_running_and_parked_rows():
     executor.step(Plan(park=items[:1]))
     executor.step(Plan(drop=items[:2]))
     assert not executor.parked and executor.running == 2
-    assert set(executor.groups["dopri5"].ids) == {items[2].id, items[3].id}
+    assert set(executor.groups["dopri5", "float32"].ids) == {items[2].id, items[3].id}
 
 
 def test_an_item_whose_start_already_ends_it_leaves_at_once():
@@ -128,7 +128,7 @@ def test_an_item_whose_start_already_ends_it_leaves_at_once():
     outputs = executor.step(Plan(join=[starved, fine]))
     assert starved.id in outputs.finished and outputs.finished[starved.id].status is Status.MAX_NFE
     assert torch.isnan(outputs.finished[starved.id].outputs["y"]).all()
-    assert executor.groups["dopri5"].ids == [fine.id]
+    assert executor.groups["dopri5", "float32"].ids == [fine.id]
 
 
 def test_a_hutchinson_cnf_is_solved_with_its_own_error_norm():

@@ -142,6 +142,53 @@ def test_tune_writes_the_same_weights_with_a_first_step_and_a_table_measured_und
         assert measured["nfe_mean"] == pytest.approx(carded["nfe_mean"], abs=0.05)  # another CPU may round apart
 
 
+def test_tune_measures_each_tolerance_in_both_precisions_for_the_servers_auto(mnist_dir, tmp_path):
+    """The shipped ODE-Net on 40 real digits: each table tolerance in float32 and bfloat16 side
+    by side, its first step and training record kept, and the verdict the server reads."""
+    from server.models import ServedModel
+    from training.__main__ import main
+
+    source, out = ROOT / "checkpoints" / "odenet-mnist.pt", tmp_path / "odenet-precision.pt"
+    main(["tune", str(source), "--precision-table", "--out", str(out), "--device", "cpu", "--data-dir", str(mnist_dir),
+          "--test-subset", "40"])  # fmt: skip
+    before, after = load_checkpoint(source).card, load_checkpoint(out).card
+    rows = after["metrics"]["precision_table"]
+    assert [(row["tol"], row["precision"]) for row in rows] == [
+        (tol, precision) for tol in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for precision in ("float32", "bfloat16")
+    ]
+    for exact, low in zip(rows[::2], rows[1::2]):
+        assert exact["test_error"] == next(
+            r["test_error"] for r in after["metrics"]["table"] if r["tol"] == exact["tol"]
+        )
+        agrees = low["test_error"] <= exact["test_error"] + 0.0005 and low["nfe_mean"] <= 1.05 * exact["nfe_mean"]
+        assert low["matches_float32"] is agrees and "matches_float32" not in exact
+    assert after["hyper"] == before["hyper"] and after["tuned"]["settings"] == {"precision_table": True}
+    served = ServedModel(name="x", version="v", kind="odenet", task=None, card=after, adapter=None, default_tol=1e-3,
+                         device="cpu")  # fmt: skip
+    verdicts = [low["matches_float32"] for low in rows[1::2]]
+    floor = next((tol for i, tol in enumerate((1e-4, 1e-3, 1e-2, 1e-1, 1.0)) if all(verdicts[i:])), None)
+    assert served.bfloat16_from_tol == floor
+
+
+def test_tune_measures_a_cnfs_directions_in_both_precisions(tmp_path):
+    """The shipped moons CNF on 300 points: per tolerance and precision, both directions'
+    NFE and per-point error against float32 tight solves, and bfloat16's verdict."""
+    from training.__main__ import main
+
+    out = tmp_path / "moons-precision.pt"
+    main(["tune", str(ROOT / "checkpoints" / "cnf-moons.pt"), "--precision-table", "--out", str(out), "--device", "cpu",
+          "--test-subset", "300"])  # fmt: skip
+    rows = load_checkpoint(out).card["metrics"]["precision_table"]
+    assert [row["precision"] for row in rows] == ["float32", "bfloat16"] * 5
+    for exact, low in zip(rows[::2], rows[1::2]):
+        assert exact["tol"] == low["tol"] and low["forward_nfe_mean"] > 0 and exact["back_log_density_error"] >= 0
+        agrees = all(low[f"{way}_log_density_error"] <= exact[f"{way}_log_density_error"] + 0.01
+                     and low[f"{way}_nfe_mean"] <= 1.05 * exact[f"{way}_nfe_mean"] for way in ("back", "forward"))  # fmt: skip
+        assert low["matches_float32"] is agrees
+    loose = rows[7]  # bfloat16 at tol 1e-1: its rounding is far below what the tolerance allows
+    assert loose["tol"] == 0.1 and loose["back_log_density_error"] < 0.1
+
+
 def test_tune_refuses_models_without_an_ode_bad_steps_and_overwriting(tmp_path, capsys):
     from neuralode.checkpoint import save_checkpoint
     from training.__main__ import main
@@ -155,6 +202,8 @@ def test_tune_refuses_models_without_an_ode_bad_steps_and_overwriting(tmp_path, 
     with pytest.raises(SystemExit):
         main(["tune", str(moons), "--first-step", "0", "--out", str(tmp_path / "out.pt")])
     assert "a first step must be > 0 (or 'rule'), got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="nothing to tune: give --first-step, --precision-table or both"):
+        main(["tune", str(moons), "--out", str(tmp_path / "out.pt"), "--device", "cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
 
 

@@ -33,7 +33,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Accuracy(_message.Message):
-    __slots__ = ("tol", "rtol", "atol", "method", "max_nfe", "auto_tol", "latency_target_seconds")
+    __slots__ = ("tol", "rtol", "atol", "method", "max_nfe", "auto_tol", "latency_target_seconds", "precision")
     TOL_FIELD_NUMBER: _ClassVar[int]
     RTOL_FIELD_NUMBER: _ClassVar[int]
     ATOL_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Accuracy(_message.Message):
     MAX_NFE_FIELD_NUMBER: _ClassVar[int]
     AUTO_TOL_FIELD_NUMBER: _ClassVar[int]
     LATENCY_TARGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     tol: float
     rtol: float
     atol: float
@@ -48,7 +49,8 @@ class Accuracy(_message.Message):
     max_nfe: int
     auto_tol: bool
     latency_target_seconds: float
-    def __init__(self, tol: _Optional[float] = ..., rtol: _Optional[float] = ..., atol: _Optional[float] = ..., method: _Optional[str] = ..., max_nfe: _Optional[int] = ..., auto_tol: _Optional[bool] = ..., latency_target_seconds: _Optional[float] = ...) -> None: ...
+    precision: str
+    def __init__(self, tol: _Optional[float] = ..., rtol: _Optional[float] = ..., atol: _Optional[float] = ..., method: _Optional[str] = ..., max_nfe: _Optional[int] = ..., auto_tol: _Optional[bool] = ..., latency_target_seconds: _Optional[float] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class Scheduling(_message.Message):
     __slots__ = ("priority", "max_total_nfe")
@@ -59,16 +61,18 @@ class Scheduling(_message.Message):
     def __init__(self, priority: _Optional[int] = ..., max_total_nfe: _Optional[int] = ...) -> None: ...
 
 class Solved(_message.Message):
-    __slots__ = ("rtol", "atol", "method", "preemptions")
+    __slots__ = ("rtol", "atol", "method", "preemptions", "precision")
     RTOL_FIELD_NUMBER: _ClassVar[int]
     ATOL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     rtol: float
     atol: float
     method: str
     preemptions: int
-    def __init__(self, rtol: _Optional[float] = ..., atol: _Optional[float] = ..., method: _Optional[str] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, rtol: _Optional[float] = ..., atol: _Optional[float] = ..., method: _Optional[str] = ..., preemptions: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ItemStats(_message.Message):
     __slots__ = ("nfe", "status")
