@@ -22,7 +22,7 @@ from server.api import Kind
 from server.executor import Executor, Work, step_cost
 from server.oip import grpc_predict_v2_pb2 as oip
 from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from server.scheduler import Plan, Scheduler
+from server.scheduling import Plan, Scheduler, SchedulerConfig
 
 TABLED = "odenet-bf16"
 DENSITY = DENSITIES[1]
@@ -157,7 +157,7 @@ def test_rows_in_bfloat16_take_in_a_batch_the_steps_they_take_alone(shipped, dig
 
     def solve(batch: list[Work]) -> list:
         executor = Executor(adapter, torch.device("cpu"))
-        items = Scheduler(max_batch=64, max_queued=64).submit(batch, cost=step_cost("dopri5")).items
+        items = Scheduler(SchedulerConfig(max_batch=64, max_queued=64)).submit(batch, cost=step_cost("dopri5")).items
         outcomes, plan = {}, Plan(join=items)
         while len(outcomes) < len(items):
             outcomes.update(executor.step(plan).finished)
