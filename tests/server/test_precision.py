@@ -96,11 +96,14 @@ def test_bfloat16_answers_match_float32_on_real_digits(served, digits):
 
 def test_a_cnf_samples_and_evaluates_densities_in_bfloat16(served):
     with Client(served.target, timeout_s=300) as client:
+        reference = client.sample(64, model=DENSITY, seed=3, tol=1e-6, precision="float32")
         exact = client.sample(64, model=DENSITY, seed=3, tol=1e-2, precision="float32")
         low = client.sample(64, model=DENSITY, seed=3, tol=1e-2, precision="bfloat16")
         back = client.log_density(low.points, model=DENSITY, tol=1e-5, precision="float32")
     assert low.solved.precision == "bfloat16" and exact.solved.precision == "float32"
-    assert np.abs(low.points - exact.points).max() < 0.05  # the same base draws, bf16 rounding apart
+    # The same base draws: bfloat16's samples are about as far from a tight solve's as float32's at this tolerance.
+    error_low, error_exact = (np.linalg.norm(r.points - reference.points, axis=1).mean() for r in (low, exact))
+    assert error_low <= 2 * error_exact + 0.01, (error_low, error_exact)
     assert np.abs(low.log_density - back.log_density).mean() < 0.05  # what bf16 sampling says of its own points
 
 
