@@ -13,7 +13,7 @@ from .scipy_solve import ScipyMethod
 from .solver import Solver
 from .state import SolverState, StepRecord
 from .status import SolverError, Status
-from .stepper import StepCallbacks, Stepper, rms_norm
+from .stepper import Norm, StepCallbacks, Stepper, rms_norm
 from .tableau import ButcherTableau, ImplicitTableau
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ExplicitRK",
     "ImplicitRK",
     "ImplicitTableau",
+    "Norm",
     "PIController",
     "ScipyMethod",
     "Solution",
