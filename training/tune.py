@@ -13,7 +13,7 @@ import hashlib
 from datetime import date
 
 from neuralode.checkpoint import load_checkpoint, read_card, save_checkpoint
-from neuralode.models.registry import CLASSIFIERS, ODE_KINDS
+from neuralode.models.registry import CLASSIFY, kinds, model_spec
 
 from .common import command_line, device_name, resolve_device, setup_logging
 
@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     setup_logging(None, True)
     source = read_card(args.checkpoint)
-    if source["kind"] not in ODE_KINDS:
+    if source["kind"] not in kinds(has_ode=True):
         raise SystemExit(
-            f"{args.checkpoint}: a {source['kind']} has no ODE solve to tune (tune one of {', '.join(sorted(ODE_KINDS))})"
+            f"{args.checkpoint}: a {source['kind']} has no ODE solve to tune (tune one of {', '.join(kinds(has_ode=True))})"
         )
     if args.out.resolve() == args.checkpoint.resolve():
         raise SystemExit("--out must name a new file: the checkpoint being tuned stays as it is")
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> dict:
     tuned = load_checkpoint(args.checkpoint, device, settings)
     card = {key: value for key, value in tuned.card.items() if key not in ("created", "code_version")}
     tol = card.get("training", {}).get("tol")
-    if tuned.kind in CLASSIFIERS:
+    if model_spec(tuned.kind).task == CLASSIFY:
         from .classifiers import card_metrics
         from .data import load_mnist
 
