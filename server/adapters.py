@@ -1,10 +1,15 @@
-"""How each kind of served model maps onto per-sample ODE solves.
+"""How a served model maps onto per-sample ODE solves.
 
-An adapter owns everything model-specific about a request: the inputs and outputs of each
-kind it answers (its signatures, which model metadata publishes), checking a request's arrays
-against them, preparing one initial row per item (drawing base samples and noise from the
-request's seed), turning a batch of rows into initial ODE states on the device, and turning
+An adapter owns what the engine needs of a model for a request: the inputs and outputs of
+each kind it answers (its signatures, which model metadata publishes), checking a request's
+arrays against them, preparing one initial row per item (drawing base samples and noise from
+the request's seed), turning a batch of rows into initial ODE states on the device, and turning
 end states into outputs. The engine runs every item's ODE through the same per-sample stepper.
+
+The server knows a model only through the servable-model protocol
+(:class:`neuralode.models.ServableModel`): :class:`ServableAdapter` serves any model that
+implements it. What is checked here is each kind's wire contract (images, points, counts), the
+same for every model of a task.
 """
 
 from __future__ import annotations
@@ -16,27 +21,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from neuralode.models import CNF, ODENet, standard_normal_log_prob
-from neuralode.solvers import rms_norm
-from neuralode.solvers.stepper import Norm
+from neuralode.models import ServableModel, Start
+from neuralode.models import Signature as ModelSignature
+from neuralode.solvers import Norm, rms_norm
 
 from .api import Kind, Signature, Task, TensorSpec, invalid
 
-IMAGE_SIDE = 28
+__all__ = ["CPU_CHUNK_BYTES", "Adapter", "Limits", "ServableAdapter", "Start", "adapter_for"]
+
 CPU_CHUNK_BYTES = 4 << 20
 """On the CPU, the most activation memory one chunk of the downsampling may hold: a batch of
 256 images has 44 MB feature maps, which miss the cache and, from glibc, come as fresh pages
 to fault in; chunks of 4 MB (24 images) run the same arithmetic about 3 times faster per image
 (docs/server.md, "The model outside the ODE")."""
-
-
-@dataclass(frozen=True)
-class Start:
-    """Initial states for a batch of rows: y0 ``[k, *S]``, t0 and t_end ``[k]``."""
-
-    y0: Tensor
-    t0: Tensor
-    t_end: Tensor
 
 
 @dataclass(frozen=True)
@@ -92,147 +89,135 @@ def _finite(array: np.ndarray, field: str) -> None:
         raise invalid(f"{field} contains NaN or Inf (item {_first_bad(~np.isfinite(array))})")
 
 
-IMAGES = TensorSpec("images", ("uint8", "float32"), (-1, IMAGE_SIDE, IMAGE_SIDE),
-                    "MNIST-shaped images: uint8 0..255, or float32 in [0, 1]; [N, 1, 28, 28] is accepted too")  # fmt: skip
+def _images(spec: TensorSpec, images: np.ndarray, limits: Limits) -> Tensor:
+    """Images ``[N, H, W]`` (``[N, 1, H, W]`` too), uint8 0..255 or float in [0, 1], as float32
+    pixels in [0, 1]."""
+    side = spec.shape[1:]
+    original = images.shape
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or images.shape[1:] != side:
+        raise invalid(f"images must have shape [N, {side[0]}, {side[1]}] or [N, 1, {side[0]}, {side[1]}], "
+                      f"got {list(original)}")  # fmt: skip
+    _count(images.shape[0], "images", limits)
+    if images.dtype == np.uint8:
+        pixels = images.astype(np.float32) / 255.0
+    elif images.dtype.kind == "f":
+        _finite(images, "images")
+        if images.min() < 0 or images.max() > 1:
+            raise invalid("images: float pixels must lie in [0, 1] (or send uint8 0..255)")
+        pixels = images.astype(np.float32)
+    else:
+        raise invalid(f"images.dtype must be uint8 or float32, got {images.dtype}")
+    return torch.from_numpy(pixels)
 
 
-class ClassifierAdapter(Adapter):
-    """ODE-Net: downsampling once per item, the ODE block per sample, then the head."""
+def _points(spec: TensorSpec, points: np.ndarray, limits: Limits) -> Tensor:
+    """Points ``[N, d]``, finite in float32 and within the server's bound, as float32."""
+    d = spec.shape[1]
+    if points.dtype.kind != "f":
+        raise invalid("points.dtype must be float32 or float64")
+    if points.ndim != 2 or points.shape[1] != d:
+        raise invalid(f"points must have shape [N, {d}], got {list(points.shape)}")
+    _count(points.shape[0], "points", limits)
+    _finite(points, "points")
+    as_float32 = points.astype(np.float32)  # what the model computes in
+    if not np.isfinite(as_float32).all():
+        bad = _first_bad(~np.isfinite(as_float32))
+        raise invalid(f"points: item {bad} is beyond float32's range (about ±3.4e38), which the model computes in")
+    if np.abs(as_float32).max() > limits.max_abs_input:
+        bad = _first_bad(np.abs(as_float32) > limits.max_abs_input)
+        raise invalid(f"points: coordinates must lie within ±{limits.max_abs_input:g} (item {bad})")
+    return torch.from_numpy(as_float32)
 
-    task = Task.CLASSIFY
 
-    def __init__(self, model: ODENet) -> None:
+def _n(spec: TensorSpec, n: np.ndarray, limits: Limits) -> int:
+    _count(int(n), "n", limits)
+    return int(n)
+
+
+def _seed(spec: TensorSpec, seed: np.ndarray, limits: Limits) -> int:
+    return int(seed)
+
+
+_INPUT_CHECKS: dict[str, Callable[[TensorSpec, np.ndarray, Limits], Tensor | int]] = {
+    "images": _images, "points": _points, "n": _n, "seed": _seed,
+}  # fmt: skip
+"""The wire contract of each input the RPCs carry (``odeserve.v1`` and Open Inference name
+them alike): how it is checked and handed to the model. A model's inputs must be among them."""
+
+
+class ServableAdapter(Adapter):
+    """Any model implementing :class:`neuralode.models.ServableModel`: its signatures, with
+    each input checked by its wire contract; rows, encoding, dynamics, norm, first step and
+    decoding are the model's own. On the CPU, encoding runs in chunks of at most
+    ``CPU_CHUNK_BYTES`` of activations."""
+
+    def __init__(self, model: ServableModel) -> None:
         self.model = model
-        self.dynamics = model.block.func
-        self.first_step = model.block.first_step
-        parameter = next(model.parameters())
-        probe, widest = torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=parameter.dtype, device=parameter.device), 0
-        with torch.no_grad():
-            for layer in model.downsample:
-                probe = layer(probe)
-                widest = max(widest, probe.numel() * probe.element_size())
-            classes = model.head(probe).shape[1]
-        self._state_bytes = 2 * probe.numel() * probe.element_size()
-        self._chunk_rows = max(1, CPU_CHUNK_BYTES // widest) if parameter.device.type == "cpu" else None
-        self.signatures = {Kind.CLASSIFY: Signature(Kind.CLASSIFY, (IMAGES,), (
-            TensorSpec("probabilities", ("float32",), (-1, classes), "class probabilities; NaN where the item's solve failed"),
-            TensorSpec("labels", ("int32",), (-1,), "the most probable class; -1 where the item's solve failed"),
-        ))}  # fmt: skip
-
-    def prepare(self, kind: Kind, inputs: Mapping[str, np.ndarray], limits: Limits) -> Tensor:
-        images = inputs["images"]
-        if images.ndim == 4 and images.shape[1] == 1:
-            images = images[:, 0]
-        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-            raise invalid(f"images must have shape [N, 28, 28] or [N, 1, 28, 28], got {list(inputs['images'].shape)}")
-        _count(images.shape[0], "images", limits)
-        if images.dtype == np.uint8:
-            pixels = images.astype(np.float32) / 255.0
-        elif images.dtype.kind == "f":
-            _finite(images, "images")
-            if images.min() < 0 or images.max() > 1:
-                raise invalid("images: float pixels must lie in [0, 1] (or send uint8 0..255)")
-            pixels = images.astype(np.float32)
-        else:
-            raise invalid(f"images.dtype must be uint8 or float32, got {images.dtype}")
-        return torch.from_numpy(pixels[:, None].copy())
-
-    def start(self, kind: Kind, images: Tensor) -> Start:
-        if self._chunk_rows is None or len(images) <= self._chunk_rows:
-            z0 = self.model.downsample(images)
-        else:
-            z0 = torch.cat([self.model.downsample(chunk) for chunk in images.split(self._chunk_rows)])
-        t0 = torch.zeros(len(images), dtype=z0.dtype, device=z0.device)
-        return Start(z0, t0, torch.full_like(t0, self.model.block.t1))
-
-    def finish(self, kind: Kind, z1: Tensor) -> dict[str, Tensor]:
-        return {"probabilities": torch.softmax(self.model.head(z1), dim=1)}
-
-    def present(self, kind: Kind, outputs: dict[str, np.ndarray], succeeded: np.ndarray) -> dict[str, np.ndarray]:
-        probabilities = outputs["probabilities"].astype(np.float32)
-        labels = np.where(succeeded, probabilities.argmax(1), -1).astype(np.int32)
-        return {"probabilities": probabilities, "labels": labels}
-
-    def state_bytes(self, kind: Kind) -> int:
-        return self._state_bytes
-
-
-class DensityAdapter(Adapter):
-    """CNF: ``sample`` integrates [z, l] from the base at 0 to T, ``log_density`` from the
-    data at T back to 0; rows of both kinds share one batch (each has its own time span).
-
-    A request's base draws and Hutchinson noise come from its seed, drawn for the whole
-    request on the CPU: the same request gives the same rows on any device, in any batch."""
-
-    task = Task.DENSITY
-
-    def __init__(self, model: CNF) -> None:
-        self.model = model
-        self.dynamics = model.augmented
+        self.dynamics = model.ode_dynamics
         self.norm = model.error_norm
         self.first_step = model.first_step
-        d = model.dim
-        points = ("float32",), (-1, d)
-        self.signatures = {
-            Kind.SAMPLE: Signature(Kind.SAMPLE, (
-                TensorSpec("n", ("uint32",), (), "how many points to draw"),
-                TensorSpec("seed", ("uint64",), (), "the base draws' seed: the same seed gives the same points"),
-            ), (
-                TensorSpec("points", *points, "samples; NaN where the item's solve failed"),
-                TensorSpec("log_density", ("float32",), (-1,), "log p of each sample"),
-            )),
-            Kind.LOG_DENSITY: Signature(Kind.LOG_DENSITY, (
-                TensorSpec("points", ("float32", "float64"), (-1, d), "points to evaluate; finite in float32"),
-            ), (
-                TensorSpec("log_density", ("float32",), (-1,), "exact log p of each point; NaN where the solve failed"),
-            )),
-        }  # fmt: skip
+        self.signatures = {}
+        for signature in model.signatures():
+            kind = _kind_of(model, signature)
+            self.signatures[kind] = Signature(kind, _specs(signature.inputs), _specs(signature.outputs))
+        tasks = {kind.task for kind in self.signatures}
+        if len(tasks) != 1:
+            raise TypeError(f"{type(model).__name__} must answer the operations of one task, not {len(tasks)}")
+        self.task: Task = tasks.pop()
+        parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        itemsize, cpu = (4, True) if parameter is None else (parameter.element_size(), parameter.device.type == "cpu")
+        self._state_bytes = {kind: 2 * model.state_size(kind.value) * itemsize for kind in self.signatures}
+        self._chunk_rows = {kind: max(1, CPU_CHUNK_BYTES // widest) if cpu and widest else None
+                            for kind, widest in ((k, model.encode_bytes(k.value)) for k in self.signatures)}  # fmt: skip
 
     def prepare(self, kind: Kind, inputs: Mapping[str, np.ndarray], limits: Limits) -> Tensor:
-        d = self.model.dim
-        if kind is Kind.SAMPLE:
-            n, seed = int(inputs["n"]), int(inputs.get("seed", np.uint64(0)))
-            _count(n, "n", limits)
-            generator = torch.Generator().manual_seed(seed)
-            z0 = torch.randn(n, d, generator=generator)
-            return self.model.initial_state(z0, standard_normal_log_prob(z0), generator)
-        points = inputs["points"]
-        if points.dtype.kind != "f":
-            raise invalid("points.dtype must be float32 or float64")
-        if points.ndim != 2 or points.shape[1] != d:
-            raise invalid(f"points must have shape [N, {d}], got {list(points.shape)}")
-        _count(points.shape[0], "points", limits)
-        _finite(points, "points")
-        as_float32 = points.astype(np.float32)  # what the model computes in
-        if not np.isfinite(as_float32).all():
-            bad = _first_bad(~np.isfinite(as_float32))
-            raise invalid(f"points: item {bad} is beyond float32's range (about ±3.4e38), which the model computes in")
-        if np.abs(as_float32).max() > limits.max_abs_input:
-            bad = _first_bad(np.abs(as_float32) > limits.max_abs_input)
-            raise invalid(f"points: coordinates must lie within ±{limits.max_abs_input:g} (item {bad})")
-        x = torch.from_numpy(as_float32)
-        generator = torch.Generator().manual_seed(0)
-        return self.model.initial_state(x, torch.zeros_like(x[:, 0]), generator)
+        checked = {spec.name: _INPUT_CHECKS[spec.name](spec, inputs[spec.name], limits)
+                   for spec in self.signatures[kind].inputs if spec.name in inputs}  # fmt: skip
+        generator = torch.Generator().manual_seed(int(checked.get("seed", 0)))
+        return self.model.initial_rows(kind.value, checked, generator)
 
     def start(self, kind: Kind, rows: Tensor) -> Start:
-        t0, t_end = (0.0, self.model.t1) if kind is Kind.SAMPLE else (self.model.t1, 0.0)
-        t0_rows = torch.full((len(rows),), t0, dtype=rows.dtype, device=rows.device)
-        return Start(rows, t0_rows, torch.full_like(t0_rows, t_end))
+        chunk = self._chunk_rows[kind]
+        if chunk is None or len(rows) <= chunk:
+            return self.model.encode(kind.value, rows)
+        parts = [self.model.encode(kind.value, part) for part in rows.split(chunk)]
+        return Start(*(torch.cat(tensors) for tensors in zip(*((p.y0, p.t0, p.t_end) for p in parts))))
 
     def finish(self, kind: Kind, y1: Tensor) -> dict[str, Tensor]:
-        d = self.model.dim
-        if kind is Kind.SAMPLE:
-            return {"points": y1[:, :d], "log_density": y1[:, d]}
-        return {"log_density": standard_normal_log_prob(y1[:, :d]) - y1[:, d]}
+        return self.model.decode(kind.value, y1)
+
+    def present(self, kind: Kind, outputs: dict[str, np.ndarray], succeeded: np.ndarray) -> dict[str, np.ndarray]:
+        presented = super().present(kind, outputs, succeeded)
+        if kind is Kind.CLASSIFY:  # Classify's contract: the most probable class, -1 where the solve failed
+            presented["labels"] = np.where(succeeded, presented["probabilities"].argmax(1), -1).astype(np.int32)
+        return presented
 
     def state_bytes(self, kind: Kind) -> int:
-        width = self.model.dim + 1 + (self.model.dim if self.model.trace == "hutchinson" else 0)
-        return 2 * width * 4
+        return self._state_bytes[kind]
+
+
+def _kind_of(model: ServableModel, signature: ModelSignature) -> Kind:
+    try:
+        kind = Kind(signature.operation)
+    except ValueError:
+        raise TypeError(f"{type(model).__name__} answers {signature.operation!r}, which no RPC asks for "
+                        f"(the server's kinds: {', '.join(k.value for k in Kind)})") from None  # fmt: skip
+    unchecked = [spec.name for spec in signature.inputs if spec.name not in _INPUT_CHECKS]
+    if unchecked:
+        raise TypeError(f"{type(model).__name__}: input {unchecked[0]!r} of {kind.value} is not one the server checks "
+                        f"({', '.join(_INPUT_CHECKS)})")  # fmt: skip
+    return kind
+
+
+def _specs(specs) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name, s.dtypes, s.shape, s.description, s.optional) for s in specs)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    if isinstance(model, ODENet):
-        return ClassifierAdapter(model)
-    if isinstance(model, CNF):
-        return DensityAdapter(model)
-    raise TypeError(f"{type(model).__name__} is not a servable model (ODE-Net or CNF)")
+    """The adapter serving ``model``: any model implementing the servable-model protocol."""
+    if not isinstance(model, ServableModel):
+        raise TypeError(f"{type(model).__name__} is not a servable model: it does not implement "
+                        "neuralode.models.ServableModel (models without an ODE are not served)")  # fmt: skip
+    return ServableAdapter(model)

@@ -87,12 +87,14 @@ class SolveStatus(enum.IntEnum):
 @dataclass(frozen=True)
 class TensorSpec:
     """An input or output of a kind: its name, accepted dtypes, shape (-1: any length) and
-    what it means, for model metadata any client can read."""
+    what it means, for model metadata any client can read; an ``optional`` input may be left
+    out (the model's default applies)."""
 
     name: str
     dtypes: tuple[str, ...]
     shape: tuple[int, ...]
     description: str
+    optional: bool = False
 
 
 @dataclass(frozen=True)

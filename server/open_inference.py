@@ -16,7 +16,7 @@ import numpy as np
 
 from server.oip import grpc_predict_v2_pb2 as oip
 
-from .api import NO_MODEL, Accuracy, Code, InferenceRequest, Kind, RequestError, Scheduling, Task, invalid, quoted
+from .api import NO_MODEL, Accuracy, Code, InferenceRequest, Kind, RequestError, Scheduling, Signature, invalid, quoted
 from .frontend import Rpc
 from .models import ServedModel
 from .service import Call, InferenceService
@@ -93,9 +93,10 @@ class OpenInference:
         inputs, outputs = _tensors(model)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         properties = {"task": model.task.value, "default_tol": repr(model.default_tol), "kind": model.kind}
-        if model.task is Task.DENSITY:
-            properties["sample"] = "inputs n (and seed); outputs points, log_density, nfe, status"
-            properties["log_density"] = "input points; outputs log_density, nfe, status"
+        if len(model.adapter.signatures) > 1:  # which inputs ask for which kind
+            properties.update(
+                (kind.value, _described(signature)) for kind, signature in model.adapter.signatures.items()
+            )
         return oip.ModelMetadataResponse(
             name=model.name, versions=[model.version], platform="odeserve_neural_ode",
             inputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in inputs],
@@ -189,20 +190,35 @@ def _tensors(model: ServedModel) -> tuple[list[tuple[str, str, list[int]]], list
     return list(inputs.values()), list(outputs.values())
 
 
+def _described(signature: Signature) -> str:
+    """A kind's inputs and outputs in words: ``inputs n (and seed); outputs points, ...``."""
+    required = [spec.name for spec in signature.inputs if not spec.optional]
+    optional = [spec.name for spec in signature.inputs if spec.optional]
+    inputs = ("inputs " if len(signature.inputs) > 1 else "input ") + ", ".join(required)
+    if optional:
+        inputs += f" (and {', '.join(optional)})"
+    outputs = [spec.name for spec in signature.outputs] + [name for name, _, _ in PER_ITEM]
+    return f"{inputs}; outputs {', '.join(outputs)}"
+
+
 def _kind(model: ServedModel, names: list[str]) -> Kind:
-    """What the request asks of the model, from the names of its inputs."""
+    """What the request asks of the model, from the names of its inputs and the model's
+    signatures: the kind with the most of its required inputs given (ties: the one the model
+    lists later); none given: the model's first kind."""
     given = set(names)
-    if model.task is Task.CLASSIFY:
-        expected, kind = {"images"}, Kind.CLASSIFY
-    elif "points" in given:
-        expected, kind = {"points"}, Kind.LOG_DENSITY
-    else:
-        expected, kind = {"n", "seed"}, Kind.SAMPLE
+    signatures = list(model.adapter.signatures.values())
+
+    def required(signature: Signature) -> set[str]:
+        return {spec.name for spec in signature.inputs if not spec.optional}
+
+    ranked = [(len(required(s) & given), index, s) for index, s in enumerate(signatures) if required(s) & given]
+    signature = max(ranked, key=lambda entry: entry[:2])[2] if ranked else signatures[0]
+    kind, expected = signature.kind, {spec.name for spec in signature.inputs}
     unknown = sorted(given - expected)
     if unknown:
         raise invalid(f"inputs: model {quoted(model.name)} has no input {quoted(unknown[0])} here "
                       f"(for {kind.value}: {', '.join(sorted(expected))})")  # fmt: skip
-    missing = sorted(expected - given - {"seed"})
+    missing = sorted(required(signature) - given)
     if missing:
         raise invalid(f"inputs: {kind.value} on model {quoted(model.name)} needs input {missing[0]!r}")
     return kind

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from neuralode.models import CLASSIFY, model_spec, specs
+
 from .common import default_data_dir
 from .presets import PRESETS
 
@@ -73,7 +75,7 @@ def _ode_flags(parser: argparse.ArgumentParser) -> None:
 def _classifier(sub, kind: str, help_text: str) -> None:
     parser = sub.add_parser(kind, help=help_text, description=help_text)
     _common(parser, epochs=3, steps=None, batch_size=128, lr=2e-3, out=f"runs/{kind}-mnist.pt")
-    if kind in ("odenet", "rknet"):
+    if model_spec(kind).has_ode:
         _ode_flags(parser)
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -132,7 +134,7 @@ def _density(sub, kind: str, help_text: str) -> None:
         help="toy density for maximum likelihood: 8gaussians, moons, circles, checkerboard, pinwheel, 2spirals",
     )
     task.add_argument("--target", help="energy target for reverse KL: U1, U2, U3, U4")
-    if kind == "cnf":
+    if model_spec(kind).has_ode:  # the CNF's architecture (a density model with an ODE)
         parser.add_argument("--dynamics", choices=["concatsquash", "planar"], default="concatsquash")
         parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64], help="concatsquash layer widths")
         parser.add_argument("--width", type=int, default=32, help="M, the planar dynamics' width")
@@ -148,7 +150,7 @@ def _density(sub, kind: str, help_text: str) -> None:
                             "--tol (at most 1 where that step is accepted), from both ends (back from the data, "
                             "forward from base draws), in the loss: asks for solves that end in their first step; "
                             "goes with --first-step at the span. Default: %(default)s")  # fmt: skip
-    else:
+    else:  # the planar flow's
         parser.add_argument("--layers", type=int, default=8, help="K, the number of planar layers")
     parser.set_defaults(run=lambda args: _train_density(kind, args))
 
@@ -269,12 +271,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with a ``--preset``'s values as defaults under the explicit flags."""
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _classifier(sub, "odenet", "ODE-Net on MNIST, trained with the adjoint method")
-    _classifier(sub, "rknet", "RK-Net: ODE-Net trained by backpropagating through the solver")
-    _classifier(sub, "resnet", "ResNet baseline on MNIST (same downsampling, 6 residual blocks)")
-    _classifier(sub, "mlp", "1-layer MLP baseline on MNIST")
-    _density(sub, "cnf", "continuous normalizing flow on a 2-D toy density or energy target")
-    _density(sub, "planar-nf", "discrete planar normalizing flow (K layers) on an energy target")
+    for spec in specs():  # a command per model kind
+        (_classifier if spec.task == CLASSIFY else _density)(sub, spec.kind, spec.description)
     _evaluate(sub)
     _tune(sub)
     _card(sub)

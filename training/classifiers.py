@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from neuralode.checkpoint import save_checkpoint
 from neuralode.models import ODENet, Regularisation
-from neuralode.models.registry import ODE_CLASSIFIERS, build_model
+from neuralode.models.registry import build_model, model_spec, specs
 from neuralode.solvers import Solution
 
 from .common import (
@@ -69,7 +69,7 @@ def classify(
 ) -> tuple[Tensor, Tensor | None]:
     """Logits, and per-image NFE for ODE models (f, the downsampling and the head evaluated in
     ``precision``)."""
-    if kind in ODE_CLASSIFIERS:
+    if model_spec(kind).has_ode:
         logits, solution = model(images, rtol=tol, atol=tol, precision=precision)
         return logits, solution.nfe
     return model(images), None
@@ -111,7 +111,7 @@ def evaluate(
 
 
 def evaluation_table(model: nn.Module, kind: str, data: ImageSet, device: torch.device) -> list[EvalRow]:
-    tols = TABLE_TOLERANCES if kind in ODE_CLASSIFIERS else (None,)
+    tols = TABLE_TOLERANCES if model_spec(kind).has_ode else (None,)
     return [evaluate(model, kind, data, device, tol) for tol in tols]
 
 
@@ -144,7 +144,7 @@ def card_metrics(model: nn.Module, kind: str, test_set: ImageSet, device: torch.
     for row in table:
         log.info("eval %s", row.as_dict())
     return {
-        "test_error": _row_at(table, tol if kind in ODE_CLASSIFIERS else None).test_error,
+        "test_error": _row_at(table, tol if model_spec(kind).has_ode else None).test_error,
         "table": [row.as_dict() for row in table],
         "eval_device": device_name(device),
     }
@@ -156,9 +156,10 @@ def _sync(device: torch.device) -> None:
 
 
 def hyperparameters(kind: str, args: argparse.Namespace) -> dict:
-    if kind in ODE_CLASSIFIERS:
-        return {"channels": 64, "method": args.method, "tol": args.tol} | first_step_hyper(args)
-    return {}
+    spec = model_spec(kind)
+    if spec.has_ode:
+        return {**spec.hyper, "method": args.method, "tol": args.tol} | first_step_hyper(args)
+    return dict(spec.hyper)
 
 
 class RegularisedForward(nn.Module):
@@ -201,7 +202,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     # Hutchinson noise from its own stream: the data order and crops stay those of the
     # unregularised run with the same seed.
     noise = torch.Generator(device=device).manual_seed(args.seed)
-    if kind in ODE_CLASSIFIERS:
+    if model_spec(kind).has_ode:
         model.block.adjoint = adjoint
         forward = RegularisedForward(model, regularisation, noise)
     trained = nn.parallel.DistributedDataParallel(forward) if world.enabled else forward
@@ -281,7 +282,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                     break
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 solution = integrals = None
-                if kind in ODE_CLASSIFIERS:
+                if model_spec(kind).has_ode:
                     logits, solution, integrals = trained(images)
                 else:
                     logits = trained(images)
@@ -326,7 +327,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                 last = position.step >= plan.total
                 evaluated = ""
                 if last or (args.eval_every and position.epoch % args.eval_every == 0):
-                    row = evaluate(model, kind, test_set, device, args.tol if kind in ODE_CLASSIFIERS else None)
+                    row = evaluate(model, kind, test_set, device, args.tol if model_spec(kind).has_ode else None)
                     evaluated = f"; test error {row.test_error:.4f} ({len(test_set)} images)"
                     position.history.append(
                         {"epoch": position.epoch, "step": position.step, "test_error": row.test_error,
@@ -361,13 +362,13 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             "dataset": {"name": "MNIST", "train_images": len(train_set), "test_images": len(test_set),
                         "augmentation": None if args.no_augment else AUGMENTATION},
             "training": {
-                "command": command_line(), "tol": args.tol if kind in ODE_CLASSIFIERS else None,
-                "method": args.method if kind in ODE_CLASSIFIERS else None, "adjoint": adjoint,
+                "command": command_line(), "tol": args.tol if model_spec(kind).has_ode else None,
+                "method": args.method if model_spec(kind).has_ode else None, "adjoint": adjoint,
                 "epochs": position.epoch, "steps": position.step, "batch_size": args.batch_size,
                 "world_size": world.world_size, "preset": args.preset, "time_budget_s": args.time_budget,
                 "tf32": args.tf32, "optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
                 "warmup": args.warmup, "seed": args.seed, "device": device_name(device),
-                "regularisation": regularisation.card() if kind in ODE_CLASSIFIERS else None,
+                "regularisation": regularisation.card() if model_spec(kind).has_ode else None,
                 "duration_s": round(duration, 1), "sittings": position.sittings,
                 "images_per_s": round(position.step * images_per_step / duration, 1),
                 "peak_memory_mib": peak_memory(device), "test_error_history": position.history,
@@ -446,10 +447,15 @@ class StopRequest:
 def _adjoint_choice(kind: str, requested: bool | None) -> bool:
     """ODE-Net trains with the adjoint unless told otherwise; RK-Net is by definition
     backpropagation through the solver; the other kinds have no ODE to adjoint."""
-    if kind == "odenet":
+    spec = model_spec(kind)
+    if spec.adjoint:
         return True if requested is None else requested
     if requested:
-        raise SystemExit(f"{kind} does not train with the adjoint" + (" (that is odenet)" if kind == "rknet" else ""))
+        # an ODE trained by backpropagating through the solver: name the kinds of its task that do
+        kin = " or ".join(s.kind for s in specs() if s.task == spec.task and s.adjoint)
+        raise SystemExit(
+            f"{kind} does not train with the adjoint" + (f" (that is {kin})" if spec.has_ode and kin else "")
+        )
     return False
 
 

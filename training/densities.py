@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from neuralode.checkpoint import save_checkpoint
-from neuralode.models import CNF, PlanarFlow, Regularisation, build_model
+from neuralode.models import CNF, PlanarFlow, Regularisation, build_model, model_spec
 
 from .classifiers import warmup_cosine
 from .common import (
@@ -200,8 +200,8 @@ def kl_estimate(model: nn.Module, target: str, tol: float | None, device, points
 def train(kind: str, args: argparse.Namespace) -> Path:
     if bool(args.data) == bool(args.target):
         raise SystemExit("give exactly one of --data (maximum likelihood) or --target (reverse KL)")
-    if kind == "planar-nf" and not args.target:
-        raise SystemExit("planar-nf is not invertible in closed form: train it by --target (reverse KL)")
+    if not model_spec(kind).has_ode and not args.target:  # the planar flow
+        raise SystemExit(f"{kind} is not invertible in closed form: train it by --target (reverse KL)")
     regularisation = regularisation_from(args)
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -209,7 +209,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     generator = seed_everything(args.seed)
     if device.type == "cuda":
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    if kind == "planar-nf":
+    if not model_spec(kind).has_ode:  # the planar flow
         hyper = {"dim": 2, "layers": args.layers}
         args.adjoint = False
     else:
@@ -258,9 +258,9 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         "dataset": {"name": args.data or f"energy {args.target}", "test_points": TEST_POINTS, "test_seed": TEST_SEED},
         "training": {
             "command": command_line(), "objective": "reverse KL" if args.target else "maximum likelihood",
-            "tol": None if kind == "planar-nf" else args.tol, "adjoint": bool(args.adjoint), "steps": args.steps,
+            "tol": args.tol if model_spec(kind).has_ode else None, "adjoint": bool(args.adjoint), "steps": args.steps,
             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": device_name(device),
-            "regularisation": None if kind == "planar-nf" else regularisation.card(),
+            "regularisation": regularisation.card() if model_spec(kind).has_ode else None,
             "duration_s": round(duration, 1), "peak_memory_mib": peak_memory(device),
         },
         "metrics": metrics,
@@ -275,8 +275,8 @@ def card_metrics(model: nn.Module, kind: str, dataset: str, tol: float, device) 
     training ``tol``; ``dataset`` is a toy density's name or ``"energy <target>"``."""
     if dataset.startswith("energy "):
         target = dataset.split()[1]
-        tols = (None,) if kind == "planar-nf" else TABLE_TOLERANCES
-        at_training_tol = None if kind == "planar-nf" else tol
+        tols = TABLE_TOLERANCES if model_spec(kind).has_ode else (None,)
+        at_training_tol = tol if model_spec(kind).has_ode else None
         metrics = {"table": [kl_estimate(model, target, t, device) for t in tols],
                    "kl_plus_log_z": kl_estimate(model, target, at_training_tol, device)["kl_plus_log_z"]}  # fmt: skip
     else:
@@ -359,7 +359,7 @@ def _plot_title(card: dict, tol: float, nfe: dict[str, float]) -> str:
     """What a reader needs to place the figure: the model, how it was trained, what the
     density and samples cost at the plotted tolerance."""
     hyper = card["hyper"]
-    if card["kind"] == "planar-nf":
+    if not model_spec(card["kind"]).has_ode:
         return f"planar flow, {hyper['layers']} layers"
     shape = f"width {hyper['width']}" if hyper["dynamics"] == "planar" else f"hidden {hyper['hidden']}"
     title = f"CNF, {hyper['dynamics']} dynamics ({shape}), {hyper['trace']} trace, {hyper['method']}"

@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 from neuralode.checkpoint import Checkpoint, load_checkpoint, read_card
-from neuralode.models.registry import CLASSIFIERS, ODE_CLASSIFIERS, ODE_KINDS
+from neuralode.models.registry import CLASSIFY, kinds, model_spec
 
 from .common import device_name, resolve_device
 
@@ -27,7 +27,7 @@ from .common import device_name, resolve_device
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     overrides = {"first_step": args.first_step} if hasattr(args, "first_step") else None
-    checkpoints = [load_checkpoint(path, device, overrides if read_card(path)["kind"] in ODE_KINDS else None)
+    checkpoints = [load_checkpoint(path, device, overrides if read_card(path)["kind"] in kinds(has_ode=True) else None)
                    for path in args.checkpoints]  # fmt: skip
     _check_comparable(checkpoints)
     out_dir = args.out
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> dict:
     for path, checkpoint in zip(args.checkpoints, checkpoints):
         report = (
             _classifier_report(checkpoint, args, device)
-            if checkpoint.kind in CLASSIFIERS
+            if model_spec(checkpoint.kind).task == CLASSIFY
             else _density_report(checkpoint, args, device)
         )
         reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint),
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     if single:
         report = reports[0]
         _print_single(report)
-        if checkpoints[0].kind in CLASSIFIERS:
+        if model_spec(checkpoints[0].kind).task == CLASSIFY:
             _plot_classifier(report, png)
         else:
             from .densities import plot_density
@@ -71,7 +71,7 @@ def _classifier_report(checkpoint: Checkpoint, args: argparse.Namespace, device)
     from .data import load_mnist
 
     test_set = load_mnist(args.data_dir, train=False).head(args.test_subset)
-    tols = args.tols if checkpoint.kind in ODE_CLASSIFIERS else [None]
+    tols = args.tols if model_spec(checkpoint.kind).has_ode else [None]
     rows = [evaluate(checkpoint.model, checkpoint.kind, test_set, device, tol).as_dict() for tol in tols]
     return {"kind": checkpoint.kind, "dataset": "MNIST", "metric": "test_error", "test_images": len(test_set),
             "regularisation": _regularisation(checkpoint), "rows": rows}  # fmt: skip
@@ -83,7 +83,7 @@ def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) ->
     name = checkpoint.card["dataset"]["name"]
     if name.startswith("energy "):
         target = name.split()[1]
-        tols = [None] if checkpoint.kind == "planar-nf" else args.tols
+        tols = args.tols if model_spec(checkpoint.kind).has_ode else [None]
         rows = [kl_estimate(checkpoint.model, target, tol, device) for tol in tols]
         metric = "kl_plus_log_z"
     else:

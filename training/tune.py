@@ -16,7 +16,7 @@ from datetime import date
 
 from neuralode.checkpoint import load_checkpoint, read_card, save_checkpoint
 from neuralode.models import CNF
-from neuralode.models.registry import CLASSIFIERS, ODE_KINDS
+from neuralode.models.registry import CLASSIFY, kinds, model_spec
 
 from .common import command_line, device_name, resolve_device, setup_logging
 
@@ -25,9 +25,9 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     setup_logging(None, True)
     source = read_card(args.checkpoint)
-    if source["kind"] not in ODE_KINDS:
+    if source["kind"] not in kinds(has_ode=True):
         raise SystemExit(
-            f"{args.checkpoint}: a {source['kind']} has no ODE solve to tune (tune one of {', '.join(sorted(ODE_KINDS))})"
+            f"{args.checkpoint}: a {source['kind']} has no ODE solve to tune (tune one of {', '.join(kinds(has_ode=True))})"
         )
     if args.out.resolve() == args.checkpoint.resolve():
         raise SystemExit("--out must name a new file: the checkpoint being tuned stays as it is")
@@ -36,11 +36,11 @@ def run(args: argparse.Namespace) -> dict:
     settings = {} if args.first_step is None else {"first_step": args.first_step}
     tuned = load_checkpoint(args.checkpoint, device, settings)
     on_data = isinstance(tuned.model, CNF) and not source.get("dataset", {}).get("name", "").startswith("energy ")
-    if args.precision_table and tuned.kind not in CLASSIFIERS and not on_data:
+    if args.precision_table and model_spec(tuned.kind).task != CLASSIFY and not on_data:
         raise SystemExit(f"--precision-table measures classifiers and CNFs trained on data, not this {tuned.kind}")
     card = {key: value for key, value in tuned.card.items() if key not in ("created", "code_version")}
     tol = card.get("training", {}).get("tol")
-    if tuned.kind in CLASSIFIERS:
+    if model_spec(tuned.kind).task == CLASSIFY:
         from .classifiers import card_metrics
         from .data import load_mnist
 

@@ -15,8 +15,9 @@ otherwise) or Hutchinson's estimate ε·(∂f/∂z)ε, unbiased, for high dimens
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
-from typing import Unpack
+from typing import Any, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from ..solvers import ExplicitRK, Solution, get_method, rms_norm, solve_ivp
 from ..solvers.accuracy import Accuracy, solve_settings
 from .regularisation import NOISES, Regularisation, draw_noise, integrals_of, mean_square, rate_columns
+from .servable import Signature, Start, TensorSpec
 
 TRACES = ("exact", "hutchinson")
 
@@ -272,6 +274,56 @@ class CNF(nn.Module):
         return method.trial_error(
             self.augmented, torch.full_like(tol, t0), state, torch.full_like(tol, t1), tol, tol, self.error_norm
         )
+
+    # ---- the servable-model protocol (neuralode.models.servable) ------------------------
+    # "sample" integrates [z, l] from the base at 0 to T, "log_density" from the data at T back
+    # to 0; rows of both share one batch (each has its own span).
+    def signatures(self) -> tuple[Signature, ...]:
+        points = ("float32",), (-1, self.dim)
+        return (
+            Signature("sample", (
+                TensorSpec("n", ("uint32",), (), "how many points to draw"),
+                TensorSpec("seed", ("uint64",), (), "the base draws' seed: the same seed gives the same points",
+                           optional=True),
+            ), (
+                TensorSpec("points", *points, "samples; NaN where the item's solve failed"),
+                TensorSpec("log_density", ("float32",), (-1,), "log p of each sample"),
+            )),
+            Signature("log_density", (
+                TensorSpec("points", ("float32", "float64"), (-1, self.dim), "points to evaluate; finite in float32"),
+            ), (
+                TensorSpec("log_density", ("float32",), (-1,), "exact log p of each point; NaN where the solve failed"),
+            )),
+        )  # fmt: skip
+
+    def initial_rows(self, operation: str, inputs: Mapping[str, Any], generator: torch.Generator) -> Tensor:
+        """``sample``: ``n`` base draws with their log-densities; ``log_density``: the points
+        with l = 0. Hutchinson noise, when the trace needs it, comes from ``generator``."""
+        if operation == "sample":
+            z0 = torch.randn(int(inputs["n"]), self.dim, generator=generator)
+            return self.initial_state(z0, standard_normal_log_prob(z0), generator)
+        x = inputs["points"]
+        return self.initial_state(x, torch.zeros_like(x[:, 0]), generator)
+
+    def encode(self, operation: str, rows: Tensor) -> Start:
+        t0, t_end = (0.0, self.t1) if operation == "sample" else (self.t1, 0.0)
+        t0_rows = torch.full((len(rows),), t0, dtype=rows.dtype, device=rows.device)
+        return Start(rows, t0_rows, torch.full_like(t0_rows, t_end))
+
+    def ode_dynamics(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.augmented(t, y)
+
+    def decode(self, operation: str, y1: Tensor) -> dict[str, Tensor]:
+        d = self.dim
+        if operation == "sample":
+            return {"points": y1[:, :d], "log_density": y1[:, d]}
+        return {"log_density": standard_normal_log_prob(y1[:, :d]) - y1[:, d]}
+
+    def state_size(self, operation: str) -> int:
+        return self.dim + 1 + (self.dim if self.trace == "hutchinson" else 0)
+
+    def encode_bytes(self, operation: str) -> int:
+        return 0  # the rows are the initial state
 
     def _log_density(self, solution: Solution) -> Tensor:
         z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Unpack
+from collections.abc import Callable, Mapping
+from typing import Any, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from .regularisation import (
     mean_square,
     rate_columns,
 )
+from .servable import Signature, Start, TensorSpec
+
+IMAGE_SIDE = 28
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -214,6 +217,57 @@ class ODENet(nn.Module):
             self.downsample(images), regularisation, generator=generator
         )
         return self.head(features), solution, integrals
+
+    # ---- the servable-model protocol (neuralode.models.servable) ------------------------
+    # One operation, "classify": images → downsampling (encode) → the ODE block per sample →
+    # class probabilities from the head (decode).
+    @property
+    def first_step(self) -> float | None:
+        return self.block.first_step
+
+    def signatures(self) -> tuple[Signature, ...]:
+        classes = self.head[-1].out_features
+        images = TensorSpec("images", ("uint8", "float32"), (-1, IMAGE_SIDE, IMAGE_SIDE),
+                            "MNIST-shaped images: uint8 0..255, or float32 in [0, 1]; [N, 1, 28, 28] is accepted too")  # fmt: skip
+        return (Signature("classify", (images,), (
+            TensorSpec("probabilities", ("float32",), (-1, classes), "class probabilities; NaN where the item's solve failed"),
+            TensorSpec("labels", ("int32",), (-1,), "the most probable class; -1 where the item's solve failed"),
+        )),)  # fmt: skip
+
+    def initial_rows(self, operation: str, inputs: Mapping[str, Any], generator: torch.Generator) -> Tensor:
+        """Images ``[N, 28, 28]`` with pixels in [0, 1] as rows ``[N, 1, 28, 28]``."""
+        return inputs["images"][:, None]
+
+    def encode(self, operation: str, rows: Tensor) -> Start:
+        z0 = self.downsample(rows)
+        t0 = torch.zeros(len(rows), dtype=z0.dtype, device=z0.device)
+        return Start(z0, t0, torch.full_like(t0, self.block.t1))
+
+    def ode_dynamics(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.block.func(t, y)
+
+    def decode(self, operation: str, y1: Tensor) -> dict[str, Tensor]:
+        return {"probabilities": torch.softmax(self.head(y1), dim=1)}
+
+    error_norm = staticmethod(rms_norm)  # over the whole state
+
+    def state_size(self, operation: str) -> int:
+        return self._feature_shape()[1]
+
+    def encode_bytes(self, operation: str) -> int:
+        return self._feature_shape()[0]
+
+    def _feature_shape(self) -> tuple[int, int]:
+        """(bytes of the downsampling's widest activation, elements of its output) for one
+        image, from a probe through its layers."""
+        parameter = next(self.parameters())
+        probe = torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=parameter.dtype, device=parameter.device)
+        widest = 0
+        with torch.no_grad():
+            for layer in self.downsample:
+                probe = layer(probe)
+                widest = max(widest, probe.numel() * probe.element_size())
+        return widest, probe.numel()
 
 
 class ResidualBlock(nn.Module):

@@ -50,12 +50,19 @@ class RunningServer:
 
 
 def start_server(
-    checkpoints: Path, tmp: Path, *flags: str, timeout: float = 120.0, env: dict | None = None
+    checkpoints: Path,
+    tmp: Path,
+    *flags: str,
+    timeout: float = 120.0,
+    env: dict | None = None,
+    python: tuple[str, ...] = ("-m", "server"),
 ) -> RunningServer:
-    """``python -m server`` on free ports (``flags`` come last, so ``--port N`` wins)."""
+    """``python -m server`` on free ports (``flags`` come last, so ``--port N`` wins);
+    ``python``: the interpreter's arguments before the flags (``-c`` code that registers a
+    model kind, then runs ``server.app.main``, say)."""
     out, log = tmp / "server.out", tmp / "server.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--checkpoints", str(checkpoints), "--port", "0", "--metrics-port", "0", *flags],
+        [sys.executable, *python, "--checkpoints", str(checkpoints), "--port", "0", "--metrics-port", "0", *flags],
         cwd=ROOT, stdout=out.open("w"), stderr=log.open("w"), env={**os.environ, **(env or {})},
     )  # fmt: skip
     end = time.monotonic() + timeout
