@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 from torch import Tensor
 
@@ -34,7 +35,10 @@ def solve_settings(
     if unknown:
         raise TypeError(f"unexpected accuracy settings {sorted(unknown)}; known are {sorted(Accuracy.__annotations__)}")
     defaults = {"rtol": rtol, "atol": atol, "method": method, "max_nfe": None, "precision": None}
-    settings = {key: default if accuracy.get(key) is None else accuracy[key] for key, default in defaults.items()}
+    given: Mapping[str, Any] = accuracy  # looked up by the defaults' names
+    settings: dict[str, Any] = {
+        key: default if given.get(key) is None else given[key] for key, default in defaults.items()
+    }
     settings["first_step"] = first_step if first_step is not None and takes_first_step(settings["method"]) else None
     return settings
 

@@ -9,7 +9,7 @@ implicit function theorem, as torchdiffeq's ``odeint_event`` does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ class EventTracker:
 
     def combined(self, t: Tensor, y: Tensor, ids: Tensor) -> Tensor:
         """Positive until the first event function changes sign, then <= 0."""
-        return (self._values(t, y) * self.sign[ids]).amin(1)
+        return (self._values(t, y) * cast(Tensor, self.sign)[ids]).amin(1)  # set by start
 
     @torch.no_grad()
     def start(self, state: SolverState) -> None:

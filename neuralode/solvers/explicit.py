@@ -7,6 +7,7 @@ passes, no host–device synchronisation, and nothing for perturbed evaluations 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -71,7 +72,8 @@ class ExplicitRK(Solver):
         self.quadrature = tableau.b
         self.taped_stages = tuple(range(1 if self.fsal else 0, tableau.stages))
         self._cost = len(self.taped_stages)
-        self._dense, self._dense_stages = None, ()
+        self._dense: Tensor | None = None
+        self._dense_stages: tuple[int, ...] = ()
         if tableau.b_dense is not None:
             self._dense_stages = tuple(i for i, p in enumerate(tableau.b_dense) if any(p))
             degree = max(len(p) for p in tableau.b_dense)
@@ -82,7 +84,7 @@ class ExplicitRK(Solver):
     def __repr__(self) -> str:
         return f"ExplicitRK({self.name!r})"
 
-    def step_cost(self, rows: dict[str, Tensor]) -> int:
+    def step_cost(self, rows: dict[str, Tensor] | None) -> int:
         return self._cost
 
     def step(
@@ -141,7 +143,8 @@ class ExplicitRK(Solver):
         dt = t1 - t0
         k1 = evaluate(func, t0, y0)
         _, _, ks, y1 = explicit_stages(func, self.tableau, t0, y0, dt, t1, k1, t0, None)
-        return scaled_error_norm(y0, y1, weighted_sum(self.tableau.b_err, ks), dt, rtol, atol, norm)
+        error = cast(Tensor, weighted_sum(self.tableau.b_err, ks))  # b_err has a nonzero weight
+        return scaled_error_norm(y0, y1, error, dt, rtol, atol, norm)
 
     def needs_f1(self, interpolant: str) -> bool:
         return interpolant == "cubic" and not self.fsal

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -95,11 +96,12 @@ class Solver(ABC):
 
     def init(self, func: Func, t0: Tensor, y0: Tensor, f0: Tensor | None) -> dict[str, Tensor]:
         """The solver's per-sample state for rows starting at ``(t0, y0)``."""
-        return {"f0": f0} if self.fsal else {}
+        return {"f0": cast(Tensor, f0)} if self.fsal else {}  # an FSAL method needs_f0: given
 
     @abstractmethod
-    def step_cost(self, rows: dict[str, Tensor]) -> int | Tensor:
-        """The most evaluations the next step of each row can make (an int for all rows)."""
+    def step_cost(self, rows: dict[str, Tensor] | None) -> int | Tensor:
+        """The most evaluations the next step of each row can make (an int for all rows; ``rows``
+        None: a fresh row)."""
 
     @abstractmethod
     def step(
@@ -129,7 +131,7 @@ class Solver(ABC):
             return torch.lerp(y0, y1, th)
         f0 = record.f0
         if interpolant == "cubic":
-            return hermite(y0, y1, dt * f0, dt * f1, th)
+            return hermite(y0, y1, dt * f0, dt * cast(Tensor, f1), th)  # given where needs_f1
         # The quadratic through (y0, f0, y1): as accurate as the low-order methods that use it.
         return y0 + th * dt * f0 + th * th * (y1 - y0 - dt * f0)
 

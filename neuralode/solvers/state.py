@@ -11,6 +11,7 @@ batching needs from the core.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ class SolverState:
         """Stack the rows of several states of the same solve configuration."""
         if len(states) == 1:
             return states[0]
-        merged = {}
+        merged: dict[str, Any] = {}
         for f in fields(SolverState):
             values = [getattr(s, f.name) for s in states]
             if isinstance(values[0], dict):

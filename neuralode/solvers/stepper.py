@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -68,12 +69,18 @@ class Stepper:
     perturb: bool = False
     callbacks: StepCallbacks | None = None
     extra_step_cost: int = 0
+    _k: int = field(init=False, repr=False, compare=False)  # the controller's error exponent
+
+    @property
+    def control(self) -> StepSizeController:
+        """``controller``, or the default that construction put in its place: never None."""
+        return cast(StepSizeController, self.controller)
 
     def __post_init__(self) -> None:
         if self.controller is None:
             default = PIController() if self.method.adaptive else ConstantController()
             object.__setattr__(self, "controller", default)
-        if self.controller.adaptive and not self.method.adaptive:
+        if self.control.adaptive and not self.method.adaptive:
             raise ValueError(f"{self.method.name} has no error estimate: it needs fixed steps (step_size)")
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
@@ -104,7 +111,7 @@ class Stepper:
         device = y0.device
         sample_id = sample_id if sample_id is not None else torch.arange(batch, device=device)
         budget = max_nfe if max_nfe is not None else torch.full((batch,), _NO_LIMIT, dtype=torch.int64, device=device)
-        needs_f0 = self.method.needs_f0 or self.controller.needs_f0(first_step)
+        needs_f0 = self.method.needs_f0 or self.control.needs_f0(first_step)
         if max_nfe is not None:
             first_cost = self.start_cost(first_step) + self._step_cost(None, None)
             affordable = budget >= first_cost
@@ -119,10 +126,10 @@ class Stepper:
         if needs_f0:
             f0 = evaluate(precise, t0, y0)
             nfe += 1
-        dt, controller_rows = self.controller.init(
+        dt, controller_rows = self.control.init(
             self.method, precise, t0, y0, f0, direction, rtol, atol, self.norm, first_step
         )
-        nfe += self.controller.init_cost(first_step)
+        nfe += self.control.init_cost(first_step)
         status = torch.full((batch,), int(Status.RUNNING), dtype=torch.int64, device=device)
         if f0 is not None:
             status = torch.where(torch.isfinite(per_row(f0)).all(1), status, int(Status.NON_FINITE))
@@ -168,7 +175,7 @@ class Stepper:
         f0 = torch.zeros_like(y0_) if self.method.needs_f0 else None
         # A first step given to the controller makes it evaluate nothing: only its rows are wanted.
         direction = torch.sign(t_end[unstarted] - t0_)
-        _, controller_rows = self.controller.init(self.method, func, t0_, y0_, f0, direction, rtol[unstarted],
+        _, controller_rows = self.control.init(self.method, func, t0_, y0_, f0, direction, rtol[unstarted],
                                                   atol[unstarted], self.norm, torch.ones_like(t0_))  # fmt: skip
         parts.append(SolverState(
             t=t0_, y=y0_, dt=torch.zeros_like(t0_), t_stop=t_stop[unstarted], t_end=t_end[unstarted],
@@ -195,7 +202,8 @@ class Stepper:
         if self.perturb:
             perturbation = Perturbation(after_start=True, before_end=True)
         elif state.jump is not None:
-            perturbation = Perturbation(after_start=state.after_jump, before_end=lands & state.jump)
+            after_jump = cast(Tensor, state.after_jump)  # set wherever jump is
+            perturbation = Perturbation(after_start=after_jump, before_end=lands & state.jump)
         callbacks = self.callbacks
         if callbacks is not None and callbacks.step is not None:
             callbacks.step(t, y, dt)
@@ -203,8 +211,8 @@ class Stepper:
         attempt = self.method.step(func, t, y, dt, t1, state.solver, perturbation, state.rtol, state.atol)
 
         with torch.no_grad():
-            error = self._error_norm(y, attempt, dt, state) if self.controller.adaptive else None
-            decision = self.controller.adapt(error, attempt.y1, t, dt, state.dt, state.controller, self._k)
+            error = self._error_norm(y, attempt, dt, state) if self.control.adaptive else None
+            decision = self.control.adapt(error, attempt.y1, t, dt, state.dt, state.controller, self._k)
         accepted = decision.accept
         error_finite = torch.isfinite(error) if error is not None else accepted
         if callbacks is not None and callbacks.decided is not None:
@@ -230,7 +238,9 @@ class Stepper:
             },
             controller=decision.rows,
             jump=state.jump,
-            after_jump=None if state.jump is None else torch.where(accepted, lands & state.jump, state.after_jump),
+            after_jump=None
+            if state.jump is None
+            else torch.where(accepted, lands & state.jump, cast(Tensor, state.after_jump)),
         )
         record = StepRecord(
             t=t, y=y, dt=dt, t1=t1, accepted=accepted, error_finite=error_finite, stage_t=attempt.stage_t,
@@ -251,8 +261,8 @@ class Stepper:
         """Evaluations :meth:`init` makes per row: ``f(t0, y0)`` where needed and the
         controller's first-step heuristic. Only whether ``first_step`` is given counts (a
         tensor of rows' first steps, or one for all)."""
-        needs_f0 = self.method.needs_f0 or self.controller.needs_f0(first_step)
-        return int(needs_f0) + self.controller.init_cost(first_step)
+        needs_f0 = self.method.needs_f0 or self.control.needs_f0(first_step)
+        return int(needs_f0) + self.control.init_cost(first_step)
 
     def step_cost(self) -> int:
         """The most evaluations one step of a fresh row can make (without discontinuities)."""

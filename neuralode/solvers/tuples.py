@@ -8,6 +8,7 @@ dimensions (output times, samples) pass through.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ class TupleLayout:
 
     def flatten(self, y: State, name: str = "y0") -> Tensor:
         if self.shapes is None:
-            return y
+            return cast(Tensor, y)  # no layout: a tensor state
         if not isinstance(y, (tuple, list)) or len(y) != len(self.shapes):
             raise ValueError(f"{name} must be a tuple of {len(self.shapes)} tensors, like y0")
         flat = []
