@@ -30,12 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
-from .controller import ConstantController, PIController
+from .controller import ConstantController, PIController, StepSizeController
 from .integrate import EventTracker, Trajectory, integrate
 from .problem import Problem, stops_between
 from .scipy_solve import ScipyMethod, scipy_integrate
@@ -119,25 +119,27 @@ class AdjointConfig:
                 f"step sequence; it supports a single sample, got {batch}. Use 'seminorm'."
             )
         if adjoint_params is None:
-            params = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
+            params: tuple[Tensor, ...] = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
         else:
             params = tuple(adjoint_params)
         if backward is None:
             if isinstance(method, ScipyMethod) or (method is None and isinstance(forward, ScipyMethod)):
                 backward = method or forward
             elif isinstance(forward, ScipyMethod):
-                backward = Stepper(method)
+                backward = Stepper(cast(Solver, method))  # neither None nor scipy here
             else:
                 backward = forward if method is None else _with_method(forward, method)
         scipy = backward if isinstance(backward, ScipyMethod) else None
-        quadrature = scipy is None and backward.method.quadrature is not None
+        quadrature = not isinstance(backward, ScipyMethod) and backward.method.quadrature is not None
         if norm == "seminorm" and params and not quadrature:
-            name = scipy.name if scipy is not None else backward.method.name
+            name = backward.name if isinstance(backward, ScipyMethod) else backward.method.name
             raise ValueError(
                 f"adjoint norm 'seminorm' integrates dL/dθ by the method's quadrature, which {name} "
                 "does not have; use a Runge–Kutta adjoint_method, or norm 'full' for one sample"
             )
-        stepper = None if scipy is not None else replace(backward, callbacks=callbacks, extra_step_cost=0)
+        stepper = (
+            None if isinstance(backward, ScipyMethod) else replace(backward, callbacks=callbacks, extra_step_cost=0)
+        )
 
         def tolerance(value, default: Tensor) -> Tensor:
             if value is None:
@@ -162,10 +164,10 @@ class AdjointConfig:
 
 def _with_method(forward: Stepper, method) -> Stepper:
     """The forward configuration with another method; the controller follows its kind."""
-    controller = forward.controller
+    controller: StepSizeController = forward.control
     if controller.adaptive and not method.adaptive:
         controller = ConstantController()
-    elif not controller.adaptive and controller.step_size is None and method.adaptive:
+    elif not controller.adaptive and cast(ConstantController, controller).step_size is None and method.adaptive:
         controller = PIController()
     return replace(forward, method=method, controller=controller)
 
@@ -175,7 +177,7 @@ class ForwardSolve:
     """What the forward solve needs besides the differentiable inputs."""
 
     func: Func
-    stepper: Stepper
+    stepper: Stepper | None  # None: scipy does the forward solve
     config: AdjointConfig
     problem: Problem
     stops: Tensor
@@ -213,6 +215,7 @@ class _AdjointSolve(torch.autograd.Function):
             if solve.scipy is not None:
                 out = scipy_integrate(solve.func, y0, t0, times, problem.rtol, problem.atol, solve.scipy)
             else:
+                assert stepper is not None  # scipy is None
                 state = stepper.init(
                     solve.func, y0, t0, solve.stops[:, 0], times[:, -1], problem.rtol, problem.atol,
                     first_step=problem.first_step, max_nfe=problem.max_nfe,
@@ -312,6 +315,17 @@ class _Dynamics:
     rows for which the interval is not empty."""
 
     stepper: Stepper
+    extra_nfe_per_step: int
+    on_step: Callable[[StepRecord], None] | None
+
+    def pack(self, z: Tensor, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def unpack(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def solve(
         self, z: Tensor, a: Tensor, t_from: Tensor, t_to: Tensor, config: AdjointConfig, stats: _StatsSum
@@ -320,7 +334,9 @@ class _Dynamics:
         if moving.numel() == 0:
             return a
         everyone = moving.numel() == t_from.shape[0]
-        pick = (lambda v: v) if everyone else (lambda v: None if v is None else v.index_select(0, moving))
+        pick: Callable[[Any], Any] = (
+            (lambda v: v) if everyone else (lambda v: None if v is None else v.index_select(0, moving))
+        )
         state = self.pack(pick(z), pick(a))
         out = _run(self.stepper, self, state, pick(t_from), pick(t_to), pick(config.rtol), pick(config.atol),
                    config, pick(config.points), pick(config.jumps), self.on_step)  # fmt: skip
@@ -417,6 +433,7 @@ class _StateDynamics(_Dynamics):
         self.sizes = [size, size, *(p.numel() for p in params)]
         self.shapes = [y0.shape[1:], y0.shape[1:], *(p.shape for p in params)]
         state_norm = rms_norm if stepper is None else stepper.norm
+        parts_norm: PartsNorm
         if norm == "full":
 
             def parts_norm(parts: tuple[Tensor, ...]) -> Tensor:
@@ -435,7 +452,7 @@ class _StateDynamics(_Dynamics):
                 return torch.maximum(state_norm(z[None])[0], state_norm(a[None])[0])
 
         else:
-            parts_norm = norm
+            parts_norm = cast(PartsNorm, norm)  # build checked: a callable
         self.parts_norm = parts_norm
         self.stepper = None if stepper is None else replace(stepper, norm=self._norm)
         self.theta = y0.new_zeros(sum(self.sizes[2:]))

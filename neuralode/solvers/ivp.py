@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -108,12 +109,14 @@ def solve(
     trajectory and the event tracker."""
     batch, device = problem.y0.shape[0], problem.y0.device
     scipy = method if isinstance(method, ScipyMethod) else None
-    stepper = None if scipy is not None else method
+    stepper = None if isinstance(method, ScipyMethod) else method
     if scipy is not None and event_fn is not None:
         raise ValueError("scipy_solver does not support event_fn")
     points, jumps = problem.points, problem.jumps
     controller = None if stepper is None else stepper.controller
-    fixed_grid = controller is not None and not controller.adaptive and controller.step_size is None
+    fixed_grid = (
+        controller is not None and not controller.adaptive and cast(ConstantController, controller).step_size is None
+    )
     if problem.n_eval and (interpolant is None or (fixed_grid and points is None)):
         # Outputs are stops: steps land on them exactly.
         outputs = problem.times[:, : problem.n_eval]
@@ -133,6 +136,7 @@ def solve(
     if scipy is not None:
         trajectory = scipy_integrate(func, problem.y0, problem.t0, problem.times, problem.rtol, problem.atol, scipy)
     else:
+        assert stepper is not None  # scipy is None
         state = stepper.init(
             func, problem.y0, problem.t0, stops[:, 0], problem.t1, problem.rtol, problem.atol,
             first_step=problem.first_step, max_nfe=problem.max_nfe,
@@ -213,13 +217,14 @@ def solve_ivp(
     func = in_precision(func, dtype)
     solver = resolve_method(method)
     interpolant = resolve_interpolant(interpolate)
+    y0 = cast(Tensor, y0)  # a tensor, or the tuple's flattening
     problem = prepare_problem(y0, t_span, t_eval, rtol, atol, first_step, max_nfe, step_t=step_t, jump_t=jump_t,
                               unbounded=event_fn is not None)  # fmt: skip
     if isinstance(solver, ScipyMethod):
         stepping = (step_size, controller, first_step, callbacks, step_t, jump_t)
         if perturb or any(option is not None for option in stepping):
             raise ValueError("scipy_solver takes only rtol, atol and its own options (ScipyMethod)")
-        stepper = solver
+        stepper: Stepper | ScipyMethod = solver
     else:
         stepper = build_stepper(solver, step_size=step_size, controller=controller, first_step=first_step,
                                 max_steps=max_steps, norm=norm, perturb=perturb, callbacks=callbacks,

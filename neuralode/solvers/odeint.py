@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +97,7 @@ def odeint_adjoint(
         )
     if adjoint_options is None:
         adjoint_options = {k: v for k, v in (options or {}).items() if k != "norm"}
-    params = tuple(func.parameters() if adjoint_params is None else adjoint_params)
+    params = tuple(cast(nn.Module, func).parameters() if adjoint_params is None else adjoint_params)  # checked above
     adjoint = _AdjointRequest(
         params=tuple(p for p in params if p.requires_grad),
         rtol=rtol if adjoint_rtol is None else adjoint_rtol,
@@ -196,6 +197,7 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, adjoint: _Adjoin
     )  # fmt: skip
     config = None
     if adjoint is not None:
+        assert backward is not None  # made with adjoint
         backward_method, backward_settings = backward
         points, jumps = landing_points(backward_settings.step_t, backward_settings.jump_t, problem.y0)
         config = AdjointConfig.build(
@@ -246,7 +248,9 @@ def _settings(func, y0: Tensor, t: Tensor, layout: TupleLayout, method, options,
     if user_norm is not None and not callable(user_norm):
         raise TypeError(f"{name}['norm'] must be a callable")
     if user_norm is None:
-        state_norm = _rms if layout.shapes is None else (lambda y: _mixed_norm(layout.unflatten(y)))
+        state_norm = (
+            _rms if layout.shapes is None else (lambda y: _mixed_norm(cast(tuple[Tensor, ...], layout.unflatten(y))))
+        )
     else:
         state_norm = user_norm if layout.shapes is None else (lambda y: user_norm(layout.unflatten(y)))
 
@@ -254,7 +258,7 @@ def _settings(func, y0: Tensor, t: Tensor, layout: TupleLayout, method, options,
         return _as_norm(state_norm(scaled[0])).to(scaled.dtype)
 
     callbacks = _callbacks(func, layout, solver, callback_suffix)
-    if kind == "scipy":
+    if isinstance(solver, ScipyMethod):  # kind "scipy"
         scipy = ScipyMethod(
             options.get("solver", "LSODA"), options.get("min_step", 0.0), options.get("max_step", torch.inf)
         )
@@ -305,7 +309,9 @@ def _kind(solver: Solver | ScipyMethod) -> str:
 
 def _with_solver_options(solver: Solver, options: dict) -> Solver:
     method_options = {key: options[key] for key in ("max_order", "max_iters") if key in options}
-    return solver.with_options(**method_options) if method_options else solver
+    if not method_options:
+        return solver
+    return cast(Adams | ImplicitRK, solver).with_options(**method_options)  # the only kinds that take them
 
 
 def _callbacks(func, layout: TupleLayout, solver, suffix: str) -> StepCallbacks | None:
