@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import time
+from typing import cast
 
 import torch
+from torch import Tensor
 
 from neuralode import solve_ivp
 
@@ -32,7 +34,7 @@ def main() -> None:
     print(f"One batch of {len(frequencies)} oscillators x'' = -w^2 x on [0, {t1}], dopri5, per-sample control")
     print(f"{'w':>6} {'rtol':>8} {'NFE':>6} {'steps':>6} {'rejected':>9} {'|error|':>10}")
     for i, (w, tol) in enumerate(zip(frequencies, tolerances)):
-        error = abs(float(solution.y1[i, 0]) - math.cos(w * t1))
+        error = abs(float(cast(Tensor, solution.y1)[i, 0]) - math.cos(w * t1))
         print(
             f"{w:>6g} {tol:>8.0e} {int(solution.nfe[i]):>6d} {int(solution.steps[i]):>6d}"
             f" {int(solution.rejected[i]):>9d} {error:>10.2e}"

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
 from .solvers import SolverState, Status, Stepper
 from .solvers.solver import Func, rows_of
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 
 @dataclass
@@ -39,7 +43,7 @@ class GraphedDynamics:
     def __init__(self, func: Callable[[Tensor, Tensor], Tensor], warmup: int = 3) -> None:
         self.func, self.warmup = func, warmup
         self._graphs: dict[tuple, _Captured] = {}
-        self._pool = None
+        self._pool: _POOL_HANDLE | None = None
 
     @property
     def captured_sizes(self) -> list[int]:
@@ -92,9 +96,9 @@ def masked_step(stepper: Stepper, func: Func, state: SolverState) -> tuple[Solve
     stepped, record = stepper.step(func, state)
 
     def keep(new: Tensor | None, old: Tensor | None) -> Tensor | None:
-        return None if old is None else torch.where(rows_of(running, old), new, old)
+        return None if old is None else torch.where(rows_of(running, old), cast(Tensor, new), old)  # set with old
 
-    values = {}
+    values: dict[str, Any] = {}
     for f in fields(SolverState):
         new, old = getattr(stepped, f.name), getattr(state, f.name)
         values[f.name] = {k: keep(new[k], v) for k, v in old.items()} if isinstance(old, dict) else keep(new, old)
@@ -138,7 +142,7 @@ class StepGraphs:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.stepper, self.func, self.check_every, self.capture = stepper, func, check_every, capture
         self._graphs: dict[tuple, _StepGraph] = {}
-        self._pool = None
+        self._pool: _POOL_HANDLE | None = None
 
     @property
     def captured_sizes(self) -> list[int]:
@@ -157,9 +161,10 @@ class StepGraphs:
         if state.batch_size == 0:
             return state
         done: list[SolverState] = []
-        while state is not None:
-            rows = state.batch_size
-            padded, graph = self._load(state)
+        pending: SolverState | None = state
+        while pending is not None:
+            rows = pending.batch_size
+            padded, graph = self._load(pending)
             while True:
                 for _ in range(self.check_every):
                     padded, _ = self._step(padded, graph)
@@ -169,7 +174,7 @@ class StepGraphs:
                 if left == 0 or (left <= padded.batch_size // 4 and padded.batch_size > 1):
                     break
             done.append(live.select(running.logical_not().nonzero().squeeze(1)))
-            state = live.select(running.nonzero().squeeze(1)) if left else None
+            pending = live.select(running.nonzero().squeeze(1)) if left else None
         finished = SolverState.cat(done)
         return finished.select(finished.sample_id.argsort())
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Unpack
+from typing import Any, Unpack, cast
 
 import torch
 from torch import Tensor, nn
@@ -155,7 +155,7 @@ class CNF(nn.Module):
             if with_curvature:  # a t per row, to differentiate the trace by
                 t = t.detach().to(z.dtype).reshape(-1).expand(z.shape[0]).clone().requires_grad_(True)
             if hasattr(self.dynamics, "forward_with_trace"):
-                f, trace = self.dynamics.forward_with_trace(t, z)
+                f, trace = cast(Any, self.dynamics).forward_with_trace(t, z)  # a method of some dynamics
                 if with_jacobian:
                     jacobian = sum(mean_square(row) for row in _jacobian_rows(f, z, differentiable))
             elif self.trace == "exact":
@@ -178,7 +178,7 @@ class CNF(nn.Module):
         if self.trace == "hutchinson":
             parts.append(torch.zeros_like(f))
         if regularisation is not None:
-            parts.append(rate_columns(mean_square(f), jacobian, f, curvature))
+            parts.append(rate_columns(mean_square(f), cast(Tensor | None, jacobian), f, curvature))  # sums of tensors
         rates = torch.cat(parts, 1)
         return rates if differentiable else rates.detach()
 
@@ -205,7 +205,8 @@ class CNF(nn.Module):
         """``n`` samples and their log-densities, solving each at its own tolerance."""
         state = self._base_draws(n, generator, device)
         solution = self._solve(state, (0.0, self.t1), accuracy, adjoint)
-        return solution.y1[:, : self.dim], solution.y1[:, self.dim], solution
+        y1 = cast(Tensor, solution.y1)  # the state is a tensor
+        return y1[:, : self.dim], y1[:, self.dim], solution
 
     def sample_regularised(
         self,
@@ -221,8 +222,9 @@ class CNF(nn.Module):
         is weighed) from the same solve."""
         state = self._with_integrals(self._base_draws(n, generator, device), regularisation)
         solution = self._solve(state, (0.0, self.t1), {}, adjoint, regularisation)
-        integrals = integrals_of(solution.y1, forward=True, columns=regularisation.columns)
-        return solution.y1[:, : self.dim], solution.y1[:, self.dim], solution, integrals
+        y1 = cast(Tensor, solution.y1)  # the state is a tensor
+        integrals = integrals_of(y1, forward=True, columns=regularisation.columns)
+        return y1[:, : self.dim], y1[:, self.dim], solution, integrals
 
     def _base_draws(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
         """Initial states for sampling: z(0) ~ N(0, I) with l(0) = log N(z(0))."""
@@ -255,7 +257,7 @@ class CNF(nn.Module):
         from the same solve (as for :meth:`sample_regularised`)."""
         state = self._with_integrals(self.initial_state(x, torch.zeros_like(x[:, 0]), generator), regularisation)
         solution = self._solve(state, (self.t1, 0.0), {}, adjoint, regularisation)
-        integrals = integrals_of(solution.y1, forward=False, columns=regularisation.columns)
+        integrals = integrals_of(cast(Tensor, solution.y1), forward=False, columns=regularisation.columns)
         return self._log_density(solution), solution, integrals
 
     def span_error(self, start: Tensor, *, forward: bool, generator: torch.Generator | None = None) -> Tensor:
@@ -326,7 +328,8 @@ class CNF(nn.Module):
         return 0  # the rows are the initial state
 
     def _log_density(self, solution: Solution) -> Tensor:
-        z0, integral = solution.y1[:, : self.dim], solution.y1[:, self.dim]
+        y1 = cast(Tensor, solution.y1)  # the state is a tensor
+        z0, integral = y1[:, : self.dim], y1[:, self.dim]
         return standard_normal_log_prob(z0) - integral
 
     @staticmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Unpack
+from typing import Any, Unpack, cast
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +95,7 @@ class ODEBlock(nn.Module):
 
     def forward(self, z: Tensor, **accuracy: Unpack[Accuracy]) -> tuple[Tensor, Solution]:
         solution = self._solve(self.func, z, accuracy)
-        return solution.y1, solution
+        return cast(Tensor, solution.y1), solution  # the state is a tensor
 
     def forward_regularised(
         self, z: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None
@@ -135,7 +135,8 @@ class ODEBlock(nn.Module):
 
         state = torch.cat([flat, noise, flat.new_zeros(flat.shape[0], INTEGRALS)], 1)
         solution = self._solve(dynamics, state, {}, norm=lambda scaled: rms_norm(scaled[:, :size]))
-        return solution.y1[:, :size].view(-1, *shape), solution, integrals_of(solution.y1, forward=True)
+        y1 = cast(Tensor, solution.y1)  # the state is a tensor
+        return y1[:, :size].view(-1, *shape), solution, integrals_of(y1, forward=True)
 
     def _solve(
         self,
@@ -204,9 +205,10 @@ class ODENet(nn.Module):
         """Logits and the block's solution. ``precision="bfloat16"`` evaluates the downsampling,
         f and the head in bfloat16; the ODE's state and step control stay float32."""
         dtype = precision_dtype(accuracy.get("precision"))
-        features = in_precision(lambda _, x: self.downsample(x), dtype)(None, images)
+        no_t = cast(Tensor, None)  # the functions below take no time
+        features = in_precision(lambda _, x: self.downsample(x), dtype)(no_t, images)
         features, solution = self.block(features, **accuracy)
-        return in_precision(lambda _, x: self.head(x), dtype)(None, features), solution
+        return in_precision(lambda _, x: self.head(x), dtype)(no_t, features), solution
 
     def forward_regularised(
         self, images: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None
@@ -226,7 +228,7 @@ class ODENet(nn.Module):
         return self.block.first_step
 
     def signatures(self) -> tuple[Signature, ...]:
-        classes = self.head[-1].out_features
+        classes = cast(int, self.head[-1].out_features)  # the head ends in a Linear
         images = TensorSpec("images", ("uint8", "float32"), (-1, IMAGE_SIDE, IMAGE_SIDE),
                             "MNIST-shaped images: uint8 0..255, or float32 in [0, 1]; [N, 1, 28, 28] is accepted too")  # fmt: skip
         return (Signature("classify", (images,), (

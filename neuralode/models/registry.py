@@ -57,7 +57,7 @@ def _cnf(
     dim: int = 2, dynamics: str = "concatsquash", hidden: list[int] | None = None, width: int = 32, **options
 ) -> CNF:
     if dynamics == "concatsquash":
-        net = ConcatSquashMLP(dim, tuple(hidden or (64, 64, 64)))
+        net: nn.Module = ConcatSquashMLP(dim, tuple(hidden or (64, 64, 64)))
     elif dynamics == "planar":
         net = PlanarDynamics(dim, width)
     else:
