@@ -15,6 +15,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -107,6 +108,11 @@ class _Group:
         self.kinds: list[Kind] = []
 
     @property
+    def rows(self) -> SolverState:
+        """``state`` of a group with rows (it is None only when ``ids`` is empty)."""
+        return cast(SolverState, self.state)
+
+    @property
     def size(self) -> int:
         return len(self.ids)
 
@@ -119,7 +125,7 @@ class _Group:
         if len(rows) == len(self.ids):
             return
         if rows:
-            self.state = self.state.select(torch.tensor(rows, device=self.state.t.device))
+            self.state = self.rows.select(torch.tensor(rows, device=self.rows.t.device))
         else:
             self.state = None
         self.ids = [self.ids[r] for r in rows]
@@ -195,7 +201,7 @@ class Executor:
             rows = [row for row, i in enumerate(group.ids) if i in item_ids]
             if not rows:
                 continue
-            parked = group.state.select(torch.tensor(rows, device=group.state.t.device))
+            parked = group.rows.select(torch.tensor(rows, device=group.rows.t.device))
             for position, row in enumerate(rows):
                 single = parked.select(torch.tensor([position], device=parked.t.device))
                 self.parked[group.ids[row]] = _Parked((group.method, group.precision), group.kinds[row], single)
@@ -236,7 +242,7 @@ class Executor:
                 starting.add(state, ids, [kind] * len(ids))
                 outcomes = self._finish(starting, status, counts)
                 ended.append(GroupStep(method, 0, 0, outcomes, precision))
-                state, ids = starting.state, starting.ids
+                state, ids = starting.rows, starting.ids  # state: used only with ids
             if ids:
                 group.add(state, ids, [kind] * len(ids))
         return ended
@@ -273,7 +279,7 @@ class Executor:
         done = [row for row, s in enumerate(status) if s != _RUNNING]
         if not done:
             return []
-        state = group.state
+        state = group.rows
         y1 = state.y.index_select(0, torch.tensor(done, device=state.t.device))
         outputs: list[dict[str, Tensor]] = [{} for _ in done]
         by_kind: dict[Kind, list[int]] = defaultdict(list)

@@ -212,8 +212,8 @@ class Frontend:
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
         for rpc in self.rpcs:
             by_service.setdefault(rpc.service, {})[rpc.name] = self._handler(rpc)
-        for service, handlers in by_service.items():
-            self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        for service_name, handlers in by_service.items():
+            self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
         extra_services(self.server)
         self.server.add_generic_rpc_handlers((_UnknownMethods(stats),))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast, overload
 
 import numpy as np
 
@@ -31,7 +32,7 @@ MAX_ID = 256  # characters of a request id echoed back
 _RESPONSE_BYTES, _OUTPUT_BYTES = 512, 160
 
 # Datatype names of the protocol, their little-endian numpy types and the typed-contents field.
-DATATYPES = {
+DATATYPES: dict[str, tuple[np.dtype[Any], str]] = {
     "BOOL": (np.dtype("?"), "bool_contents"),
     "UINT8": (np.dtype("<u1"), "uint_contents"),
     "UINT32": (np.dtype("<u4"), "uint_contents"),
@@ -59,8 +60,10 @@ class OpenInference:
         self.service, self.version = service, version
 
     def rpcs(self) -> list[Rpc]:
-        open_probes = [("ServerLive", oip.ServerLiveRequest, self.server_live),
-                       ("ServerReady", oip.ServerReadyRequest, self.server_ready)]  # fmt: skip
+        open_probes: list[tuple[str, type, Callable[[Any, Call], Awaitable[Any]]]] = [
+            ("ServerLive", oip.ServerLiveRequest, self.server_live),
+            ("ServerReady", oip.ServerReadyRequest, self.server_ready),
+        ]
         calls = [("ModelReady", oip.ModelReadyRequest, self.model_ready),
                  ("ServerMetadata", oip.ServerMetadataRequest, self.server_metadata),
                  ("ModelMetadata", oip.ModelMetadataRequest, self.model_metadata),
@@ -295,6 +298,10 @@ class _Parameters:
         parameter = self.parameters[name]
         return getattr(parameter, parameter.WhichOneof("parameter_choice") or "string_param")
 
+    @overload
+    def number(self, name: str, kind: type[int]) -> int | None: ...
+    @overload
+    def number(self, name: str, kind: type[float]) -> float | None: ...
     def number(self, name: str, kind: type) -> float | int | None:
         value = self._value(name)
         if value is None or isinstance(value, bool):
@@ -304,7 +311,7 @@ class _Parameters:
         try:
             number = float(value) if isinstance(value, str) else value
         except ValueError:
-            raise invalid(f"parameters.{name} must be a number, got {quoted(value)}") from None
+            raise invalid(f"parameters.{name} must be a number, got {quoted(cast(str, value))}") from None  # a str
         if kind is int:
             if not float(number).is_integer() or number < 0:
                 raise invalid(f"parameters.{name} must be a whole number >= 0, got {value!r}")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from odeserve.v1 import odeserve_pb2 as pb
 
 from .api import invalid, quoted
 
-DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 MAX_DIMENSIONS = 8
 """More than any served input needs; a larger rank is refused before numpy sees it."""
 MAX_ELEMENTS = 2**32

@@ -100,11 +100,11 @@ def run(args: argparse.Namespace, client: Client) -> dict:
         ]  # fmt: skip
         return {"predictions": rows, **_items(result)}
     if args.command == "sample":
-        result = client.sample(args.n, seed=args.seed, **_request_kwargs(args))
-        return {"points": result.points.tolist(), "log_density": result.log_density.tolist(), **_items(result)}
+        sampled = client.sample(args.n, seed=args.seed, **_request_kwargs(args))
+        return {"points": sampled.points.tolist(), "log_density": sampled.log_density.tolist(), **_items(sampled)}
     if args.command == "log-density":
-        result = client.log_density(np.asarray(args.points, dtype=np.float32), **_request_kwargs(args))
-        return {"points": args.points, "log_density": result.log_density.tolist(), **_items(result)}
+        density = client.log_density(np.asarray(args.points, dtype=np.float32), **_request_kwargs(args))
+        return {"points": args.points, "log_density": density.log_density.tolist(), **_items(density)}
     if args.command == "health":
         return {"service": args.service, "status": client.health(args.service)}
     return {"models": [{"name": m.name, "version": m.version, "kind": m.kind, "task": m.task,

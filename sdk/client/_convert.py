@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from odeserve.v1 import odeserve_pb2 as pb
 
 STATUS_NAMES = {value: name.removeprefix("SOLVE_STATUS_") for name, value in pb.SolveStatus.items()}
-_DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from .requests import State
 class FirstComeFirstServed(Policy):
     """Running items keep their slots; free ones go to waiting items in arrival order."""
 
-    def slots(self, work: Workload, now: float) -> dict[int, int]:
+    def slots(self, work: Workload, now: float) -> dict[int, int] | None:
         free = self.config.max_batch - work.running
         wanted = {}
         for request in sorted(work.requests, key=lambda r: r.id):

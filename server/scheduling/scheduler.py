@@ -347,9 +347,9 @@ class Scheduler:
 
     def _hopeless(self, request: Request, now: float) -> bool:
         """Even with half the card's NFE per item, the deadline cannot be met."""
-        if request.deadline is None or request.cost.expected is None or not self.timer.observed:
-            return False
         cost = request.cost
+        if request.deadline is None or cost.expected is None or not self.timer.observed:
+            return False
         optimistic = OPTIMISTIC_NFE_FRACTION * cost.expected
         done = max(
             (max(0.0, (i.nfe - cost.start) / cost.step) for i in request.items if not i.state.terminal), default=0.0
