@@ -14,7 +14,7 @@ import numbers
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypedDict, TypeVar, Unpack
+from typing import Annotated, Any, Generic, Literal, TypedDict, TypeVar, Unpack, cast
 
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,6 +60,14 @@ def _tolerance(text: str) -> float | str:
         raise ValueError(f"a number such as 1e-3, or auto; got {text!r}") from None
 
 
+ADAPTIVE_METHODS = ("dopri5", "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun")
+"""The methods a request may name, the default first: the server's adaptive ones (the SDK has no
+torch, so it cannot ask neuralode.solvers; tests/client/test_sdk.py checks that they agree)."""
+_METHOD_HELP = f'"{ADAPTIVE_METHODS[0]}" (default), or another adaptive method: ' + ", ".join(
+    f'"{name}"' for name in ADAPTIVE_METHODS[1:]
+)
+
+
 class RequestOptions(TypedDict, total=False):
     """Request options (keywords of classify, sample and log_density; left out or None: the
     server's default):"""
@@ -70,10 +78,7 @@ class RequestOptions(TypedDict, total=False):
                    "which)", _tolerance]  # fmt: skip
     rtol: Annotated[float | None, "relative tolerance, with atol, instead of tol"]
     atol: Annotated[float | None, "absolute tolerance, with rtol"]
-    method: Annotated[
-        str | None,
-        '"dopri5" (default), or another adaptive method: "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun"',
-    ]
+    method: Annotated[str | None, _METHOD_HELP]
     max_nfe: Annotated[int | None, "stop each item after this many function evaluations (its status: MAX_NFE)"]
     precision: Annotated[
         str | None,
@@ -125,7 +130,7 @@ def _request_fields(options: RequestOptions) -> dict[str, Any]:
     _check_types(options)
     tol = options.get("tol")
     auto = tol == "auto"
-    accuracy = pb.Accuracy(tol=0.0 if auto else tol or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
+    accuracy = pb.Accuracy(tol=0.0 if auto else cast(float | None, tol) or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
                            method=options.get("method") or "", max_nfe=options.get("max_nfe") or 0, auto_tol=auto,
                            latency_target_seconds=options.get("latency_target_s") or 0.0,
                            precision=options.get("precision") or "")  # fmt: skip

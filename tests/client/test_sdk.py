@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import pydoc
+import typing
 
 import client._calls as calls
 import numpy as np
 import pytest
 from client import AsyncClient, Client, OdeServeError
 from live_server import CLASSIFIER, DENSITIES, start_server
+
+from neuralode.solvers import METHODS
 
 DENSITY = DENSITIES[0]
 DESCRIBED = [f for name, f in vars(calls).items() if inspect.isfunction(f) and f.__module__ == calls.__name__
@@ -197,4 +200,14 @@ def test_help_spells_out_the_request_options_with_their_types():
     assert "Exact log-densities" in text and "tol       rtol = atol = tol" in text
     assert "models(self, timeout_s: 'float | None' = None) -> 'list[ModelInfo]'" in pydoc.render_doc(
         Client.models, renderer=pydoc.plaintext
+    )
+
+
+def test_the_sdks_methods_are_the_servers_adaptive_ones():
+    # The SDK has no torch: it lists the methods itself, and this keeps the list the server's.
+    assert sorted(calls.ADAPTIVE_METHODS) == sorted(name for name, method in METHODS.items() if method.adaptive)
+    assert calls.ADAPTIVE_METHODS[0] == "dopri5"  # the server's default, first in the help
+    help_text = typing.get_type_hints(calls.RequestOptions, include_extras=True)["method"].__metadata__[0]
+    assert help_text == (
+        '"dopri5" (default), or another adaptive method: "tsit5", "bosh3", "dopri8", "fehlberg2", "adaptive_heun"'
     )
