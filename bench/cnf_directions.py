@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def directions(path: Path, points: int, reference: float) -> dict:
     checkpoint = load_checkpoint(path)
-    dataset = checkpoint.card["dataset"]["name"]
+    dataset = checkpoint.card.dataset.name
     measured = direction_errors(checkpoint.model, dataset, "cpu", points=points, reference=reference)
     return {"checkpoint": str(path), "dataset": dataset, "rows": measured["rows"]}
 
