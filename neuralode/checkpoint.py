@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,14 +75,19 @@ def read_card(path: str | Path) -> ModelCard:
 
 
 def load_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    overrides: dict[str, Any] | Callable[[ModelCard], dict[str, Any] | None] | None = None,
 ) -> Checkpoint:
     """Rebuild the model a card describes and load its weights, in eval mode.
 
     ``overrides`` change constructor settings of the card's ``hyper`` that leave the weights
-    as they are (a solver setting such as ``first_step``); the returned card says so."""
+    as they are (a solver setting such as ``first_step``); the returned card says so. Given
+    as a function, it is asked with the file's card (for settings that depend on the kind)."""
     path = Path(path)
     data, state_dict = _read(path)
+    if callable(overrides):
+        overrides = overrides(_card(path, data))
     if overrides and isinstance(data.get("hyper"), dict):  # (a card whose hyper is no object is refused next)
         data = {**data, "hyper": {**data["hyper"], **overrides}}
     card = _card(path, data)

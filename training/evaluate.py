@@ -18,7 +18,8 @@ import math
 from datetime import date
 from pathlib import Path
 
-from neuralode.checkpoint import Checkpoint, load_checkpoint, read_card
+from neuralode.card import ModelCard
+from neuralode.checkpoint import Checkpoint, load_checkpoint
 from neuralode.models.registry import CLASSIFIERS, ODE_CLASSIFIERS, ODE_KINDS
 
 from .common import device_name, resolve_device
@@ -26,9 +27,12 @@ from .common import device_name, resolve_device
 
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    overrides = {"first_step": args.first_step} if hasattr(args, "first_step") else None
-    checkpoints = [load_checkpoint(path, device, overrides if read_card(path).kind in ODE_KINDS else None)
-                   for path in args.checkpoints]  # fmt: skip
+    settings = {"first_step": args.first_step} if hasattr(args, "first_step") else None
+
+    def overrides(card: ModelCard) -> dict | None:  # a model without an ODE has no solver to set
+        return settings if card.kind in ODE_KINDS else None
+
+    checkpoints = [load_checkpoint(path, device, overrides) for path in args.checkpoints]  # each file read once
     _check_comparable(checkpoints)
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,11 @@ def test_overrides_change_a_solver_setting_and_keep_the_weights(tmp_path):
         assert torch.equal(loaded.model.state_dict()[name], weights)
     with pytest.raises(CheckpointError, match="does not describe a model we can build"):
         load_checkpoint(path, overrides={"no_such_setting": 1})
+    # As a function of the card, for settings that depend on the kind (one read of the file).
+    asked = []
+    by_kind = load_checkpoint(path, overrides=lambda card: asked.append(card.kind) or {"first_step": 0.5})
+    assert asked == ["odenet"] and by_kind.card.hyper["first_step"] == 0.5 == by_kind.model.block.first_step
+    assert "first_step" not in load_checkpoint(path, overrides=lambda card: None).card.hyper
 
 
 def _with_card(tmp_path, change):

@@ -159,13 +159,17 @@ def test_tune_refuses_models_without_an_ode_bad_steps_and_overwriting(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
 
 
-def test_evaluate_measures_under_a_first_step_and_says_so(tmp_path):
+def test_evaluate_measures_under_a_first_step_and_says_so(tmp_path, monkeypatch):
+    import neuralode.checkpoint as checkpoint
     from training.__main__ import main
 
+    reads, read = [], checkpoint._read
+    monkeypatch.setattr(checkpoint, "_read", lambda path: reads.append(path) or read(path))
     main(["evaluate", str(ROOT / "checkpoints" / "cnf-8gaussians.pt"), "--first-step", "1", "--tols", "1",
           "--out", str(tmp_path), "--device", "cpu"])  # fmt: skip
     report = json.loads((tmp_path / "cnf-8gaussians-eval.json").read_text())
     assert report["first_step"] == 1.0 and report["rows"][0]["nfe_mean"] == 7.0
+    assert reads == [ROOT / "checkpoints" / "cnf-8gaussians.pt"]  # the file read once, its card with it
 
 
 def test_a_missing_train_extra_is_named_instead_of_a_traceback(monkeypatch):
