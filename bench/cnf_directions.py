@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def directions(path: Path, points: int, reference: float, precision: str) -> dict:
     checkpoint = load_checkpoint(path)
-    dataset = checkpoint.card["dataset"]["name"]
+    dataset = checkpoint.card.dataset.name
     measured = direction_errors(
         checkpoint.model, dataset, "cpu", points=points, reference=reference, precision=precision
     )

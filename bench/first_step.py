@@ -94,8 +94,8 @@ def main() -> None:
         "checkpoints": [
             {
                 "path": os.path.relpath(path, ROOT),
-                "first_step": card["hyper"].get("first_step"),
-                "code_version": card.get("code_version"),
+                "first_step": card.hyper.get("first_step"),
+                "code_version": card.code_version,
             }
             for path, card in zip(args.checkpoints, map(read_card, args.checkpoints))
         ],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from neuralode.card import ModelCard  # noqa: E402
 from neuralode.checkpoint import read_card  # noqa: E402
 
 PAPER_TEST_ERROR = {"mlp": 0.0160, "resnet": 0.0041, "rknet": 0.0047, "odenet": 0.0042}
@@ -34,41 +35,41 @@ _GNU_TIME_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 
 def row(path: Path, gnu_time_dir: Path | None) -> dict:
     card = read_card(path)
-    training = card["training"]
+    training = card.training
     epoch_seconds = [float(s) for s in _EPOCH.findall(path.with_suffix(".log").read_text())]
     loop_seconds = sum(epoch_seconds)
-    images = training["steps"] * training["batch_size"] * training.get("world_size", 1)
-    kind = card["kind"]
-    table = card["metrics"]["table"]
+    images = training.steps * training.batch_size * (1 if "world_size" in training.absent else training.world_size)
+    kind = card.kind
+    table = card.metrics.table
     return {
         "kind": kind,
         "name": path.stem,
-        "parameters": card["parameters"],
-        "test_error": card["metrics"]["test_error"],
-        "tol": training["tol"],
-        "nfe_mean": next((r["nfe_mean"] for r in table if r["tol"] == training["tol"]), None),
-        "table": table,
-        "epochs": training["epochs"],
-        "steps": training["steps"],
+        "parameters": card.parameters,
+        "test_error": card.metrics.test_error,
+        "tol": training.tol,
+        "nfe_mean": next((r.nfe_mean for r in table if r.tol == training.tol), None),
+        "table": [r.to_dict() for r in table],
+        "epochs": training.epochs,
+        "steps": training.steps,
         "train_loop_s": round(loop_seconds, 1),
         "images_per_s": round(images / loop_seconds, 1),
         "peak_rss_mib": _peak_rss(card, path, gnu_time_dir),
         "paper_test_error": PAPER_TEST_ERROR.get(kind),
         "paper_parameters": PAPER_PARAMETERS.get(kind),
-        "command": training["command"],
-        "device": training["device"],
-        "code_version": card["code_version"],
+        "command": training.command,
+        "device": training.device,
+        "code_version": card.code_version,
     }
 
 
-def _peak_rss(card: dict, path: Path, gnu_time_dir: Path | None) -> float | None:
+def _peak_rss(card: ModelCard, path: Path, gnu_time_dir: Path | None) -> float | None:
     """The whole process's peak (GNU time's, taken at exit) where there is one, so that all
     rows count alike; else the card's, taken just before the checkpoint was written."""
     if gnu_time_dir is not None and (gnu_time_dir / f"{path.stem}.time").exists():
         match = _GNU_TIME_RSS.search((gnu_time_dir / f"{path.stem}.time").read_text())
         if match:
             return round(int(match.group(1)) / 1024, 1)
-    recorded = card["training"].get("peak_memory_mib")
+    recorded = card.training.peak_memory_mib
     return recorded["host_rss"] if recorded else None
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from neuralode.card import ModelCard
 from neuralode.checkpoint import load_checkpoint
 
 from .adapters import Adapter, adapter_for
@@ -25,7 +26,7 @@ class ServedModel:
     version: str  # content hash of the checkpoint file
     kind: str
     task: Task
-    card: dict
+    card: ModelCard
     adapter: Adapter
     default_tol: float
     device: str
@@ -44,17 +45,16 @@ class ServedModel:
     def _card_table(self) -> list[tuple[float, float]]:
         """(tol, mean NFE) of the card's evaluation table rows that have both (the card was
         checked on loading: they are positive numbers), tightest first."""
-        rows = self.card.get("metrics", {}).get("table", ())
-        return sorted((float(r["tol"]), float(r["nfe_mean"])) for r in rows if r.get("tol") and r.get("nfe_mean"))
+        rows = self.card.metrics.table
+        return sorted((float(r.tol), float(r.nfe_mean)) for r in rows if r.tol and r.nfe_mean)
 
     @cached_property
     def bfloat16_from_tol(self) -> float | None:
         """The tightest tolerance from which, at every looser one the card measured, bfloat16
         gave float32's error and NFE (``metrics.precision_table``, written by ``training tune
         --precision-table``); None when the card has no such row (float32 only)."""
-        rows = self.card.get("metrics", {}).get("precision_table", ())
-        verdicts = sorted((float(r["tol"]), bool(r.get("matches_float32"))) for r in rows
-                          if r.get("precision") == "bfloat16" and r.get("tol"))  # fmt: skip
+        verdicts = sorted((float(r.tol), bool(r.matches_float32)) for r in self.card.metrics.precision_table
+                          if r.precision == "bfloat16" and r.tol)  # fmt: skip
         floor = None
         for tol, matches in reversed(verdicts):  # loosest first
             if not matches:
@@ -78,7 +78,7 @@ class ServedModel:
         measured with. Sampling and log-density solves of a CNF share its table: they cost
         within 8% of each other (shipped CNFs, tol 1e-4..1e-1)."""
         points = self._card_nfe
-        if not points or method != self.card.get("hyper", {}).get("method"):
+        if not points or method != self.card.method:
             return None
         x = math.log(tol)
         if x >= points[-1][0] or len(points) == 1:
@@ -114,7 +114,7 @@ def load_models(
                 task=adapter.task,
                 card=checkpoint.card,
                 adapter=adapter,
-                default_tol=float(checkpoint.card.get("training", {}).get("tol") or 1e-3),
+                default_tol=float(checkpoint.card.training.tol or 1e-3),
                 device=str(device),
             )
             models[name]._card_nfe  # read the card's table here, inside the guard  # noqa: B018

@@ -104,7 +104,7 @@ class V1:
                            priority_levels=config.priority_levels, default_priority=config.default_priority,
                            methods=SERVED_METHODS)  # fmt: skip
         return pb.ModelInfo(name=model.name, version=model.version, kind=model.kind, task=model.task.value,
-                            card_json=json.dumps(model.card, sort_keys=True), default_tol=model.default_tol,
+                            card_json=json.dumps(model.card.to_dict(), sort_keys=True), default_tol=model.default_tol,
                             device=model.device, signatures=signatures, limits=limits,
                             tensor_encoding=TENSOR_ENCODING)  # fmt: skip
 

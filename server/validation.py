@@ -98,7 +98,7 @@ def _check_auto(accuracy: Accuracy, model: ServedModel, method: str, config: Ser
     if not auto_tolerances(model, config):
         raise invalid(f"accuracy.auto_tol: the card of model {quoted(model.name)} has no NFE table within the "
                       f"served tolerances [{config.min_tol:g}, {config.max_tol:g}]")  # fmt: skip
-    card_method = model.card.get("hyper", {}).get("method")
+    card_method = model.card.method
     if method != card_method:
         raise invalid(
             f"accuracy.auto_tol needs the method the model card was measured with ({card_method}), got {method!r}"

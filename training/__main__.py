@@ -230,7 +230,7 @@ def _run_tune(args: argparse.Namespace) -> None:
 
 
 def _card(sub) -> None:
-    text = "print a checkpoint's model card (JSON) without loading its model"
+    text = "print a checkpoint's model card (JSON), checked, without loading its model"
     parser = sub.add_parser("card", help=text, description=text)
     parser.add_argument("checkpoint", type=Path)
     parser.set_defaults(run=_print_card, needs_train_extra=False)
@@ -243,7 +243,7 @@ def _print_card(args: argparse.Namespace) -> None:
         card = read_card(args.checkpoint)
     except (OSError, CheckpointError) as error:
         raise SystemExit(str(error)) from None
-    print(json.dumps(card, indent=2, sort_keys=True))
+    print(json.dumps(card.to_dict(), indent=2, sort_keys=True))
 
 
 TRAIN_EXTRA = ("torchvision", "tqdm", "matplotlib")

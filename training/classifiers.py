@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from neuralode.card import Dataset, Metrics, ModelCard, TableRow, Training
 from neuralode.checkpoint import save_checkpoint
 from neuralode.models import ODENet, Regularisation
 from neuralode.models.registry import build_model, model_spec, specs
@@ -137,17 +138,17 @@ def precision_table(model: nn.Module, kind: str, data: ImageSet, device: torch.d
     return rows
 
 
-def card_metrics(model: nn.Module, kind: str, test_set: ImageSet, device: torch.device, tol: float) -> dict:
+def card_metrics(model: nn.Module, kind: str, test_set: ImageSet, device: torch.device, tol: float) -> Metrics:
     """A model card's ``metrics``: the evaluation table, and the error at the training ``tol``
     (the server's default) or the one error of a model without an ODE."""
     table = evaluation_table(model, kind, test_set, device)
     for row in table:
         log.info("eval %s", row.as_dict())
-    return {
-        "test_error": _row_at(table, tol if model_spec(kind).has_ode else None).test_error,
-        "table": [row.as_dict() for row in table],
-        "eval_device": device_name(device),
-    }
+    return Metrics(
+        test_error=_row_at(table, tol if model_spec(kind).has_ode else None).test_error,
+        table=tuple(TableRow(**row.as_dict()) for row in table),
+        eval_device=device_name(device),
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -354,27 +355,27 @@ def train(kind: str, args: argparse.Namespace) -> Path:
 
     path = out
     if world.is_main:
-        card = {
-            "kind": kind,
-            "hyper": hyper,
-            "task": "classify",
-            "input": {"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "classes": 10},
-            "dataset": {"name": "MNIST", "train_images": len(train_set), "test_images": len(test_set),
-                        "augmentation": None if args.no_augment else AUGMENTATION},
-            "training": {
-                "command": command_line(), "tol": args.tol if model_spec(kind).has_ode else None,
-                "method": args.method if model_spec(kind).has_ode else None, "adjoint": adjoint,
-                "epochs": position.epoch, "steps": position.step, "batch_size": args.batch_size,
-                "world_size": world.world_size, "preset": args.preset, "time_budget_s": args.time_budget,
-                "tf32": args.tf32, "optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
-                "warmup": args.warmup, "seed": args.seed, "device": device_name(device),
-                "regularisation": regularisation.card() if model_spec(kind).has_ode else None,
-                "duration_s": round(duration, 1), "sittings": position.sittings,
-                "images_per_s": round(position.step * images_per_step / duration, 1),
-                "peak_memory_mib": peak_memory(device), "test_error_history": position.history,
-            },
-            "metrics": card_metrics(model, kind, test_set, device, args.tol),
-        }  # fmt: skip
+        card = ModelCard(
+            kind=kind,
+            hyper=hyper,
+            task="classify",
+            input={"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "classes": 10},
+            dataset=Dataset(name="MNIST", train_images=len(train_set), test_images=len(test_set),
+                            augmentation=None if args.no_augment else AUGMENTATION),
+            training=Training(
+                command=command_line(), tol=args.tol if model_spec(kind).has_ode else None,
+                method=args.method if model_spec(kind).has_ode else None, adjoint=adjoint,
+                epochs=position.epoch, steps=position.step, batch_size=args.batch_size,
+                world_size=world.world_size, preset=args.preset, time_budget_s=args.time_budget,
+                tf32=args.tf32, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                warmup=args.warmup, seed=args.seed, device=device_name(device),
+                regularisation=regularisation.card() if model_spec(kind).has_ode else None,
+                duration_s=round(duration, 1), sittings=position.sittings,
+                images_per_s=round(position.step * images_per_step / duration, 1),
+                peak_memory_mib=peak_memory(device), test_error_history=position.history,
+            ),
+            metrics=card_metrics(model, kind, test_set, device, args.tol),
+        )  # fmt: skip
         save_checkpoint(path, model, card)
         log.info("wrote %s", path)
     world.barrier()

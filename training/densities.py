@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from neuralode.card import Dataset, DirectionRow, Directions, Metrics, ModelCard, TableRow, Training
 from neuralode.checkpoint import save_checkpoint
 from neuralode.models import CNF, PlanarFlow, Regularisation, build_model, model_spec
 
@@ -246,47 +247,49 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     log.info("trained in %.1f s, final loss (mean of last 50) %.4f", duration, final_loss)
 
     model.eval()
-    metrics = {
-        "final_train_loss": final_loss,
-        **card_metrics(model, kind, args.data or f"energy {args.target}", args.tol, device),
-    }
-    card = {
-        "kind": kind,
-        "hyper": hyper,
-        "task": "density",
-        "input": {"dim": 2, "dtype": "float32"},
-        "dataset": {"name": args.data or f"energy {args.target}", "test_points": TEST_POINTS, "test_seed": TEST_SEED},
-        "training": {
-            "command": command_line(), "objective": "reverse KL" if args.target else "maximum likelihood",
-            "tol": args.tol if model_spec(kind).has_ode else None, "adjoint": bool(args.adjoint), "steps": args.steps,
-            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": device_name(device),
-            "regularisation": regularisation.card() if model_spec(kind).has_ode else None,
-            "duration_s": round(duration, 1), "peak_memory_mib": peak_memory(device),
-        },
-        "metrics": metrics,
-    }  # fmt: skip
+    metrics = card_metrics(model, kind, args.data or f"energy {args.target}", args.tol, device)
+    card = ModelCard(
+        kind=kind,
+        hyper=hyper,
+        task="density",
+        input={"dim": 2, "dtype": "float32"},
+        dataset=Dataset(name=args.data or f"energy {args.target}", test_points=TEST_POINTS, test_seed=TEST_SEED),
+        training=Training(
+            command=command_line(), objective="reverse KL" if args.target else "maximum likelihood",
+            tol=args.tol if model_spec(kind).has_ode else None, adjoint=bool(args.adjoint), steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device_name(device),
+            regularisation=regularisation.card() if model_spec(kind).has_ode else None,
+            duration_s=round(duration, 1), peak_memory_mib=peak_memory(device),
+        ),
+        metrics=metrics.replace(final_train_loss=final_loss),
+    )  # fmt: skip
     save_checkpoint(out, model, card)
     log.info("wrote %s", out)
     return out
 
 
-def card_metrics(model: nn.Module, kind: str, dataset: str, tol: float, device) -> dict:
+def card_metrics(model: nn.Module, kind: str, dataset: str, tol: float, device) -> Metrics:
     """A model card's evaluation: the table over the tolerances and the headline figure at the
     training ``tol``; ``dataset`` is a toy density's name or ``"energy <target>"``."""
     if dataset.startswith("energy "):
         target = dataset.split()[1]
         tols = TABLE_TOLERANCES if model_spec(kind).has_ode else (None,)
         at_training_tol = tol if model_spec(kind).has_ode else None
-        metrics = {"table": [kl_estimate(model, target, t, device) for t in tols],
-                   "kl_plus_log_z": kl_estimate(model, target, at_training_tol, device)["kl_plus_log_z"]}  # fmt: skip
+        table = [kl_estimate(model, target, t, device) for t in tols]
+        metrics = Metrics(table=tuple(TableRow(**row) for row in table),
+                          kl_plus_log_z=kl_estimate(model, target, at_training_tol, device)["kl_plus_log_z"])  # fmt: skip
     else:
-        metrics = {"table": [test_log_likelihood(model, dataset, t, device) for t in TABLE_TOLERANCES],
-                   "test_log_likelihood": test_log_likelihood(model, dataset, tol, device)["test_log_likelihood"]}  # fmt: skip
+        table = [test_log_likelihood(model, dataset, t, device) for t in TABLE_TOLERANCES]
+        metrics = Metrics(table=tuple(TableRow(**row) for row in table),
+                          test_log_likelihood=test_log_likelihood(model, dataset, tol, device)["test_log_likelihood"])  # fmt: skip
         if isinstance(model, CNF):
-            metrics["directions"] = direction_errors(model, dataset, device)
-            for row in metrics["directions"]["rows"]:
+            directions = direction_errors(model, dataset, device)
+            for row in directions["rows"]:
                 log.info("directions %s", row)
-    for row in metrics["table"]:
+            metrics = metrics.replace(directions=Directions(
+                reference_tol=directions["reference_tol"], points=directions["points"],
+                rows=tuple(DirectionRow(**row) for row in directions["rows"])))  # fmt: skip
+    for row in table:
         log.info("eval %s", row)
     return metrics
 
@@ -306,7 +309,7 @@ def grid_mass(log_p: Tensor, extent: float, resolution: int) -> float:
     return float(log_p.double().exp().sum() * cell)
 
 
-def plot_density(model: nn.Module, card: dict, path: Path, device, tol: float = 1e-4) -> Path:
+def plot_density(model: nn.Module, card: ModelCard, path: Path, device, tol: float = 1e-4) -> Path:
     """Data (or target), learned density and samples side by side."""
     import matplotlib
 
@@ -315,7 +318,7 @@ def plot_density(model: nn.Module, card: dict, path: Path, device, tol: float = 
 
     extent, resolution = 4.0, 120
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    name = card["dataset"]["name"]
+    name = card.dataset.name
     axis = torch.linspace(-extent, extent, resolution)
     if name.startswith("energy "):
         xs, ys = torch.meshgrid(axis, axis, indexing="xy")
@@ -355,15 +358,15 @@ def plot_density(model: nn.Module, card: dict, path: Path, device, tol: float = 
     return path
 
 
-def _plot_title(card: dict, tol: float, nfe: dict[str, float]) -> str:
+def _plot_title(card: ModelCard, tol: float, nfe: dict[str, float]) -> str:
     """What a reader needs to place the figure: the model, how it was trained, what the
     density and samples cost at the plotted tolerance."""
-    hyper = card["hyper"]
-    if not model_spec(card["kind"]).has_ode:
+    hyper = card.hyper
+    if not model_spec(card.kind).has_ode:
         return f"planar flow, {hyper['layers']} layers"
     shape = f"width {hyper['width']}" if hyper["dynamics"] == "planar" else f"hidden {hyper['hidden']}"
     title = f"CNF, {hyper['dynamics']} dynamics ({shape}), {hyper['trace']} trace, {hyper['method']}"
-    regularisation = {k: v for k, v in (card.get("training", {}).get("regularisation") or {}).items() if v}
+    regularisation = {k: v for k, v in (card.training.regularisation or {}).items() if v}
     if regularisation:
         title += ", " + ", ".join(f"{name} {value:g}" for name, value in sorted(regularisation.items()))
     title += f"\ntol {tol:g}: mean NFE {nfe['back']:.1f} for the density (back), {nfe['forward']:.1f} for sampling"

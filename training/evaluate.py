@@ -18,17 +18,21 @@ import math
 from datetime import date
 from pathlib import Path
 
-from neuralode.checkpoint import Checkpoint, load_checkpoint, read_card
-from neuralode.models.registry import CLASSIFY, kinds, model_spec
+from neuralode.card import ModelCard
+from neuralode.checkpoint import Checkpoint, load_checkpoint
+from neuralode.models.registry import CLASSIFY, model_spec
 
 from .common import device_name, resolve_device
 
 
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    overrides = {"first_step": args.first_step} if hasattr(args, "first_step") else None
-    checkpoints = [load_checkpoint(path, device, overrides if read_card(path)["kind"] in kinds(has_ode=True) else None)
-                   for path in args.checkpoints]  # fmt: skip
+    settings = {"first_step": args.first_step} if hasattr(args, "first_step") else None
+
+    def overrides(card: ModelCard) -> dict | None:  # a model without an ODE has no solver to set
+        return settings if model_spec(card.kind).has_ode else None
+
+    checkpoints = [load_checkpoint(path, device, overrides) for path in args.checkpoints]  # each file read once
     _check_comparable(checkpoints)
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> dict:
             else _density_report(checkpoint, args, device)
         )
         reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint),
-                        "first_step": checkpoint.card["hyper"].get("first_step"), **report})  # fmt: skip
+                        "first_step": checkpoint.card.hyper.get("first_step"), **report})  # fmt: skip
     single = len(reports) == 1
     default = f"{args.checkpoints[0].stem}-eval" if single else "-vs-".join(path.stem for path in args.checkpoints)
     name = args.name or default  # may hold dots (odenet-mnist-k0.1-j0.1): no with_suffix
@@ -80,7 +84,7 @@ def _classifier_report(checkpoint: Checkpoint, args: argparse.Namespace, device)
 def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) -> dict:
     from .densities import kl_estimate, test_log_likelihood
 
-    name = checkpoint.card["dataset"]["name"]
+    name = checkpoint.card.dataset.name
     if name.startswith("energy "):
         target = name.split()[1]
         tols = args.tols if model_spec(checkpoint.kind).has_ode else [None]
@@ -100,19 +104,19 @@ def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) ->
 
 def _provenance(checkpoint: Checkpoint) -> dict:
     """How the checkpoint was made, from its card, so a saved report says what it compares."""
-    training = checkpoint.card.get("training", {})
+    training = checkpoint.card.training
     keys = ("command", "seed", "device", "duration_s")
-    return {"code_version": checkpoint.card.get("code_version"), **{k: training.get(k) for k in keys}}
+    return {"code_version": checkpoint.card.code_version, **{k: getattr(training, k) for k in keys}}
 
 
 def _regularisation(checkpoint: Checkpoint) -> dict | None:
     """The card's regularisation settings (cards from before they existed: none)."""
-    return checkpoint.card.get("training", {}).get("regularisation")
+    return checkpoint.card.training.regularisation
 
 
 def _check_comparable(checkpoints: list[Checkpoint]) -> None:
     """Side by side only makes sense on one task and dataset: checked on the cards, before any work."""
-    datasets = {(c.card.get("task"), c.card.get("dataset", {}).get("name")) for c in checkpoints}
+    datasets = {(c.card.task, c.card.dataset.name) for c in checkpoints}
     if len(datasets) > 1:
         raise SystemExit(
             f"compare checkpoints of one dataset; got {', '.join(f'{t} on {d}' for t, d in sorted(datasets))}"

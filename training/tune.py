@@ -14,6 +14,7 @@ import argparse
 import hashlib
 from datetime import date
 
+from neuralode.card import ABSENT, ModelCard, PrecisionRow, Tuned
 from neuralode.checkpoint import load_checkpoint, read_card, save_checkpoint
 from neuralode.models import CNF
 from neuralode.models.registry import CLASSIFY, kinds, model_spec
@@ -21,13 +22,13 @@ from neuralode.models.registry import CLASSIFY, kinds, model_spec
 from .common import command_line, device_name, resolve_device, setup_logging
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> ModelCard:
     device = resolve_device(args.device)
     setup_logging(None, True)
     source = read_card(args.checkpoint)
-    if source["kind"] not in kinds(has_ode=True):
+    if source.kind not in kinds(has_ode=True):
         raise SystemExit(
-            f"{args.checkpoint}: a {source['kind']} has no ODE solve to tune (tune one of {', '.join(kinds(has_ode=True))})"
+            f"{args.checkpoint}: a {source.kind} has no ODE solve to tune (tune one of {', '.join(kinds(has_ode=True))})"
         )
     if args.out.resolve() == args.checkpoint.resolve():
         raise SystemExit("--out must name a new file: the checkpoint being tuned stays as it is")
@@ -35,11 +36,11 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("nothing to tune: give --first-step, --precision-table or both")
     settings = {} if args.first_step is None else {"first_step": args.first_step}
     tuned = load_checkpoint(args.checkpoint, device, settings)
-    on_data = isinstance(tuned.model, CNF) and not source.get("dataset", {}).get("name", "").startswith("energy ")
+    on_data = isinstance(tuned.model, CNF) and not (source.dataset.name or "").startswith("energy ")
     if args.precision_table and model_spec(tuned.kind).task != CLASSIFY and not on_data:
         raise SystemExit(f"--precision-table measures classifiers and CNFs trained on data, not this {tuned.kind}")
-    card = {key: value for key, value in tuned.card.items() if key not in ("created", "code_version")}
-    tol = card.get("training", {}).get("tol")
+    card = tuned.card.replace(created=ABSENT, code_version=ABSENT)  # this copy's own, when it is saved
+    tol = card.training.tol
     if model_spec(tuned.kind).task == CLASSIFY:
         from .classifiers import card_metrics
         from .data import load_mnist
@@ -49,26 +50,32 @@ def run(args: argparse.Namespace) -> dict:
         if args.precision_table:
             from .classifiers import precision_table
 
-            metrics["precision_table"] = precision_table(tuned.model, tuned.kind, test_set, device)
-        card["dataset"] = {**card["dataset"], "test_images": len(test_set)}
+            metrics = metrics.replace(precision_table=_rows(precision_table(tuned.model, tuned.kind, test_set, device)))
+        card = card.replace(dataset=card.dataset.replace(test_images=len(test_set)))
     else:
         from .densities import card_metrics
 
-        metrics = card_metrics(tuned.model, tuned.kind, card["dataset"]["name"], tol, device)
+        metrics = card_metrics(tuned.model, tuned.kind, card.dataset.name, tol, device)
         if args.precision_table:
             from .densities import TEST_POINTS, precision_table
 
-            points = args.test_subset or TEST_POINTS
-            metrics["precision_table"] = precision_table(tuned.model, card["dataset"]["name"], device, points)
-    card["metrics"] = {**card.get("metrics", {}), **metrics, "eval_device": device_name(device)}
-    card["tuned"] = {
-        "from": {"file": args.checkpoint.name, "sha256": hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()[:12],
-                 "code_version": source.get("code_version"), "created": source.get("created")},
-        "settings": {**settings, **({"precision_table": True} if args.precision_table else {})},
-        "command": command_line(),
-        "date": date.today().isoformat(),
-    }  # fmt: skip
+            rows = precision_table(tuned.model, card.dataset.name, device, args.test_subset or TEST_POINTS)
+            metrics = metrics.replace(precision_table=_rows(rows))
+    card = card.replace(
+        metrics=card.metrics.updated(metrics).replace(eval_device=device_name(device)),
+        tuned=Tuned(
+            source={"file": args.checkpoint.name, "sha256": hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()[:12],
+                    "code_version": source.code_version, "created": source.created},
+            settings={**settings, **({"precision_table": True} if args.precision_table else {})},
+            command=command_line(),
+            date=date.today().isoformat(),
+        ),
+    )  # fmt: skip
     save_checkpoint(args.out, tuned.model, card)
-    print(f"wrote {args.out}: {tuned.kind} with {card['tuned']['settings']}, its tables measured again on "
+    print(f"wrote {args.out}: {tuned.kind} with {card.tuned.settings}, its tables measured again on "
           f"{device_name(device)}")  # fmt: skip
     return card
+
+
+def _rows(rows: list[dict]) -> tuple[PrecisionRow, ...]:
+    return tuple(PrecisionRow.from_dict(row, f"metrics.precision_table[{index}]") for index, row in enumerate(rows))

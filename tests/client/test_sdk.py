@@ -112,7 +112,7 @@ def test_scheduling_options_and_auto_tolerance_reach_the_server(sdk, mnist_test,
     from neuralode.checkpoint import read_card
 
     images = mnist_test[0][:4]
-    table = sorted(row["tol"] for row in read_card(shipped / f"{CLASSIFIER}.pt")["metrics"]["table"])
+    table = sorted(row.tol for row in read_card(shipped / f"{CLASSIFIER}.pt").metrics.table)
     relaxed = sdk.classify(images, model=CLASSIFIER, tol="auto", latency_target_s=60.0, priority=3)
     assert relaxed.solved.rtol == relaxed.solved.atol == table[0] and relaxed.solved.method == "dopri5"
     hurried = sdk.classify(images, model=CLASSIFIER, tol="auto", latency_target_s=1e-6)

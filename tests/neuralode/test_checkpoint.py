@@ -21,9 +21,9 @@ def test_round_trip_keeps_weights_card_and_behaviour(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model, _card(metrics={"test_error": 0.01}))
     loaded = load_checkpoint(path)
     assert loaded.kind == "odenet" and not loaded.model.training
-    assert loaded.card["metrics"] == {"test_error": 0.01}
-    assert loaded.card["parameters"] == sum(p.numel() for p in model.parameters())
-    assert {"created", "code_version"} <= set(loaded.card)
+    assert loaded.card.metrics.to_dict() == {"test_error": 0.01} and loaded.card.metrics.test_error == 0.01
+    assert loaded.card.parameters == sum(p.numel() for p in model.parameters())
+    assert {"created", "code_version"} <= set(loaded.card.to_dict())
     images = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(images)[0], model(images)[0], rtol=0, atol=0)
@@ -108,12 +108,17 @@ def test_overrides_change_a_solver_setting_and_keep_the_weights(tmp_path):
     model = ODENet().eval()
     path = save_checkpoint(tmp_path / "m.pt", model, _card())
     loaded = load_checkpoint(path, overrides={"first_step": 1.0})
-    assert loaded.card["hyper"]["first_step"] == 1.0 and loaded.model.block.first_step == 1.0
-    assert "first_step" not in read_card(path)["hyper"]  # the file is untouched
+    assert loaded.card.hyper["first_step"] == 1.0 and loaded.model.block.first_step == 1.0
+    assert "first_step" not in read_card(path).hyper  # the file is untouched
     for name, weights in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], weights)
     with pytest.raises(CheckpointError, match="does not describe a model we can build"):
         load_checkpoint(path, overrides={"no_such_setting": 1})
+    # As a function of the card, for settings that depend on the kind (one read of the file).
+    asked = []
+    by_kind = load_checkpoint(path, overrides=lambda card: asked.append(card.kind) or {"first_step": 0.5})
+    assert asked == ["odenet"] and by_kind.card.hyper["first_step"] == 0.5 == by_kind.model.block.first_step
+    assert "first_step" not in load_checkpoint(path, overrides=lambda card: None).card.hyper
 
 
 def _with_card(tmp_path, change):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuralode.checkpoint import check_card, load_checkpoint
+from neuralode.card import ModelCard
+from neuralode.checkpoint import load_checkpoint
 from neuralode.models import (
     CLASSIFY,
     ModelSpec,
@@ -89,7 +90,7 @@ def test_the_registry_names_the_known_kinds_for_an_unknown_one():
     with pytest.raises(ValueError, match=f"unknown model kind 'gan'; known: {known}"):
         build_model("gan", {})
     with pytest.raises(ValueError, match=f'card.kind: unknown model kind "gan"; known: {known}'):
-        check_card({"kind": "gan", "hyper": {}})
+        ModelCard.from_dict({"kind": "gan", "hyper": {}})
 
 
 def test_the_registry_says_what_training_and_the_server_ask_of_a_kind():
@@ -105,12 +106,12 @@ def test_a_registered_kind_is_known_to_cards_until_unregistered():
     try:
         with pytest.raises(ValueError, match="'odenet-small' is already registered"):
             register(spec)
-        check_card({"kind": "odenet-small", "hyper": {"channels": 8}})
+        ModelCard.from_dict({"kind": "odenet-small", "hyper": {"channels": 8}})
         assert model_spec("odenet-small") is spec and "odenet-small" in kinds(has_ode=True)
     finally:
         unregister("odenet-small")
     with pytest.raises(ValueError, match='unknown model kind "odenet-small"'):
-        check_card({"kind": "odenet-small", "hyper": {}})
+        ModelCard.from_dict({"kind": "odenet-small", "hyper": {}})
     with pytest.raises(ValueError, match="a model without an ODE has no adjoint"):
         ModelSpec("x", CLASSIFY, ODENet, has_ode=False, adjoint=True)
     with pytest.raises(ValueError, match="task must be 'classify' or 'density'"):

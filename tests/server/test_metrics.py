@@ -45,9 +45,7 @@ def test_card_nfe_expectation_and_queue_capacity_are_exported(server, client, sh
     the saturation alert divides queued items by the queue's capacity: both come from here."""
     from server.models import load_models
 
-    card_table = {
-        row["tol"]: row["nfe_mean"] for row in load_models(shipped, "cpu")[CLASSIFIER].card["metrics"]["table"]
-    }
+    card_table = {row.tol: row.nfe_mean for row in load_models(shipped, "cpu")[CLASSIFIER].card.metrics.table}
     before = value(scrape(server.metrics_url), "odeserve_item_expected_nfe_total", model=CLASSIFIER, method="dopri5")
     client.classify(np.zeros((4, 28, 28), np.uint8), model=CLASSIFIER, tol=1e-3)
     client.classify(np.zeros((2, 28, 28), np.uint8), model=CLASSIFIER, tol=1e-3, method="bosh3")  # no card figure
@@ -61,22 +59,22 @@ def test_card_nfe_expectation_and_queue_capacity_are_exported(server, client, sh
 
 
 def test_card_nfe_is_interpolated_as_a_power_law_in_the_tolerance():
+    from neuralode.card import ModelCard
     from server.models import ServedModel
 
-    card = {"hyper": {"method": "dopri5"}, "metrics": {"table": [
-        {"tol": 1.0, "nfe_mean": 10.0}, {"tol": 1e-4, "nfe_mean": 40.0}, {"tol": 1e-2, "nfe_mean": 20.0}]}}  # fmt: skip
+    card = ModelCard.from_dict({"kind": "odenet", "hyper": {"method": "dopri5"}, "metrics": {"table": [
+        {"tol": 1.0, "nfe_mean": 10.0}, {"tol": 1e-4, "nfe_mean": 40.0}, {"tol": 1e-2, "nfe_mean": 20.0}]}})  # fmt: skip
     model = ServedModel("m", "v", "odenet", "classify", card, adapter=None, default_tol=1e-3, device="cpu")
     assert model.expected_nfe("dopri5", 1e-2) == pytest.approx(20.0)
     assert model.expected_nfe("dopri5", 1e-3) == pytest.approx(800**0.5)  # geometric mean of 40 and 20
     assert model.expected_nfe("dopri5", 1e-6) == pytest.approx(80.0)  # the tightest segment, continued
     assert model.expected_nfe("dopri5", 10.0) == pytest.approx(10.0)  # never below the loosest
     assert model.expected_nfe("rk4", 1e-2) is None
-    one_row = ServedModel("m", "v", "cnf", "density", {"hyper": {"method": "dopri5"}, "metrics": {"table": [{"tol": 1e-3, "nfe_mean": 21.0}]}},
+    one_row = ServedModel("m", "v", "cnf", "density", ModelCard.from_dict({"kind": "cnf", "hyper": {"method": "dopri5"}, "metrics": {"table": [{"tol": 1e-3, "nfe_mean": 21.0}]}}),
                           adapter=None, default_tol=1e-3, device="cpu")  # fmt: skip
     assert one_row.expected_nfe("dopri5", 1e-5) == 21.0
-    no_table = ServedModel(
-        "m", "v", "cnf", "density", {"hyper": {"method": "dopri5"}}, adapter=None, default_tol=1e-3, device="cpu"
-    )
+    bare = ModelCard(kind="cnf", hyper={"method": "dopri5"})
+    no_table = ServedModel("m", "v", "cnf", "density", bare, adapter=None, default_tol=1e-3, device="cpu")
     assert no_table.expected_nfe("dopri5", 1e-3) is None
 
 

@@ -143,7 +143,7 @@ def test_an_nfe_budget_is_a_hard_limit(server, stub, images):
 def test_auto_tolerance_reports_what_it_used(server, stub, images, shipped):
     from neuralode.checkpoint import read_card
 
-    card_tolerances = sorted(row["tol"] for row in read_card(shipped / f"{CLASSIFIER}.pt")["metrics"]["table"])
+    card_tolerances = sorted(row.tol for row in read_card(shipped / f"{CLASSIFIER}.pt").metrics.table)
     with pytest.raises(grpc.RpcError) as raised:
         stub.Classify(_classify(images[:1], auto_tol=True))
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -17,11 +17,11 @@ def test_shipped_checkpoint_loads_with_a_complete_card(name):
     assert path.stat().st_size < 2 * 1024 * 1024
     card = load_checkpoint(path).card
     for key in ("kind", "hyper", "task", "dataset", "training", "metrics", "created", "code_version", "parameters"):
-        assert key in card, key
+        assert key in card.to_dict(), key
     for key in ("command", "tol", "adjoint", "device", "duration_s"):
-        assert key in card["training"], key
-    assert not card["code_version"].endswith("-dirty"), "ship checkpoints trained from a committed tree"
-    assert [row["tol"] for row in card["metrics"]["table"]] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+        assert key in card.training.to_dict(), key
+    assert not card.code_version.endswith("-dirty"), "ship checkpoints trained from a committed tree"
+    assert [row.tol for row in card.metrics.table] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
 
 def test_shipped_odenet_meets_its_card_on_the_full_test_set(mnist_dir):
@@ -31,13 +31,11 @@ def test_shipped_odenet_meets_its_card_on_the_full_test_set(mnist_dir):
     checkpoint = load_checkpoint(SHIPPED / "odenet-mnist.pt")
     card = checkpoint.card
     test = load_mnist(mnist_dir, train=False, download=False)
-    row = evaluate(
-        checkpoint.model, "odenet", test, checkpoint.model.block.func.norm1.weight.device, card["training"]["tol"]
-    )
+    row = evaluate(checkpoint.model, "odenet", test, checkpoint.model.block.func.norm1.weight.device, card.training.tol)
     assert len(test) == 10_000
     assert row.test_error <= 0.015
-    assert row.test_error <= card["metrics"]["test_error"] + 0.001  # rounding on another CPU may flip a digit or two
-    assert card["training"]["adjoint"] is True
+    assert row.test_error <= card.metrics.test_error + 0.001  # rounding on another CPU may flip a digit or two
+    assert card.training.adjoint is True
 
 
 @pytest.mark.parametrize("name", DENSITIES)
@@ -48,9 +46,7 @@ def test_shipped_cnf_meets_its_card_and_integrates_to_one(name):
 
     checkpoint = load_checkpoint(SHIPPED / f"{name}.pt")
     card = checkpoint.card
-    measured = test_log_likelihood(
-        checkpoint.model, card["dataset"]["name"], card["training"]["tol"], torch.device("cpu")
-    )
-    assert measured["test_log_likelihood"] == pytest.approx(card["metrics"]["test_log_likelihood"], abs=0.02)
+    measured = test_log_likelihood(checkpoint.model, card.dataset.name, card.training.tol, torch.device("cpu"))
+    assert measured["test_log_likelihood"] == pytest.approx(card.metrics.test_log_likelihood, abs=0.02)
     _, log_p = density_grid(checkpoint.model, extent=6.0, resolution=150, tol=1e-5, device=torch.device("cpu"))
     assert abs(grid_mass(log_p, 6.0, 150) - 1.0) < 0.02

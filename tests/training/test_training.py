@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from neuralode.card import ModelCard, Training
 from neuralode.checkpoint import load_checkpoint
 from neuralode.models import ODENet, build_model
 
@@ -41,13 +42,13 @@ def test_short_adjoint_training_lowers_the_loss_and_beats_chance(short_odenet, m
 
     checkpoint = load_checkpoint(short_odenet)
     card = checkpoint.card
-    assert card["kind"] == "odenet" and card["training"]["adjoint"] is True and card["training"]["steps"] == 160
-    assert card["metrics"]["test_error"] < 0.6  # chance is 0.9
-    assert [row["tol"] for row in card["metrics"]["table"]] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert card.kind == "odenet" and card.training.adjoint is True and card.training.steps == 160
+    assert card.metrics.test_error < 0.6  # chance is 0.9
+    assert [row.tol for row in card.metrics.table] == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     test = load_mnist(mnist_dir, train=False).head(300)
     images, labels = to_float(test.images), test.labels
     torch.manual_seed(3)
-    untrained = build_model("odenet", card["hyper"]).eval()
+    untrained = build_model("odenet", card.hyper).eval()
     with torch.no_grad():
         before = torch.nn.functional.cross_entropy(untrained(images)[0], labels)
         after = torch.nn.functional.cross_entropy(checkpoint.model(images)[0], labels)
@@ -111,7 +112,7 @@ def test_card_prints_the_model_card(capsys):
     from training.__main__ import main
 
     main(["card", str(ROOT / "checkpoints" / "cnf-moons.pt")])
-    assert json.loads(capsys.readouterr().out) == read_card(ROOT / "checkpoints" / "cnf-moons.pt")
+    assert json.loads(capsys.readouterr().out) == read_card(ROOT / "checkpoints" / "cnf-moons.pt").to_dict()
 
 
 def test_tune_writes_the_same_weights_with_a_first_step_and_a_table_measured_under_it(tmp_path):
@@ -124,22 +125,22 @@ def test_tune_writes_the_same_weights_with_a_first_step_and_a_table_measured_und
     source, out = ROOT / "checkpoints" / "cnf-moons.pt", tmp_path / "moons-span.pt"
     main(["tune", str(source), "--first-step", "1", "--out", str(out), "--device", "cpu"])
     before, after = load_checkpoint(source), load_checkpoint(out)
-    assert after.card["hyper"] == {**before.card["hyper"], "first_step": 1.0} and after.model.first_step == 1.0
+    assert after.card.hyper == {**before.card.hyper, "first_step": 1.0} and after.model.first_step == 1.0
     assert all(torch.equal(w, after.model.state_dict()[k]) for k, w in before.model.state_dict().items())
-    loosest = {row["tol"]: row["nfe_mean"] for row in after.card["metrics"]["table"]}
-    assert loosest[1.0] == 7.0 and before.card["metrics"]["table"][-1]["nfe_mean"] >= 14.0
-    assert after.card["training"] == before.card["training"]  # the training record stays
-    tuned = after.card["tuned"]
-    assert tuned["settings"] == {"first_step": 1.0} and tuned["from"]["file"] == "cnf-moons.pt"
-    assert tuned["from"]["code_version"] == before.card["code_version"] != after.card["code_version"]
-    assert tuned["from"]["created"] == before.card["created"] != after.card["created"]
+    loosest = {row.tol: row.nfe_mean for row in after.card.metrics.table}
+    assert loosest[1.0] == 7.0 and before.card.metrics.table[-1].nfe_mean >= 14.0
+    assert after.card.training == before.card.training  # the training record stays
+    tuned = after.card.tuned
+    assert tuned.settings == {"first_step": 1.0} and tuned.source["file"] == "cnf-moons.pt"
+    assert tuned.source["code_version"] == before.card.code_version != after.card.code_version
+    assert tuned.source["created"] == before.card.created != after.card.created
     assert read_card(source) == before.card  # the source is untouched
 
     main(["tune", str(out), "--first-step", "rule", "--out", str(tmp_path / "back.pt"), "--device", "cpu"])
     back = load_checkpoint(tmp_path / "back.pt").card
-    assert back["hyper"]["first_step"] is None
-    for measured, carded in zip(back["metrics"]["table"], before.card["metrics"]["table"], strict=True):
-        assert measured["nfe_mean"] == pytest.approx(carded["nfe_mean"], abs=0.05)  # another CPU may round apart
+    assert back.hyper["first_step"] is None
+    for measured, carded in zip(back.metrics.table, before.card.metrics.table, strict=True):
+        assert measured.nfe_mean == pytest.approx(carded.nfe_mean, abs=0.05)  # another CPU may round apart
 
 
 def test_tune_measures_each_tolerance_in_both_precisions_for_the_servers_auto(mnist_dir, tmp_path):
@@ -151,7 +152,8 @@ def test_tune_measures_each_tolerance_in_both_precisions_for_the_servers_auto(mn
     source, out = ROOT / "checkpoints" / "odenet-mnist.pt", tmp_path / "odenet-precision.pt"
     main(["tune", str(source), "--precision-table", "--out", str(out), "--device", "cpu", "--data-dir", str(mnist_dir),
           "--test-subset", "40"])  # fmt: skip
-    before, after = load_checkpoint(source).card, load_checkpoint(out).card
+    typed = load_checkpoint(out).card
+    before, after = load_checkpoint(source).card.to_dict(), typed.to_dict()
     rows = after["metrics"]["precision_table"]
     assert [(row["tol"], row["precision"]) for row in rows] == [
         (tol, precision) for tol in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for precision in ("float32", "bfloat16")
@@ -163,7 +165,7 @@ def test_tune_measures_each_tolerance_in_both_precisions_for_the_servers_auto(mn
         agrees = low["test_error"] <= exact["test_error"] + 0.0005 and low["nfe_mean"] <= 1.05 * exact["nfe_mean"]
         assert low["matches_float32"] is agrees and "matches_float32" not in exact
     assert after["hyper"] == before["hyper"] and after["tuned"]["settings"] == {"precision_table": True}
-    served = ServedModel(name="x", version="v", kind="odenet", task=None, card=after, adapter=None, default_tol=1e-3,
+    served = ServedModel(name="x", version="v", kind="odenet", task=None, card=typed, adapter=None, default_tol=1e-3,
                          device="cpu")  # fmt: skip
     verdicts = [low["matches_float32"] for low in rows[1::2]]
     floor = next((tol for i, tol in enumerate((1e-4, 1e-3, 1e-2, 1e-1, 1.0)) if all(verdicts[i:])), None)
@@ -178,7 +180,7 @@ def test_tune_measures_a_cnfs_directions_in_both_precisions(tmp_path):
     out = tmp_path / "moons-precision.pt"
     main(["tune", str(ROOT / "checkpoints" / "cnf-moons.pt"), "--precision-table", "--out", str(out), "--device", "cpu",
           "--test-subset", "300"])  # fmt: skip
-    rows = load_checkpoint(out).card["metrics"]["precision_table"]
+    rows = load_checkpoint(out).card.to_dict()["metrics"]["precision_table"]
     assert [row["precision"] for row in rows] == ["float32", "bfloat16"] * 5
     for exact, low in zip(rows[::2], rows[1::2]):
         assert exact["tol"] == low["tol"] and low["forward_nfe_mean"] > 0 and exact["back_log_density_error"] >= 0
@@ -207,13 +209,17 @@ def test_tune_refuses_models_without_an_ode_bad_steps_and_overwriting(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
 
 
-def test_evaluate_measures_under_a_first_step_and_says_so(tmp_path):
+def test_evaluate_measures_under_a_first_step_and_says_so(tmp_path, monkeypatch):
+    import neuralode.checkpoint as checkpoint
     from training.__main__ import main
 
+    reads, read = [], checkpoint._read
+    monkeypatch.setattr(checkpoint, "_read", lambda path: reads.append(path) or read(path))
     main(["evaluate", str(ROOT / "checkpoints" / "cnf-8gaussians.pt"), "--first-step", "1", "--tols", "1",
           "--out", str(tmp_path), "--device", "cpu"])  # fmt: skip
     report = json.loads((tmp_path / "cnf-8gaussians-eval.json").read_text())
     assert report["first_step"] == 1.0 and report["rows"][0]["nfe_mean"] == 7.0
+    assert reads == [ROOT / "checkpoints" / "cnf-8gaussians.pt"]  # the file read once, its card with it
 
 
 def test_a_missing_train_extra_is_named_instead_of_a_traceback(monkeypatch):
@@ -270,7 +276,7 @@ def test_data_parallel_training_matches_one_process(tmp_path, mnist_dir):
         return torch.cat([p.detach().flatten() for p in checkpoint.model.parameters()]) - initial.detach()
 
     ddp, single, half = update("ddp.pt"), update("single.pt"), update("half.pt")
-    assert load_checkpoint(tmp_path / "ddp.pt").card["training"]["world_size"] == 2
+    assert load_checkpoint(tmp_path / "ddp.pt").card.training.world_size == 2
     # Per-sample solving makes each image's gradient independent of its batch, so two ranks
     # of 32 equal one process of 64 up to float rounding (and the rare accept/reject flip it
     # can cause at tol 1e-3); one rank's half of the data alone is clearly different.
@@ -286,31 +292,31 @@ def test_cnf_maximum_likelihood_training_improves_test_likelihood(tmp_path):
 
     checkpoint = load_checkpoint(out)
     torch.manual_seed(0)
-    untrained = build_model("cnf", checkpoint.card["hyper"]).eval()
+    untrained = build_model("cnf", checkpoint.card.hyper).eval()
     before = test_log_likelihood(untrained, "8gaussians", 1e-3, "cpu", points=1000)["test_log_likelihood"]
     after = test_log_likelihood(checkpoint.model, "8gaussians", 1e-3, "cpu", points=1000)["test_log_likelihood"]
     assert after > before + 0.3
-    assert checkpoint.card["training"]["objective"] == "maximum likelihood"
+    assert checkpoint.card.training.objective == "maximum likelihood"
     # The card tells a client what each tolerance buys in both directions it is served.
-    directions = checkpoint.card["metrics"]["directions"]
-    assert directions["reference_tol"] == 1e-8 and [row["tol"] for row in directions["rows"]] == [
+    directions = checkpoint.card.metrics.directions
+    assert directions.reference_tol == 1e-8 and [row.tol for row in directions.rows] == [
         1e-4,
         1e-3,
         1e-2,
         1e-1,
         1.0,
     ]
-    tight, loose = directions["rows"][0], directions["rows"][3]
+    tight, loose = directions.rows[0], directions.rows[3]
     for way in ("back", "forward"):
-        assert tight[f"{way}_nfe_mean"] > loose[f"{way}_nfe_mean"]
-        assert 0 <= tight[f"{way}_log_density_error"] < 1e-3  # a short training's flow is nearly straight
+        assert getattr(tight, f"{way}_nfe_mean") > getattr(loose, f"{way}_nfe_mean")
+        assert 0 <= getattr(tight, f"{way}_log_density_error") < 1e-3  # a short training's flow is nearly straight
 
 
 def test_the_density_plot_title_names_the_model_and_what_the_plotted_solves_cost():
     from training.densities import _plot_title
 
-    card = {"kind": "cnf", "hyper": {"dynamics": "concatsquash", "hidden": [64, 64], "trace": "exact", "method": "dopri5"},
-            "training": {"regularisation": {"kinetic": 0.0, "local_error": 0.05}}}  # fmt: skip
+    card = ModelCard(kind="cnf", hyper={"dynamics": "concatsquash", "hidden": [64, 64], "trace": "exact", "method": "dopri5"},
+                     training=Training(regularisation={"kinetic": 0.0, "local_error": 0.05}))  # fmt: skip
     title = _plot_title(card, 1e-4, {"back": 23.94, "forward": 20.4})
     assert title == (
         "CNF, concatsquash dynamics (hidden [64, 64]), exact trace, dopri5, local_error 0.05\n"
@@ -322,11 +328,22 @@ def test_regularised_odenet_training_records_its_settings(tmp_path, mnist_dir):
     out = tmp_path / "odenet-reg.pt"
     _run("odenet", "--data-dir", str(mnist_dir), "--out", str(out), "--steps", "3", "--batch-size", "8", "--tol", "1e-1",
          "--train-subset", "64", "--test-subset", "16", "--kinetic", "0.01", "--jacobian", "0.02", "--device", "cpu")  # fmt: skip
-    training = load_checkpoint(out).card["training"]
-    assert training["regularisation"] == {"kinetic": 0.01, "jacobian": 0.02}
-    assert training["peak_memory_mib"]["host_rss"] > 100
+    training = load_checkpoint(out).card.training
+    assert training.regularisation == {"kinetic": 0.01, "jacobian": 0.02}
+    assert training.peak_memory_mib["host_rss"] > 100
     epoch_line = next(line for line in out.with_suffix(".log").read_text().splitlines() if "epoch 1:" in line)
     assert "kinetic" in epoch_line and "jacobian" in epoch_line
+
+
+def _assert_written_typed(path: Path, card: ModelCard) -> None:
+    """Training built the card typed: every key it wrote is a typed field, the file's JSON is
+    the card's, and reading the card alone gives the same card."""
+    from neuralode.checkpoint import read_card
+
+    raw = json.loads(torch.load(path, weights_only=True)["card"])
+    assert card.to_dict() == raw and read_card(path) == card
+    for record in (card, card.dataset, card.training, card.metrics, *card.metrics.table):
+        assert record.extra == {}, record.extra
 
 
 def test_training_with_a_first_step_solves_and_ships_with_it(tmp_path, mnist_dir):
@@ -337,13 +354,17 @@ def test_training_with_a_first_step_solves_and_ships_with_it(tmp_path, mnist_dir
     _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8", "--first-step", "1",
          "--out", str(cnf), "--device", "cpu")  # fmt: skip
     checkpoint = load_checkpoint(cnf)
-    assert checkpoint.card["hyper"]["first_step"] == 1.0 and checkpoint.model.first_step == 1.0
-    assert {row["tol"]: row["nfe_mean"] for row in checkpoint.card["metrics"]["table"]}[1.0] == 7.0
+    assert checkpoint.card.hyper["first_step"] == 1.0 and checkpoint.model.first_step == 1.0
+    assert {row.tol: row.nfe_mean for row in checkpoint.card.metrics.table}[1.0] == 7.0
+    _assert_written_typed(cnf, checkpoint.card)
+    assert len(checkpoint.card.metrics.directions.rows) == 5 and checkpoint.card.training.objective
     odenet = tmp_path / "odenet.pt"
     _run("odenet", "--data-dir", str(mnist_dir), "--out", str(odenet), "--steps", "2", "--batch-size", "8",
          "--tol", "1e-1", "--train-subset", "16", "--test-subset", "8", "--first-step", "0.5", "--device", "cpu")  # fmt: skip
     checkpoint = load_checkpoint(odenet)
-    assert checkpoint.card["hyper"]["first_step"] == 0.5 and checkpoint.model.block.first_step == 0.5
+    assert checkpoint.card.hyper["first_step"] == 0.5 and checkpoint.model.block.first_step == 0.5
+    _assert_written_typed(odenet, checkpoint.card)
+    assert checkpoint.card.training.test_error_history and checkpoint.card.metrics.eval_device
     from training.__main__ import parse
 
     with pytest.raises(SystemExit):
@@ -393,7 +414,7 @@ def test_cnf_training_weighs_the_cnf_only_terms_and_records_them(tmp_path, flags
     out = tmp_path / "cnf.pt"
     result = _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8", *flags,
                   "--out", str(out), "--device", "cpu")  # fmt: skip
-    regularisation = load_checkpoint(out).card["training"]["regularisation"]
+    regularisation = load_checkpoint(out).card.training.regularisation
     assert regularisation == {"jacobian": 0.0, **recorded}
     assert shown in result.stderr and not_shown not in result.stderr  # the progress bar shows each term
 
@@ -456,11 +477,11 @@ def test_planar_flow_reverse_kl_training_lowers_the_kl(tmp_path):
     _run("planar-nf", "--target", "U1", "--layers", "8", "--steps", "300", "--out", str(out), "--device", "cpu")
     checkpoint = load_checkpoint(out)
     torch.manual_seed(0)
-    untrained = build_model("planar-nf", checkpoint.card["hyper"])
+    untrained = build_model("planar-nf", checkpoint.card.hyper)
     before = kl_estimate(untrained, "U1", None, "cpu")["kl_plus_log_z"]
     after = kl_estimate(checkpoint.model, "U1", None, "cpu")["kl_plus_log_z"]
     assert after < before - 1.0
-    assert checkpoint.card["metrics"]["kl_plus_log_z"] == pytest.approx(after)
+    assert checkpoint.card.metrics.kl_plus_log_z == pytest.approx(after)
 
 
 def test_training_refuses_contradictory_flags(tmp_path):
@@ -490,10 +511,10 @@ def test_a_time_budget_fits_the_steps_to_the_measured_step_time(tmp_path, mnist_
     _run("odenet", "--data-dir", str(mnist_dir), "--out", str(out), "--epochs", "100", "--batch-size", "8",
          "--time-budget", "8", "--eval-every", "0", "--train-subset", "512", "--test-subset", "100",
          "--device", "cpu", "--tol", "1e-2")  # fmt: skip
-    training = load_checkpoint(out).card["training"]
-    assert 25 <= training["steps"] < 100 * 64  # stopped by the budget, not by the epochs
-    assert training["time_budget_s"] == 8.0
-    assert training["duration_s"] < 8.0 * 1.5
+    training = load_checkpoint(out).card.training
+    assert 25 <= training.steps < 100 * 64  # stopped by the budget, not by the epochs
+    assert training.time_budget_s == 8.0
+    assert training.duration_s < 8.0 * 1.5
     log = out.with_suffix(".log").read_text()
     assert "time budget 8 s:" in log and log.count("test error") == 1  # evaluated at the end only
 
@@ -529,11 +550,11 @@ def test_a_run_stopped_and_resumed_gives_the_weights_of_the_run_that_never_stopp
     whole, parts = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(broken)
     for (name, a), b in zip(whole.model.state_dict().items(), parts.model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert parts.card["training"]["sittings"] == 3 and whole.card["training"]["sittings"] == 1
-    history = parts.card["training"]["test_error_history"]
+    assert parts.card.training.sittings == 3 and whole.card.training.sittings == 1
+    history = parts.card.training.test_error_history
     assert [row["epoch"] for row in history] == [1, 2]
     assert [row["test_error"] for row in history] == [
-        row["test_error"] for row in whole.card["training"]["test_error_history"]
+        row["test_error"] for row in whole.card.training.test_error_history
     ]
     log = broken.with_suffix(".log").read_text()
     assert log.count("resumed from") == 2 and log.count("epoch 1:") == 1  # one log across the sittings

@@ -16,6 +16,7 @@ from live_server import CLASSIFIER, DENSITIES, metric, start_server
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
+from neuralode.card import PrecisionRow
 from neuralode.checkpoint import load_checkpoint, save_checkpoint
 from server.adapters import Limits, adapter_for
 from server.api import Kind
@@ -45,7 +46,8 @@ def folder(shipped, tmp_path_factory):
     for name in (CLASSIFIER, DENSITY):
         shutil.copy(shipped / f"{name}.pt", folder / f"{name}.pt")
     checkpoint = load_checkpoint(shipped / f"{CLASSIFIER}.pt")
-    card = {**checkpoint.card, "metrics": {**checkpoint.card["metrics"], "precision_table": _precision_table(FLOOR)}}
+    rows = tuple(PrecisionRow.from_dict(row, "precision_table") for row in _precision_table(FLOOR))
+    card = checkpoint.card.replace(metrics=checkpoint.card.metrics.replace(precision_table=rows))
     save_checkpoint(folder / f"{TABLED}.pt", checkpoint.model, card)
     return folder
 
