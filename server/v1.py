@@ -42,7 +42,7 @@ COMPUTE = (
             inputs=lambda m: {"images": wire.decode_tensor(m.images, "images")},
             outputs=lambda o: {"labels": o["labels"].tolist(), "probabilities": wire.encode_tensor(o["probabilities"])}),
     Compute("Sample", pb.SampleRequest, pb.SampleResponse, Kind.SAMPLE,
-            inputs=lambda m: {"n": np.uint32(m.n), "seed": np.uint64(m.seed)},
+            inputs=lambda m: {"n": np.asarray(m.n, np.uint32), "seed": np.asarray(m.seed, np.uint64)},
             outputs=lambda o: {"points": wire.encode_tensor(o["points"]), "log_density": wire.encode_tensor(o["log_density"])}),
     Compute("LogDensity", pb.LogDensityRequest, pb.LogDensityResponse, Kind.LOG_DENSITY,
             inputs=lambda m: {"points": wire.decode_tensor(m.points, "points")},

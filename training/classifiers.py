@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -131,6 +132,7 @@ def precision_table(model: nn.Module, kind: str, data: ImageSet, device: torch.d
     for tol in TABLE_TOLERANCES:
         exact = evaluate(model, kind, data, device, tol)
         low = evaluate(model, kind, data, device, tol, precision="bfloat16")
+        assert low.nfe_mean is not None and exact.nfe_mean is not None  # an ODE classifier counts its NFE
         matches = (low.test_error <= exact.test_error + PRECISION_ERROR_MARGIN
                    and low.nfe_mean <= PRECISION_NFE_MARGIN * exact.nfe_mean)  # fmt: skip
         rows += [{**exact.as_dict(), "precision": "float32"}, {**low.as_dict(), "precision": "bfloat16",
@@ -204,8 +206,9 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     # unregularised run with the same seed.
     noise = torch.Generator(device=device).manual_seed(args.seed)
     if model_spec(kind).has_ode:
-        model.block.adjoint = adjoint
-        forward = RegularisedForward(model, regularisation, noise)
+        ode_net = cast(ODENet, model)  # an ODE classifier is an ODENet (RK-Net: without the adjoint)
+        ode_net.block.adjoint = adjoint
+        forward = RegularisedForward(ode_net, regularisation, noise)
     trained = nn.parallel.DistributedDataParallel(forward) if world.enabled else forward
 
     steps_per_epoch = len(train_set) // (args.batch_size * world.world_size)
@@ -275,6 +278,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             bar.set_description(f"epoch {position.epoch}/{epochs}")
             model.train()
             epoch_begin = time.perf_counter()
+            assert order is not None  # drawn at the first batch of every epoch, or restored with the position
             for images, labels in batches(
                 train_set, order, args.batch_size, augment=not args.no_augment, generator=generator,
                 rank=world.rank, world_size=world.world_size, first=position.batch,
@@ -289,6 +293,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                     logits = trained(images)
                 loss = nn.functional.cross_entropy(logits, labels)
                 if regularisation.active:
+                    assert integrals is not None  # regularisers apply to ODE models only
                     loss = loss + regularisation.penalty(integrals)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -305,7 +310,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                     postfix["test_err"] = f"{position.history[-1]['test_error']:.4f}"
                 bar.set_postfix(postfix, refresh=False)
                 fitted = budget.fit(position.step, begin) if budget is not None else None
-                if fitted is not None:
+                if fitted is not None and budget is not None:
                     plan.total = world.from_main(min(plan.total, fitted), device)
                     bar.total = plan.total
                     log.info("time budget %.0f s: %.3f s per step, so %d steps in all",

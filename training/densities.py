@@ -7,6 +7,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from neuralode.card import Dataset, DirectionRow, Directions, Metrics, ModelCard, TableRow, Training
 from neuralode.checkpoint import save_checkpoint
 from neuralode.models import CNF, PlanarFlow, Regularisation, build_model, model_spec
+from neuralode.solvers import Solution
 
 from .classifiers import warmup_cosine
 from .common import (
@@ -60,7 +62,7 @@ def objective(
     batch: int,
     generator: torch.Generator,
     device,
-) -> tuple[Tensor, object, Tensor | None]:
+) -> tuple[Tensor, Solution | None, Tensor | None]:
     """The training loss, the solver stats (None for the discrete flow) and, when
     regularising, the regularisers' integrals ``[B, columns]`` (already in the loss), with the
     local error term's trial steps as a last column when it is weighed."""
@@ -69,10 +71,12 @@ def objective(
         return loss, solution, integrals
     # A CNF is solved both ways (LogDensity from the data, Sample from the base): one trial step
     # over the whole span from each end, back from the data points and forward from base draws.
+    assert data_end is not None  # the local error term is weighed for CNFs, which have a data end
+    cnf = cast(CNF, model)
     base_draws = torch.randn(data_end.shape, generator=generator, device=device, dtype=data_end.dtype)
     span_error = (
-        model.span_error(data_end, forward=False, generator=generator)
-        + model.span_error(base_draws, forward=True, generator=generator)
+        cnf.span_error(data_end, forward=False, generator=generator)
+        + cnf.span_error(base_draws, forward=True, generator=generator)
     ) / 2
     column = span_error.detach()[:, None]
     integrals = column if integrals is None else torch.cat([integrals.detach(), column], 1)
@@ -86,7 +90,7 @@ def _fit_objective(
     batch: int,
     generator: torch.Generator,
     device,
-) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Solution | None, Tensor | None, Tensor | None]:
     """:func:`objective` without the local error term, and the points at the data end of its
     solve: the data, or the samples for reverse KL (None for the discrete flow)."""
     adjoint = bool(args.adjoint)
@@ -94,19 +98,21 @@ def _fit_objective(
         if isinstance(model, PlanarFlow):
             x, log_q = model.sample(batch, generator=generator)
             return (log_q + energy(args.target)(x)).mean(), None, None, None
+        cnf = cast(CNF, model)
         if not regularisation.active:
-            x, log_q, solution = model.sample(batch, generator=generator, adjoint=adjoint, device=device)
+            x, log_q, solution = cnf.sample(batch, generator=generator, adjoint=adjoint, device=device)
             return (log_q + energy(args.target)(x)).mean(), solution, None, x.detach()
-        x, log_q, solution, integrals = model.sample_regularised(
+        x, log_q, solution, integrals = cnf.sample_regularised(
             batch, regularisation, generator=generator, adjoint=adjoint, device=device
         )
         kl = (log_q + energy(args.target)(x)).mean()
         return kl + regularisation.penalty(integrals), solution, integrals, x.detach()
     data = sample_density(args.data, batch, generator).to(device)
+    cnf = cast(CNF, model)  # maximum likelihood trains CNFs (the planar flow is not invertible in closed form)
     if not regularisation.active:
-        log_p, solution = model.log_prob(data, adjoint=adjoint, generator=generator)
+        log_p, solution = cnf.log_prob(data, adjoint=adjoint, generator=generator)
         return -log_p.mean(), solution, None, data
-    log_p, solution, integrals = model.log_prob_regularised(data, regularisation, adjoint=adjoint, generator=generator)
+    log_p, solution, integrals = cnf.log_prob_regularised(data, regularisation, adjoint=adjoint, generator=generator)
     return -log_p.mean() + regularisation.penalty(integrals), solution, integrals, data
 
 
@@ -190,7 +196,7 @@ def kl_estimate(model: nn.Module, target: str, tol: float | None, device, points
     if isinstance(model, PlanarFlow):
         x, log_q = model.sample(points, generator=generator)
         return {"tol": None, "kl_plus_log_z": float((log_q + energy(target)(x)).mean())}
-    x, log_q, solution = model.sample(points, rtol=tol, atol=tol, generator=generator, device=device)
+    x, log_q, solution = cast(CNF, model).sample(points, rtol=tol, atol=tol, generator=generator, device=device)
     return {
         "tol": tol,
         "kl_plus_log_z": float((log_q + energy(target)(x)).mean()),
@@ -279,9 +285,10 @@ def card_metrics(model: nn.Module, kind: str, dataset: str, tol: float, device) 
         metrics = Metrics(table=tuple(TableRow(**row) for row in table),
                           kl_plus_log_z=kl_estimate(model, target, at_training_tol, device)["kl_plus_log_z"])  # fmt: skip
     else:
-        table = [test_log_likelihood(model, dataset, t, device) for t in TABLE_TOLERANCES]
+        cnf = cast(CNF, model)  # a density trained on data is a CNF (the planar flow trains by reverse KL)
+        table = [test_log_likelihood(cnf, dataset, t, device) for t in TABLE_TOLERANCES]
         metrics = Metrics(table=tuple(TableRow(**row) for row in table),
-                          test_log_likelihood=test_log_likelihood(model, dataset, tol, device)["test_log_likelihood"])  # fmt: skip
+                          test_log_likelihood=test_log_likelihood(cnf, dataset, tol, device)["test_log_likelihood"])  # fmt: skip
         if isinstance(model, CNF):
             directions = direction_errors(model, dataset, device)
             for row in directions["rows"]:
@@ -294,7 +301,7 @@ def card_metrics(model: nn.Module, kind: str, dataset: str, tol: float, device) 
     return metrics
 
 
-def density_grid(model: nn.Module, extent: float, resolution: int, tol: float, device) -> tuple[Tensor, Tensor]:
+def density_grid(model: CNF, extent: float, resolution: int, tol: float, device) -> tuple[Tensor, Tensor]:
     """log-density of a CNF on a square grid: (grid points [R*R, 2], log p [R*R])."""
     axis = torch.linspace(-extent, extent, resolution, device=device)
     xs, ys = torch.meshgrid(axis, axis, indexing="xy")
@@ -319,6 +326,7 @@ def plot_density(model: nn.Module, card: ModelCard, path: Path, device, tol: flo
     extent, resolution = 4.0, 120
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     name = card.dataset.name
+    assert name is not None  # every density card names its data or target
     axis = torch.linspace(-extent, extent, resolution)
     if name.startswith("energy "):
         xs, ys = torch.meshgrid(axis, axis, indexing="xy")
@@ -343,7 +351,7 @@ def plot_density(model: nn.Module, card: ModelCard, path: Path, device, tol: flo
     else:
         axes[1].axis("off")
         with torch.no_grad():
-            samples, _ = model.sample(20000, generator=torch.Generator(device=device).manual_seed(0))
+            samples, _ = cast(PlanarFlow, model).sample(20000, generator=torch.Generator(device=device).manual_seed(0))
     samples = samples.cpu()
     axes[2].hist2d(samples[:, 0].numpy(), samples[:, 1].numpy(), bins=resolution, range=[[-extent, extent]] * 2)
     axes[2].set_title("samples")

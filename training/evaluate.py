@@ -17,9 +17,11 @@ import json
 import math
 from datetime import date
 from pathlib import Path
+from typing import cast
 
 from neuralode.card import ModelCard
 from neuralode.checkpoint import Checkpoint, load_checkpoint
+from neuralode.models import CNF
 from neuralode.models.registry import CLASSIFY, model_spec
 
 from .common import device_name, resolve_device
@@ -85,13 +87,15 @@ def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) ->
     from .densities import kl_estimate, test_log_likelihood
 
     name = checkpoint.card.dataset.name
+    assert name is not None  # every density card names its data or target
     if name.startswith("energy "):
         target = name.split()[1]
         tols = args.tols if model_spec(checkpoint.kind).has_ode else [None]
         rows = [kl_estimate(checkpoint.model, target, tol, device) for tol in tols]
         metric = "kl_plus_log_z"
     else:
-        rows = [test_log_likelihood(checkpoint.model, name, tol, device) for tol in args.tols]
+        cnf = cast(CNF, checkpoint.model)  # a density trained on data is a CNF
+        rows = [test_log_likelihood(cnf, name, tol, device) for tol in args.tols]
         metric = "test_log_likelihood"
     return {
         "kind": checkpoint.kind,
@@ -263,7 +267,6 @@ def _plot_comparison(reports: list[dict], path: Path) -> None:
 
 def _regularisation_label(regularisation: dict | None) -> str:
     symbols = {"kinetic": "λ_K", "jacobian": "λ_J", "density_curvature": "λ_C", "local_error": "λ_E"}
-    weights = [
-        f"{symbol} {regularisation[name]:g}" for name, symbol in symbols.items() if (regularisation or {}).get(name)
-    ]
+    given = regularisation or {}
+    weights = [f"{symbol} {given[name]:g}" for name, symbol in symbols.items() if given.get(name)]
     return f" ({', '.join(weights)})" if weights else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 from datetime import date
+from typing import cast
 
 from neuralode.card import ABSENT, ModelCard, PrecisionRow, Tuned
 from neuralode.checkpoint import load_checkpoint, read_card, save_checkpoint
@@ -41,25 +42,29 @@ def run(args: argparse.Namespace) -> ModelCard:
         raise SystemExit(f"--precision-table measures classifiers and CNFs trained on data, not this {tuned.kind}")
     card = tuned.card.replace(created=ABSENT, code_version=ABSENT)  # this copy's own, when it is saved
     tol = card.training.tol
+    if tol is None:
+        raise SystemExit(
+            f"{args.checkpoint}: its card has no training.tol, the tolerance its headline figure is measured at"
+        )
     if model_spec(tuned.kind).task == CLASSIFY:
-        from .classifiers import card_metrics
+        from . import classifiers
         from .data import load_mnist
 
         test_set = load_mnist(args.data_dir, train=False).head(args.test_subset)
-        metrics = card_metrics(tuned.model, tuned.kind, test_set, device, tol)
+        metrics = classifiers.card_metrics(tuned.model, tuned.kind, test_set, device, tol)
         if args.precision_table:
-            from .classifiers import precision_table
-
-            metrics = metrics.replace(precision_table=_rows(precision_table(tuned.model, tuned.kind, test_set, device)))
+            rows = classifiers.precision_table(tuned.model, tuned.kind, test_set, device)
+            metrics = metrics.replace(precision_table=_rows(rows))
         card = card.replace(dataset=card.dataset.replace(test_images=len(test_set)))
     else:
-        from .densities import card_metrics
+        from . import densities
 
-        metrics = card_metrics(tuned.model, tuned.kind, card.dataset.name, tol, device)
+        name = card.dataset.name
+        assert name is not None  # every density card names its data or target
+        metrics = densities.card_metrics(tuned.model, tuned.kind, name, tol, device)
         if args.precision_table:
-            from .densities import TEST_POINTS, precision_table
-
-            rows = precision_table(tuned.model, card.dataset.name, device, args.test_subset or TEST_POINTS)
+            points = args.test_subset or densities.TEST_POINTS
+            rows = densities.precision_table(cast(CNF, tuned.model), name, device, points)
             metrics = metrics.replace(precision_table=_rows(rows))
     card = card.replace(
         metrics=card.metrics.updated(metrics).replace(eval_device=device_name(device)),

@@ -380,7 +380,7 @@ def test_the_response_is_charged_to_the_inflight_bytes_and_its_bound_holds(densi
     n = 1000
     outputs = {"points": np.zeros((n, 2), np.float32), "log_density": np.zeros(n, np.float32)}
     result = InferenceResult(model.name, model.version, outputs, np.ones(n, np.uint32), np.ones(n, np.int32), 0.0, 0.0,
-                             Solved(0.1, 0.1, "dopri5", 0))  # fmt: skip
+                             Solved(0.1, 0.1, "dopri5", 0, "float32"))  # fmt: skip
 
     class Service:  # the service's part the translator uses, with a canned result
         config = ServerConfig()
