@@ -48,8 +48,13 @@ def main() -> None:
     parser.add_argument("checkpoints", type=Path, nargs="+")
     parser.add_argument("--points", type=int, default=5000)
     parser.add_argument("--reference", type=float, default=1e-8, help="tolerance of the reference solves")
-    parser.add_argument("--precisions", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
-                        help="what f is evaluated in for the measured solves (the reference stays float32)")  # fmt: skip
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16"],
+        help="what f is evaluated in for the measured solves (the reference stays float32)",
+    )
     parser.add_argument("--name", default=None, help="result file suffix (default: the first checkpoint's stem)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -58,15 +63,28 @@ def main() -> None:
     for report in reports:
         print(report["checkpoint"], report["precision"])
         for row in report["rows"]:
-            print(f"  {row['tol']:g}: back {row['back_nfe_mean']:.2f} / {row['back_log_density_error']:.4f}; "
-                  f"forward {row['forward_nfe_mean']:.2f} / {row['forward_log_density_error']:.4f}")  # fmt: skip
+            print(
+                f"  {row['tol']:g}: back {row['back_nfe_mean']:.2f} / {row['back_log_density_error']:.4f}; "
+                f"forward {row['forward_nfe_mean']:.2f} / {row['forward_log_density_error']:.4f}"
+            )
     name = args.name or args.checkpoints[0].stem
     out = args.out / f"cnf_directions_{name}.json"
     command = "python bench/cnf_directions.py " + " ".join(sys.argv[1:])
-    out.write_text(json.dumps({"benchmark": "cnf_directions", "machine": f"{platform.machine()}, "
-                               f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
-                               "command": command, "points": args.points, "reference_tol": args.reference,
-                               "compared": reports}, indent=1) + "\n")  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "cnf_directions",
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                "date": time.strftime("%Y-%m-%d"),
+                "command": command,
+                "points": args.points,
+                "reference_tol": args.reference,
+                "compared": reports,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 

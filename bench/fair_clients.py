@@ -33,8 +33,12 @@ MODEL = "odenet-mnist"
 
 
 def _request(images: np.ndarray, tol: float, priority: int = 0) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(model=MODEL, images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
-                              accuracy=pb.Accuracy(tol=tol), scheduling=pb.Scheduling(priority=priority))  # fmt: skip
+    return pb.ClassifyRequest(
+        model=MODEL,
+        images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
+        accuracy=pb.Accuracy(tol=tol),
+        scheduling=pb.Scheduling(priority=priority),
+    )
 
 
 def _stub(target: str) -> pb_grpc.InferenceStub:
@@ -73,8 +77,11 @@ def main() -> None:
     parser.add_argument("--big-token", default="", help="the big client's token (default: ops for flood, hog)")
     parser.add_argument("--small-token", default="", help="the small client's token (default: small)")
     parser.add_argument("--name", default="", help="write the figures to bench/results/<name>.json too")
-    parser.add_argument("--server", default='ODESERVE_TOKENS="ops priority=1, hog, small" python -m server --metrics-port 0',
-                        help="how the measured server was started, for the record")  # fmt: skip
+    parser.add_argument(
+        "--server",
+        default='ODESERVE_TOKENS="ops priority=1, hog, small" python -m server --metrics-port 0',
+        help="how the measured server was started, for the record",
+    )
     args = parser.parse_args()
     raw = (args.data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
     digits = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:1024]
@@ -85,12 +92,18 @@ def main() -> None:
     if args.scenario == "flood":
         calls = [big.Classify.future(_request(digits, 1e-8, priority=1), timeout=600, metadata=_metadata(big_token))]
     else:
-        calls = [big.Classify.future(_request(images, 1e-8), timeout=600, metadata=_metadata(big_token))
-                 for images in (digits, digits, digits, digits, digits[:256])]  # fmt: skip
+        calls = [
+            big.Classify.future(_request(images, 1e-8), timeout=600, metadata=_metadata(big_token))
+            for images in (digits, digits, digits, digits, digits[:256])
+        ]
     time.sleep(3.0)  # the big requests are in the batch and the queue
-    result = {"scenario": args.scenario, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-              "date": time.strftime("%Y-%m-%d"), "command": "python bench/fair_clients.py " + " ".join(sys.argv[1:]),
-              "server": args.server}  # fmt: skip
+    result = {
+        "scenario": args.scenario,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python bench/fair_clients.py " + " ".join(sys.argv[1:]),
+        "server": args.server,
+    }
     result["small"] = _small_calls(small, digits, args.calls, 1e-2 if args.scenario == "flood" else 1e-1, small_token)
     result["big"] = [call.code().name if call.done() else "still running" for call in calls]
     refused = [call.details() for call in calls if call.done() and call.code() is not grpc.StatusCode.OK]

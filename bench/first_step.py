@@ -61,8 +61,9 @@ def main() -> None:
             folders.append(folder)
         for round_index in range(args.rounds):
             for path, folder in zip(args.checkpoints, folders):
-                row = engine_times(folder, images, args.clients, args.seconds, args.warmup, args.max_batch,
-                                   args.seed + round_index)  # fmt: skip
+                row = engine_times(
+                    folder, images, args.clients, args.seconds, args.warmup, args.max_batch, args.seed + round_index
+                )
                 runs[str(path)].append(row)
                 print(f"round {round_index + 1} {path}: " + ", ".join(f"{k} {row[k]:.4g}" for k in REPORTED))
     medians = {path: {k: statistics.median(r[k] for r in rows) for k in REPORTED} for path, rows in runs.items()}
@@ -75,8 +76,10 @@ def main() -> None:
     }
     for path, row in medians.items():
         print(f"median {path}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
-    print("second/first: throughput {throughput:.3f}x, NFE {mean_nfe:.3f}x fewer, p50 {latency_p50:.3f}x, "
-          "p99 {latency_p99:.3f}x".format(**ratios))  # fmt: skip
+    print(
+        "second/first: throughput {throughput:.3f}x, NFE {mean_nfe:.3f}x fewer, p50 {latency_p50:.3f}x, "
+        "p99 {latency_p99:.3f}x".format(**ratios)
+    )
 
     import torch
 

@@ -49,8 +49,15 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
     def theirs():
         calls["n"] = 0
         z = model.downsample(images)
-        z1 = torchdiffeq.odeint(counted, z, torch.tensor([0.0, block.t1], device=device), rtol=tol, atol=tol,
-                                method="dopri5", options=first_step)[-1]  # fmt: skip
+        z1 = torchdiffeq.odeint(
+            counted,
+            z,
+            torch.tensor([0.0, block.t1], device=device),
+            rtol=tol,
+            atol=tol,
+            method="dopri5",
+            options=first_step,
+        )[-1]
         return model.head(z1)
 
     result = {}
@@ -96,18 +103,22 @@ def measure(model, images: torch.Tensor, tol: float, repeats: int) -> dict:
             try:
                 graphed_s = median_seconds(ours_graphed, device, repeats)
                 row["ours_cuda_graphs"] = {
-                    "ms": graphed_s * 1e3, "images_per_s": n / graphed_s, "sizes": graphed_func.captured_sizes,
+                    "ms": graphed_s * 1e3,
+                    "images_per_s": n / graphed_s,
+                    "sizes": graphed_func.captured_sizes,
                     "max_abs_logit_difference": float((result["graphed_logits"] - result["logits"]).abs().max()),
-                }  # fmt: skip
+                }
             except Exception as error:  # noqa: BLE001
                 row["ours_cuda_graphs"] = {"error": repr(error)}
         try:  # whole steps from CUDA graphs (off the GPU: the same masked steps, eagerly)
             step_graphs_s = median_seconds(ours_step_graphs, device, repeats)
             row["ours_step_graphs"] = {
-                "ms": step_graphs_s * 1e3, "images_per_s": n / step_graphs_s, "sizes": step_graphs.captured_sizes,
+                "ms": step_graphs_s * 1e3,
+                "images_per_s": n / step_graphs_s,
+                "sizes": step_graphs.captured_sizes,
                 "same_nfe_as_ours": result["step_graphs_nfe"].tolist() == result["solution"].nfe.tolist(),
                 "max_abs_logit_difference": float((result["step_graphs_logits"] - result["logits"]).abs().max()),
-            }  # fmt: skip
+            }
         except Exception as error:  # noqa: BLE001 - a failure is recorded, not fatal
             row["ours_step_graphs"] = {"error": repr(error)}
     return row
@@ -130,10 +141,12 @@ def main() -> None:
         images = torch.rand(batch, 1, 28, 28, generator=generator).to(device)
         row = measure(model, images, args.tol, args.repeats)
         rows.append(row)
-        print(f"batch {batch:5d}: ours {row['ours']['ms']:9.2f} ms ({row['ours']['images_per_s']:10.0f} images/s, "
-              f"NFE {row['ours']['nfe_mean']:.1f})   torchdiffeq {row['torchdiffeq']['ms']:9.2f} ms "
-              f"({row['torchdiffeq']['images_per_s']:10.0f} images/s, NFE {row['torchdiffeq']['nfe']})   "
-              f"{row['speedup']:.2f}x")  # fmt: skip
+        print(
+            f"batch {batch:5d}: ours {row['ours']['ms']:9.2f} ms ({row['ours']['images_per_s']:10.0f} images/s, "
+            f"NFE {row['ours']['nfe_mean']:.1f})   torchdiffeq {row['torchdiffeq']['ms']:9.2f} ms "
+            f"({row['torchdiffeq']['images_per_s']:10.0f} images/s, NFE {row['torchdiffeq']['nfe']})   "
+            f"{row['speedup']:.2f}x"
+        )
         if "ours_cuda_graphs" in row:
             print(f"             ours with f from CUDA graphs: {row['ours_cuda_graphs']}")
         print(f"             ours with whole steps from graphs: {row['ours_step_graphs']}")
@@ -142,8 +155,15 @@ def main() -> None:
         if device.type == "cuda"
         else f"{platform.machine()}, {torch.get_num_threads()} threads"
     )
-    report = {"benchmark": "model_inference", "device": name, "torch": torch.__version__, "tol": args.tol,
-              "checkpoint": args.checkpoint.name, "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
+    report = {
+        "benchmark": "model_inference",
+        "device": name,
+        "torch": torch.__version__,
+        "tol": args.tol,
+        "checkpoint": args.checkpoint.name,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"model_inference_{device.type}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

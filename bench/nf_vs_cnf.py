@@ -41,8 +41,11 @@ def train(kind: str, hyper: dict, target: str, steps: int, batch: int, lr: float
     seconds = time.perf_counter() - begin
     tol = hyper.get("tol")
     estimate = kl_estimate(model.eval(), target, tol, "cpu")
-    return {"kl_plus_log_z": estimate["kl_plus_log_z"], "train_seconds": round(seconds, 1),
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    return {
+        "kl_plus_log_z": estimate["kl_plus_log_z"],
+        "train_seconds": round(seconds, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -63,14 +66,27 @@ def main() -> None:
             cnf_hyper = {"dim": 2, "dynamics": "planar", "width": size, "trace": "exact", "tol": args.tol}
             cnf = train("cnf", cnf_hyper, target, args.steps, args.batch, 1e-2, args.seed)
             rows.append({"target": target, "size": size, "nf": nf, "cnf": cnf})
-            print(f"{target} K=M={size:<3} NF {nf['kl_plus_log_z']:8.3f} ({nf['train_seconds']:6.1f} s)   "
-                  f"CNF {cnf['kl_plus_log_z']:8.3f} ({cnf['train_seconds']:6.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"{target} K=M={size:<3} NF {nf['kl_plus_log_z']:8.3f} ({nf['train_seconds']:6.1f} s)   "
+                f"CNF {cnf['kl_plus_log_z']:8.3f} ({cnf['train_seconds']:6.1f} s)",
+                flush=True,
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "nf_vs_cnf.json"
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
-    path.write_text(json.dumps({"benchmark": "nf_vs_cnf", "machine": machine, "date": time.strftime("%Y-%m-%d"),
-                                "settings": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                "rows": rows}, indent=2) + "\n")  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "benchmark": "nf_vs_cnf",
+                "machine": machine,
+                "date": time.strftime("%Y-%m-%d"),
+                "settings": {k: os.path.relpath(v, ROOT) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {path}")
 
 

@@ -74,14 +74,18 @@ def _peak_rss(card: ModelCard, path: Path, gnu_time_dir: Path | None) -> float |
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | checkpoint | test error | paper | parameters | training images/s | peak memory (RSS) | epochs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| model | checkpoint | test error | paper | parameters | training images/s | peak memory (RSS) | epochs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         paper = "-" if r["paper_test_error"] is None else f"{100 * r['paper_test_error']:.2f}%"
         nfe = "" if r["nfe_mean"] is None else f" (tol {r['tol']:g}, NFE {r['nfe_mean']:.1f})"
         rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f} MiB"
-        lines.append(f"| {r['kind']} | {r['name']} | {100 * r['test_error']:.2f}%{nfe} | {paper} | {r['parameters']:,} | "
-                     f"{r['images_per_s']:.0f} | {rss} | {r['epochs']} |")  # fmt: skip
+        lines.append(
+            f"| {r['kind']} | {r['name']} | {100 * r['test_error']:.2f}%{nfe} | {paper} | {r['parameters']:,} | "
+            f"{r['images_per_s']:.0f} | {rss} | {r['epochs']} |"
+        )
     return "\n".join(lines)
 
 

@@ -58,9 +58,14 @@ def block_solves(model, features: torch.Tensor, rounds: int) -> list[dict]:
                 times[precision].append(seconds)
                 nfe[precision] = float(solution.nfe.double().mean())
         median = {p: statistics.median(times[p]) for p in PRECISIONS}
-        rows.append({"tol": tol, **{f"{p}_s": round(median[p], 4) for p in PRECISIONS},
-                     **{f"{p}_nfe": round(nfe[p], 2) for p in PRECISIONS},
-                     "speedup": round(median["float32"] / median["bfloat16"], 2)})  # fmt: skip
+        rows.append(
+            {
+                "tol": tol,
+                **{f"{p}_s": round(median[p], 4) for p in PRECISIONS},
+                **{f"{p}_nfe": round(nfe[p], 2) for p in PRECISIONS},
+                "speedup": round(median["float32"] / median["bfloat16"], 2),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 

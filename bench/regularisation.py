@@ -53,8 +53,15 @@ def dynamics_measures(checkpoint_path: str, kind: str, dataset: str, data_dir: P
 
         points = sample_density(dataset, TEST_POINTS, torch.Generator().manual_seed(TEST_SEED))
         _, solution = model.log_prob(points, rtol=TARGET_TOL, atol=TARGET_TOL)
-        whole = solve_ivp(model.augmented, model.initial_state(points, torch.zeros_like(points[:, 0]), None), (model.t1, 0.0),
-                          rtol=TARGET_TOL, atol=TARGET_TOL, norm=model.error_norm, first_step=model.t1)  # fmt: skip
+        whole = solve_ivp(
+            model.augmented,
+            model.initial_state(points, torch.zeros_like(points[:, 0]), None),
+            (model.t1, 0.0),
+            rtol=TARGET_TOL,
+            atol=TARGET_TOL,
+            norm=model.error_norm,
+            first_step=model.t1,
+        )
         whole_metric = float((standard_normal_log_prob(whole.y1[:, :2]) - whole.y1[:, 2]).mean())
         model.tol = 1e-4
         _, _, integrals = model.log_prob_regularised(points, MEASURE)
@@ -75,10 +82,13 @@ def dynamics_measures(checkpoint_path: str, kind: str, dataset: str, data_dir: P
         inputs = "the first 1000 MNIST test images (Hutchinson estimate for J)"
     kinetic, jacobian = integrals.double().mean(0).tolist()
     return {
-        "on": inputs, "kinetic_per_dim": kinetic, "jacobian_per_dim": jacobian,
-        "fewest_nfe_at_tol_1e-3": int(solution.nfe.min()), "fewest_steps_at_tol_1e-3": int(solution.steps.min()),
+        "on": inputs,
+        "kinetic_per_dim": kinetic,
+        "jacobian_per_dim": jacobian,
+        "fewest_nfe_at_tol_1e-3": int(solution.nfe.min()),
+        "fewest_steps_at_tol_1e-3": int(solution.steps.min()),
         "first_step_whole_span_at_tol_1e-3": {"nfe_mean": float(whole.nfe.double().mean()), "metric": whole_metric},
-    }  # fmt: skip
+    }
 
 
 def step_cost(checkpoint_path: Path, data_dir: Path, repeats: int = 5, batch: int = 128) -> dict:
@@ -114,10 +124,13 @@ def step_cost(checkpoint_path: Path, data_dir: Path, repeats: int = 5, batch: in
             nfe[name] = (float(solution.nfe.double().mean()), float(solution.backward.nfe.double().mean()))
     medians = {name: statistics.median(times) for name, times in seconds.items()}
     return {
-        "checkpoint": str(checkpoint_path), "batch": batch, "threads": torch.get_num_threads(),
-        "seconds_per_step": medians, "ratio_to_unregularised": {n: t / medians["none"] for n, t in medians.items()},
+        "checkpoint": str(checkpoint_path),
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "seconds_per_step": medians,
+        "ratio_to_unregularised": {n: t / medians["none"] for n, t in medians.items()},
         "nfe_forward_backward": nfe,
-    }  # fmt: skip
+    }
 
 
 def compare(report: dict, data_dir: Path) -> dict:
@@ -129,18 +142,32 @@ def compare(report: dict, data_dir: Path) -> dict:
         rows = []
         for row in model["rows"]:
             base = base_rows[row["tol"]]
-            rows.append({
-                "tol": row["tol"], "nfe_mean": row["nfe_mean"], metric: row[metric],
-                "nfe_ratio_to_baseline": base["nfe_mean"] / row["nfe_mean"],
-                "delta_to_baseline": row[metric] - base[metric],
-            })  # fmt: skip
-        models.append({
-            "name": model["name"], "regularisation": model["regularisation"], "trained": model["trained"],
-            "dynamics": dynamics_measures(model["checkpoint"], model["kind"], model["dataset"], data_dir), "rows": rows,
-        })  # fmt: skip
+            rows.append(
+                {
+                    "tol": row["tol"],
+                    "nfe_mean": row["nfe_mean"],
+                    metric: row[metric],
+                    "nfe_ratio_to_baseline": base["nfe_mean"] / row["nfe_mean"],
+                    "delta_to_baseline": row[metric] - base[metric],
+                }
+            )
+        models.append(
+            {
+                "name": model["name"],
+                "regularisation": model["regularisation"],
+                "trained": model["trained"],
+                "dynamics": dynamics_measures(model["checkpoint"], model["kind"], model["dataset"], data_dir),
+                "rows": rows,
+            }
+        )
     regularised = [m for m in models[1:] if _is_regularised(m["regularisation"])]
-    return {"dataset": baseline["dataset"], "metric": metric, "baseline": baseline["name"],
-            "targets": [_target(baseline, m) for m in regularised], "models": models}  # fmt: skip
+    return {
+        "dataset": baseline["dataset"],
+        "metric": metric,
+        "baseline": baseline["name"],
+        "targets": [_target(baseline, m) for m in regularised],
+        "models": models,
+    }
 
 
 def _is_regularised(regularisation: dict | None) -> bool:
@@ -160,10 +187,13 @@ def _target(baseline: dict, model: dict) -> dict:
             met = "not met: fewer NFE at a lower test error than the window allows"
         goal = f"fewer mean NFE at tol {TARGET_TOL:g}, test error within ±{ODENET_POINTS} points"
     return {
-        "model": model["name"], "goal": goal, "met": met,
-        "nfe_ratio": row["nfe_ratio_to_baseline"], "delta": row["delta_to_baseline"],
+        "model": model["name"],
+        "goal": goal,
+        "met": met,
+        "nfe_ratio": row["nfe_ratio_to_baseline"],
+        "delta": row["delta_to_baseline"],
         "best_ratio_possible": base_nfe / NFE_FLOOR,
-    }  # fmt: skip
+    }
 
 
 def markdown(comparisons: list[dict]) -> str:
@@ -171,9 +201,14 @@ def markdown(comparisons: list[dict]) -> str:
     for comparison in comparisons:
         error = comparison["metric"] == "test_error"
         tols = [row["tol"] for row in comparison["models"][0]["rows"]]
-        lines += [f"**{comparison['dataset']}** ({'test error' if error else 'test log-likelihood'} @ mean NFE):", "",
-                  "| model | K / dim | J / dim | " + " | ".join(f"tol {t:g}" for t in tols) + " | tol 0.001, first step = span |",
-                  "|---|---:|---:|" + "---:|" * (len(tols) + 1)]  # fmt: skip
+        lines += [
+            f"**{comparison['dataset']}** ({'test error' if error else 'test log-likelihood'} @ mean NFE):",
+            "",
+            "| model | K / dim | J / dim | "
+            + " | ".join(f"tol {t:g}" for t in tols)
+            + " | tol 0.001, first step = span |",
+            "|---|---:|---:|" + "---:|" * (len(tols) + 1),
+        ]
         for model in comparison["models"]:
             value = (
                 (lambda r: f"{100 * r['test_error']:.2f}%") if error else (lambda r: f"{r['test_log_likelihood']:.4f}")
@@ -182,14 +217,19 @@ def markdown(comparisons: list[dict]) -> str:
             dynamics = model["dynamics"]
             whole = dynamics["first_step_whole_span_at_tol_1e-3"]
             whole_cell = f"{value({comparison['metric']: whole['metric']})} @ {whole['nfe_mean']:.1f}"
-            lines.append(f"| {model['name']} | {dynamics['kinetic_per_dim']:.3g} | {dynamics['jacobian_per_dim']:.3g} | "
-                         + " | ".join(cells) + f" | {whole_cell} |")  # fmt: skip
+            lines.append(
+                f"| {model['name']} | {dynamics['kinetic_per_dim']:.3g} | {dynamics['jacobian_per_dim']:.3g} | "
+                + " | ".join(cells)
+                + f" | {whole_cell} |"
+            )
         lines.append("")
         for target in comparison["targets"]:
             delta = f"{100 * target['delta']:+.2f} points" if error else f"{target['delta']:+.4f} nats"
-            lines.append(f"- {target['model']}: {target['nfe_ratio']:.2f}x fewer NFE at tol {TARGET_TOL:g}, {delta} "
-                         f"(target {target['goal']}: {target['met'] if isinstance(target['met'], str) else 'met' if target['met'] else 'not met'}; "
-                         f"at most {target['best_ratio_possible']:.2f}x is possible above the {NFE_FLOOR}-NFE floor)")  # fmt: skip
+            lines.append(
+                f"- {target['model']}: {target['nfe_ratio']:.2f}x fewer NFE at tol {TARGET_TOL:g}, {delta} "
+                f"(target {target['goal']}: {target['met'] if isinstance(target['met'], str) else 'met' if target['met'] else 'not met'}; "
+                f"at most {target['best_ratio_possible']:.2f}x is possible above the {NFE_FLOOR}-NFE floor)"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -212,13 +252,25 @@ def main() -> None:
     print(markdown(comparisons))
     cost = None if args.step_cost is None else step_cost(args.step_cost, args.data_dir)
     if cost is not None:
-        print("training step:", ", ".join(f"{name} {t:.2f} s ({cost['ratio_to_unregularised'][name]:.2f}x)"
-                                          for name, t in cost["seconds_per_step"].items()))  # fmt: skip
+        print(
+            "training step:",
+            ", ".join(
+                f"{name} {t:.2f} s ({cost['ratio_to_unregularised'][name]:.2f}x)"
+                for name, t in cost["seconds_per_step"].items()
+            ),
+        )
     if args.out:
         first = json.loads(args.reports[0].read_text())
-        result = {"benchmark": "regularisation", "date": first["date"], "device": first["device"], "note": args.note,
-                  "nfe_floor_at_tol_1e-3": NFE_FLOOR, "reports": [str(p) for p in args.reports], "comparisons": comparisons,
-                  "odenet_training_step_cost": cost}  # fmt: skip
+        result = {
+            "benchmark": "regularisation",
+            "date": first["date"],
+            "device": first["device"],
+            "note": args.note,
+            "nfe_floor_at_tol_1e-3": NFE_FLOOR,
+            "reports": [str(p) for p in args.reports],
+            "comparisons": comparisons,
+            "odenet_training_step_cost": cost,
+        }
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
 

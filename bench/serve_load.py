@@ -75,8 +75,11 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def classify_request(images: np.ndarray, **accuracy) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(model=CLASSIFIER, accuracy=pb.Accuracy(**accuracy),
-                              images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()))  # fmt: skip
+    return pb.ClassifyRequest(
+        model=CLASSIFIER,
+        accuracy=pb.Accuracy(**accuracy),
+        images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
+    )
 
 
 class GrpcTarget:
@@ -109,8 +112,14 @@ class InProcessTarget:
     """The same engine without gRPC: the model's adapter prepares the items, which go straight
     to ``Engine.submit``."""
 
-    def __init__(self, checkpoints: Path, max_batch: int, step_graphs: bool = False, policy: str = "fair",
-                 max_delay: float = 0.005) -> None:  # fmt: skip
+    def __init__(
+        self,
+        checkpoints: Path,
+        max_batch: int,
+        step_graphs: bool = False,
+        policy: str = "fair",
+        max_delay: float = 0.005,
+    ) -> None:
         from neuralode.devices import resolve_device
         from server.adapters import Limits
         from server.config import EngineConfig
@@ -283,8 +292,16 @@ class EngineTimes:
         }
 
 
-def engine_times(checkpoints: Path, images: np.ndarray, clients: int, seconds: float, warmup: float,
-                 max_batch: int, seed: int, step_graphs: bool = False) -> dict:  # fmt: skip
+def engine_times(
+    checkpoints: Path,
+    images: np.ndarray,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    max_batch: int,
+    seed: int,
+    step_graphs: bool = False,
+) -> dict:
     target = InProcessTarget(checkpoints, max_batch, step_graphs)
     try:
         times = EngineTimes(target.engine.workers[target.model.key])
@@ -295,9 +312,15 @@ def engine_times(checkpoints: Path, images: np.ndarray, clients: int, seconds: f
         wall = time.perf_counter() - begin
     finally:
         target.close()
-    return {"clients": clients, "images_per_request": 1, "throughput_items_per_s": row["throughput_items_per_s"],
-            "latency_p50_ms": row["latency_p50_ms"], "latency_p99_ms": row["latency_p99_ms"],
-            "mean_nfe": row["mean_nfe"], **times.shares(wall)}  # fmt: skip
+    return {
+        "clients": clients,
+        "images_per_request": 1,
+        "throughput_items_per_s": row["throughput_items_per_s"],
+        "latency_p50_ms": row["latency_p50_ms"],
+        "latency_p99_ms": row["latency_p99_ms"],
+        "mean_nfe": row["mean_nfe"],
+        **times.shares(wall),
+    }
 
 
 # ---- 6. what continuous batching can buy here ----------------------------------------------
@@ -330,8 +353,16 @@ class StepRows:
         return _timed(fn, add)
 
 
-def batching_ceiling(checkpoints: Path, images: np.ndarray, clients: int, seconds: float, warmup: float,
-                     max_batch: int, max_delay: float, seed: int) -> dict:  # fmt: skip
+def batching_ceiling(
+    checkpoints: Path,
+    images: np.ndarray,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    max_batch: int,
+    max_delay: float,
+    seed: int,
+) -> dict:
     target = InProcessTarget(checkpoints, max_batch, policy="static", max_delay=max_delay)
     try:
         probe = StepRows(target.engine.workers[target.model.key].executor)
@@ -350,19 +381,29 @@ def batching_ceiling(checkpoints: Path, images: np.ndarray, clients: int, second
     for low in range(0, max_batch, width):
         inside = (rows > low) & (rows <= low + width)
         if inside.any():
-            by_rows[f"{low + 1}-{low + width}"] = {"steps": int(inside.sum()),
-                                                   "ms_per_row": 1e3 * step_seconds[inside].sum() / rows[inside].sum()}  # fmt: skip
+            by_rows[f"{low + 1}-{low + width}"] = {
+                "steps": int(inside.sum()),
+                "ms_per_row": 1e3 * step_seconds[inside].sum() / rows[inside].sum(),
+            }
     static_ms = 1e3 * step_seconds.sum() / rows.sum()
     measured = [b for b in by_rows.values() if b["steps"] >= 10] or list(by_rows.values())  # not one-off steps
     full_batch_ms = min(b["ms_per_row"] for b in measured)
     steps_ideal = step_seconds.sum() * full_batch_ms / static_ms
-    return {"static_items_per_s": row["throughput_items_per_s"], "row_steps": int(rows.sum()),
-            "step_ms_per_row_by_rows": by_rows, "static_ms": static_ms, "full_batch_ms": full_batch_ms,
-            "step_ceiling": static_ms / full_batch_ms,
-            "throughput_ceiling": wall / (wall - step_seconds.sum() + steps_ideal),
-            "share_of_wall": {"steps": step_seconds.sum() / wall, "joins": probe.seconds["joins"] / wall,
-                              "leaves": probe.seconds["leaves"] / wall},
-            "downsampling_ms_per_image": downsampling}  # fmt: skip
+    return {
+        "static_items_per_s": row["throughput_items_per_s"],
+        "row_steps": int(rows.sum()),
+        "step_ms_per_row_by_rows": by_rows,
+        "static_ms": static_ms,
+        "full_batch_ms": full_batch_ms,
+        "step_ceiling": static_ms / full_batch_ms,
+        "throughput_ceiling": wall / (wall - step_seconds.sum() + steps_ideal),
+        "share_of_wall": {
+            "steps": step_seconds.sum() / wall,
+            "joins": probe.seconds["joins"] / wall,
+            "leaves": probe.seconds["leaves"] / wall,
+        },
+        "downsampling_ms_per_image": downsampling,
+    }
 
 
 def _downsampling_per_image(adapter, images: np.ndarray, limits, repeats: int = 10) -> dict:
@@ -402,14 +443,22 @@ def contention(target: GrpcTarget, images: np.ndarray) -> dict:
     big.cancel()
     idle_s = float(np.median(idle))
     bound = max(5 * idle_s, 0.5)
-    return {"idle_ms": idle_s * 1e3, "under_load_ms": loaded * 1e3, "target_ms": bound * 1e3,
-            "big_still_running": big_running, "meets_target": loaded <= bound}  # fmt: skip
+    return {
+        "idle_ms": idle_s * 1e3,
+        "under_load_ms": loaded * 1e3,
+        "target_ms": bound * 1e3,
+        "big_still_running": big_running,
+        "meets_target": loaded <= bound,
+    }
 
 
 def hostile(target: GrpcTarget) -> dict:
     points = np.random.default_rng(0).normal(scale=3.0, size=(1024, 2))
-    request = pb.LogDensityRequest(model=MOONS, accuracy=pb.Accuracy(tol=1e-8),
-                                   points=pb.Tensor(dtype="float64", shape=[1024, 2], data=points.astype("<f8").tobytes()))  # fmt: skip
+    request = pb.LogDensityRequest(
+        model=MOONS,
+        accuracy=pb.Accuracy(tol=1e-8),
+        points=pb.Tensor(dtype="float64", shape=[1024, 2], data=points.astype("<f8").tobytes()),
+    )
     big = target.stub.LogDensity.future(request, timeout=900)
     time.sleep(0.1)  # the whole request takes about a second on the CPU
     begin = time.monotonic()
@@ -511,8 +560,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-delay-ms", type=float, default=10.0, help="static batching's collection window")
-    parser.add_argument("--step-graphs", choices=("off", "on"), default="off",
-                        help="the servers' and the in-process engine's step_graphs setting")  # fmt: skip
+    parser.add_argument(
+        "--step-graphs",
+        choices=("off", "on"),
+        default="off",
+        help="the servers' and the in-process engine's step_graphs setting",
+    )
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument(
         "--capacity-clients",
@@ -536,8 +589,14 @@ def main() -> None:
     test = load_mnist(args.data_dir, train=False, download=False)
     images, labels = test.images[:2000, 0].numpy(), test.labels[:2000].numpy()
     record: dict = {"load_average_1m_before": round(os.getloadavg()[0], 2)}
-    batch_flags = ("--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-                   "--step-graphs", args.step_graphs)  # fmt: skip
+    batch_flags = (
+        "--max-batch",
+        str(args.max_batch),
+        "--max-delay-ms",
+        str(args.max_delay_ms),
+        "--step-graphs",
+        args.step_graphs,
+    )
     step_graphs = args.step_graphs == "on"
     with tempfile.TemporaryDirectory() as tmp:
         targets = {
@@ -576,8 +635,10 @@ def main() -> None:
                     ratios[f"{policy}_over_static_p99_closed_loop"] = (
                         c["latency_p99_ms"] / closed_rows["grpc static"]["latency_p99_ms"]
                     )
-                ratios["grpc_over_in_process_throughput"] = (closed_rows["grpc fair"]["throughput_items_per_s"]
-                                                             / closed_rows["in-process fair"]["throughput_items_per_s"])  # fmt: skip
+                ratios["grpc_over_in_process_throughput"] = (
+                    closed_rows["grpc fair"]["throughput_items_per_s"]
+                    / closed_rows["in-process fair"]["throughput_items_per_s"]
+                )
                 record["mixed_ratios"] = ratios
             if "contention" in sections:
                 record["contention"] = {name: contention(targets[name], images) for name in ("fair", "fifo")}
@@ -598,12 +659,31 @@ def main() -> None:
             for target in targets.values():
                 target.close()
     if "engine" in sections:
-        runs = [engine_times(args.checkpoints, images, args.engine_clients, args.engine_seconds, args.warmup,
-                             args.max_batch, args.seed + repeat, step_graphs) for repeat in range(args.repeats)]  # fmt: skip
+        runs = [
+            engine_times(
+                args.checkpoints,
+                images,
+                args.engine_clients,
+                args.engine_seconds,
+                args.warmup,
+                args.max_batch,
+                args.seed + repeat,
+                step_graphs,
+            )
+            for repeat in range(args.repeats)
+        ]
         record["engine"] = {key: float(np.median([run[key] for run in runs])) for key in runs[0]} | {"runs": runs}
     if "ceiling" in sections:
-        record["ceiling"] = batching_ceiling(args.checkpoints, images, args.clients, args.duration, args.warmup,
-                                             args.max_batch, args.max_delay_ms / 1e3, args.seed)  # fmt: skip
+        record["ceiling"] = batching_ceiling(
+            args.checkpoints,
+            images,
+            args.clients,
+            args.duration,
+            args.warmup,
+            args.max_batch,
+            args.max_delay_ms / 1e3,
+            args.seed,
+        )
 
     record["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -613,8 +693,15 @@ def main() -> None:
     path = args.out / f"{args.name or f'serve_load_{device}'}.json"
     settings = {k: _relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     command = "python bench/serve_load.py " + " ".join(sys.argv[1:])
-    document = {"benchmark": "serve_load", "machine": machine, "date": time.strftime("%Y-%m-%d"), "command": command,
-                "settings": settings, "tolerance_mix": {str(k): v for k, v in TOLERANCES.items()}, **record}  # fmt: skip
+    document = {
+        "benchmark": "serve_load",
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+        "settings": settings,
+        "tolerance_mix": {str(k): v for k, v in TOLERANCES.items()},
+        **record,
+    }
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {_relative(path)}")
 
@@ -623,27 +710,38 @@ def _print(record: dict, args, machine: str) -> None:
     print(f"serve_load on {machine}; {args.clients} clients; max batch {args.max_batch}")
     if "mixed" in record:
         mix = ", ".join(f"{share:.0%} at {tol:g}" for tol, share in TOLERANCES.items())
-        print(f"\n1. mixed load: 1-{args.max_images} images/request, tolerances {mix}; median of {args.repeats} "
-              f"interleaved runs of {args.duration:g} s")  # fmt: skip
+        print(
+            f"\n1. mixed load: 1-{args.max_images} images/request, tolerances {mix}; median of {args.repeats} "
+            f"interleaved runs of {args.duration:g} s"
+        )
         for loop, rows in record["mixed"].items():
-            what = (f"{args.clients} clients, each sending when its last request returns" if loop == "closed_loop" else
-                    f"Poisson arrivals at {next(iter(rows.values()))['offered_requests_per_s']:.1f} requests/s "
-                    f"({args.offered_load:.0%} of static's closed-loop rate)")  # fmt: skip
+            what = (
+                f"{args.clients} clients, each sending when its last request returns"
+                if loop == "closed_loop"
+                else f"Poisson arrivals at {next(iter(rows.values()))['offered_requests_per_s']:.1f} requests/s "
+                f"({args.offered_load:.0%} of static's closed-loop rate)"
+            )
             print(f"{loop.replace('_', ' ')}: {what}")
-            print(f"  {'configuration':<18} {'items/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99 1e-1':>9} {'p99 1e-3':>9} "
-                  f"{'p99 1e-5':>9} {'NFE':>6} {'requests':>8}")  # fmt: skip
+            print(
+                f"  {'configuration':<18} {'items/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99 1e-1':>9} {'p99 1e-3':>9} "
+                f"{'p99 1e-5':>9} {'NFE':>6} {'requests':>8}"
+            )
             for name, r in rows.items():
                 items = f"{r['throughput_items_per_s']:>8.1f}" if "throughput_items_per_s" in r else f"{'':>8}"
-                print(f"  {name:<18} {items} {r['latency_p50_ms']:>8.0f} {r['latency_p99_ms']:>8.0f} "
-                      f"{r['p99_ms_tol_0.1']:>9.0f} {r['p99_ms_tol_0.001']:>9.0f} {r['p99_ms_tol_1e-05']:>9.0f} "
-                      f"{r['mean_nfe']:>6.1f} {r['requests']:>8d}")  # fmt: skip
+                print(
+                    f"  {name:<18} {items} {r['latency_p50_ms']:>8.0f} {r['latency_p99_ms']:>8.0f} "
+                    f"{r['p99_ms_tol_0.1']:>9.0f} {r['p99_ms_tol_0.001']:>9.0f} {r['p99_ms_tol_1e-05']:>9.0f} "
+                    f"{r['mean_nfe']:>6.1f} {r['requests']:>8d}"
+                )
         for name, value in record["mixed_ratios"].items():
             print(f"  {name}: {value:.2f}")
     if "contention" in record:
         print("\n2. contention: 512 images at 1e-8, then 1 image at 1e-1")
         for name, r in record["contention"].items():
-            print(f"  {name:<5} idle {r['idle_ms']:.0f} ms, under load {r['under_load_ms']:.0f} ms "
-                  f"(target {r['target_ms']:.0f} ms: {'met' if r['meets_target'] else 'missed'})")  # fmt: skip
+            print(
+                f"  {name:<5} idle {r['idle_ms']:.0f} ms, under load {r['under_load_ms']:.0f} ms "
+                f"(target {r['target_ms']:.0f} ms: {'met' if r['meets_target'] else 'missed'})"
+            )
     if "hostile" in record:
         print("\n3. hostile: 1,024 points at 1e-8 on cnf-moons, then Sample n=1")
         for name, r in record["hostile"].items():
@@ -652,33 +750,47 @@ def _print(record: dict, args, machine: str) -> None:
             )
     if "auto" in record:
         a = record["auto"]
-        print(f"\n4. overload: capacity {a['capacity_requests_per_s_at_1e-4']:.1f} requests/s at 1e-4, offered "
-              f"{a['offered_requests_per_s']:.1f}/s, 1 s deadlines")  # fmt: skip
+        print(
+            f"\n4. overload: capacity {a['capacity_requests_per_s_at_1e-4']:.1f} requests/s at 1e-4, offered "
+            f"{a['offered_requests_per_s']:.1f}/s, 1 s deadlines"
+        )
         for name in ("fixed 1e-4", "auto"):
             for r in a[name]:
-                print(f"  {name:<10} on time {r['on_time_fraction']:.1%}, accuracy {r['accuracy_of_answers']:.2%}, "
-                      f"mean NFE {r['mean_nfe']:.1f} ({r['requests']} requests)")  # fmt: skip
+                print(
+                    f"  {name:<10} on time {r['on_time_fraction']:.1%}, accuracy {r['accuracy_of_answers']:.2%}, "
+                    f"mean NFE {r['mean_nfe']:.1f} ({r['requests']} requests)"
+                )
 
     if "engine" in record:
         e = record["engine"]
         print(
             f"\n5. the engine's own time: {e['clients']:.0f} clients x 1 image, in-process, median of {len(e['runs'])} runs"
         )
-        print(f"  {e['throughput_items_per_s']:.1f} items/s, p50 {e['latency_p50_ms']:.0f} ms, p99 {e['latency_p99_ms']:.0f} ms; "
-              f"worker busy {e['busy_fraction_of_wall']:.0%} of the time")  # fmt: skip
-        print(f"  of busy time: f {e['f_share']:.1%}, the model outside the ODE {e['model_outside_ode_share']:.1%}, "
-              f"the engine's overhead {e['engine_overhead_share']:.1%} (outside f in all: {e['outside_f_share']:.1%})")  # fmt: skip
+        print(
+            f"  {e['throughput_items_per_s']:.1f} items/s, p50 {e['latency_p50_ms']:.0f} ms, p99 {e['latency_p99_ms']:.0f} ms; "
+            f"worker busy {e['busy_fraction_of_wall']:.0%} of the time"
+        )
+        print(
+            f"  of busy time: f {e['f_share']:.1%}, the model outside the ODE {e['model_outside_ode_share']:.1%}, "
+            f"the engine's overhead {e['engine_overhead_share']:.1%} (outside f in all: {e['outside_f_share']:.1%})"
+        )
     if "ceiling" in record:
         c = record["ceiling"]
         print(
             f"\n6. what continuous batching can buy here: static batching, {args.clients} clients, mixed load, in-process"
         )
-        print(f"  {c['static_items_per_s']:.1f} items/s; steps {c['share_of_wall']['steps']:.0%} of the time, joins "
-              f"{c['share_of_wall']['joins']:.0%}, leaves {c['share_of_wall']['leaves']:.0%}")  # fmt: skip
-        print("  ms per row-step by stepped rows: " + ", ".join(
-            f"{k}: {b['ms_per_row']:.3f} ({b['steps']})" for k, b in c["step_ms_per_row_by_rows"].items()))  # fmt: skip
-        print(f"  static {c['static_ms']:.3f} ms per row-step, a full batch {c['full_batch_ms']:.3f}: step ceiling "
-              f"{c['step_ceiling']:.2f}x, throughput ceiling {c['throughput_ceiling']:.2f}x static")  # fmt: skip
+        print(
+            f"  {c['static_items_per_s']:.1f} items/s; steps {c['share_of_wall']['steps']:.0%} of the time, joins "
+            f"{c['share_of_wall']['joins']:.0%}, leaves {c['share_of_wall']['leaves']:.0%}"
+        )
+        print(
+            "  ms per row-step by stepped rows: "
+            + ", ".join(f"{k}: {b['ms_per_row']:.3f} ({b['steps']})" for k, b in c["step_ms_per_row_by_rows"].items())
+        )
+        print(
+            f"  static {c['static_ms']:.3f} ms per row-step, a full batch {c['full_batch_ms']:.3f}: step ceiling "
+            f"{c['step_ceiling']:.2f}x, throughput ceiling {c['throughput_ceiling']:.2f}x static"
+        )
         d = c["downsampling_ms_per_image"]
         print(
             f"  downsampling of {d['images']} images: {d['whole batch']:.3f} ms per image whole, {d['chunked']:.3f} in the adapter's chunks"

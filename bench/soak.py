@@ -135,8 +135,9 @@ def resident_mb(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field}")
 
 
-def run_load(target: str, pool: list[Case], clients: int, requests: int, duration: float, seed: int,
-             on_progress=None) -> dict:  # fmt: skip
+def run_load(
+    target: str, pool: list[Case], clients: int, requests: int, duration: float, seed: int, on_progress=None
+) -> dict:
     """Closed-loop clients until ``requests`` completed and ``duration`` passed; every
     response checked against its case."""
     from client import Client, OdeServeError
@@ -204,7 +205,7 @@ def run_load(target: str, pool: list[Case], clients: int, requests: int, duratio
                 "requests": len(values),
                 "latency_p50_ms": round(float(np.percentile(values, 50)) * 1e3, 1),
                 "latency_p99_ms": round(float(np.percentile(values, 99)) * 1e3, 1),
-            }  # fmt: skip
+            }
             for rpc, values in sorted(latencies.items())
         },
     }
@@ -265,7 +266,7 @@ def main() -> None:
             "tolerances": TOLERANCES,
             "exact": EXACT,
             "allowed_deviation": {str(tol): allowed(tol) for tol in TOLERANCES},
-        },  # fmt: skip
+        },
         "warmup": {k: warm[k] for k in ("requests", "lost", "wrong")},
         **summary,
         "rss_mb_start": round(start_mb, 1),
@@ -276,19 +277,25 @@ def main() -> None:
         "rss_trace_mb": rss,
         "server_exit_code": exit_code,
     }
-    print(f"{report['requests']} requests in {report['seconds']} s with {args.clients} clients: "
-          f"{report['throughput_requests_per_s']} requests/s, p50 {report['latency_p50_ms']} ms, p99 {report['latency_p99_ms']} ms")  # fmt: skip
+    print(
+        f"{report['requests']} requests in {report['seconds']} s with {args.clients} clients: "
+        f"{report['throughput_requests_per_s']} requests/s, p50 {report['latency_p50_ms']} ms, p99 {report['latency_p99_ms']} ms"
+    )
     for rpc, row in report["by_rpc"].items():
         print(
             f"  {rpc:<12} {row['requests']:6d} requests  p50 {row['latency_p50_ms']:8.1f} ms  p99 {row['latency_p99_ms']:8.1f} ms"
         )
-    print(f"lost {report['lost']} {report['lost_by_code'] or ''}, wrong {report['wrong']}; "
-          f"{100 * report['exact_fraction']:.1f}% exact (<= {EXACT}), {100 * report['nfe_equal_fraction']:.1f}% same NFE; "
-          f"largest deviation by tol {report['max_deviation_by_tol']}")  # fmt: skip
+    print(
+        f"lost {report['lost']} {report['lost_by_code'] or ''}, wrong {report['wrong']}; "
+        f"{100 * report['exact_fraction']:.1f}% exact (<= {EXACT}), {100 * report['nfe_equal_fraction']:.1f}% same NFE; "
+        f"largest deviation by tol {report['max_deviation_by_tol']}"
+    )
     for example in report["wrong_examples"]:
         print("  wrong:", example)
-    print(f"server RSS {start_mb:.0f} MB at start, {end_mb:.0f} MB at end ({report['rss_growth_percent']:+.1f}%), "
-          f"peak {peak_mb:.0f} MB, exit code {exit_code}")  # fmt: skip
+    print(
+        f"server RSS {start_mb:.0f} MB at start, {end_mb:.0f} MB at end ({report['rss_growth_percent']:+.1f}%), "
+        f"peak {peak_mb:.0f} MB, exit code {exit_code}"
+    )
     name = args.name or ("soak_cpu" if args.duration == 0 else f"soak_cpu_{int(args.duration)}s")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -70,15 +70,27 @@ def main() -> None:
             f_calls = calls["n"]
             solver_ops = _aten_ops(solve) - _aten_ops(f_alone)
             solver_calls = _python_calls(solve) - _python_calls(f_alone)
-        row = {"batch": batch, "nfe": int(solution.nfe.max()), "f_calls": f_calls,
-               "solver_aten_ops": solver_ops, "solver_python_calls": solver_calls}  # fmt: skip
+        row = {
+            "batch": batch,
+            "nfe": int(solution.nfe.max()),
+            "f_calls": f_calls,
+            "solver_aten_ops": solver_ops,
+            "solver_python_calls": solver_calls,
+        }
         rows.append(row)
-        print(f"{args.label:>8} | batch {batch:>5}: NFE {row['nfe']}, solver's own aten ops {solver_ops}, "
-              f"Python calls {solver_calls}")  # fmt: skip
+        print(
+            f"{args.label:>8} | batch {batch:>5}: NFE {row['nfe']}, solver's own aten ops {solver_ops}, "
+            f"Python calls {solver_calls}"
+        )
     if args.out:
         runs = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "solver_ops", "runs": {}}
-        runs["runs"][args.label] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "tol": args.tol,
-                                    "method": "dopri5", "rows": rows}  # fmt: skip
+        runs["runs"][args.label] = {
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "tol": args.tol,
+            "method": "dopri5",
+            "rows": rows,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(runs, indent=2) + "\n")
 

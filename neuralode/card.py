@@ -417,14 +417,16 @@ class ModelCard(_Record):
 
 def _check_kind(kind: Any) -> None:
     if not isinstance(kind, str) or kind not in kinds():
-        raise CardError(f"card.kind: unknown model kind {_shown(None if kind is ABSENT else kind)}; "
-                        f"known: {', '.join(kinds())}")  # fmt: skip
+        raise CardError(
+            f"card.kind: unknown model kind {_shown(None if kind is ABSENT else kind)}; known: {', '.join(kinds())}"
+        )
 
 
 def _check_hyper(hyper: Any) -> None:
     if not isinstance(hyper, dict):
-        raise CardError(f"card.hyper must be an object of constructor arguments, got "
-                        f"{_shown(None if hyper is ABSENT else hyper)}")  # fmt: skip
+        raise CardError(
+            f"card.hyper must be an object of constructor arguments, got {_shown(None if hyper is ABSENT else hyper)}"
+        )
     for key, value in hyper.items():
         _check_hyper_value(f"card.hyper.{str(key)[:MAX_HYPER_TEXT]}", value, nested=False)
     for key in ("tol", "first_step"):

@@ -52,8 +52,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard | dict[s
     ``parameters`` are filled in where the card leaves them out."""
     if not isinstance(card, ModelCard):
         card = ModelCard.from_dict(card)
-    stamps = {"created": lambda: datetime.now(UTC).isoformat(timespec="seconds"), "code_version": code_version,
-              "parameters": lambda: sum(p.numel() for p in model.parameters())}  # fmt: skip
+    stamps = {
+        "created": lambda: datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version,
+        "parameters": lambda: sum(p.numel() for p in model.parameters()),
+    }
     card = card.replace(**{name: stamp() for name, stamp in stamps.items() if name in card.absent})
     payload = {
         "format": FORMAT,
@@ -119,11 +122,20 @@ def _misfit(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -
     """What differs between a model's parameter names and shapes and a file's weights ('' if
     nothing), compared before the model is built for real."""
     missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
-    shapes = [f"{name} {tuple(given[name].shape)} for {tuple(expected[name].shape)}"
-              for name in expected.keys() & given.keys() if given[name].shape != expected[name].shape]  # fmt: skip
-    parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-             for label, names in (("Missing key(s)", missing), ("Unexpected key(s)", unexpected), ("size mismatch", sorted(shapes)))
-             if names]  # fmt: skip
+    shapes = [
+        f"{name} {tuple(given[name].shape)} for {tuple(expected[name].shape)}"
+        for name in expected.keys() & given.keys()
+        if given[name].shape != expected[name].shape
+    ]
+    parts = [
+        f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        for label, names in (
+            ("Missing key(s)", missing),
+            ("Unexpected key(s)", unexpected),
+            ("size mismatch", sorted(shapes)),
+        )
+        if names
+    ]
     return "; ".join(parts)
 
 

@@ -32,8 +32,15 @@ def generate(root: Path = REPO_ROOT) -> list[Path]:
         protos = sorted(PROTO_ROOT.glob(f"{package}/**/*.proto"))
         for stale in generated_files(root, package):  # so that a removed .proto leaves nothing behind
             (root / stale).unlink()
-        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-                f"--pyi_out={out_dir}", *map(str, protos)]  # fmt: skip
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            *map(str, protos),
+        ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on proto/{package}")
         for proto_dir in {p.parent.relative_to(PROTO_ROOT) for p in protos}:

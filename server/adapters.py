@@ -97,8 +97,9 @@ def _images(spec: TensorSpec, images: np.ndarray, limits: Limits) -> Tensor:
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]
     if images.ndim != 3 or images.shape[1:] != side:
-        raise invalid(f"images must have shape [N, {side[0]}, {side[1]}] or [N, 1, {side[0]}, {side[1]}], "
-                      f"got {list(original)}")  # fmt: skip
+        raise invalid(
+            f"images must have shape [N, {side[0]}, {side[1]}] or [N, 1, {side[0]}, {side[1]}], got {list(original)}"
+        )
     _count(images.shape[0], "images", limits)
     if images.dtype == np.uint8:
         pixels = images.astype(np.float32) / 255.0
@@ -141,8 +142,11 @@ def _seed(spec: TensorSpec, seed: np.ndarray, limits: Limits) -> int:
 
 
 _INPUT_CHECKS: dict[str, Callable[[TensorSpec, np.ndarray, Limits], Tensor | int]] = {
-    "images": _images, "points": _points, "n": _n, "seed": _seed,
-}  # fmt: skip
+    "images": _images,
+    "points": _points,
+    "n": _n,
+    "seed": _seed,
+}
 """The wire contract of each input the RPCs carry (``odeserve.v1`` and Open Inference name
 them alike): how it is checked and handed to the model. A model's inputs must be among them."""
 
@@ -169,12 +173,17 @@ class ServableAdapter(Adapter):
         parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
         itemsize, cpu = (4, True) if parameter is None else (parameter.element_size(), parameter.device.type == "cpu")
         self._state_bytes = {kind: 2 * model.state_size(kind.value) * itemsize for kind in self.signatures}
-        self._chunk_rows = {kind: max(1, CPU_CHUNK_BYTES // widest) if cpu and widest else None
-                            for kind, widest in ((k, model.encode_bytes(k.value)) for k in self.signatures)}  # fmt: skip
+        self._chunk_rows = {
+            kind: max(1, CPU_CHUNK_BYTES // widest) if cpu and widest else None
+            for kind, widest in ((k, model.encode_bytes(k.value)) for k in self.signatures)
+        }
 
     def prepare(self, kind: Kind, inputs: Mapping[str, np.ndarray], limits: Limits) -> Tensor:
-        checked = {spec.name: _INPUT_CHECKS[spec.name](spec, inputs[spec.name], limits)
-                   for spec in self.signatures[kind].inputs if spec.name in inputs}  # fmt: skip
+        checked = {
+            spec.name: _INPUT_CHECKS[spec.name](spec, inputs[spec.name], limits)
+            for spec in self.signatures[kind].inputs
+            if spec.name in inputs
+        }
         generator = torch.Generator().manual_seed(int(checked.get("seed", 0)))
         return self.model.initial_rows(kind.value, checked, generator)
 
@@ -202,12 +211,16 @@ def _kind_of(model: ServableModel, signature: ModelSignature) -> Kind:
     try:
         kind = Kind(signature.operation)
     except ValueError:
-        raise TypeError(f"{type(model).__name__} answers {signature.operation!r}, which no RPC asks for "
-                        f"(the server's kinds: {', '.join(k.value for k in Kind)})") from None  # fmt: skip
+        raise TypeError(
+            f"{type(model).__name__} answers {signature.operation!r}, which no RPC asks for "
+            f"(the server's kinds: {', '.join(k.value for k in Kind)})"
+        ) from None
     unchecked = [spec.name for spec in signature.inputs if spec.name not in _INPUT_CHECKS]
     if unchecked:
-        raise TypeError(f"{type(model).__name__}: input {unchecked[0]!r} of {kind.value} is not one the server checks "
-                        f"({', '.join(_INPUT_CHECKS)})")  # fmt: skip
+        raise TypeError(
+            f"{type(model).__name__}: input {unchecked[0]!r} of {kind.value} is not one the server checks "
+            f"({', '.join(_INPUT_CHECKS)})"
+        )
     return kind
 
 
@@ -218,6 +231,8 @@ def _specs(specs) -> tuple[TensorSpec, ...]:
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter serving ``model``: any model implementing the servable-model protocol."""
     if not isinstance(model, ServableModel):
-        raise TypeError(f"{type(model).__name__} is not a servable model: it does not implement "
-                        "neuralode.models.ServableModel (models without an ODE are not served)")  # fmt: skip
+        raise TypeError(
+            f"{type(model).__name__} is not a servable model: it does not implement "
+            "neuralode.models.ServableModel (models without an ODE are not served)"
+        )
     return ServableAdapter(model)

@@ -52,13 +52,17 @@ class Server:
             _refuse_busy(config.host, config.port, "--port")
         _refuse_busy(config.metrics_host, config.metrics_port, "--metrics-port")
         if not Path(config.checkpoints).is_dir():
-            raise SystemExit(f"--checkpoints {config.checkpoints}: not a folder (a folder of *.pt checkpoints is "
-                             "served); no models to serve")  # fmt: skip
+            raise SystemExit(
+                f"--checkpoints {config.checkpoints}: not a folder (a folder of *.pt checkpoints is "
+                "served); no models to serve"
+            )
         self.device = resolve_device(config.device)
         self.models = load_models(config.checkpoints, self.device)
         if not self.models:
-            raise SystemExit(f"--checkpoints {config.checkpoints}: no servable *.pt checkpoints (each file's "
-                             "reason is logged above); no models to serve")  # fmt: skip
+            raise SystemExit(
+                f"--checkpoints {config.checkpoints}: no servable *.pt checkpoints (each file's "
+                "reason is logged above); no models to serve"
+            )
         self.metrics = Metrics()
         self.health = Health(("", V1_SERVICE, OIP_SERVICE))  # a model's entry needs a token when tokens are set
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -80,8 +84,10 @@ class Server:
         except RuntimeError:  # gRPC's "Failed to bind": taken meanwhile, or not an address of this host
             self.port = 0
         if self.port == 0:
-            raise SystemExit(f"cannot listen on {address} (in use, or not an address of this host); "
-                             "choose another with --port (0: any free port) or --host")  # fmt: skip
+            raise SystemExit(
+                f"cannot listen on {address} (in use, or not an address of this host); "
+                "choose another with --port (0: any free port) or --host"
+            )
         security = "mutual TLS" if config.tls_client_ca else "TLS" if self.frontend.credentials else "plaintext"
         self.security = security + (f", {self.frontend.tokens} bearer token(s)" if self.frontend.tokens else "")
         self.metrics_port: int | None = None
@@ -100,8 +106,13 @@ class Server:
         reflection.enable_server_reflection(names, server)
 
     def _add_worker(self, model: ServedModel) -> None:
-        self.engine.add(model.key, model.adapter, label=model.name, expected_nfe=model.expected_nfe,
-                        tolerances=auto_tolerances(model, self.config))  # fmt: skip
+        self.engine.add(
+            model.key,
+            model.adapter,
+            label=model.name,
+            expected_nfe=model.expected_nfe,
+            tolerances=auto_tolerances(model, self.config),
+        )
 
     def _model_health(self, name: str, serving: bool) -> None:
         """From a worker thread: its model is recovering from a crash, or back."""
@@ -112,9 +123,12 @@ class Server:
         self.loop = asyncio.get_running_loop()
         config = self.config
         try:
-            self._metrics_server = await self.metrics.serve(config.metrics_host, config.metrics_port,
-                                                            max_connections=config.metrics_max_connections,
-                                                            read_timeout=config.metrics_read_timeout_s)  # fmt: skip
+            self._metrics_server = await self.metrics.serve(
+                config.metrics_host,
+                config.metrics_port,
+                max_connections=config.metrics_max_connections,
+                read_timeout=config.metrics_read_timeout_s,
+            )
         except OSError as error:
             raise SystemExit(
                 f"cannot serve /metrics on {config.metrics_host}:{config.metrics_port}: "
@@ -124,8 +138,15 @@ class Server:
         await self.frontend.server.start()
         for name in ("", V1_SERVICE, OIP_SERVICE, *self.models):
             await self.health.set(name, SERVING)
-        log.info("serving %d models on %s:%d (gRPC, %s), metrics on %s:%d", len(self.models), config.host, self.port,
-                 self.security, config.metrics_host, self.metrics_port)  # fmt: skip
+        log.info(
+            "serving %d models on %s:%d (gRPC, %s), metrics on %s:%d",
+            len(self.models),
+            config.host,
+            self.port,
+            self.security,
+            config.metrics_host,
+            self.metrics_port,
+        )
         print(
             f"odeserve ready grpc={config.host}:{self.port} metrics={config.metrics_host}:{self.metrics_port}",
             flush=True,
@@ -150,8 +171,13 @@ class Server:
             for name in old.keys() - fresh.keys():
                 await self.health.set(name, NOT_SERVING)
             changed = sorted(name for name in fresh if old.get(name) is not fresh[name])
-            log.info("reloaded %s: %d models, new or changed: %s, removed: %s", self.config.checkpoints, len(fresh),
-                     ", ".join(changed) or "none", ", ".join(sorted(old.keys() - fresh.keys())) or "none")  # fmt: skip
+            log.info(
+                "reloaded %s: %d models, new or changed: %s, removed: %s",
+                self.config.checkpoints,
+                len(fresh),
+                ", ".join(changed) or "none",
+                ", ".join(sorted(old.keys() - fresh.keys())) or "none",
+            )
 
     async def stop(self) -> bool:
         """Drain: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish within the
@@ -195,9 +221,11 @@ def _refuse_busy(host: str, port: int, flag: str) -> None:
                 probe.bind(address)
             except OSError as error:
                 busy = error.errno == errno.EADDRINUSE
-                raise SystemExit(f"cannot listen on {host}:{port}: "
-                                 f"{'the port is in use (another odeserve?)' if busy else error.strerror}; "
-                                 f"choose another with {flag} (0: any free port)") from None  # fmt: skip
+                raise SystemExit(
+                    f"cannot listen on {host}:{port}: "
+                    f"{'the port is in use (another odeserve?)' if busy else error.strerror}; "
+                    f"choose another with {flag} (0: any free port)"
+                ) from None
 
 
 def _version() -> str:

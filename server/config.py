@@ -103,17 +103,32 @@ class ServerConfig:
             problems.append("auto_headroom must be in (0, 1]")
         if not self.max_abs_input > 0:
             problems.append("max_abs_input must be > 0")
-        for name in ("max_batch", "max_queued_items", "max_items_per_request", "max_nfe", "max_request_nfe",
-                     "max_message_bytes", "max_concurrent_rpcs", "max_concurrent_streams", "max_inflight_bytes",
-                     "metrics_max_connections"):  # fmt: skip
+        for name in (
+            "max_batch",
+            "max_queued_items",
+            "max_items_per_request",
+            "max_nfe",
+            "max_request_nfe",
+            "max_message_bytes",
+            "max_concurrent_rpcs",
+            "max_concurrent_streams",
+            "max_inflight_bytes",
+            "metrics_max_connections",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if not 0 < self.min_tol <= self.max_tol:
             problems.append("need 0 < min_tol <= max_tol")
         if self.max_delay_ms < 0 or self.grace_seconds < 0 or self.max_connection_age_s < 0:
             problems.append("max_delay_ms, grace_seconds and max_connection_age_s must be >= 0")
-        timeouts = ("request_read_timeout_s", "handshake_timeout_s", "keepalive_time_s", "keepalive_timeout_s",
-                    "min_client_ping_interval_s", "metrics_read_timeout_s")  # fmt: skip
+        timeouts = (
+            "request_read_timeout_s",
+            "handshake_timeout_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "min_client_ping_interval_s",
+            "metrics_read_timeout_s",
+        )
         problems += [f"{name} must be > 0" for name in timeouts if not getattr(self, name) > 0]
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key go together")
@@ -217,8 +232,10 @@ def _replace_deprecated(values: dict) -> None:
         log.warning("the setting batching = 'static' is deprecated: it is read as policy = 'static'; set that instead")
         values["policy"] = "static"
     elif batching == "continuous":
-        log.warning("the setting batching = 'continuous' is deprecated and changes nothing: drop it (policy "
-                    "chooses among %s)", ", ".join(POLICIES))  # fmt: skip
+        log.warning(
+            "the setting batching = 'continuous' is deprecated and changes nothing: drop it (policy chooses among %s)",
+            ", ".join(POLICIES),
+        )
     else:
         raise ValueError(f"batching (deprecated: use policy) must be continuous or static, got {batching!r}")
 

@@ -175,10 +175,16 @@ class ModelWorker:
             if not self._thread.is_alive():
                 raise EngineClosed(f"the worker for {self.name} has stopped")
             try:
-                request = self.scheduler.submit(works, cost=cost, priority=scheduling.priority, deadline=deadline,
-                                                budget=scheduling.budget, candidates=candidates,
-                                                latency_target=scheduling.latency_target,
-                                                owner=scheduling.owner)  # fmt: skip
+                request = self.scheduler.submit(
+                    works,
+                    cost=cost,
+                    priority=scheduling.priority,
+                    deadline=deadline,
+                    budget=scheduling.budget,
+                    candidates=candidates,
+                    latency_target=scheduling.latency_target,
+                    owner=scheduling.owner,
+                )
             except BudgetExhausted:
                 self.stats(RequestEndStats(self.name, "budget_exhausted"))
                 raise
@@ -255,11 +261,27 @@ class ModelWorker:
         parked = Counter((item.payload.method, item.payload.precision) for item in plan.park)
         for group in outputs.groups:
             if group.batch_size:
-                self.stats(StepStats(self.name, group.method, group.batch_size, self.max_batch, group.rejected,
-                                     preempted=parked[group.method, group.precision], precision=group.precision))  # fmt: skip
+                self.stats(
+                    StepStats(
+                        self.name,
+                        group.method,
+                        group.batch_size,
+                        self.max_batch,
+                        group.rejected,
+                        preempted=parked[group.method, group.precision],
+                        precision=group.precision,
+                    )
+                )
             if group.finished:
-                self.stats(ItemStats(self.name, group.method, tuple(o.nfe for o in group.finished),
-                                     tuple(o.status.name for o in group.finished), group.precision))  # fmt: skip
+                self.stats(
+                    ItemStats(
+                        self.name,
+                        group.method,
+                        tuple(o.nfe for o in group.finished),
+                        tuple(o.status.name for o in group.finished),
+                        group.precision,
+                    )
+                )
         self.stats(QueueStats(self.name, queued, self.executor.running, self.scheduler.max_queued))
 
     def _resolve(self, requests: list[Request]) -> None:
@@ -303,8 +325,10 @@ class ModelWorker:
         self.restarts += 1
         try:
             self.health(self.name, False)
-            failure = WorkerFailed(f"the model's worker failed ({type(error).__name__}: {str(error)[:200]}) "
-                                   "and was restarted; the request's items were stopped")  # fmt: skip
+            failure = WorkerFailed(
+                f"the model's worker failed ({type(error).__name__}: {str(error)[:200]}) "
+                "and was restarted; the request's items were stopped"
+            )
             with self._lock:
                 self.executor = Executor(self.adapter, self.device, step_graphs=self.config.step_graphs)
                 self._resolve(self.scheduler.fail_started(failure))
@@ -357,8 +381,9 @@ class Engine:
         """Start a worker for ``key``; ``label`` names it in stats and health (default: the
         key). ``expected_nfe(method, tol)`` is the model card's NFE per item and
         ``tolerances`` the card's evaluated ones, for deadlines and ``auto`` requests."""
-        worker = ModelWorker(label or key, adapter, self.config, self.runtime, expected_nfe=expected_nfe,
-                             tolerances=tolerances)  # fmt: skip
+        worker = ModelWorker(
+            label or key, adapter, self.config, self.runtime, expected_nfe=expected_nfe, tolerances=tolerances
+        )
         with self._lock:
             if key in self.workers:
                 raise ValueError(f"engine already has a worker for {key!r}")
@@ -412,8 +437,10 @@ class Engine:
             worker.join(max(0.0, end - time.monotonic()))
         running = [worker for worker in workers if worker.alive]
         if running:
-            error = ShutDown("the server shut down before the request finished (its grace period passed); "
-                             "its items were stopped; retry on another replica")  # fmt: skip
+            error = ShutDown(
+                "the server shut down before the request finished (its grace period passed); "
+                "its items were stopped; retry on another replica"
+            )
             stopped = sum(worker.abort(error) for worker in running)
             log.warning("grace period over: stopped %d request(s) still in flight", stopped)
             end = time.monotonic() + STOP_SECONDS

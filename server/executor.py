@@ -96,8 +96,15 @@ class _Group:
     model's f evaluated in the group's precision. With ``graphs`` its steps are masked steps
     replayed from CUDA graphs (eagerly off the GPU)."""
 
-    def __init__(self, method: str, precision: str, dynamics: Callable, max_steps: int, norm: Norm,
-                 graphs_of: Callable | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        method: str,
+        precision: str,
+        dynamics: Callable,
+        max_steps: int,
+        norm: Norm,
+        graphs_of: Callable | None = None,
+    ) -> None:
         self.method, self.precision = method, precision
         self.dtype = precision_dtype(precision)
         self.dynamics = in_precision(dynamics, self.dtype)

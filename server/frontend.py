@@ -85,8 +85,10 @@ def read_tokens(config: ServerConfig) -> list[Token]:
         for word in words[1:]:
             name, _, level = word.partition("=")
             if name != "priority" or not level.isdigit() or not 1 <= int(level) <= config.default_priority:
-                raise ValueError(f"{where}: a token may only be followed by 'priority=N', N in 1 .. "
-                                 f"{config.default_priority} (default_priority)")  # fmt: skip
+                raise ValueError(
+                    f"{where}: a token may only be followed by 'priority=N', N in 1 .. "
+                    f"{config.default_priority} (default_priority)"
+                )
             grant = int(level)
         tokens.append(Token(words[0].encode(), grant))
     return tokens
@@ -141,8 +143,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         problem = self._check(dict(handler_call_details.invocation_metadata or ()).get("authorization"))
         if problem is None:
             return await continuation(handler_call_details)
-        self._stats(RequestStats(model=UNKNOWN, method="none", rpc=self._names.get(method, UNKNOWN),
-                                 code=Code.UNAUTHENTICATED.value, latency_seconds=0.0))  # fmt: skip
+        self._stats(
+            RequestStats(
+                model=UNKNOWN,
+                method="none",
+                rpc=self._names.get(method, UNKNOWN),
+                code=Code.UNAUTHENTICATED.value,
+                latency_seconds=0.0,
+            )
+        )
         return _refusal(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     def _check(self, header: str | None) -> str | None:
@@ -184,8 +193,14 @@ class _UnknownMethods(grpc.GenericRpcHandler):
 class Frontend:
     """The asyncio gRPC server for a set of protocols' RPCs."""
 
-    def __init__(self, config: ServerConfig, service: InferenceService, rpcs: Sequence[Rpc], stats: StatsSink,
-                 extra_services: Callable[[grpc.aio.Server], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: ServerConfig,
+        service: InferenceService,
+        rpcs: Sequence[Rpc],
+        stats: StatsSink,
+        extra_services: Callable[[grpc.aio.Server], None],
+    ) -> None:
         self.config, self.service, self.stats = config, service, stats
         self.rpcs = list(rpcs)
         options = [
@@ -200,15 +215,18 @@ class Frontend:
             ("grpc.so_reuseport", 1 if config.reuse_port == "on" else 0),  # gRPC's default shares a busy port
         ]
         if config.max_connection_age_s > 0:  # a GOAWAY after this; calls in flight get the grace period to finish
-            options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
-                        ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]  # fmt: skip
+            options += [
+                ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
+            ]
         self.accepted = read_tokens(config)
         tokens = [token.secret for token in self.accepted]
         self.credentials = server_credentials(config)
         interceptors = [TokenAuth(tokens, self.rpcs, stats)] if tokens else []
         self.tokens = len(tokens)
-        self.server = grpc.aio.server(options=options, interceptors=interceptors,
-                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs)  # fmt: skip
+        self.server = grpc.aio.server(
+            options=options, interceptors=interceptors, maximum_concurrent_rpcs=config.max_concurrent_rpcs
+        )
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
         for rpc in self.rpcs:
             by_service.setdefault(rpc.service, {})[rpc.name] = self._handler(rpc)
@@ -258,13 +276,21 @@ class Frontend:
 
     def _record(self, record: CallRecord, code: Code, seconds: float) -> None:
         result = record.result
-        self.stats(RequestStats(
-            model=record.model, method=record.method, rpc=record.rpc, code=code.value, latency_seconds=seconds,
-            queue_seconds=None if result is None else result.queue_seconds,
-            compute_seconds=None if result is None else result.compute_seconds,
-            expected_nfe=record.expected_nfe, priority=record.priority, auto_tol=record.auto_tol,
-            precision=record.precision,
-        ))  # fmt: skip
+        self.stats(
+            RequestStats(
+                model=record.model,
+                method=record.method,
+                rpc=record.rpc,
+                code=code.value,
+                latency_seconds=seconds,
+                queue_seconds=None if result is None else result.queue_seconds,
+                compute_seconds=None if result is None else result.compute_seconds,
+                expected_nfe=record.expected_nfe,
+                priority=record.priority,
+                auto_tol=record.auto_tol,
+                precision=record.precision,
+            )
+        )
 
 
 async def _read(context: grpc.aio.ServicerContext, timeout: float) -> bytes:

@@ -19,45 +19,113 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("odeserve_requests_total", "Finished RPCs by gRPC status code.",
-                                ["model", "method", "precision", "rpc", "code"], registry=r)  # fmt: skip
-        self.latency = Histogram("odeserve_request_latency_seconds", "Server-side RPC latency.",
-                                 ["model", "method", "precision", "rpc"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("odeserve_queue_wait_seconds", "Time a request waited for a batch slot, by priority level.",
-                                    ["model", "method", "precision", "priority"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.compute = Histogram("odeserve_compute_seconds", "Time from a request's first item joining a batch to its last finishing.",
-                                 ["model", "method", "precision"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.nfe = Histogram("odeserve_item_nfe", "Function evaluations per item.",
-                             ["model", "method", "precision"], buckets=NFE_BUCKETS, registry=r)  # fmt: skip
-        self.items = Counter("odeserve_items_total", "Items that left the batch, by solve status.",
-                             ["model", "method", "precision", "status"], registry=r)  # fmt: skip
-        self.steps = Counter("odeserve_solver_steps_total", "Solver steps attempted, summed over the rows of the batch.",
-                             ["model", "method", "precision"], registry=r)  # fmt: skip
-        self.rejected = Counter("odeserve_rejected_steps_total", "Row-steps rejected by error control.",
-                                ["model", "method", "precision"], registry=r)  # fmt: skip
-        self.batch_steps = Counter("odeserve_batch_steps_total", "Solver steps over a running batch.",
-                                   ["model", "method", "precision"], registry=r)  # fmt: skip
-        self.batch_size = Gauge("odeserve_running_batch_size", "Rows in the running batch at the last step.",
-                                ["model", "method", "precision"], registry=r)  # fmt: skip
-        self.occupancy = Gauge("odeserve_batch_occupancy_ratio", "Running batch size over the batch limit.",
-                               ["model", "method", "precision"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "odeserve_requests_total",
+            "Finished RPCs by gRPC status code.",
+            ["model", "method", "precision", "rpc", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "odeserve_request_latency_seconds",
+            "Server-side RPC latency.",
+            ["model", "method", "precision", "rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "odeserve_queue_wait_seconds",
+            "Time a request waited for a batch slot, by priority level.",
+            ["model", "method", "precision", "priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "odeserve_compute_seconds",
+            "Time from a request's first item joining a batch to its last finishing.",
+            ["model", "method", "precision"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.nfe = Histogram(
+            "odeserve_item_nfe",
+            "Function evaluations per item.",
+            ["model", "method", "precision"],
+            buckets=NFE_BUCKETS,
+            registry=r,
+        )
+        self.items = Counter(
+            "odeserve_items_total",
+            "Items that left the batch, by solve status.",
+            ["model", "method", "precision", "status"],
+            registry=r,
+        )
+        self.steps = Counter(
+            "odeserve_solver_steps_total",
+            "Solver steps attempted, summed over the rows of the batch.",
+            ["model", "method", "precision"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "odeserve_rejected_steps_total",
+            "Row-steps rejected by error control.",
+            ["model", "method", "precision"],
+            registry=r,
+        )
+        self.batch_steps = Counter(
+            "odeserve_batch_steps_total",
+            "Solver steps over a running batch.",
+            ["model", "method", "precision"],
+            registry=r,
+        )
+        self.batch_size = Gauge(
+            "odeserve_running_batch_size",
+            "Rows in the running batch at the last step.",
+            ["model", "method", "precision"],
+            registry=r,
+        )
+        self.occupancy = Gauge(
+            "odeserve_batch_occupancy_ratio",
+            "Running batch size over the batch limit.",
+            ["model", "method", "precision"],
+            registry=r,
+        )
         self.queued = Gauge("odeserve_queued_items", "Items waiting for a batch slot.", ["model"], registry=r)
-        self.queue_capacity = Gauge("odeserve_queue_capacity_items", "Most items a model's queue takes (beyond: RESOURCE_EXHAUSTED).",
-                                    ["model"], registry=r)  # fmt: skip
-        self.expected_nfe = Counter("odeserve_item_expected_nfe_total",
-                                    "The model card's NFE for the items served (at their tolerance, for the card's solver); "
-                                    "compare with odeserve_item_nfe_sum to see drift.",
-                                    ["model", "method", "precision"], registry=r)  # fmt: skip
+        self.queue_capacity = Gauge(
+            "odeserve_queue_capacity_items",
+            "Most items a model's queue takes (beyond: RESOURCE_EXHAUSTED).",
+            ["model"],
+            registry=r,
+        )
+        self.expected_nfe = Counter(
+            "odeserve_item_expected_nfe_total",
+            "The model card's NFE for the items served (at their tolerance, for the card's solver); "
+            "compare with odeserve_item_nfe_sum to see drift.",
+            ["model", "method", "precision"],
+            registry=r,
+        )
         self.running = Gauge("odeserve_running_items", "Items in the running batch.", ["model"], registry=r)
-        self.preemptions = Counter("odeserve_preemptions_total", "Items parked to give other requests their share of the batch.",
-                                   ["model", "method", "precision"], registry=r)  # fmt: skip
-        self.budget_exhausted = Counter("odeserve_budget_exhausted_total",
-                                        "Requests refused or stopped because their NFE budget could not pay for them.",
-                                        ["model"], registry=r)  # fmt: skip
-        self.restarts = Counter("odeserve_worker_restarts_total", "Model workers restarted after a crash.",
-                                ["model"], registry=r)  # fmt: skip
-        self.auto_tol = Histogram("odeserve_auto_tolerance", "Tolerance chosen for auto_tol requests.",
-                                  ["model"], buckets=TOLERANCE_BUCKETS, registry=r)  # fmt: skip
+        self.preemptions = Counter(
+            "odeserve_preemptions_total",
+            "Items parked to give other requests their share of the batch.",
+            ["model", "method", "precision"],
+            registry=r,
+        )
+        self.budget_exhausted = Counter(
+            "odeserve_budget_exhausted_total",
+            "Requests refused or stopped because their NFE budget could not pay for them.",
+            ["model"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            "odeserve_worker_restarts_total", "Model workers restarted after a crash.", ["model"], registry=r
+        )
+        self.auto_tol = Histogram(
+            "odeserve_auto_tolerance",
+            "Tolerance chosen for auto_tol requests.",
+            ["model"],
+            buckets=TOLERANCE_BUCKETS,
+            registry=r,
+        )
 
         self._stepped: dict[str, set[tuple[str, str]]] = {}  # model -> (method, precision) with batch gauges
 

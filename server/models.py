@@ -53,8 +53,11 @@ class ServedModel:
         """The tightest tolerance from which, at every looser one the card measured, bfloat16
         gave float32's error and NFE (``metrics.precision_table``, written by ``training tune
         --precision-table``); None when the card has no such row (float32 only)."""
-        verdicts = sorted((float(r.tol), bool(r.matches_float32)) for r in self.card.metrics.precision_table
-                          if r.precision == "bfloat16" and r.tol)  # fmt: skip
+        verdicts = sorted(
+            (float(r.tol), bool(r.matches_float32))
+            for r in self.card.metrics.precision_table
+            if r.precision == "bfloat16" and r.tol
+        )
         floor = None
         for tol, matches in reversed(verdicts):  # loosest first
             if not matches:

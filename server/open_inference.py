@@ -44,13 +44,24 @@ DATATYPES: dict[str, tuple[np.dtype[Any], str]] = {
 }
 NAME_OF = {str(dtype): name for name, (dtype, _) in DATATYPES.items()}
 COUNT_INPUTS = ("n", "seed")  # Sample's scalars: any integer datatype, shape [] or [1]
-PER_ITEM = (("nfe", "UINT32", "function evaluations of each item"),
-            ("status", "INT32", "how each item's solve ended: 1 SUCCESS, 2 MAX_STEPS, 3 MAX_NFE, "
-                                "4 STEP_SIZE_UNDERFLOW, 5 NON_FINITE"))  # fmt: skip
+PER_ITEM = (
+    ("nfe", "UINT32", "function evaluations of each item"),
+    (
+        "status",
+        "INT32",
+        "how each item's solve ended: 1 SUCCESS, 2 MAX_STEPS, 3 MAX_NFE, 4 STEP_SIZE_UNDERFLOW, 5 NON_FINITE",
+    ),
+)
 
 
-SPEC_DATATYPES = {"uint8": "UINT8", "int32": "INT32", "uint32": "UINT32", "uint64": "UINT64", "float32": "FP32",
-                  "float64": "FP64"}  # fmt: skip
+SPEC_DATATYPES = {
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "float32": "FP32",
+    "float64": "FP64",
+}
 
 
 class OpenInference:
@@ -64,13 +75,17 @@ class OpenInference:
             ("ServerLive", oip.ServerLiveRequest, self.server_live),
             ("ServerReady", oip.ServerReadyRequest, self.server_ready),
         ]
-        calls = [("ModelReady", oip.ModelReadyRequest, self.model_ready),
-                 ("ServerMetadata", oip.ServerMetadataRequest, self.server_metadata),
-                 ("ModelMetadata", oip.ModelMetadataRequest, self.model_metadata),
-                 ("ModelInfer", oip.ModelInferRequest, self.model_infer),
-                 ("RepositoryIndex", oip.RepositoryIndexRequest, self.repository_index)]  # fmt: skip
-        return [*(Rpc(SERVICE, name, request, handle, protected=False) for name, request, handle in open_probes),
-                *(Rpc(SERVICE, name, request, handle) for name, request, handle in calls)]  # fmt: skip
+        calls = [
+            ("ModelReady", oip.ModelReadyRequest, self.model_ready),
+            ("ServerMetadata", oip.ServerMetadataRequest, self.server_metadata),
+            ("ModelMetadata", oip.ModelMetadataRequest, self.model_metadata),
+            ("ModelInfer", oip.ModelInferRequest, self.model_infer),
+            ("RepositoryIndex", oip.RepositoryIndexRequest, self.repository_index),
+        ]
+        return [
+            *(Rpc(SERVICE, name, request, handle, protected=False) for name, request, handle in open_probes),
+            *(Rpc(SERVICE, name, request, handle) for name, request, handle in calls),
+        ]
 
     # ---- server and models ------------------------------------------------------------------
     async def server_live(self, message: oip.ServerLiveRequest, call: Call) -> oip.ServerLiveResponse:
@@ -101,10 +116,13 @@ class OpenInference:
                 (kind.value, _described(signature)) for kind, signature in model.adapter.signatures.items()
             )
         return oip.ModelMetadataResponse(
-            name=model.name, versions=[model.version], platform="odeserve_neural_ode",
+            name=model.name,
+            versions=[model.version],
+            platform="odeserve_neural_ode",
             inputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in inputs],
-            outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in outputs], properties=properties,
-        )  # fmt: skip
+            outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in outputs],
+            properties=properties,
+        )
 
     async def repository_index(self, message: oip.RepositoryIndexRequest, call: Call) -> oip.RepositoryIndexResponse:
         call.record.model = NO_MODEL
@@ -123,8 +141,9 @@ class OpenInference:
         accuracy, scheduling, timeout = parameters.accuracy(), parameters.scheduling(), parameters.timeout()
         if timeout is not None:
             call = _with_timeout(call, timeout)
-        request = InferenceRequest(kind, model.name, message.model_version, lambda: _decode_inputs(message),
-                                   accuracy, scheduling)  # fmt: skip
+        request = InferenceRequest(
+            kind, model.name, message.model_version, lambda: _decode_inputs(message), accuracy, scheduling
+        )
         try:
             result = await self.service.infer(request, call)
         except RequestError as error:
@@ -136,9 +155,11 @@ class OpenInference:
         size = response_bytes(model.name, model.version, message.id, [produced[name] for name in wanted])
         limit = self.service.config.max_message_bytes
         if size > limit:
-            raise RequestError(Code.RESOURCE_EXHAUSTED,
-                               f"the response would take up to {size} bytes, over the server's max_message_bytes of "
-                               f"{limit}: ask for fewer items or outputs")  # fmt: skip
+            raise RequestError(
+                Code.RESOURCE_EXHAUSTED,
+                f"the response would take up to {size} bytes, over the server's max_message_bytes of "
+                f"{limit}: ask for fewer items or outputs",
+            )
         call.reservation.add(size)
         solved = result.solved
         response = oip.ModelInferResponse(model_name=model.name, model_version=model.version, id=message.id)
@@ -170,8 +191,9 @@ def _requested_outputs(model: ServedModel, kind: Kind, names: list[str]) -> list
     seen: set[str] = set()
     for index, name in enumerate(names):
         if name not in produced:
-            raise invalid(f"outputs: model {quoted(model.name)} has no output {quoted(name)} "
-                          f"(outputs: {', '.join(produced)})")  # fmt: skip
+            raise invalid(
+                f"outputs: model {quoted(model.name)} has no output {quoted(name)} (outputs: {', '.join(produced)})"
+            )
         if name in seen:
             raise invalid(f"outputs[{index}]: output {quoted(name)} is asked for twice; ask for each output once")
         seen.add(name)
@@ -219,8 +241,10 @@ def _kind(model: ServedModel, names: list[str]) -> Kind:
     kind, expected = signature.kind, {spec.name for spec in signature.inputs}
     unknown = sorted(given - expected)
     if unknown:
-        raise invalid(f"inputs: model {quoted(model.name)} has no input {quoted(unknown[0])} here "
-                      f"(for {kind.value}: {', '.join(sorted(expected))})")  # fmt: skip
+        raise invalid(
+            f"inputs: model {quoted(model.name)} has no input {quoted(unknown[0])} here "
+            f"(for {kind.value}: {', '.join(sorted(expected))})"
+        )
     missing = sorted(required(signature) - given)
     if missing:
         raise invalid(f"inputs: {kind.value} on model {quoted(model.name)} needs input {missing[0]!r}")
@@ -244,8 +268,10 @@ def _decode_inputs(message: oip.ModelInferRequest) -> dict[str, np.ndarray]:
         count = math.prod(shape)
         if raw:
             if len(raw[index]) != count * dtype.itemsize:
-                raise invalid(f"{field}: raw_input_contents[{index}] has {len(raw[index])} bytes, but shape {shape} of "
-                              f"{tensor.datatype} needs {count * dtype.itemsize}")  # fmt: skip
+                raise invalid(
+                    f"{field}: raw_input_contents[{index}] has {len(raw[index])} bytes, but shape {shape} of "
+                    f"{tensor.datatype} needs {count * dtype.itemsize}"
+                )
             array = np.frombuffer(raw[index], dtype=dtype)
         else:
             values = getattr(tensor.contents, contents)
@@ -256,8 +282,10 @@ def _decode_inputs(message: oip.ModelInferRequest) -> dict[str, np.ndarray]:
                 low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
                 outside = np.flatnonzero((array < low) | (array > high))
                 if outside.size:
-                    raise invalid(f"{field}: contents.{contents}[{outside[0]}] is {int(array[outside[0]])}, outside "
-                                  f"{tensor.datatype}'s range {low} .. {high}")  # fmt: skip
+                    raise invalid(
+                        f"{field}: contents.{contents}[{outside[0]}] is {int(array[outside[0]])}, outside "
+                        f"{tensor.datatype}'s range {low} .. {high}"
+                    )
             array = array.astype(dtype)
         array = array.reshape(shape)
         if name in COUNT_INPUTS:
@@ -272,9 +300,15 @@ def _decode_inputs(message: oip.ModelInferRequest) -> dict[str, np.ndarray]:
 
 # odeserve.v1's field names in the shared request path's messages, as this protocol spells them
 # (first match wins: the specific names before the message prefixes).
-_FIELD_NAMES = (("accuracy.auto_tol", 'parameters.tol "auto"'), ("accuracy: auto_tol", 'parameters: tol "auto"'),
-                ("auto_tol", 'tol "auto"'), ("scheduling.priority", "priority"), ("accuracy.", "parameters."),
-                ("scheduling.", "parameters."), ("accuracy:", "parameters:"))  # fmt: skip
+_FIELD_NAMES = (
+    ("accuracy.auto_tol", 'parameters.tol "auto"'),
+    ("accuracy: auto_tol", 'parameters: tol "auto"'),
+    ("auto_tol", 'tol "auto"'),
+    ("scheduling.priority", "priority"),
+    ("accuracy.", "parameters."),
+    ("scheduling.", "parameters."),
+    ("accuracy:", "parameters:"),
+)
 
 
 def in_parameters_terms(error: RequestError) -> RequestError:
@@ -322,10 +356,16 @@ class _Parameters:
         tol = self._value("tol")
         auto = isinstance(tol, str) and tol.strip().lower() == "auto"
         method, precision = self.string("method"), self.string("precision")
-        return Accuracy(tol=0.0 if auto else self.number("tol", float) or 0.0, rtol=self.number("rtol", float) or 0.0,
-                        atol=self.number("atol", float) or 0.0, method=method, precision=precision,
-                        max_nfe=self.number("max_nfe", int) or 0, auto_tol=auto,
-                        latency_target_seconds=self.number("latency_target_seconds", float) or 0.0)  # fmt: skip
+        return Accuracy(
+            tol=0.0 if auto else self.number("tol", float) or 0.0,
+            rtol=self.number("rtol", float) or 0.0,
+            atol=self.number("atol", float) or 0.0,
+            method=method,
+            precision=precision,
+            max_nfe=self.number("max_nfe", int) or 0,
+            auto_tol=auto,
+            latency_target_seconds=self.number("latency_target_seconds", float) or 0.0,
+        )
 
     def string(self, name: str) -> str:
         value = self._value(name)

@@ -95,8 +95,13 @@ class Call:
     """One call as the service sees it: time left before its deadline, the record its
     metrics come from, its share of the memory budget, and who sent it."""
 
-    def __init__(self, remaining: Callable[[], float | None], record: CallRecord, reservation: Reservation,
-                 caller: Caller = Caller()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        remaining: Callable[[], float | None],
+        record: CallRecord,
+        reservation: Reservation,
+        caller: Caller = Caller(),
+    ) -> None:
         self.remaining, self.record, self.reservation, self.caller = remaining, record, reservation, caller
 
 

@@ -20,8 +20,10 @@ from .service import Call, InferenceService
 from .validation import SERVED_METHODS
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-TENSOR_ENCODING = ("Tensor.data holds prod(shape) elements, row-major, little-endian, of the type Tensor.dtype names "
-                   "(uint8, float32, float64); in JSON, data is base64")  # fmt: skip
+TENSOR_ENCODING = (
+    "Tensor.data holds prod(shape) elements, row-major, little-endian, of the type Tensor.dtype names "
+    "(uint8, float32, float64); in JSON, data is base64"
+)
 
 
 @dataclass(frozen=True)
@@ -38,23 +40,48 @@ class Compute:
 
 
 COMPUTE = (
-    Compute("Classify", pb.ClassifyRequest, pb.ClassifyResponse, Kind.CLASSIFY,
-            inputs=lambda m: {"images": wire.decode_tensor(m.images, "images")},
-            outputs=lambda o: {"labels": o["labels"].tolist(), "probabilities": wire.encode_tensor(o["probabilities"])}),
-    Compute("Sample", pb.SampleRequest, pb.SampleResponse, Kind.SAMPLE,
-            inputs=lambda m: {"n": np.asarray(m.n, np.uint32), "seed": np.asarray(m.seed, np.uint64)},
-            outputs=lambda o: {"points": wire.encode_tensor(o["points"]), "log_density": wire.encode_tensor(o["log_density"])}),
-    Compute("LogDensity", pb.LogDensityRequest, pb.LogDensityResponse, Kind.LOG_DENSITY,
-            inputs=lambda m: {"points": wire.decode_tensor(m.points, "points")},
-            outputs=lambda o: {"log_density": wire.encode_tensor(o["log_density"])}),
-)  # fmt: skip
+    Compute(
+        "Classify",
+        pb.ClassifyRequest,
+        pb.ClassifyResponse,
+        Kind.CLASSIFY,
+        inputs=lambda m: {"images": wire.decode_tensor(m.images, "images")},
+        outputs=lambda o: {"labels": o["labels"].tolist(), "probabilities": wire.encode_tensor(o["probabilities"])},
+    ),
+    Compute(
+        "Sample",
+        pb.SampleRequest,
+        pb.SampleResponse,
+        Kind.SAMPLE,
+        inputs=lambda m: {"n": np.asarray(m.n, np.uint32), "seed": np.asarray(m.seed, np.uint64)},
+        outputs=lambda o: {
+            "points": wire.encode_tensor(o["points"]),
+            "log_density": wire.encode_tensor(o["log_density"]),
+        },
+    ),
+    Compute(
+        "LogDensity",
+        pb.LogDensityRequest,
+        pb.LogDensityResponse,
+        Kind.LOG_DENSITY,
+        inputs=lambda m: {"points": wire.decode_tensor(m.points, "points")},
+        outputs=lambda o: {"log_density": wire.encode_tensor(o["log_density"])},
+    ),
+)
 RPC_OF_KIND = {spec.kind: spec.name for spec in COMPUTE}
 
 
 def _accuracy(message: pb.Accuracy) -> Accuracy:
-    return Accuracy(tol=message.tol, rtol=message.rtol, atol=message.atol, method=message.method,
-                    max_nfe=message.max_nfe, auto_tol=message.auto_tol,
-                    latency_target_seconds=message.latency_target_seconds, precision=message.precision)  # fmt: skip
+    return Accuracy(
+        tol=message.tol,
+        rtol=message.rtol,
+        atol=message.atol,
+        method=message.method,
+        max_nfe=message.max_nfe,
+        auto_tol=message.auto_tol,
+        latency_target_seconds=message.latency_target_seconds,
+        precision=message.precision,
+    )
 
 
 def _scheduling(message: pb.Scheduling) -> Scheduling:
@@ -73,13 +100,22 @@ class V1:
 
     def rpcs(self) -> list[Rpc]:
         compute = [Rpc(SERVICE, spec.name, spec.request, self._compute(spec)) for spec in COMPUTE]
-        return [*compute, Rpc(SERVICE, "ListModels", pb.ListModelsRequest, self.list_models),
-                Rpc(SERVICE, "GetModel", pb.GetModelRequest, self.get_model)]  # fmt: skip
+        return [
+            *compute,
+            Rpc(SERVICE, "ListModels", pb.ListModelsRequest, self.list_models),
+            Rpc(SERVICE, "GetModel", pb.GetModelRequest, self.get_model),
+        ]
 
     def _compute(self, spec: Compute):
         async def handle(message: Message, call: Call) -> Message:
-            request = InferenceRequest(spec.kind, message.model, message.version, lambda: spec.inputs(message),
-                                       _accuracy(message.accuracy), _scheduling(message.scheduling))  # fmt: skip
+            request = InferenceRequest(
+                spec.kind,
+                message.model,
+                message.version,
+                lambda: spec.inputs(message),
+                _accuracy(message.accuracy),
+                _scheduling(message.scheduling),
+            )
             result = await self.service.infer(request, call)
             return spec.response(**spec.outputs(result.outputs), **_common(result))
 
@@ -96,17 +132,34 @@ class V1:
 
     def model_info(self, model: ServedModel) -> pb.ModelInfo:
         config = self.service.config
-        signatures = [pb.RpcSignature(rpc=RPC_OF_KIND[kind], inputs=map(_tensor_info, sig.inputs),
-                                      outputs=map(_tensor_info, sig.outputs))
-                      for kind, sig in model.adapter.signatures.items()]  # fmt: skip
-        limits = pb.Limits(min_tol=config.min_tol, max_tol=config.max_tol, max_items_per_request=config.max_items_per_request,
-                           max_nfe=config.max_nfe, max_request_nfe=config.max_request_nfe,
-                           priority_levels=config.priority_levels, default_priority=config.default_priority,
-                           methods=SERVED_METHODS)  # fmt: skip
-        return pb.ModelInfo(name=model.name, version=model.version, kind=model.kind, task=model.task.value,
-                            card_json=json.dumps(model.card.to_dict(), sort_keys=True), default_tol=model.default_tol,
-                            device=model.device, signatures=signatures, limits=limits,
-                            tensor_encoding=TENSOR_ENCODING)  # fmt: skip
+        signatures = [
+            pb.RpcSignature(
+                rpc=RPC_OF_KIND[kind], inputs=map(_tensor_info, sig.inputs), outputs=map(_tensor_info, sig.outputs)
+            )
+            for kind, sig in model.adapter.signatures.items()
+        ]
+        limits = pb.Limits(
+            min_tol=config.min_tol,
+            max_tol=config.max_tol,
+            max_items_per_request=config.max_items_per_request,
+            max_nfe=config.max_nfe,
+            max_request_nfe=config.max_request_nfe,
+            priority_levels=config.priority_levels,
+            default_priority=config.default_priority,
+            methods=SERVED_METHODS,
+        )
+        return pb.ModelInfo(
+            name=model.name,
+            version=model.version,
+            kind=model.kind,
+            task=model.task.value,
+            card_json=json.dumps(model.card.to_dict(), sort_keys=True),
+            default_tol=model.default_tol,
+            device=model.device,
+            signatures=signatures,
+            limits=limits,
+            tensor_encoding=TENSOR_ENCODING,
+        )
 
 
 def _common(result: InferenceResult) -> dict:

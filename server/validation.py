@@ -32,15 +32,19 @@ def precision_setting(accuracy: Accuracy, model: ServedModel, config: ServerConf
     slower than float32); ``auto_tol`` requests stay float32 (their tolerance is chosen later)."""
     asked = accuracy.precision or "auto"
     if asked not in REQUEST_PRECISIONS:
-        raise invalid(f"accuracy.precision must be one of {', '.join(REQUEST_PRECISIONS)} (empty: auto), "
-                      f"got {quoted(accuracy.precision)}")  # fmt: skip
+        raise invalid(
+            f"accuracy.precision must be one of {', '.join(REQUEST_PRECISIONS)} (empty: auto), "
+            f"got {quoted(accuracy.precision)}"
+        )
     if asked == "float32":
         return asked
     if asked != "auto":
         refusal = _unserved(asked, model, config)
         if refusal:
-            raise RequestError(Code.FAILED_PRECONDITION, f"accuracy.precision {asked!r} is not served here: {refusal}; "
-                                                         "ask for float32 or auto")  # fmt: skip
+            raise RequestError(
+                Code.FAILED_PRECONDITION,
+                f"accuracy.precision {asked!r} is not served here: {refusal}; ask for float32 or auto",
+            )
         return asked
     floor = model.bfloat16_from_tol
     fits = floor is not None and not accuracy.auto_tol and min(rtol, atol) >= floor
@@ -52,8 +56,10 @@ def _unserved(precision: str, model: ServedModel, config: ServerConfig) -> str:
     if config.bfloat16 == "off":
         return "the server's bfloat16 setting is off"
     if config.bfloat16 == "native" and not _native(precision, model.device):
-        return (f"the server's {model.device} has no {precision} units (emulated, f runs several times slower "
-                "than in float32; the server's bfloat16 setting 'on' serves it anyway)")  # fmt: skip
+        return (
+            f"the server's {model.device} has no {precision} units (emulated, f runs several times slower "
+            "than in float32; the server's bfloat16 setting 'on' serves it anyway)"
+        )
     return ""
 
 
@@ -96,8 +102,10 @@ def _check_auto(accuracy: Accuracy, model: ServedModel, method: str, config: Ser
     if math.isnan(target) or math.isinf(target) or target < 0:
         raise invalid(f"accuracy.latency_target_seconds must be a finite number >= 0, got {target!r}")
     if not auto_tolerances(model, config):
-        raise invalid(f"accuracy.auto_tol: the card of model {quoted(model.name)} has no NFE table within the "
-                      f"served tolerances [{config.min_tol:g}, {config.max_tol:g}]")  # fmt: skip
+        raise invalid(
+            f"accuracy.auto_tol: the card of model {quoted(model.name)} has no NFE table within the "
+            f"served tolerances [{config.min_tol:g}, {config.max_tol:g}]"
+        )
     card_method = model.card.method
     if method != card_method:
         raise invalid(
@@ -110,26 +118,32 @@ def auto_tolerances(model: ServedModel, config: ServerConfig) -> list[float]:
     return [tol for tol in model.card_tolerances if config.min_tol <= tol <= config.max_tol]
 
 
-def scheduling_settings(accuracy: Accuracy, scheduling: Scheduling, deadline: float | None,
-                        config: ServerConfig, caller: Caller = Caller()) -> SchedulingTerms:  # fmt: skip
+def scheduling_settings(
+    accuracy: Accuracy, scheduling: Scheduling, deadline: float | None, config: ServerConfig, caller: Caller = Caller()
+) -> SchedulingTerms:
     """The engine's scheduling for a request: priority level (at most as urgent as the caller
     was granted), NFE budget, auto tolerance; the caller owns its share of the queue."""
     priority = scheduling.priority or config.default_priority
     if not 1 <= priority <= config.priority_levels:
-        raise invalid(f"scheduling.priority must be 0 (the default, {config.default_priority}) or 1 .. "
-                      f"{config.priority_levels}, got {scheduling.priority}")  # fmt: skip
+        raise invalid(
+            f"scheduling.priority must be 0 (the default, {config.default_priority}) or 1 .. "
+            f"{config.priority_levels}, got {scheduling.priority}"
+        )
     allowed = caller.max_priority or config.default_priority
     if priority < allowed:
-        raise RequestError(Code.PERMISSION_DENIED,
-                           f"scheduling.priority {priority} is more urgent than this caller may ask for "
-                           f"({allowed} .. {config.priority_levels}): levels above the default need a bearer "
-                           "token granted them (token_file: '<token> priority=N')")  # fmt: skip
+        raise RequestError(
+            Code.PERMISSION_DENIED,
+            f"scheduling.priority {priority} is more urgent than this caller may ask for "
+            f"({allowed} .. {config.priority_levels}): levels above the default need a bearer "
+            "token granted them (token_file: '<token> priority=N')",
+        )
     budget = min(scheduling.max_total_nfe or config.max_request_nfe, config.max_request_nfe)
     target = accuracy.latency_target_seconds or None
     if accuracy.auto_tol and target is None and deadline is None:
         raise invalid("accuracy.auto_tol needs latency_target_seconds or a deadline on the call")
-    return SchedulingTerms(priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target,
-                           owner=caller.key or None)  # fmt: skip
+    return SchedulingTerms(
+        priority=priority, budget=budget, auto=accuracy.auto_tol, latency_target=target, owner=caller.key or None
+    )
 
 
 def _alternatives(models: dict[str, ServedModel], name: str) -> str:

@@ -29,8 +29,9 @@ def check_shape(shape: Sequence[int], field: str) -> list[int]:
     if any(n < 0 for n in shape):
         raise invalid(f"{field}.shape must not be negative, got {shape}")
     if math.prod(n for n in shape if n) > MAX_ELEMENTS:
-        raise invalid(f"{field}.shape {shape} is too large: its non-zero dimensions multiply to more than "
-                      f"{MAX_ELEMENTS}")  # fmt: skip
+        raise invalid(
+            f"{field}.shape {shape} is too large: its non-zero dimensions multiply to more than {MAX_ELEMENTS}"
+        )
     return shape
 
 

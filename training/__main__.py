@@ -65,11 +65,21 @@ def _ode_flags(parser: argparse.ArgumentParser) -> None:
         metavar="λ",
         help="weight of the kinetic energy ∫‖f‖² dt (per state dimension) in the loss. Default: %(default)s",
     )
-    parser.add_argument("--jacobian", type=float, default=0.0, metavar="λ",
-                        help="weight of the Jacobian's Frobenius norm ∫‖∂f/∂z‖²_F dt (per state dimension; a Hutchinson "
-                        "estimate unless the model computes the Jacobian anyway) in the loss. Default: %(default)s")  # fmt: skip
-    parser.add_argument("--first-step", type=_first_step, default=None, metavar="T",
-                        help=FIRST_STEP_HELP + ", in training and in the checkpoint. Default: rule")  # fmt: skip
+    parser.add_argument(
+        "--jacobian",
+        type=float,
+        default=0.0,
+        metavar="λ",
+        help="weight of the Jacobian's Frobenius norm ∫‖∂f/∂z‖²_F dt (per state dimension; a Hutchinson "
+        "estimate unless the model computes the Jacobian anyway) in the loss. Default: %(default)s",
+    )
+    parser.add_argument(
+        "--first-step",
+        type=_first_step,
+        default=None,
+        metavar="T",
+        help=FIRST_STEP_HELP + ", in training and in the checkpoint. Default: rule",
+    )
 
 
 def _classifier(sub, kind: str, help_text: str) -> None:
@@ -84,9 +94,13 @@ def _classifier(sub, kind: str, help_text: str) -> None:
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--no-augment", action="store_true", help="no random-crop augmentation")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the data order (for reproducibility checks)")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds of training: after a short calibration, the step count (and the learning-rate "
-                        "schedule) is fitted to the measured step time; --epochs/--steps stay upper bounds")  # fmt: skip
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of training: after a short calibration, the step count (and the learning-rate "
+        "schedule) is fitted to the measured step time; --epochs/--steps stay upper bounds",
+    )
     parser.add_argument(
         "--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (0: only at the end)"
     )
@@ -96,20 +110,41 @@ def _classifier(sub, kind: str, help_text: str) -> None:
         default=False,
         help="TF32 for convolutions and matrix products on GPUs (solver state and error control stay float32)",
     )
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's own choice, one per core)")  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice, one per core)"
+    )
     resume = parser.add_argument_group("resumable training")
-    resume.add_argument("--resume", type=Path, default=None, metavar="STATE",
-                        help="continue from this training-state file (same recipe: the flags that decide the weights "
-                        "must match), bit-identically to the run that never stopped; the state is then kept there")  # fmt: skip
-    resume.add_argument("--state", type=Path, default=None, metavar="FILE",
-                        help="where the training state is written. Default: --out with the suffix .state.pt")  # fmt: skip
-    resume.add_argument("--state-every", type=float, default=300.0, metavar="SECONDS",
-                        help="write the training state this often (also after every epoch, at the end and on "
-                        "SIGINT/SIGTERM; 0: only then). Default: %(default)s")  # fmt: skip
-    resume.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
-                        help="stop after this many steps of this sitting, writing the training state (to split a "
-                        "long run into sittings)")  # fmt: skip
+    resume.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="STATE",
+        help="continue from this training-state file (same recipe: the flags that decide the weights "
+        "must match), bit-identically to the run that never stopped; the state is then kept there",
+    )
+    resume.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="where the training state is written. Default: --out with the suffix .state.pt",
+    )
+    resume.add_argument(
+        "--state-every",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="write the training state this often (also after every epoch, at the end and on "
+        "SIGINT/SIGTERM; 0: only then). Default: %(default)s",
+    )
+    resume.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="stop after this many steps of this sitting, writing the training state (to split a "
+        "long run into sittings)",
+    )
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -141,15 +176,25 @@ def _density(sub, kind: str, help_text: str) -> None:
         parser.add_argument("--trace", choices=["exact", "hutchinson"], default="exact")
         parser.add_argument("--t1", type=float, default=1.0, help="integration time")
         _ode_flags(parser)
-        parser.add_argument("--density-curvature", type=float, default=0.0, metavar="λ",
-                            help="weight of ∫ (d tr(∂f/∂z)/dt)² dt, how fast the log-density's rate changes along a "
-                            "trajectory, in the loss: what keeps a regularised CNF from solving in one step. "
-                            "Default: %(default)s")  # fmt: skip
-        parser.add_argument("--local-error", type=float, default=0.0, metavar="λ",
-                            help="weight of the solver's scaled error estimate for one step over the whole span, at "
-                            "--tol (at most 1 where that step is accepted), from both ends (back from the data, "
-                            "forward from base draws), in the loss: asks for solves that end in their first step; "
-                            "goes with --first-step at the span. Default: %(default)s")  # fmt: skip
+        parser.add_argument(
+            "--density-curvature",
+            type=float,
+            default=0.0,
+            metavar="λ",
+            help="weight of ∫ (d tr(∂f/∂z)/dt)² dt, how fast the log-density's rate changes along a "
+            "trajectory, in the loss: what keeps a regularised CNF from solving in one step. "
+            "Default: %(default)s",
+        )
+        parser.add_argument(
+            "--local-error",
+            type=float,
+            default=0.0,
+            metavar="λ",
+            help="weight of the solver's scaled error estimate for one step over the whole span, at "
+            "--tol (at most 1 where that step is accepted), from both ends (back from the data, "
+            "forward from base draws), in the loss: asks for solves that end in their first step; "
+            "goes with --first-step at the span. Default: %(default)s",
+        )
     else:  # the planar flow's
         parser.add_argument("--layers", type=int, default=8, help="K, the number of planar layers")
     parser.set_defaults(run=lambda args: _train_density(kind, args))
@@ -162,16 +207,23 @@ def _train_density(kind: str, args: argparse.Namespace) -> None:
 
 
 def _evaluate(sub) -> None:
-    text = ("reproduce the seed's Table 1 on a checkpoint: error/likelihood, NFE and time vs tolerance; "
-            "given several checkpoints of one dataset, compare them side by side")  # fmt: skip
+    text = (
+        "reproduce the seed's Table 1 on a checkpoint: error/likelihood, NFE and time vs tolerance; "
+        "given several checkpoints of one dataset, compare them side by side"
+    )
     parser = sub.add_parser("evaluate", help=text, description=text)
     parser.add_argument("checkpoints", type=Path, nargs="+", metavar="checkpoint")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--first-step", type=_first_step, default=argparse.SUPPRESS, metavar="T",
-                        help=FIRST_STEP_HELP + ". Default: each checkpoint's own setting")  # fmt: skip
+    parser.add_argument(
+        "--first-step",
+        type=_first_step,
+        default=argparse.SUPPRESS,
+        metavar="T",
+        help=FIRST_STEP_HELP + ". Default: each checkpoint's own setting",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -201,23 +253,34 @@ def _first_step(value: str) -> float | None:
     return step
 
 
-FIRST_STEP_HELP = ("the step each adaptive solve tries first: a time (the model's integration time, 1 for the "
-                   "shipped models, tries the whole span: cheap for regularised models, whose solves then mostly "
-                   "end in one step) or 'rule' for Hairer's rule, which costs one evaluation")  # fmt: skip
+FIRST_STEP_HELP = (
+    "the step each adaptive solve tries first: a time (the model's integration time, 1 for the "
+    "shipped models, tries the whole span: cheap for regularised models, whose solves then mostly "
+    "end in one step) or 'rule' for Hairer's rule, which costs one evaluation"
+)
 
 
 def _tune(sub) -> None:
-    text = ("write a copy of a checkpoint that the server solves with other settings, its card's tables "
-            "measured again under them (see docs/training.md)")  # fmt: skip
+    text = (
+        "write a copy of a checkpoint that the server solves with other settings, its card's tables "
+        "measured again under them (see docs/training.md)"
+    )
     parser = sub.add_parser("tune", help=text, description=text)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--first-step", type=_first_step, metavar="T", help=FIRST_STEP_HELP + " (default: the card's)")
-    parser.add_argument("--precision-table", action="store_true",
-                        help="measure each table tolerance in float32 and bfloat16 side by side (classifiers): the "
-                             "server's precision=auto serves bfloat16 where it matched float32 (docs/solvers.md)")  # fmt: skip
+    parser.add_argument(
+        "--precision-table",
+        action="store_true",
+        help="measure each table tolerance in float32 and bfloat16 side by side (classifiers): the "
+        "server's precision=auto serves bfloat16 where it matched float32 (docs/solvers.md)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the new checkpoint")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                        help="MNIST, for a classifier's table (a CNF's test points are drawn). Default: %(default)s")  # fmt: skip
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="MNIST, for a classifier's table (a CNF's test points are drawn). Default: %(default)s",
+    )
     parser.add_argument("--device", default="auto", help="where the table is measured. Default: %(default)s")
     parser.add_argument("--test-subset", type=int, default=None, help="measure on the first N test images")
     parser.set_defaults(run=_run_tune)

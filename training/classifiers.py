@@ -133,10 +133,14 @@ def precision_table(model: nn.Module, kind: str, data: ImageSet, device: torch.d
         exact = evaluate(model, kind, data, device, tol)
         low = evaluate(model, kind, data, device, tol, precision="bfloat16")
         assert low.nfe_mean is not None and exact.nfe_mean is not None  # an ODE classifier counts its NFE
-        matches = (low.test_error <= exact.test_error + PRECISION_ERROR_MARGIN
-                   and low.nfe_mean <= PRECISION_NFE_MARGIN * exact.nfe_mean)  # fmt: skip
-        rows += [{**exact.as_dict(), "precision": "float32"}, {**low.as_dict(), "precision": "bfloat16",
-                                                                 "matches_float32": matches}]  # fmt: skip
+        matches = (
+            low.test_error <= exact.test_error + PRECISION_ERROR_MARGIN
+            and low.nfe_mean <= PRECISION_NFE_MARGIN * exact.nfe_mean
+        )
+        rows += [
+            {**exact.as_dict(), "precision": "float32"},
+            {**low.as_dict(), "precision": "bfloat16", "matches_float32": matches},
+        ]
     return rows
 
 
@@ -241,28 +245,54 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         position.sittings += 1
         log.info(
             "resumed from %s: epoch %d, batch %d of %d, step %d of %d, %.0f s trained before (sitting %d)",
-            state_path, position.epoch, position.batch, steps_per_epoch, position.step, plan.total,
-            position.elapsed_s, position.sittings,
-        )  # fmt: skip
+            state_path,
+            position.epoch,
+            position.batch,
+            steps_per_epoch,
+            position.step,
+            plan.total,
+            position.elapsed_s,
+            position.sittings,
+        )
     log.info(
         "%s: %d parameters, %d training / %d test images, %d steps (%d epochs of %d) at batch %d x %d, tol %g, "
         "adjoint %s, %s, %s",
-        kind, sum(p.numel() for p in model.parameters()), len(train_set), len(test_set), plan.total,
-        math.ceil(plan.total / steps_per_epoch), steps_per_epoch, args.batch_size, world.world_size, args.tol,
-        adjoint, regularisation, device_name(device),
-    )  # fmt: skip
+        kind,
+        sum(p.numel() for p in model.parameters()),
+        len(train_set),
+        len(test_set),
+        plan.total,
+        math.ceil(plan.total / steps_per_epoch),
+        steps_per_epoch,
+        args.batch_size,
+        world.world_size,
+        args.tol,
+        adjoint,
+        regularisation,
+        device_name(device),
+    )
 
     def write_state() -> None:
         if not world.is_main:
             return
         position.elapsed_s = previous_elapsed + (time.perf_counter() - begin)
-        save_state(state_path, {
-            "recipe": recipe, "position": position_dict(position), "model": _cpu(model.state_dict()),
-            "optimizer": optimizer.state_dict(), "schedule": _schedule_state(schedule), "plan_total": plan.total,
-            "budget_step_seconds": None if budget is None else budget.step_seconds,
-            "rng": {"torch": torch.get_rng_state(), "generators": generator_states(generators)},
-            "order": order, "best": best, "running": vars(running), "command": command_line(),
-        })  # fmt: skip
+        save_state(
+            state_path,
+            {
+                "recipe": recipe,
+                "position": position_dict(position),
+                "model": _cpu(model.state_dict()),
+                "optimizer": optimizer.state_dict(),
+                "schedule": _schedule_state(schedule),
+                "plan_total": plan.total,
+                "budget_step_seconds": None if budget is None else budget.step_seconds,
+                "rng": {"torch": torch.get_rng_state(), "generators": generator_states(generators)},
+                "order": order,
+                "best": best,
+                "running": vars(running),
+                "command": command_line(),
+            },
+        )
 
     stop = StopRequest()
     previous_elapsed, begin, last_saved = position.elapsed_s, time.perf_counter(), time.perf_counter()
@@ -280,9 +310,15 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             epoch_begin = time.perf_counter()
             assert order is not None  # drawn at the first batch of every epoch, or restored with the position
             for images, labels in batches(
-                train_set, order, args.batch_size, augment=not args.no_augment, generator=generator,
-                rank=world.rank, world_size=world.world_size, first=position.batch,
-            ):  # fmt: skip
+                train_set,
+                order,
+                args.batch_size,
+                augment=not args.no_augment,
+                generator=generator,
+                rank=world.rank,
+                world_size=world.world_size,
+                first=position.batch,
+            ):
                 if position.step >= plan.total:
                     break
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -313,15 +349,26 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                 if fitted is not None and budget is not None:
                     plan.total = world.from_main(min(plan.total, fitted), device)
                     bar.total = plan.total
-                    log.info("time budget %.0f s: %.3f s per step, so %d steps in all",
-                             args.time_budget, budget.step_seconds, plan.total)  # fmt: skip
+                    log.info(
+                        "time budget %.0f s: %.3f s per step, so %d steps in all",
+                        args.time_budget,
+                        budget.step_seconds,
+                        plan.total,
+                    )
                 stopping = world.from_main(int(stop.requested or steps_this_sitting == args.stop_after), device)
                 if stopping:
                     write_state()
                     bar.close()
                     reason = f"signal {stop.requested}" if stop.requested else f"--stop-after {args.stop_after}"
-                    log.info("stopped (%s) at epoch %d, step %d of %d; continue with: %s --resume %s",
-                             reason, position.epoch, position.step, plan.total, _without_resume(), state_path)  # fmt: skip
+                    log.info(
+                        "stopped (%s) at epoch %d, step %d of %d; continue with: %s --resume %s",
+                        reason,
+                        position.epoch,
+                        position.step,
+                        plan.total,
+                        _without_resume(),
+                        state_path,
+                    )
                     world.close()
                     raise SystemExit(128 + stop.requested if stop.requested else 0)
                 if args.state_every and time.perf_counter() - last_saved >= args.state_every:
@@ -336,9 +383,13 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                     row = evaluate(model, kind, test_set, device, args.tol if model_spec(kind).has_ode else None)
                     evaluated = f"; test error {row.test_error:.4f} ({len(test_set)} images)"
                     position.history.append(
-                        {"epoch": position.epoch, "step": position.step, "test_error": row.test_error,
-                         "elapsed_s": round(previous_elapsed + time.perf_counter() - begin, 1)}
-                    )  # fmt: skip
+                        {
+                            "epoch": position.epoch,
+                            "step": position.step,
+                            "test_error": row.test_error,
+                            "elapsed_s": round(previous_elapsed + time.perf_counter() - begin, 1),
+                        }
+                    )
                     if best is None or row.test_error < best["test_error"]:
                         best = {
                             "epoch": position.epoch,
@@ -350,9 +401,15 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                     regularisers = f", kinetic {running.kinetic:.4g} jacobian {running.jacobian:.4g} per dimension"
                 log.info(
                     "epoch %d: %.1f s, train loss %.4f acc %.4f, NFE forward %.1f backward %.1f%s%s",
-                    position.epoch, epoch_time, running.loss, running.accuracy, running.nfe_forward,
-                    running.nfe_backward, regularisers, evaluated,
-                )  # fmt: skip
+                    position.epoch,
+                    epoch_time,
+                    running.loss,
+                    running.accuracy,
+                    running.nfe_forward,
+                    running.nfe_backward,
+                    regularisers,
+                    evaluated,
+                )
             write_state()
             last_saved = time.perf_counter()
     bar.close()
@@ -365,22 +422,39 @@ def train(kind: str, args: argparse.Namespace) -> Path:
             hyper=hyper,
             task="classify",
             input={"shape": [1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "classes": 10},
-            dataset=Dataset(name="MNIST", train_images=len(train_set), test_images=len(test_set),
-                            augmentation=None if args.no_augment else AUGMENTATION),
+            dataset=Dataset(
+                name="MNIST",
+                train_images=len(train_set),
+                test_images=len(test_set),
+                augmentation=None if args.no_augment else AUGMENTATION,
+            ),
             training=Training(
-                command=command_line(), tol=args.tol if model_spec(kind).has_ode else None,
-                method=args.method if model_spec(kind).has_ode else None, adjoint=adjoint,
-                epochs=position.epoch, steps=position.step, batch_size=args.batch_size,
-                world_size=world.world_size, preset=args.preset, time_budget_s=args.time_budget,
-                tf32=args.tf32, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                warmup=args.warmup, seed=args.seed, device=device_name(device),
+                command=command_line(),
+                tol=args.tol if model_spec(kind).has_ode else None,
+                method=args.method if model_spec(kind).has_ode else None,
+                adjoint=adjoint,
+                epochs=position.epoch,
+                steps=position.step,
+                batch_size=args.batch_size,
+                world_size=world.world_size,
+                preset=args.preset,
+                time_budget_s=args.time_budget,
+                tf32=args.tf32,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                warmup=args.warmup,
+                seed=args.seed,
+                device=device_name(device),
                 regularisation=regularisation.card() if model_spec(kind).has_ode else None,
-                duration_s=round(duration, 1), sittings=position.sittings,
+                duration_s=round(duration, 1),
+                sittings=position.sittings,
                 images_per_s=round(position.step * images_per_step / duration, 1),
-                peak_memory_mib=peak_memory(device), test_error_history=position.history,
+                peak_memory_mib=peak_memory(device),
+                test_error_history=position.history,
             ),
             metrics=card_metrics(model, kind, test_set, device, args.tol),
-        )  # fmt: skip
+        )
         save_checkpoint(path, model, card)
         log.info("wrote %s", path)
     world.barrier()
@@ -389,17 +463,36 @@ def train(kind: str, args: argparse.Namespace) -> Path:
 
 
 def _recipe(
-    kind: str, hyper: dict, args: argparse.Namespace, adjoint: bool, regularisation: Regularisation,
-    world_size: int, train_images: int, test_images: int,
-) -> dict:  # fmt: skip
+    kind: str,
+    hyper: dict,
+    args: argparse.Namespace,
+    adjoint: bool,
+    regularisation: Regularisation,
+    world_size: int,
+    train_images: int,
+    test_images: int,
+) -> dict:
     """What decides a run's weights: a state is only continued under the same recipe."""
     return {
-        "kind": kind, "hyper": hyper, "adjoint": adjoint, "regularisation": regularisation.card(),
-        "batch_size": args.batch_size, "world_size": world_size, "optimizer": args.optimizer, "lr": args.lr,
-        "weight_decay": args.weight_decay, "warmup": args.warmup, "epochs": args.epochs, "steps": args.steps,
-        "time_budget": args.time_budget, "seed": args.seed, "augment": not args.no_augment,
-        "shuffle": not args.no_shuffle, "train_images": train_images, "test_images": test_images,
-    }  # fmt: skip
+        "kind": kind,
+        "hyper": hyper,
+        "adjoint": adjoint,
+        "regularisation": regularisation.card(),
+        "batch_size": args.batch_size,
+        "world_size": world_size,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup": args.warmup,
+        "epochs": args.epochs,
+        "steps": args.steps,
+        "time_budget": args.time_budget,
+        "seed": args.seed,
+        "augment": not args.no_augment,
+        "shuffle": not args.no_shuffle,
+        "train_images": train_images,
+        "test_images": test_images,
+    }
 
 
 def _cpu(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -546,5 +639,9 @@ class _Running:
                 self.nfe_backward = self._mix(self.nfe_backward, float(solution.backward.nfe.double().mean()))
 
     def postfix(self) -> dict:
-        return {"loss": f"{self.loss:.3f}", "acc": f"{self.accuracy:.3f}", "nfe_f": f"{self.nfe_forward:.0f}",
-                "nfe_b": f"{self.nfe_backward:.0f}"}  # fmt: skip
+        return {
+            "loss": f"{self.loss:.3f}",
+            "acc": f"{self.accuracy:.3f}",
+            "nfe_f": f"{self.nfe_forward:.0f}",
+            "nfe_b": f"{self.nfe_backward:.0f}",
+        }

@@ -155,16 +155,24 @@ def direction_errors(
     rows = []
     for tol in TABLE_TOLERANCES:
         log_p, back = model.log_prob(data, rtol=tol, atol=tol, precision=precision)
-        x, log_q, forward = model.sample(points, rtol=tol, atol=tol, precision=precision,
-                                         generator=torch.Generator(device=device).manual_seed(0), device=device)  # fmt: skip
+        x, log_q, forward = model.sample(
+            points,
+            rtol=tol,
+            atol=tol,
+            precision=precision,
+            generator=torch.Generator(device=device).manual_seed(0),
+            device=device,
+        )
         exact_forward, _ = model.log_prob(x, rtol=reference, atol=reference)
-        rows.append({
-            "tol": tol,
-            "back_nfe_mean": float(back.nfe.double().mean()),
-            "back_log_density_error": float((log_p - exact_back).abs().mean()),
-            "forward_nfe_mean": float(forward.nfe.double().mean()),
-            "forward_log_density_error": float((log_q - exact_forward).abs().mean()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "tol": tol,
+                "back_nfe_mean": float(back.nfe.double().mean()),
+                "back_log_density_error": float((log_p - exact_back).abs().mean()),
+                "forward_nfe_mean": float(forward.nfe.double().mean()),
+                "forward_log_density_error": float((log_q - exact_forward).abs().mean()),
+            }
+        )
     return {"reference_tol": reference, "points": points, "rows": rows}
 
 
@@ -183,9 +191,11 @@ def precision_table(model: CNF, data_name: str, device, points: int = TEST_POINT
     )
     rows = []
     for f32, bf16 in zip(exact, low, strict=True):
-        matches = all(bf16[f"{way}_log_density_error"] <= f32[f"{way}_log_density_error"] + PRECISION_ERROR_MARGIN
-                      and bf16[f"{way}_nfe_mean"] <= PRECISION_NFE_MARGIN * f32[f"{way}_nfe_mean"]
-                      for way in ("back", "forward"))  # fmt: skip
+        matches = all(
+            bf16[f"{way}_log_density_error"] <= f32[f"{way}_log_density_error"] + PRECISION_ERROR_MARGIN
+            and bf16[f"{way}_nfe_mean"] <= PRECISION_NFE_MARGIN * f32[f"{way}_nfe_mean"]
+            for way in ("back", "forward")
+        )
         rows += [{**f32, "precision": "float32"}, {**bf16, "precision": "bfloat16", "matches_float32": matches}]
     return rows
 
@@ -226,8 +236,17 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = warmup_cosine(optimizer, args.steps, 0.02)
     task = f"target {args.target}" if args.target else f"data {args.data}"
-    log.info("%s %s: %d parameters, %s, %d steps at batch %d, %s, %s", kind, hyper, sum(p.numel() for p in model.parameters()),
-             task, args.steps, args.batch_size, regularisation, device_name(device))  # fmt: skip
+    log.info(
+        "%s %s: %d parameters, %s, %d steps at batch %d, %s, %s",
+        kind,
+        hyper,
+        sum(p.numel() for p in model.parameters()),
+        task,
+        args.steps,
+        args.batch_size,
+        regularisation,
+        device_name(device),
+    )
 
     begin = time.perf_counter()
     losses = []
@@ -261,14 +280,21 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         input={"dim": 2, "dtype": "float32"},
         dataset=Dataset(name=args.data or f"energy {args.target}", test_points=TEST_POINTS, test_seed=TEST_SEED),
         training=Training(
-            command=command_line(), objective="reverse KL" if args.target else "maximum likelihood",
-            tol=args.tol if model_spec(kind).has_ode else None, adjoint=bool(args.adjoint), steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device_name(device),
+            command=command_line(),
+            objective="reverse KL" if args.target else "maximum likelihood",
+            tol=args.tol if model_spec(kind).has_ode else None,
+            adjoint=bool(args.adjoint),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=device_name(device),
             regularisation=regularisation.card() if model_spec(kind).has_ode else None,
-            duration_s=round(duration, 1), peak_memory_mib=peak_memory(device),
+            duration_s=round(duration, 1),
+            peak_memory_mib=peak_memory(device),
         ),
         metrics=metrics.replace(final_train_loss=final_loss),
-    )  # fmt: skip
+    )
     save_checkpoint(out, model, card)
     log.info("wrote %s", out)
     return out
@@ -282,20 +308,28 @@ def card_metrics(model: nn.Module, kind: str, dataset: str, tol: float, device) 
         tols = TABLE_TOLERANCES if model_spec(kind).has_ode else (None,)
         at_training_tol = tol if model_spec(kind).has_ode else None
         table = [kl_estimate(model, target, t, device) for t in tols]
-        metrics = Metrics(table=tuple(TableRow(**row) for row in table),
-                          kl_plus_log_z=kl_estimate(model, target, at_training_tol, device)["kl_plus_log_z"])  # fmt: skip
+        metrics = Metrics(
+            table=tuple(TableRow(**row) for row in table),
+            kl_plus_log_z=kl_estimate(model, target, at_training_tol, device)["kl_plus_log_z"],
+        )
     else:
         cnf = cast(CNF, model)  # a density trained on data is a CNF (the planar flow trains by reverse KL)
         table = [test_log_likelihood(cnf, dataset, t, device) for t in TABLE_TOLERANCES]
-        metrics = Metrics(table=tuple(TableRow(**row) for row in table),
-                          test_log_likelihood=test_log_likelihood(cnf, dataset, tol, device)["test_log_likelihood"])  # fmt: skip
+        metrics = Metrics(
+            table=tuple(TableRow(**row) for row in table),
+            test_log_likelihood=test_log_likelihood(cnf, dataset, tol, device)["test_log_likelihood"],
+        )
         if isinstance(model, CNF):
             directions = direction_errors(model, dataset, device)
             for row in directions["rows"]:
                 log.info("directions %s", row)
-            metrics = metrics.replace(directions=Directions(
-                reference_tol=directions["reference_tol"], points=directions["points"],
-                rows=tuple(DirectionRow(**row) for row in directions["rows"])))  # fmt: skip
+            metrics = metrics.replace(
+                directions=Directions(
+                    reference_tol=directions["reference_tol"],
+                    points=directions["points"],
+                    rows=tuple(DirectionRow(**row) for row in directions["rows"]),
+                )
+            )
     for row in table:
         log.info("eval %s", row)
     return metrics

@@ -45,8 +45,15 @@ def run(args: argparse.Namespace) -> dict:
             if model_spec(checkpoint.kind).task == CLASSIFY
             else _density_report(checkpoint, args, device)
         )
-        reports.append({"checkpoint": str(path), "name": path.stem, "trained": _provenance(checkpoint),
-                        "first_step": checkpoint.card.hyper.get("first_step"), **report})  # fmt: skip
+        reports.append(
+            {
+                "checkpoint": str(path),
+                "name": path.stem,
+                "trained": _provenance(checkpoint),
+                "first_step": checkpoint.card.hyper.get("first_step"),
+                **report,
+            }
+        )
     single = len(reports) == 1
     default = f"{args.checkpoints[0].stem}-eval" if single else "-vs-".join(path.stem for path in args.checkpoints)
     name = args.name or default  # may hold dots (odenet-mnist-k0.1-j0.1): no with_suffix
@@ -79,8 +86,14 @@ def _classifier_report(checkpoint: Checkpoint, args: argparse.Namespace, device)
     test_set = load_mnist(args.data_dir, train=False).head(args.test_subset)
     tols = args.tols if model_spec(checkpoint.kind).has_ode else [None]
     rows = [evaluate(checkpoint.model, checkpoint.kind, test_set, device, tol).as_dict() for tol in tols]
-    return {"kind": checkpoint.kind, "dataset": "MNIST", "metric": "test_error", "test_images": len(test_set),
-            "regularisation": _regularisation(checkpoint), "rows": rows}  # fmt: skip
+    return {
+        "kind": checkpoint.kind,
+        "dataset": "MNIST",
+        "metric": "test_error",
+        "test_images": len(test_set),
+        "regularisation": _regularisation(checkpoint),
+        "rows": rows,
+    }
 
 
 def _density_report(checkpoint: Checkpoint, args: argparse.Namespace, device) -> dict:
@@ -191,8 +204,14 @@ def _plot_classifier(report: dict, path: Path) -> None:
     errors = [100 * r["test_error"] for r in rows]
     left.semilogx(tols, errors, "o-")
     for tol, error, row in zip(tols, errors, rows):
-        left.annotate(f"{round(row['test_error'] * report['test_images'])}", (tol, error), textcoords="offset points",
-                      xytext=(0, 6), ha="center", fontsize=8)  # fmt: skip
+        left.annotate(
+            f"{round(row['test_error'] * report['test_images'])}",
+            (tol, error),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
     left.set_ylim(0, max(errors) * 1.3 or 1.0)
     left.set_xlabel("tolerance (rtol = atol)")
     left.set_ylabel("test error (%); labels: errors")

@@ -69,16 +69,21 @@ def run(args: argparse.Namespace) -> ModelCard:
     card = card.replace(
         metrics=card.metrics.updated(metrics).replace(eval_device=device_name(device)),
         tuned=Tuned(
-            source={"file": args.checkpoint.name, "sha256": hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()[:12],
-                    "code_version": source.code_version, "created": source.created},
+            source={
+                "file": args.checkpoint.name,
+                "sha256": hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()[:12],
+                "code_version": source.code_version,
+                "created": source.created,
+            },
             settings={**settings, **({"precision_table": True} if args.precision_table else {})},
             command=command_line(),
             date=date.today().isoformat(),
         ),
-    )  # fmt: skip
+    )
     save_checkpoint(args.out, tuned.model, card)
-    print(f"wrote {args.out}: {tuned.kind} with {card.tuned.settings}, its tables measured again on "
-          f"{device_name(device)}")  # fmt: skip
+    print(
+        f"wrote {args.out}: {tuned.kind} with {card.tuned.settings}, its tables measured again on {device_name(device)}"
+    )
     return card
 
 

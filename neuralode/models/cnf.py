@@ -283,20 +283,37 @@ class CNF(nn.Module):
     def signatures(self) -> tuple[Signature, ...]:
         points = ("float32",), (-1, self.dim)
         return (
-            Signature("sample", (
-                TensorSpec("n", ("uint32",), (), "how many points to draw"),
-                TensorSpec("seed", ("uint64",), (), "the base draws' seed: the same seed gives the same points",
-                           optional=True),
-            ), (
-                TensorSpec("points", *points, "samples; NaN where the item's solve failed"),
-                TensorSpec("log_density", ("float32",), (-1,), "log p of each sample"),
-            )),
-            Signature("log_density", (
-                TensorSpec("points", ("float32", "float64"), (-1, self.dim), "points to evaluate; finite in float32"),
-            ), (
-                TensorSpec("log_density", ("float32",), (-1,), "exact log p of each point; NaN where the solve failed"),
-            )),
-        )  # fmt: skip
+            Signature(
+                "sample",
+                (
+                    TensorSpec("n", ("uint32",), (), "how many points to draw"),
+                    TensorSpec(
+                        "seed",
+                        ("uint64",),
+                        (),
+                        "the base draws' seed: the same seed gives the same points",
+                        optional=True,
+                    ),
+                ),
+                (
+                    TensorSpec("points", *points, "samples; NaN where the item's solve failed"),
+                    TensorSpec("log_density", ("float32",), (-1,), "log p of each sample"),
+                ),
+            ),
+            Signature(
+                "log_density",
+                (
+                    TensorSpec(
+                        "points", ("float32", "float64"), (-1, self.dim), "points to evaluate; finite in float32"
+                    ),
+                ),
+                (
+                    TensorSpec(
+                        "log_density", ("float32",), (-1,), "exact log p of each point; NaN where the solve failed"
+                    ),
+                ),
+            ),
+        )
 
     def initial_rows(self, operation: str, inputs: Mapping[str, Any], generator: torch.Generator) -> Tensor:
         """``sample``: ``n`` base draws with their log-densities; ``log_density``: the points

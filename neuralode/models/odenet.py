@@ -229,12 +229,29 @@ class ODENet(nn.Module):
 
     def signatures(self) -> tuple[Signature, ...]:
         classes = cast(int, self.head[-1].out_features)  # the head ends in a Linear
-        images = TensorSpec("images", ("uint8", "float32"), (-1, IMAGE_SIDE, IMAGE_SIDE),
-                            "MNIST-shaped images: uint8 0..255, or float32 in [0, 1]; [N, 1, 28, 28] is accepted too")  # fmt: skip
-        return (Signature("classify", (images,), (
-            TensorSpec("probabilities", ("float32",), (-1, classes), "class probabilities; NaN where the item's solve failed"),
-            TensorSpec("labels", ("int32",), (-1,), "the most probable class; -1 where the item's solve failed"),
-        )),)  # fmt: skip
+        images = TensorSpec(
+            "images",
+            ("uint8", "float32"),
+            (-1, IMAGE_SIDE, IMAGE_SIDE),
+            "MNIST-shaped images: uint8 0..255, or float32 in [0, 1]; [N, 1, 28, 28] is accepted too",
+        )
+        return (
+            Signature(
+                "classify",
+                (images,),
+                (
+                    TensorSpec(
+                        "probabilities",
+                        ("float32",),
+                        (-1, classes),
+                        "class probabilities; NaN where the item's solve failed",
+                    ),
+                    TensorSpec(
+                        "labels", ("int32",), (-1,), "the most probable class; -1 where the item's solve failed"
+                    ),
+                ),
+            ),
+        )
 
     def initial_rows(self, operation: str, inputs: Mapping[str, Any], generator: torch.Generator) -> Tensor:
         """Images ``[N, 28, 28]`` with pixels in [0, 1] as rows ``[N, 1, 28, 28]``."""
@@ -276,9 +293,13 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            group_norm(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, 1),
-            group_norm(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, 1),
-        )  # fmt: skip
+            group_norm(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, 1, 1),
+            group_norm(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, 1, 1),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)

@@ -83,18 +83,47 @@ def unregister(kind: str) -> None:
 
 
 for _spec in (
-    ModelSpec("odenet", CLASSIFY, lambda **h: ODENet(**h), has_ode=True, adjoint=True, hyper={"channels": 64},
-              description="ODE-Net on MNIST, trained with the adjoint method"),
-    ModelSpec("rknet", CLASSIFY, lambda **h: ODENet(**h, adjoint=False), has_ode=True, hyper={"channels": 64},
-              description="RK-Net: ODE-Net trained by backpropagating through the solver"),
-    ModelSpec("resnet", CLASSIFY, lambda **h: ResNet(**h), has_ode=False,
-              description="ResNet baseline on MNIST (same downsampling, 6 residual blocks)"),
+    ModelSpec(
+        "odenet",
+        CLASSIFY,
+        lambda **h: ODENet(**h),
+        has_ode=True,
+        adjoint=True,
+        hyper={"channels": 64},
+        description="ODE-Net on MNIST, trained with the adjoint method",
+    ),
+    ModelSpec(
+        "rknet",
+        CLASSIFY,
+        lambda **h: ODENet(**h, adjoint=False),
+        has_ode=True,
+        hyper={"channels": 64},
+        description="RK-Net: ODE-Net trained by backpropagating through the solver",
+    ),
+    ModelSpec(
+        "resnet",
+        CLASSIFY,
+        lambda **h: ResNet(**h),
+        has_ode=False,
+        description="ResNet baseline on MNIST (same downsampling, 6 residual blocks)",
+    ),
     ModelSpec("mlp", CLASSIFY, lambda **h: MLP(**h), has_ode=False, description="1-layer MLP baseline on MNIST"),
-    ModelSpec("cnf", DENSITY, _cnf, has_ode=True, adjoint=True,
-              description="continuous normalizing flow on a 2-D toy density or energy target"),
-    ModelSpec("planar-nf", DENSITY, lambda **h: PlanarFlow(**h), has_ode=False,
-              description="discrete planar normalizing flow (K layers) on an energy target"),
-):  # fmt: skip
+    ModelSpec(
+        "cnf",
+        DENSITY,
+        _cnf,
+        has_ode=True,
+        adjoint=True,
+        description="continuous normalizing flow on a 2-D toy density or energy target",
+    ),
+    ModelSpec(
+        "planar-nf",
+        DENSITY,
+        lambda **h: PlanarFlow(**h),
+        has_ode=False,
+        description="discrete planar normalizing flow (K layers) on an energy target",
+    ),
+):
     register(_spec)
 
 

@@ -104,16 +104,29 @@ class Adams(Solver):
             prediction = h * _dot(bashforth, past)
             if self.implicit:
                 prediction, iterations, order = self._correct(
-                    func, pick(y), h, prediction, past, order, nudged(pick(t1), pick(t), pick(before)),
-                    pick(rtol), pick(atol),
-                )  # fmt: skip
+                    func,
+                    pick(y),
+                    h,
+                    prediction,
+                    past,
+                    order,
+                    nudged(pick(t1), pick(t), pick(before)),
+                    pick(rtol),
+                    pick(atol),
+                )
                 nfe = nfe.index_put((adams_rows,), nfe[adams_rows] + iterations)
                 length = length.index_put((adams_rows,), order)
             dy = dy.index_put((adams_rows,), prediction)
         return Attempt(
-            y1=y + dy, error=None, nfe=nfe, stage_t=[t_start], stage_y=[y], ks=[f0], f0=f0,
+            y1=y + dy,
+            error=None,
+            nfe=nfe,
+            stage_t=[t_start],
+            stage_y=[y],
+            ks=[f0],
+            f0=f0,
             rows={"history": history, "length": length, "dt": dt},
-        )  # fmt: skip
+        )
 
     def _correct(self, func, y, h, prediction, past, order, t1, rtol, atol):
         """Adams–Moulton fixed-point iterations on the rows still unconverged; rows that do not

@@ -217,12 +217,27 @@ class _AdjointSolve(torch.autograd.Function):
             else:
                 assert stepper is not None  # scipy is None
                 state = stepper.init(
-                    solve.func, y0, t0, solve.stops[:, 0], times[:, -1], problem.rtol, problem.atol,
-                    first_step=problem.first_step, max_nfe=problem.max_nfe,
+                    solve.func,
+                    y0,
+                    t0,
+                    solve.stops[:, 0],
+                    times[:, -1],
+                    problem.rtol,
+                    problem.atol,
+                    first_step=problem.first_step,
+                    max_nfe=problem.max_nfe,
                     jump=None if solve.stop_jumps is None else solve.stop_jumps[:, 0],
-                )  # fmt: skip
-                out = integrate(stepper, solve.func, state, times, solve.stops, solve.stop_jumps,
-                                interpolant=solve.interpolant, events=solve.events)  # fmt: skip
+                )
+                out = integrate(
+                    stepper,
+                    solve.func,
+                    state,
+                    times,
+                    solve.stops,
+                    solve.stop_jumps,
+                    interpolant=solve.interpolant,
+                    events=solve.events,
+                )
         ctx.solve = solve
         # Read at backward time, so it can be swapped in between (torchdiffeq's tests do).
         ctx.adjoint_options = {"norm": solve.config.norm}
@@ -338,8 +353,19 @@ class _Dynamics:
             (lambda v: v) if everyone else (lambda v: None if v is None else v.index_select(0, moving))
         )
         state = self.pack(pick(z), pick(a))
-        out = _run(self.stepper, self, state, pick(t_from), pick(t_to), pick(config.rtol), pick(config.atol),
-                   config, pick(config.points), pick(config.jumps), self.on_step)  # fmt: skip
+        out = _run(
+            self.stepper,
+            self,
+            state,
+            pick(t_from),
+            pick(t_to),
+            pick(config.rtol),
+            pick(config.atol),
+            config,
+            pick(config.points),
+            pick(config.jumps),
+            self.on_step,
+        )
         stats.add(moving, out, self.extra_nfe_per_step)
         new_a = self.unpack(out.ys[-1])
         return new_a if everyone else a.index_put((moving,), new_a)
@@ -490,15 +516,26 @@ def _pairwise(norm: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return pairwise
 
 
-def _run(stepper: Stepper, dynamics: Func, y: Tensor, t_from: Tensor, t_to: Tensor, rtol: Tensor, atol: Tensor,
-         config: AdjointConfig, points: Tensor | None, jumps: Tensor | None,
-         on_step: Callable[[StepRecord], None] | None) -> Trajectory:  # fmt: skip
+def _run(
+    stepper: Stepper,
+    dynamics: Func,
+    y: Tensor,
+    t_from: Tensor,
+    t_to: Tensor,
+    rtol: Tensor,
+    atol: Tensor,
+    config: AdjointConfig,
+    points: Tensor | None,
+    jumps: Tensor | None,
+    on_step: Callable[[StepRecord], None] | None,
+) -> Trajectory:
     if config.scipy is not None:
         out = scipy_integrate(dynamics, y, t_from, t_to[:, None], rtol, atol, config.scipy)
     else:
         stops, stop_jumps = stops_between(t_from, t_to, points, jumps)
-        state = stepper.init(dynamics, y, t_from, stops[:, 0], t_to, rtol, atol,
-                             jump=None if stop_jumps is None else stop_jumps[:, 0])  # fmt: skip
+        state = stepper.init(
+            dynamics, y, t_from, stops[:, 0], t_to, rtol, atol, jump=None if stop_jumps is None else stop_jumps[:, 0]
+        )
         out = integrate(stepper, dynamics, state, t_to[:, None], stops, stop_jumps, on_step=on_step)
     if not bool((out.status == int(Status.SUCCESS)).all()):
         raise SolverError(out.status, context="the adjoint's backward solve failed")

@@ -111,6 +111,7 @@ class ImplicitRK(Solver):
             still = (torch.linalg.vector_norm(new_residual, dim=1) >= tolerance) & healthy
             active = active.index_put((index,), still)
         if bool((torch.linalg.vector_norm(residual, dim=1) >= tolerance).any()):
-            warnings.warn(f"{self.name}: the stage equations did not converge; the solution may be inaccurate",
-                          stacklevel=4)  # fmt: skip
+            warnings.warn(
+                f"{self.name}: the stage equations did not converge; the solution may be inaccurate", stacklevel=4
+            )
         return x.view(-1, *shape), evaluations

@@ -91,8 +91,15 @@ def build_stepper(
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     extra = 1 if interpolant is not None and method.needs_f1(interpolant) else 0
-    return Stepper(method, controller, max_steps=max_steps, norm=norm or rms_norm, perturb=perturb,
-                   callbacks=callbacks, extra_step_cost=extra)  # fmt: skip
+    return Stepper(
+        method,
+        controller,
+        max_steps=max_steps,
+        norm=norm or rms_norm,
+        perturb=perturb,
+        callbacks=callbacks,
+        extra_step_cost=extra,
+    )
 
 
 def solve(
@@ -138,12 +145,20 @@ def solve(
     else:
         assert stepper is not None  # scipy is None
         state = stepper.init(
-            func, problem.y0, problem.t0, stops[:, 0], problem.t1, problem.rtol, problem.atol,
-            first_step=problem.first_step, max_nfe=problem.max_nfe,
+            func,
+            problem.y0,
+            problem.t0,
+            stops[:, 0],
+            problem.t1,
+            problem.rtol,
+            problem.atol,
+            first_step=problem.first_step,
+            max_nfe=problem.max_nfe,
             jump=None if stop_jumps is None else stop_jumps[:, 0],
-        )  # fmt: skip
-        trajectory = integrate(stepper, func, state, problem.times, stops, stop_jumps,
-                               interpolant=interpolant, events=events)  # fmt: skip
+        )
+        trajectory = integrate(
+            stepper, func, state, problem.times, stops, stop_jumps, interpolant=interpolant, events=events
+        )
     return layout.present(trajectory.ys, problem.y0), trajectory, events
 
 
@@ -218,17 +233,35 @@ def solve_ivp(
     solver = resolve_method(method)
     interpolant = resolve_interpolant(interpolate)
     y0 = cast(Tensor, y0)  # a tensor, or the tuple's flattening
-    problem = prepare_problem(y0, t_span, t_eval, rtol, atol, first_step, max_nfe, step_t=step_t, jump_t=jump_t,
-                              unbounded=event_fn is not None)  # fmt: skip
+    problem = prepare_problem(
+        y0,
+        t_span,
+        t_eval,
+        rtol,
+        atol,
+        first_step,
+        max_nfe,
+        step_t=step_t,
+        jump_t=jump_t,
+        unbounded=event_fn is not None,
+    )
     if isinstance(solver, ScipyMethod):
         stepping = (step_size, controller, first_step, callbacks, step_t, jump_t)
         if perturb or any(option is not None for option in stepping):
             raise ValueError("scipy_solver takes only rtol, atol and its own options (ScipyMethod)")
         stepper: Stepper | ScipyMethod = solver
     else:
-        stepper = build_stepper(solver, step_size=step_size, controller=controller, first_step=first_step,
-                                max_steps=max_steps, norm=norm, perturb=perturb, callbacks=callbacks,
-                                interpolant=interpolant)  # fmt: skip
+        stepper = build_stepper(
+            solver,
+            step_size=step_size,
+            controller=controller,
+            first_step=first_step,
+            max_steps=max_steps,
+            norm=norm,
+            perturb=perturb,
+            callbacks=callbacks,
+            interpolant=interpolant,
+        )
 
     config = None
     if adjoint:

@@ -174,8 +174,16 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, adjoint: _Adjoin
     backward = None
     if adjoint is not None:
         step_options = {key: value for key, value in adjoint.options.items() if key != "norm"}
-        backward = _settings(func, flat_y0, t.flip(0), layout, adjoint.method, step_options, "adjoint_options",
-                             callback_suffix="_adjoint")  # fmt: skip
+        backward = _settings(
+            func,
+            flat_y0,
+            t.flip(0),
+            layout,
+            adjoint.method,
+            step_options,
+            "adjoint_options",
+            callback_suffix="_adjoint",
+        )
 
     if t.shape[0] == 1 and event_fn is None:
         return y0[None] if layout.shapes is None else tuple(part[None] for part in y0)
@@ -192,28 +200,57 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, adjoint: _Adjoin
 
     t_span = (t[0], t[-1]) if event_fn is None else (t[0], torch.sign(t[1] - t[0]) * torch.inf)
     problem = prepare_problem(
-        flat_y0[None], t_span, t[1:] if event_fn is None else None, rtol, atol, settings.first_step, None,
-        step_t=settings.step_t, jump_t=settings.jump_t, unbounded=event_fn is not None,
-    )  # fmt: skip
+        flat_y0[None],
+        t_span,
+        t[1:] if event_fn is None else None,
+        rtol,
+        atol,
+        settings.first_step,
+        None,
+        step_t=settings.step_t,
+        jump_t=settings.jump_t,
+        unbounded=event_fn is not None,
+    )
     config = None
     if adjoint is not None:
         assert backward is not None  # made with adjoint
         backward_method, backward_settings = backward
         points, jumps = landing_points(backward_settings.step_t, backward_settings.jump_t, problem.y0)
         config = AdjointConfig.build(
-            batched, solve_method, problem, adjoint_params=adjoint.params, rtol=adjoint.rtol, atol=adjoint.atol,
-            norm=_adjoint_norm(layout, adjoint.options.get("norm"), settings.state_norm), stats=BackwardStats(),
-            backward=backward_method, callbacks=backward_settings.callbacks, points=points, jumps=jumps,
-        )  # fmt: skip
+            batched,
+            solve_method,
+            problem,
+            adjoint_params=adjoint.params,
+            rtol=adjoint.rtol,
+            atol=adjoint.atol,
+            norm=_adjoint_norm(layout, adjoint.options.get("norm"), settings.state_norm),
+            stats=BackwardStats(),
+            backward=backward_method,
+            callbacks=backward_settings.callbacks,
+            points=points,
+            jumps=jumps,
+        )
     n_out = t.shape[0]
     out_layout = OutputLayout(prepend_y0=True, shape=(n_out, *flat_y0.shape))
-    outputs, trajectory, events = solve(batched, problem, solve_method, interpolant=settings.interpolant,
-                                        event_fn=batched_event, adjoint=config, layout=out_layout)  # fmt: skip
+    outputs, trajectory, events = solve(
+        batched,
+        problem,
+        solve_method,
+        interpolant=settings.interpolant,
+        event_fn=batched_event,
+        adjoint=config,
+        layout=out_layout,
+    )
     raise_for_status(trajectory.status)
     if events is None:
         return layout.unflatten(outputs)
-    event_t, y_event = event_gradient(batched, events, trajectory.t_reached, outputs[-1][None],
-                                      torch.zeros(1, dtype=torch.int64, device=outputs.device))  # fmt: skip
+    event_t, y_event = event_gradient(
+        batched,
+        events,
+        trajectory.t_reached,
+        outputs[-1][None],
+        torch.zeros(1, dtype=torch.int64, device=outputs.device),
+    )
     solution = torch.cat([outputs[:-1], y_event], 0)
     return event_t[0].to(t.dtype), layout.unflatten(solution)
 
@@ -280,18 +317,26 @@ def _settings(func, y0: Tensor, t: Tensor, layout: TupleLayout, method, options,
     controller = None
     if kind == "adaptive" and step_size is None:
         controller = PIController(
-            safety=options.get("safety", 0.9), min_factor=options.get("dfactor", 0.2),
-            max_factor=options.get("ifactor", 10.0), min_step=float(options.get("min_step", 0.0)),
+            safety=options.get("safety", 0.9),
+            min_factor=options.get("dfactor", 0.2),
+            max_factor=options.get("ifactor", 10.0),
+            min_step=float(options.get("min_step", 0.0)),
             max_step=float(options.get("max_step", torch.inf)),
-        )  # fmt: skip
+        )
     interpolant = resolve_interpolant(
         options.get("interp", "method" if solver.adaptive and step_size is None else "linear")
     )
     stepper = build_stepper(
-        solver, step_size=step_size, controller=controller, first_step=options.get("first_step"),
-        max_steps=options.get("max_num_steps", DEFAULT_MAX_STEPS), norm=norm, perturb=bool(options.get("perturb", False)),
-        callbacks=callbacks, interpolant=interpolant,
-    )  # fmt: skip
+        solver,
+        step_size=step_size,
+        controller=controller,
+        first_step=options.get("first_step"),
+        max_steps=options.get("max_num_steps", DEFAULT_MAX_STEPS),
+        norm=norm,
+        perturb=bool(options.get("perturb", False)),
+        callbacks=callbacks,
+        interpolant=interpolant,
+    )
     return stepper, _Settings(
         options.get("first_step"), step_t, options.get("jump_t"), interpolant, callbacks, state_norm
     )

@@ -66,9 +66,15 @@ def scipy_integrate(
 
         t_eval = times[row].detach().double().cpu().numpy()
         solution = scipy_solve_ivp(
-            rhs, (float(t0[row]), float(t_eval[-1])), y0[row].detach().reshape(-1).double().cpu().numpy(),
-            method=method.solver, t_eval=t_eval, rtol=float(rtol[row]), atol=float(atol[row]), **options,
-        )  # fmt: skip
+            rhs,
+            (float(t0[row]), float(t_eval[-1])),
+            y0[row].detach().reshape(-1).double().cpu().numpy(),
+            method=method.solver,
+            t_eval=t_eval,
+            rtol=float(rtol[row]),
+            atol=float(atol[row]),
+            **options,
+        )
         reached = solution.y.shape[1]
         values = torch.as_tensor(solution.y.T, dtype=dtype, device=device).view(reached, *shape)
         ys[:reached, row] = values

@@ -116,8 +116,9 @@ class Stepper:
             first_cost = self.start_cost(first_step) + self._step_cost(None, None)
             affordable = budget >= first_cost
             if not bool(affordable.all()):
-                return self._init_affordable(func, y0, t0, t_stop, t_end, rtol, atol, first_step, budget,
-                                             sample_id, jump, affordable)  # fmt: skip
+                return self._init_affordable(
+                    func, y0, t0, t_stop, t_end, rtol, atol, first_step, budget, sample_id, jump, affordable
+                )
 
         direction = torch.sign(t_end - t0)
         nfe = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -166,24 +167,55 @@ class Stepper:
 
         parts, order = [], []
         if started.numel():
-            parts.append(self.init(func, *(pick(v, started) for v in (y0, t0, t_stop, t_end, rtol, atol)),
-                                   first_step=pick(first_step, started), max_nfe=budget[started],
-                                   sample_id=sample_id[started], jump=pick(jump, started)))  # fmt: skip
+            parts.append(
+                self.init(
+                    func,
+                    *(pick(v, started) for v in (y0, t0, t_stop, t_end, rtol, atol)),
+                    first_step=pick(first_step, started),
+                    max_nfe=budget[started],
+                    sample_id=sample_id[started],
+                    jump=pick(jump, started),
+                )
+            )
             order.append(started)
         y0_, t0_ = y0[unstarted], t0[unstarted]
         nothing = torch.zeros(unstarted.numel(), dtype=torch.int64, device=y0.device)
         f0 = torch.zeros_like(y0_) if self.method.needs_f0 else None
         # A first step given to the controller makes it evaluate nothing: only its rows are wanted.
         direction = torch.sign(t_end[unstarted] - t0_)
-        _, controller_rows = self.control.init(self.method, func, t0_, y0_, f0, direction, rtol[unstarted],
-                                                  atol[unstarted], self.norm, torch.ones_like(t0_))  # fmt: skip
-        parts.append(SolverState(
-            t=t0_, y=y0_, dt=torch.zeros_like(t0_), t_stop=t_stop[unstarted], t_end=t_end[unstarted],
-            rtol=rtol[unstarted], atol=atol[unstarted], nfe=nothing, steps=nothing.clone(), rejected=nothing.clone(),
-            max_nfe=budget[unstarted], status=torch.full_like(nothing, int(Status.MAX_NFE)),
-            sample_id=sample_id[unstarted], solver=self.method.init(func, t0_, y0_, f0), controller=controller_rows,
-            jump=pick(jump, unstarted), after_jump=None if jump is None else torch.zeros_like(jump[unstarted]),
-        ))  # fmt: skip
+        _, controller_rows = self.control.init(
+            self.method,
+            func,
+            t0_,
+            y0_,
+            f0,
+            direction,
+            rtol[unstarted],
+            atol[unstarted],
+            self.norm,
+            torch.ones_like(t0_),
+        )
+        parts.append(
+            SolverState(
+                t=t0_,
+                y=y0_,
+                dt=torch.zeros_like(t0_),
+                t_stop=t_stop[unstarted],
+                t_end=t_end[unstarted],
+                rtol=rtol[unstarted],
+                atol=atol[unstarted],
+                nfe=nothing,
+                steps=nothing.clone(),
+                rejected=nothing.clone(),
+                max_nfe=budget[unstarted],
+                status=torch.full_like(nothing, int(Status.MAX_NFE)),
+                sample_id=sample_id[unstarted],
+                solver=self.method.init(func, t0_, y0_, f0),
+                controller=controller_rows,
+                jump=pick(jump, unstarted),
+                after_jump=None if jump is None else torch.zeros_like(jump[unstarted]),
+            )
+        )
         order.append(unstarted)
         return SolverState.cat(parts).select(torch.cat(order).argsort())
 
@@ -243,9 +275,18 @@ class Stepper:
             else torch.where(accepted, lands & state.jump, cast(Tensor, state.after_jump)),
         )
         record = StepRecord(
-            t=t, y=y, dt=dt, t1=t1, accepted=accepted, error_finite=error_finite, stage_t=attempt.stage_t,
-            stage_y=attempt.stage_y, ks=attempt.ks, f0=attempt.f0, y1=attempt.y1,
-        )  # fmt: skip
+            t=t,
+            y=y,
+            dt=dt,
+            t1=t1,
+            accepted=accepted,
+            error_finite=error_finite,
+            stage_t=attempt.stage_t,
+            stage_y=attempt.stage_y,
+            ks=attempt.ks,
+            f0=attempt.f0,
+            y1=attempt.y1,
+        )
         # Every row was RUNNING; the last reason that applies wins.
         status = self._limited(new_state)
         failure = torch.where(error_finite, int(Status.STEP_SIZE_UNDERFLOW), int(Status.NON_FINITE))

@@ -84,10 +84,19 @@ def _request_kwargs(args: argparse.Namespace) -> dict:
 
 def _items(result) -> dict:
     solved = result.solved
-    return {"nfe": result.items.nfe.tolist(), "status": result.items.status,
-            "queue_seconds": result.timing.queue_seconds, "compute_seconds": result.timing.compute_seconds,
-            "solved": {"rtol": solved.rtol, "atol": solved.atol, "method": solved.method,
-                       "precision": solved.precision, "preemptions": solved.preemptions}}  # fmt: skip
+    return {
+        "nfe": result.items.nfe.tolist(),
+        "status": result.items.status,
+        "queue_seconds": result.timing.queue_seconds,
+        "compute_seconds": result.timing.compute_seconds,
+        "solved": {
+            "rtol": solved.rtol,
+            "atol": solved.atol,
+            "method": solved.method,
+            "precision": solved.precision,
+            "preemptions": solved.preemptions,
+        },
+    }
 
 
 def run(args: argparse.Namespace, client: Client) -> dict:
@@ -96,8 +105,10 @@ def run(args: argparse.Namespace, client: Client) -> dict:
         result = client.classify(images, **_request_kwargs(args))
         rows = [
             {"image": str(p), "label": int(label), "probability": float(probs.max()), "nfe": int(nfe), "status": status}
-            for p, label, probs, nfe, status in zip(args.images, result.labels, result.probabilities, result.items.nfe, result.items.status)
-        ]  # fmt: skip
+            for p, label, probs, nfe, status in zip(
+                args.images, result.labels, result.probabilities, result.items.nfe, result.items.status
+            )
+        ]
         return {"predictions": rows, **_items(result)}
     if args.command == "sample":
         sampled = client.sample(args.n, seed=args.seed, **_request_kwargs(args))
@@ -107,9 +118,20 @@ def run(args: argparse.Namespace, client: Client) -> dict:
         return {"points": args.points, "log_density": density.log_density.tolist(), **_items(density)}
     if args.command == "health":
         return {"service": args.service, "status": client.health(args.service)}
-    return {"models": [{"name": m.name, "version": m.version, "kind": m.kind, "task": m.task,
-                        "default_tol": m.default_tol, "device": m.device,
-                        "test_error": m.card.get("metrics", {}).get("test_error")} for m in client.models()]}  # fmt: skip
+    return {
+        "models": [
+            {
+                "name": m.name,
+                "version": m.version,
+                "kind": m.kind,
+                "task": m.task,
+                "default_tol": m.default_tol,
+                "device": m.device,
+                "test_error": m.card.get("metrics", {}).get("test_error"),
+            }
+            for m in client.models()
+        ]
+    }
 
 
 def render(command: str, report: dict) -> str:
@@ -163,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub = parser.add_subparsers(dest="command", required=True)
-    classify = sub.add_parser("classify", parents=[output], help="classify image files like MNIST digits (white on black)",
-                              description="Each image is converted to grayscale (colour and alpha dropped) and resized "
-                                          "to 28x28 when it is another size; MNIST digits are white on black.")  # fmt: skip
+    classify = sub.add_parser(
+        "classify",
+        parents=[output],
+        help="classify image files like MNIST digits (white on black)",
+        description="Each image is converted to grayscale (colour and alpha dropped) and resized "
+        "to 28x28 when it is another size; MNIST digits are white on black.",
+    )
     _request_options(classify)
     classify.add_argument("images", type=Path, nargs="+", help="PNG, JPEG, ... files (needs Pillow)")
     sample = sub.add_parser("sample", parents=[output], help="draw points from a density model")

@@ -72,10 +72,13 @@ class RequestOptions(TypedDict, total=False):
     """Request options (keywords of classify, sample and log_density; left out or None: the
     server's default):"""
 
-    tol: Annotated[float | Literal["auto"] | None,
-                   'rtol = atol = tol (default: the model card\'s tolerance); "auto": the tightest of the card\'s '
-                   "tolerances predicted to finish within latency_target_s or the call's deadline (result.solved says "
-                   "which)", _tolerance]  # fmt: skip
+    tol: Annotated[
+        float | Literal["auto"] | None,
+        "rtol = atol = tol (default: the model card's tolerance); \"auto\": the tightest of the card's "
+        "tolerances predicted to finish within latency_target_s or the call's deadline (result.solved says "
+        "which)",
+        _tolerance,
+    ]
     rtol: Annotated[float | None, "relative tolerance, with atol, instead of tol"]
     atol: Annotated[float | None, "absolute tolerance, with rtol"]
     method: Annotated[str | None, _METHOD_HELP]
@@ -125,15 +128,23 @@ def _request_fields(options: RequestOptions) -> dict[str, Any]:
     """The fields every compute request has, from the caller's request options."""
     unknown = sorted(options.keys() - RequestOptions.__annotations__.keys())
     if unknown:
-        raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the request options are "
-                        f"{', '.join(RequestOptions.__annotations__)}")  # fmt: skip
+        raise TypeError(
+            f"unexpected keyword argument {unknown[0]!r}; the request options are "
+            f"{', '.join(RequestOptions.__annotations__)}"
+        )
     _check_types(options)
     tol = options.get("tol")
     auto = tol == "auto"
-    accuracy = pb.Accuracy(tol=0.0 if auto else cast(float | None, tol) or 0.0, rtol=options.get("rtol") or 0.0, atol=options.get("atol") or 0.0,
-                           method=options.get("method") or "", max_nfe=options.get("max_nfe") or 0, auto_tol=auto,
-                           latency_target_seconds=options.get("latency_target_s") or 0.0,
-                           precision=options.get("precision") or "")  # fmt: skip
+    accuracy = pb.Accuracy(
+        tol=0.0 if auto else cast(float | None, tol) or 0.0,
+        rtol=options.get("rtol") or 0.0,
+        atol=options.get("atol") or 0.0,
+        method=options.get("method") or "",
+        max_nfe=options.get("max_nfe") or 0,
+        auto_tol=auto,
+        latency_target_seconds=options.get("latency_target_s") or 0.0,
+        precision=options.get("precision") or "",
+    )
     scheduling = pb.Scheduling(priority=options.get("priority") or 0, max_total_nfe=options.get("max_total_nfe") or 0)
     return {"accuracy": accuracy, "scheduling": scheduling}
 
@@ -158,8 +169,14 @@ def _check_types(options: RequestOptions) -> None:
         raise TypeError(f"{name} must be {kind}{also}, got {value!r} ({type(value).__name__})")
 
 
-def classify(images: npt.ArrayLike, *, model: str, version: str = "", timeout_s: float | None = None,
-             **options: Unpack[RequestOptions]) -> Call[ClassifyResult]:  # fmt: skip
+def classify(
+    images: npt.ArrayLike,
+    *,
+    model: str,
+    version: str = "",
+    timeout_s: float | None = None,
+    **options: Unpack[RequestOptions],
+) -> Call[ClassifyResult]:
     """Labels and class probabilities of MNIST-shaped images, and what each solve cost.
 
     images: uint8 in 0..255 or float32 in [0, 1] (float64 is sent as float32), shaped
@@ -170,16 +187,29 @@ def classify(images: npt.ArrayLike, *, model: str, version: str = "", timeout_s:
     return Call(pb_grpc.InferenceStub, "Classify", request, classify_result, timeout_s)
 
 
-def sample(n: int, *, model: str, seed: int = 0, version: str = "", timeout_s: float | None = None,
-           **options: Unpack[RequestOptions]) -> Call[SampleResult]:  # fmt: skip
+def sample(
+    n: int,
+    *,
+    model: str,
+    seed: int = 0,
+    version: str = "",
+    timeout_s: float | None = None,
+    **options: Unpack[RequestOptions],
+) -> Call[SampleResult]:
     """``n`` points drawn from a density model, with their log-densities; the same seed gives
     the same points."""
     request = pb.SampleRequest(model=model, version=version, n=n, seed=seed, **_request_fields(options))
     return Call(pb_grpc.InferenceStub, "Sample", request, sample_result, timeout_s)
 
 
-def log_density(points: npt.ArrayLike, *, model: str, version: str = "", timeout_s: float | None = None,
-                **options: Unpack[RequestOptions]) -> Call[LogDensityResult]:  # fmt: skip
+def log_density(
+    points: npt.ArrayLike,
+    *,
+    model: str,
+    version: str = "",
+    timeout_s: float | None = None,
+    **options: Unpack[RequestOptions],
+) -> Call[LogDensityResult]:
     """Exact log-densities of points under a density model.
 
     points: float32 or float64, shaped [N, D] (other dtypes are sent as float32).

@@ -125,8 +125,12 @@ def solved(message: pb.Solved) -> Solved:
 
 
 def _common(response) -> dict:
-    return {"items": items(response.items), "timing": timing(response.timing), "model_version": response.model_version,
-            "solved": solved(response.solved)}  # fmt: skip
+    return {
+        "items": items(response.items),
+        "timing": timing(response.timing),
+        "model_version": response.model_version,
+        "solved": solved(response.solved),
+    }
 
 
 def classify_result(response: pb.ClassifyResponse) -> ClassifyResult:
@@ -144,8 +148,15 @@ def log_density_result(response: pb.LogDensityResponse) -> LogDensityResult:
 
 
 def model_info(message: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(message.name, message.version, message.kind, message.task, message.default_tol, message.device,
-                     json.loads(message.card_json or "{}"))  # fmt: skip
+    return ModelInfo(
+        message.name,
+        message.version,
+        message.kind,
+        message.task,
+        message.default_tol,
+        message.device,
+        json.loads(message.card_json or "{}"),
+    )
 
 
 def model_infos(response: pb.ListModelsResponse) -> list[ModelInfo]:

@@ -159,8 +159,10 @@ def _presented_as(describe: Callable[..., Call[Any]], method: Callable[..., Any]
     hints = typing.get_type_hints(describe, include_extras=True)
     returns = re.fullmatch(r"Call\[(.+)\]", str(describe.__annotations__["return"]))
     if typing.get_origin(hints["return"]) is not Call or returns is None:
-        raise TypeError(f"{describe.__qualname__} must be annotated to return Call[<result type>], as a string "
-                        "(from __future__ import annotations)")  # fmt: skip
+        raise TypeError(
+            f"{describe.__qualname__} must be annotated to return Call[<result type>], as a string "
+            "(from __future__ import annotations)"
+        )
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     doc = inspect.getdoc(describe) or ""
     for parameter in inspect.signature(describe).parameters.values():
@@ -168,8 +170,12 @@ def _presented_as(describe: Callable[..., Call[Any]], method: Callable[..., Any]
         if parameter.kind is parameter.VAR_KEYWORD and typing.get_origin(hint) is typing.Unpack:
             (typed_dict,) = typing.get_args(hint)
             options = options_of(typed_dict)
-            parameters += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                             annotation=inspect.formatannotation(o.hint)) for o in options]  # fmt: skip
+            parameters += [
+                inspect.Parameter(
+                    o.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=inspect.formatannotation(o.hint)
+                )
+                for o in options
+            ]
             table = "\n".join(f"    {o.name:<9} {o.help}" for o in options)
             doc += f"\n\n{inspect.getdoc(typed_dict)}\n{table}"
         else:

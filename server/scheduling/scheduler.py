@@ -127,8 +127,15 @@ class Scheduler:
             )
         self._check_share(owner, len(payloads))
         now = self.clock()
-        request = Request(items=[], cost=cost, priority=self.config.default_priority if priority is None else priority,
-                          enqueued_at=now, deadline=deadline, budget=budget, owner=owner)  # fmt: skip
+        request = Request(
+            items=[],
+            cost=cost,
+            priority=self.config.default_priority if priority is None else priority,
+            enqueued_at=now,
+            deadline=deadline,
+            budget=budget,
+            owner=owner,
+        )
         request.items = [Item(request, i, payload) for i, payload in enumerate(payloads)]
         if candidates:
             target = latency_target if latency_target is not None else (None if deadline is None else deadline - now)

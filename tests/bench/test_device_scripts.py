@@ -11,10 +11,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_gpu_inference_script_runs_every_step_and_records_each_figure(mnist_dir, tmp_path):
-    env = {**os.environ, "SMOKE": "1", "DEVICE": "cpu", "DATA": str(mnist_dir), "OUT": str(tmp_path),
-           "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}  # fmt: skip
-    done = subprocess.run(["bash", "bench/gpu_inference.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "DEVICE": "cpu",
+        "DATA": str(mnist_dir),
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "WHEELS": str(tmp_path / "no-wheels"),
+    }
+    done = subprocess.run(
+        ["bash", "bench/gpu_inference.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "passed" in (tmp_path / "cuda_graphs_test.txt").read_text()
 

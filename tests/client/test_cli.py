@@ -9,8 +9,13 @@ from live_server import CLASSIFIER, DENSITIES, ROOT
 
 
 def cli(server, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", "--target", server.target, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "client", "--target", server.target, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_classify_png_files(server, mnist_test_digits, tmp_path):
@@ -34,8 +39,11 @@ def test_colour_and_other_sizes_are_converted_to_28x28_grayscale(server, mnist_t
 
     images, labels = mnist_test_digits
     digits = [Image.fromarray(images[i]) for i in range(3)]
-    files = {"rgb.png": digits[0].convert("RGB").resize((56, 56)), "rgba.png": digits[1].convert("RGBA"),
-             "small.jpg": digits[2].resize((20, 20))}  # fmt: skip
+    files = {
+        "rgb.png": digits[0].convert("RGB").resize((56, 56)),
+        "rgba.png": digits[1].convert("RGBA"),
+        "small.jpg": digits[2].resize((20, 20)),
+    }
     for name, image in files.items():
         image.save(tmp_path / name)
     result = cli(server, "classify", "--model", CLASSIFIER, "--json", *(str(tmp_path / name) for name in files))
@@ -43,10 +51,13 @@ def test_colour_and_other_sizes_are_converted_to_28x28_grayscale(server, mnist_t
     assert [row["label"] for row in json.loads(result.stdout)["predictions"]] == labels[:3].tolist()
 
 
-@pytest.mark.parametrize("name, content, reason", [
-    ("missing.png", None, "No such file or directory"),
-    ("notes.png", b"not an image\n", "not an image file Pillow can read"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("missing.png", None, "No such file or directory"),
+        ("notes.png", b"not an image\n", "not an image file Pillow can read"),
+    ],
+)
 def test_an_unreadable_image_is_one_line_and_exit_status_2(server, tmp_path, name, content, reason):
     path = tmp_path / name
     if content is not None:
@@ -87,8 +98,9 @@ def test_the_tolerance_used_is_shown_and_in_the_json(server):
     assert table.returncode == 0 and "solved at tol 0.01 (dopri5, float32)" in table.stdout, table.stdout
     default = cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--tol", "0")  # 0: the model's default
     assert "solved at tol 0.001 (dopri5, float32)" in default.stdout, default.stdout
-    report = json.loads(cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--rtol", "1e-3", "--atol", "1e-5",
-                            "--json").stdout)  # fmt: skip
+    report = json.loads(
+        cli(server, "sample", "--model", DENSITIES[0], "--n", "2", "--rtol", "1e-3", "--atol", "1e-5", "--json").stdout
+    )
     assert report["solved"] == {
         "rtol": 1e-3,
         "atol": 1e-5,
@@ -98,11 +110,14 @@ def test_the_tolerance_used_is_shown_and_in_the_json(server):
     }
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--tol", "abc"), "argument --tol: a number such as 1e-3, or auto; got 'abc'"),
-    (("--max-nfe", "1.5"), "argument --max-nfe: an integer; got '1.5'"),
-    (("--rtol", "x"), "argument --rtol: a number; got 'x'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--tol", "abc"), "argument --tol: a number such as 1e-3, or auto; got 'abc'"),
+        (("--max-nfe", "1.5"), "argument --max-nfe: an integer; got '1.5'"),
+        (("--rtol", "x"), "argument --rtol: a number; got 'x'"),
+    ],
+)
 def test_a_malformed_option_says_what_it_expects(server, flags, message):
     result = cli(server, "sample", "--model", DENSITIES[0], *flags)
     assert result.returncode == 2 and result.stderr.splitlines()[-1].endswith(message), result.stderr
@@ -130,6 +145,11 @@ def test_health_is_a_container_health_check(server):
 def test_health_fails_when_nothing_listens(tmp_path):
     from deploy_tools import free_port
 
-    result = subprocess.run([sys.executable, "-m", "client", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2", "health"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "client", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2", "health"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr

@@ -53,8 +53,9 @@ def test_installs_without_torch_or_the_server(client_only):
     for module in ("torch", "server", "neuralode"):
         absent = client_only.run("-c", f"import {module}", cwd=client_only.folder)
         assert absent.returncode == 1 and f"No module named '{module}'" in absent.stderr
-    imported = client_only.run("-c", "import client, client.aio, odeserve.v1.odeserve_pb2, sys; print(client.__file__)",
-                               cwd=client_only.folder)  # fmt: skip
+    imported = client_only.run(
+        "-c", "import client, client.aio, odeserve.v1.odeserve_pb2, sys; print(client.__file__)", cwd=client_only.folder
+    )
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith(str(client_only.folder)), "client must come from the venv, not the checkout"
 

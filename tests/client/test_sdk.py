@@ -17,8 +17,14 @@ from live_server import CLASSIFIER, DENSITIES, start_server
 from neuralode.solvers import METHODS
 
 DENSITY = DENSITIES[0]
-DESCRIBED = [f for name, f in vars(calls).items() if inspect.isfunction(f) and f.__module__ == calls.__name__
-             and not name.startswith("_") and inspect.signature(f).return_annotation.startswith("Call[")]  # fmt: skip
+DESCRIBED = [
+    f
+    for name, f in vars(calls).items()
+    if inspect.isfunction(f)
+    and f.__module__ == calls.__name__
+    and not name.startswith("_")
+    and inspect.signature(f).return_annotation.startswith("Call[")
+]
 
 
 class Driven:
@@ -190,8 +196,21 @@ def test_both_shells_offer_every_described_call_with_its_signature_and_docstring
 
 def test_help_spells_out_the_request_options_with_their_types():
     signature = inspect.signature(Client.classify)
-    assert list(signature.parameters) == ["self", "images", "model", "version", "timeout_s", "tol", "rtol", "atol",
-                                          "method", "max_nfe", "latency_target_s", "priority", "max_total_nfe"]  # fmt: skip
+    assert list(signature.parameters) == [
+        "self",
+        "images",
+        "model",
+        "version",
+        "timeout_s",
+        "tol",
+        "rtol",
+        "atol",
+        "method",
+        "max_nfe",
+        "latency_target_s",
+        "priority",
+        "max_total_nfe",
+    ]
     assert signature.parameters["max_nfe"].annotation == "int | None" and signature.parameters["tol"].default is None
     assert signature.return_annotation == "ClassifyResult"
     text = pydoc.render_doc(AsyncClient.log_density, renderer=pydoc.plaintext)

@@ -20,8 +20,14 @@ BUILD_CACHE = Path(os.environ.get("ODESERVE_BUILD_CACHE", Path.home() / ".cache"
 
 
 def _answers(env: dict[str, str]) -> bool:
-    probe = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], env=env,
-                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    probe = subprocess.run(
+        ["docker", "version", "--format", "{{.Server.Version}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     return probe.returncode == 0
 
 
@@ -44,10 +50,20 @@ class DockerDaemon:
         data_root.mkdir(parents=True, exist_ok=True)
         log = BUILD_CACHE / "dockerd.log"
         self.process = subprocess.Popen(
-            [dockerd, "--bridge=none", "--iptables=false", "--ip6tables=false", f"--data-root={data_root}",
-             f"--exec-root={self._exec_root}/exec", f"--pidfile={self._exec_root}/docker.pid", f"--host=unix://{socket}"],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                dockerd,
+                "--bridge=none",
+                "--iptables=false",
+                "--ip6tables=false",
+                f"--data-root={data_root}",
+                f"--exec-root={self._exec_root}/exec",
+                f"--pidfile={self._exec_root}/docker.pid",
+                f"--host=unix://{socket}",
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.env["DOCKER_HOST"] = f"unix://{socket}"
         end = time.monotonic() + 60
         while time.monotonic() < end and self.process.poll() is None:

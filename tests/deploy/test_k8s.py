@@ -24,8 +24,7 @@ KUBERNETES_VERSIONS = ("1.27.0", "1.35.0")
 # Custom resources: kubernetes-validate has no schema for them, so their fields are checked here.
 CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
 # Every kind the kustomizations render.
-KINDS = {"ConfigMap", "Deployment", "Service", "ServiceMonitor",
-         "HorizontalPodAutoscaler", "PodDisruptionBudget"}  # fmt: skip
+KINDS = {"ConfigMap", "Deployment", "Service", "ServiceMonitor", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
 GPU = "nvidia.com/gpu"
 
 _rendered: dict[str, str] = {}

@@ -16,8 +16,20 @@ from test_k8s import KUBERNETES_VERSIONS, Manifests
 
 MANIFEST = DEPLOY / "kserve" / "inferenceservice.yaml"
 # v1beta1 ComponentExtensionSpec: what a predictor may carry beside its pod spec.
-KSERVE_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency", "timeout",
-                 "canaryTrafficPercent", "logger", "batcher", "labels", "annotations", "deploymentStrategy"}  # fmt: skip
+KSERVE_FIELDS = {
+    "minReplicas",
+    "maxReplicas",
+    "scaleMetric",
+    "scaleTarget",
+    "containerConcurrency",
+    "timeout",
+    "canaryTrafficPercent",
+    "logger",
+    "batcher",
+    "labels",
+    "annotations",
+    "deploymentStrategy",
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +47,12 @@ def container(service) -> dict:
 def test_the_predictor_is_a_valid_pod_spec(service, version):
     validate = require_tool("kubernetes-validate", "validates the predictor's pod spec against the API schemas")
     predictor = service["spec"]["predictor"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "odeserve-predictor"},
-           "spec": {k: v for k, v in predictor.items() if k not in KSERVE_FIELDS}}  # fmt: skip
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "odeserve-predictor"},
+        "spec": {k: v for k, v in predictor.items() if k not in KSERVE_FIELDS},
+    }
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "predictor-pod.yaml"
         path.write_text(yaml.safe_dump(pod))
@@ -82,6 +98,10 @@ def test_the_predictor_matches_the_plain_deployment(service, container):
 
 def test_yaml_passes_yamllint():
     yamllint = require_tool("yamllint", "lints the YAML under deploy/")
-    done = subprocess.run([yamllint, "-s", "-c", str(ROOT / ".yamllint.yaml"), str(MANIFEST.parent)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [yamllint, "-s", "-c", str(ROOT / ".yamllint.yaml"), str(MANIFEST.parent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -22,9 +22,13 @@ class Problem:
         """The solution at t_span[1] by scipy's DOP853 at rtol 1e-12: the outside oracle."""
         t0, t1 = t_span or self.t_span
         sol = scipy_solve_ivp(
-            self.numpy_rhs, (t0, t1), np.asarray(y0 if y0 is not None else self.y0, dtype=np.float64),
-            method="DOP853", rtol=1e-12, atol=1e-14,
-        )  # fmt: skip
+            self.numpy_rhs,
+            (t0, t1),
+            np.asarray(y0 if y0 is not None else self.y0, dtype=np.float64),
+            method="DOP853",
+            rtol=1e-12,
+            atol=1e-14,
+        )
         assert sol.success, sol.message
         return sol.y[:, -1]
 

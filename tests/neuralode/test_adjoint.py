@@ -155,8 +155,15 @@ def _peak_states(steps: int, adjoint: bool, dim: int = 20_000) -> float:
     weight = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
     y0 = torch.randn(1, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with _LiveTensorBytes() as memory:
-        solution = solve_ivp(lambda t, y: -weight * y * torch.cos(t)[:, None], y0, (0.0, 1.0), method="rk4",
-                             step_size=1.0 / steps, adjoint=adjoint, adjoint_params=(weight,))  # fmt: skip
+        solution = solve_ivp(
+            lambda t, y: -weight * y * torch.cos(t)[:, None],
+            y0,
+            (0.0, 1.0),
+            method="rk4",
+            step_size=1.0 / steps,
+            adjoint=adjoint,
+            adjoint_params=(weight,),
+        )
         solution.y1.square().sum().backward()
         assert int(solution.steps) == steps and int(solution.backward.steps if adjoint else steps) == steps
     return memory.peak / y0.nbytes
@@ -208,8 +215,9 @@ def test_seminorm_quadrature_serves_every_runge_kutta_method(problem, method, op
     step_size = options.get("step_size")
 
     def solve(adjoint):
-        solution = solve_ivp(func, y0, (t[0], t[-1]), t_eval=t[1:], method=method, step_size=step_size,
-                             adjoint=adjoint, **TIGHT)  # fmt: skip
+        solution = solve_ivp(
+            func, y0, (t[0], t[-1]), t_eval=t[1:], method=method, step_size=step_size, adjoint=adjoint, **TIGHT
+        )
         return torch.cat([y0[None], solution.ys])
 
     direct = _gradients(func, y0, t, lambda: solve(False))

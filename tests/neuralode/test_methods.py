@@ -21,8 +21,14 @@ def _error(solution, problem) -> float:
 @pytest.mark.parametrize("method", ADAPTIVE)
 def test_adaptive_methods_meet_their_tolerance(problem, method):
     rtol = 1e-4 if METHODS[method].order <= 2 else 1e-6
-    solution = solve_ivp(problem.torch_rhs, torch.tensor([problem.y0], dtype=torch.float64), problem.t_span,
-                         method=method, rtol=rtol, atol=rtol * 1e-3).raise_for_status()  # fmt: skip
+    solution = solve_ivp(
+        problem.torch_rhs,
+        torch.tensor([problem.y0], dtype=torch.float64),
+        problem.t_span,
+        method=method,
+        rtol=rtol,
+        atol=rtol * 1e-3,
+    ).raise_for_status()
     # fehlberg2's error estimate is its first-order solution's, whose error constant is 1/512:
     # the second-order solution it propagates (as torchdiffeq does) errs ~1000x more.
     assert _error(solution, problem) <= (2000 if method == "fehlberg2" else 20) * rtol
@@ -37,8 +43,15 @@ _FIXED_BOUND = {1: 1e-1, 2: 6e-4, 3: 3e-6, 4: 1.5e-6, 5: 1e-9, 6: 3e-9}
 @pytest.mark.parametrize("method", FIXED)
 def test_fixed_step_methods_converge_to_the_reference(problem, method):
     t_span = (problem.t_span[0], problem.t_span[0] + 2.0)
-    solution = solve_ivp(problem.torch_rhs, torch.tensor([problem.y0], dtype=torch.float64), t_span, method=method,
-                         step_size=0.01, rtol=1e-12, atol=1e-12).raise_for_status()  # fmt: skip
+    solution = solve_ivp(
+        problem.torch_rhs,
+        torch.tensor([problem.y0], dtype=torch.float64),
+        t_span,
+        method=method,
+        step_size=0.01,
+        rtol=1e-12,
+        atol=1e-12,
+    ).raise_for_status()
     reference = problem.reference(t_span)
     error = float(np.abs(solution.y1[0].numpy() - reference).max() / np.abs(reference).max())
     assert error <= _FIXED_BOUND[METHODS[method].order], error
@@ -50,8 +63,9 @@ def test_scipy_wrapper_matches_the_reference(solver):
     problem = next(p for p in PROBLEMS if p.name == "van_der_pol")
     y0 = torch.tensor([problem.y0, problem.y0], dtype=torch.float64)
     t_eval = torch.tensor([2.0, 5.0, 10.0], dtype=torch.float64)
-    solution = solve_ivp(problem.torch_rhs, y0, problem.t_span, t_eval=t_eval, method=ScipyMethod(solver),
-                         rtol=1e-9, atol=1e-12).raise_for_status()  # fmt: skip
+    solution = solve_ivp(
+        problem.torch_rhs, y0, problem.t_span, t_eval=t_eval, method=ScipyMethod(solver), rtol=1e-9, atol=1e-12
+    ).raise_for_status()
     for k, t in enumerate(t_eval.tolist()):
         reference = problem.reference((0.0, t))
         np.testing.assert_allclose(solution.ys[k, 0].numpy(), reference, rtol=1e-5, atol=1e-7)
@@ -66,9 +80,17 @@ def test_interpolated_outputs_match_the_reference(method):
     t_eval = torch.linspace(0.0, 10.0, 41, dtype=torch.float64)[1:]
     fixed = not METHODS[method].adaptive
     rtol = 1e-4 if METHODS[method].order <= 2 else 1e-7
-    solution = solve_ivp(problem.torch_rhs, torch.tensor([problem.y0], dtype=torch.float64), problem.t_span,
-                         t_eval=t_eval, method=method, rtol=rtol, atol=rtol * 1e-2, interpolate=True,
-                         step_size=0.01 if fixed else None).raise_for_status()  # fmt: skip
+    solution = solve_ivp(
+        problem.torch_rhs,
+        torch.tensor([problem.y0], dtype=torch.float64),
+        problem.t_span,
+        t_eval=t_eval,
+        method=method,
+        rtol=rtol,
+        atol=rtol * 1e-2,
+        interpolate=True,
+        step_size=0.01 if fixed else None,
+    ).raise_for_status()
     errors = [
         np.abs(solution.ys[k, 0].numpy() - problem.reference((0.0, t))).max() for k, t in enumerate(t_eval.tolist())
     ]
@@ -76,6 +98,13 @@ def test_interpolated_outputs_match_the_reference(method):
     scale = 1e-3 if fixed else (1e-4 if method == "dopri8" else 100 * rtol)
     assert max(errors) < scale * 2.0  # |y| is about 2
     # The steps go their own way: exactly those of a solve without outputs.
-    alone = solve_ivp(problem.torch_rhs, torch.tensor([problem.y0], dtype=torch.float64), problem.t_span,
-                      method=method, rtol=rtol, atol=rtol * 1e-2, step_size=0.01 if fixed else None)  # fmt: skip
+    alone = solve_ivp(
+        problem.torch_rhs,
+        torch.tensor([problem.y0], dtype=torch.float64),
+        problem.t_span,
+        method=method,
+        rtol=rtol,
+        atol=rtol * 1e-2,
+        step_size=0.01 if fixed else None,
+    )
     assert int(solution.nfe) == int(alone.nfe) and int(solution.steps) == int(alone.steps)

@@ -148,8 +148,15 @@ def test_a_block_given_a_first_step_tries_the_whole_span_as_scipy_does():
     with torch.no_grad():
         z1, solution = whole(z0)
         _, by_rule = ruled(z0)
-    oracle = scipy_solve_ivp(lambda t, z: -0.5 * z + 0.1 * torch.sin(torch.tensor(3.0 * t)).item(), (0.0, 1.0),
-                             z0[0].numpy(), method="RK45", rtol=1e-3, atol=1e-3, first_step=1.0)  # fmt: skip
+    oracle = scipy_solve_ivp(
+        lambda t, z: -0.5 * z + 0.1 * torch.sin(torch.tensor(3.0 * t)).item(),
+        (0.0, 1.0),
+        z0[0].numpy(),
+        method="RK45",
+        rtol=1e-3,
+        atol=1e-3,
+        first_step=1.0,
+    )
     assert oracle.nfev == int(solution.nfe[0]) == 7 and int(solution.steps[0]) == 1
     torch.testing.assert_close(z1[0], torch.from_numpy(oracle.y[:, -1]), rtol=1e-12, atol=1e-12)
     assert int(by_rule.nfe[0]) >= 14

@@ -33,8 +33,16 @@ def _through_protocol(model: ServableModel, operation: str, inputs: dict, seed: 
     start = model.encode(operation, rows)
     t0, t_end = float(start.t0[0]), float(start.t_end[0])
     assert (start.t0 == t0).all() and (start.t_end == t_end).all()  # one span per operation for these models
-    solution = solve_ivp(model.ode_dynamics, start.y0, (t0, t_end), method="dopri5", rtol=tol, atol=tol,
-                         norm=model.error_norm, first_step=model.first_step)  # fmt: skip
+    solution = solve_ivp(
+        model.ode_dynamics,
+        start.y0,
+        (t0, t_end),
+        method="dopri5",
+        rtol=tol,
+        atol=tol,
+        norm=model.error_norm,
+        first_step=model.first_step,
+    )
     outputs = model.decode(operation, solution.y1)
     return {**outputs, "nfe": solution.nfe}
 

@@ -108,13 +108,22 @@ def test_grid_constructor_and_step_t_choose_the_steps():
         return y
 
     grid = torch.tensor([0.0, 0.1, 0.35, 0.5, 1.0])
-    out = odeint(func, torch.tensor(1.0), torch.tensor([0.0, 1.0]), method="euler",
-                 options={"grid_constructor": lambda f, y0, t: grid})  # fmt: skip
+    out = odeint(
+        func,
+        torch.tensor(1.0),
+        torch.tensor([0.0, 1.0]),
+        method="euler",
+        options={"grid_constructor": lambda f, y0, t: grid},
+    )
     assert seen == pytest.approx([0.0, 0.1, 0.35, 0.5])
     assert float(out[1]) == pytest.approx(1.1 * 1.25 * 1.15 * 1.5)
     seen.clear()
-    odeint(func, torch.tensor(1.0, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
-           options={"step_t": torch.tensor([0.3], dtype=torch.float64), "first_step": 0.25})  # fmt: skip
+    odeint(
+        func,
+        torch.tensor(1.0, dtype=torch.float64),
+        torch.tensor([0.0, 1.0], dtype=torch.float64),
+        options={"step_t": torch.tensor([0.3], dtype=torch.float64), "first_step": 0.25},
+    )
     assert 0.3 in seen  # the first stage of the step after the stop
 
 
@@ -125,8 +134,13 @@ def test_perturb_evaluates_beside_the_grid_points():
         seen.append(float(t))
         return -y
 
-    odeint(func, torch.tensor(1.0, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64),
-           method="midpoint", options={"step_size": 0.5, "perturb": True})  # fmt: skip
+    odeint(
+        func,
+        torch.tensor(1.0, dtype=torch.float64),
+        torch.tensor([0.0, 1.0], dtype=torch.float64),
+        method="midpoint",
+        options={"step_size": 0.5, "perturb": True},
+    )
     assert 0.0 not in seen and 0.5 not in seen and min(seen) > 0.0 and min(seen) < 1e-15
 
 
@@ -225,8 +239,16 @@ def test_event_time_and_its_gradient_match_finite_differences():
     t0 = torch.tensor(0.0, dtype=torch.float64)
     for interface in (odeint, odeint_adjoint):
         kwargs = {} if interface is odeint else {"adjoint_params": ()}
-        event_t, ys = odeint_event(lambda t, y: -y, y0, t0, event_fn=first_below_half, odeint_interface=interface,
-                                   rtol=1e-10, atol=1e-12, **kwargs)  # fmt: skip
+        event_t, ys = odeint_event(
+            lambda t, y: -y,
+            y0,
+            t0,
+            event_fn=first_below_half,
+            odeint_interface=interface,
+            rtol=1e-10,
+            atol=1e-12,
+            **kwargs,
+        )
         assert ys.shape == (2,)
         torch.testing.assert_close(event_t, torch.log(2 * y0.detach()), rtol=1e-9, atol=0)
         torch.testing.assert_close(ys[-1], torch.tensor(0.5, dtype=torch.float64), rtol=1e-9, atol=0)
@@ -236,8 +258,15 @@ def test_event_time_and_its_gradient_match_finite_differences():
 
 def test_event_in_reverse_time():
     y0 = torch.tensor([1.0], dtype=torch.float64)
-    event_t, ys = odeint_event(lambda t, y: -y, y0, torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y[0] - 2.0,
-                               reverse_time=True, rtol=1e-10, atol=1e-12)  # fmt: skip
+    event_t, ys = odeint_event(
+        lambda t, y: -y,
+        y0,
+        torch.tensor(0.0, dtype=torch.float64),
+        event_fn=lambda t, y: y[0] - 2.0,
+        reverse_time=True,
+        rtol=1e-10,
+        atol=1e-12,
+    )
     torch.testing.assert_close(event_t, torch.tensor(-math.log(2.0), dtype=torch.float64), rtol=1e-9, atol=0)
 
 
@@ -269,8 +298,10 @@ def test_adjoint_gradients_of_new_methods_match_finite_differences():
             for j in range(2):
                 bump = torch.zeros_like(w0)
                 bump[i, j] = 1e-6
-                numeric[i, j] = (loss(w0 + bump, method, rtol=1e-9, atol=1e-10, **kwargs)
-                                 - loss(w0 - bump, method, rtol=1e-9, atol=1e-10, **kwargs)) / 2e-6  # fmt: skip
+                numeric[i, j] = (
+                    loss(w0 + bump, method, rtol=1e-9, atol=1e-10, **kwargs)
+                    - loss(w0 - bump, method, rtol=1e-9, atol=1e-10, **kwargs)
+                ) / 2e-6
         with torch.no_grad():
             weight.copy_(w0)
         torch.testing.assert_close(grad, numeric, rtol=1e-4, atol=1e-6, msg=method)
@@ -284,8 +315,13 @@ def test_a_callable_adjoint_norm_sees_the_augmented_parts():
         return max(part.abs().max() for part in parts)
 
     params = (torch.rand(3, requires_grad=True),)
-    xs = odeint_adjoint(lambda t, y: -y * params[0].sum(), torch.tensor(1.0, requires_grad=True), torch.tensor([0.0, 1.0]),
-                        adjoint_params=params, adjoint_options={"norm": adjoint_norm})  # fmt: skip
+    xs = odeint_adjoint(
+        lambda t, y: -y * params[0].sum(),
+        torch.tensor(1.0, requires_grad=True),
+        torch.tensor([0.0, 1.0]),
+        adjoint_params=params,
+        adjoint_options={"norm": adjoint_norm},
+    )
     xs.sum().backward()
     assert set(seen) == {((), (), (), (3,))}
     assert params[0].grad is not None and bool(torch.isfinite(params[0].grad).all())
@@ -317,8 +353,12 @@ def test_scipy_solver_through_odeint_and_the_adjoint():
 
 def test_a_failed_odeint_raises():
     with pytest.raises(SolverError, match="MAX_STEPS"):
-        odeint(lambda t, y: -1e6 * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 1.0]),
-               options={"max_num_steps": 50})  # fmt: skip
+        odeint(
+            lambda t, y: -1e6 * y,
+            torch.ones(1, dtype=torch.float64),
+            torch.tensor([0.0, 1.0]),
+            options={"max_num_steps": 50},
+        )
 
 
 def test_solve_ivp_events_on_an_unbounded_span():

@@ -217,8 +217,17 @@ def test_interpolated_outputs_events_and_jumps_are_per_sample(method):
         return y[:, 0]
 
     kwargs = _method_kwargs(method, torch.float64)
-    batch, alone = _alone_vs_batch(oscillators, y0, (0.0, 2.0), t_eval=t_eval, jump_t=jumps, interpolate=True,
-                                   event_fn=first_zero_of_x, method=method, **kwargs)  # fmt: skip
+    batch, alone = _alone_vs_batch(
+        oscillators,
+        y0,
+        (0.0, 2.0),
+        t_eval=t_eval,
+        jump_t=jumps,
+        interpolate=True,
+        event_fn=first_zero_of_x,
+        method=method,
+        **kwargs,
+    )
     for i, single in enumerate(alone):
         assert int(batch.nfe[i]) == int(single.nfe), i
         assert bool(batch.event[i]) and bool(single.event[0])

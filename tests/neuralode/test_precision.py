@@ -87,8 +87,9 @@ def test_a_batch_in_bfloat16_gives_each_sample_its_nfe_and_result_alone():
     with torch.no_grad():
         batch = solve_ivp(func, z, (0.0, 1.0), rtol=tol, atol=tol, precision="bfloat16")
         for i in range(len(z)):
-            alone = solve_ivp(func, z[i : i + 1], (0.0, 1.0), rtol=tol[i : i + 1], atol=tol[i : i + 1],
-                              precision="bfloat16")  # fmt: skip
+            alone = solve_ivp(
+                func, z[i : i + 1], (0.0, 1.0), rtol=tol[i : i + 1], atol=tol[i : i + 1], precision="bfloat16"
+            )
             assert int(alone.nfe[0]) == int(batch.nfe[i]), i
             # bf16 kernels may block a batch differently from one sample: equal up to bf16 rounding
             torch.testing.assert_close(alone.y1[0], batch.y1[i], rtol=2e-2, atol=2e-2)

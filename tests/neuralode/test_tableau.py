@@ -160,8 +160,9 @@ def _convergence_slope(method, steps, span, tolerance: float = 1e-14) -> float:
     for n in steps:
         y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
         # Tight tolerances: iterating methods (corrector, stage equations) converge fully.
-        solution = solve_ivp(_oscillator, y0, (0.0, span), method=method, step_size=span / n,
-                             rtol=tolerance, atol=tolerance).raise_for_status()  # fmt: skip
+        solution = solve_ivp(
+            _oscillator, y0, (0.0, span), method=method, step_size=span / n, rtol=tolerance, atol=tolerance
+        ).raise_for_status()
         assert int(solution.steps) == n
         errors.append(float((solution.y1[0] - exact).abs().max()))
     return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
@@ -174,10 +175,15 @@ def test_empirical_convergence_order(name):
     assert abs(slope - METHODS[name].order) <= 0.3, slope
 
 
-@pytest.mark.parametrize("implicit, max_order, steps", [
-    (False, 4, (160, 320, 640, 1280)), (False, 5, (160, 320, 640, 1280)),
-    (True, 4, (160, 320, 640, 1280)), (True, 5, (240, 320, 480, 640)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "implicit, max_order, steps",
+    [
+        (False, 4, (160, 320, 640, 1280)),
+        (False, 5, (160, 320, 640, 1280)),
+        (True, 4, (160, 320, 640, 1280)),
+        (True, 5, (240, 320, 480, 640)),
+    ],
+)
 def test_adams_methods_converge_at_their_order(implicit, max_order, steps):
     """With ``max_order`` k the Adams–Bashforth step uses k - 1 past values (order k - 1); the
     Adams–Moulton corrector uses k (order k). The corrector drops to a lower order while it

@@ -63,8 +63,11 @@ def start_server(
     out, log = tmp / "server.out", tmp / "server.log"
     process = subprocess.Popen(
         [sys.executable, *python, "--checkpoints", str(checkpoints), "--port", "0", "--metrics-port", "0", *flags],
-        cwd=ROOT, stdout=out.open("w"), stderr=log.open("w"), env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        cwd=ROOT,
+        stdout=out.open("w"),
+        stderr=log.open("w"),
+        env={**os.environ, **(env or {})},
+    )
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         match = re.search(r"odeserve ready grpc=(\S+) metrics=(\S+)", out.read_text())

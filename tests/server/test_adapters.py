@@ -15,8 +15,10 @@ def test_the_downsampling_runs_in_chunks_within_the_byte_bound_and_gives_the_who
     images = torch.rand(100, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     chunks, widest = [], []
     hooks = [adapter.model.downsample.register_forward_pre_hook(lambda module, args: chunks.append(len(args[0])))]
-    hooks += [layer.register_forward_hook(lambda module, args, out: widest.append(out.numel() * out.element_size()))
-              for layer in adapter.model.downsample]  # fmt: skip
+    hooks += [
+        layer.register_forward_hook(lambda module, args, out: widest.append(out.numel() * out.element_size()))
+        for layer in adapter.model.downsample
+    ]
     with torch.no_grad():
         features = adapter.start(Kind.CLASSIFY, images).y0
         for hook in hooks:

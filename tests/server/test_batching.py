@@ -40,10 +40,12 @@ def _concurrently(calls):
 def test_mixed_tolerances_in_one_batch_equal_each_item_alone(server, shipped, images):
     tight, loose = images[:6], images[6:12]
     with Client(server.target, timeout_s=120) as client:
-        (tight_result, _), (loose_result, _) = _concurrently([
-            (0.0, lambda: client.classify(tight, model=CLASSIFIER, tol=1e-5)),
-            (0.0, lambda: client.classify(loose, model=CLASSIFIER, tol=1e-1)),
-        ])  # fmt: skip
+        (tight_result, _), (loose_result, _) = _concurrently(
+            [
+                (0.0, lambda: client.classify(tight, model=CLASSIFIER, tol=1e-5)),
+                (0.0, lambda: client.classify(loose, model=CLASSIFIER, tol=1e-1)),
+            ]
+        )
     model = load_checkpoint(shipped / f"{CLASSIFIER}.pt").model
     for batch, result, tol in ((tight, tight_result, 1e-5), (loose, loose_result, 1e-1)):
         for i, image in enumerate(batch):
@@ -57,10 +59,12 @@ def test_mixed_tolerances_in_one_batch_equal_each_item_alone(server, shipped, im
 def _race(target: str, images: np.ndarray) -> tuple[float, float]:
     """A tight request first, a loose one 0.3 s later: when did each finish?"""
     with Client(target, timeout_s=300) as client:
-        (_, tight_done), (_, loose_done) = _concurrently([
-            (0.0, lambda: client.classify(images, model=CLASSIFIER, tol=1e-7)),
-            (0.3, lambda: client.classify(images[:8], model=CLASSIFIER, tol=1e-1)),
-        ])  # fmt: skip
+        (_, tight_done), (_, loose_done) = _concurrently(
+            [
+                (0.0, lambda: client.classify(images, model=CLASSIFIER, tol=1e-7)),
+                (0.3, lambda: client.classify(images[:8], model=CLASSIFIER, tol=1e-1)),
+            ]
+        )
     return tight_done, loose_done
 
 
@@ -84,10 +88,12 @@ def test_a_server_with_step_graphs_gives_each_item_its_own_solve(shipped, images
     running = start_server(shipped, tmp_path, "--step-graphs", "on")
     try:
         with Client(running.target, timeout_s=120) as client:
-            (tight, _), (loose, _) = _concurrently([
-                (0.0, lambda: client.classify(images[:5], model=CLASSIFIER, tol=1e-4)),
-                (0.05, lambda: client.classify(images[5:8], model=CLASSIFIER, tol=1e-1)),
-            ])  # fmt: skip
+            (tight, _), (loose, _) = _concurrently(
+                [
+                    (0.0, lambda: client.classify(images[:5], model=CLASSIFIER, tol=1e-4)),
+                    (0.05, lambda: client.classify(images[5:8], model=CLASSIFIER, tol=1e-1)),
+                ]
+            )
     finally:
         running.stop()
     model = load_checkpoint(shipped / f"{CLASSIFIER}.pt").model

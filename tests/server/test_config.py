@@ -12,9 +12,30 @@ from server.scheduling import SchedulerConfig, StaticBatching, policy_class
 
 
 def test_the_engine_and_scheduler_settings_are_built_once_from_the_servers():
-    config = parse_config(["--max-batch", "32", "--max-queued-items", "100", "--policy", "fifo", "--max-delay-ms",
-                           "20", "--default-priority", "3", "--guaranteed-share", "0.5", "--lower-level-share", "0.2",
-                           "--client-queue-share", "0.3", "--auto-headroom", "0.75", "--step-graphs", "on"])  # fmt: skip
+    config = parse_config(
+        [
+            "--max-batch",
+            "32",
+            "--max-queued-items",
+            "100",
+            "--policy",
+            "fifo",
+            "--max-delay-ms",
+            "20",
+            "--default-priority",
+            "3",
+            "--guaranteed-share",
+            "0.5",
+            "--lower-level-share",
+            "0.2",
+            "--client-queue-share",
+            "0.3",
+            "--auto-headroom",
+            "0.75",
+            "--step-graphs",
+            "on",
+        ]
+    )
     assert config.engine() == EngineConfig(
         scheduler=SchedulerConfig(
             max_batch=32,

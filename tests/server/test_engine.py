@@ -196,16 +196,39 @@ def test_the_servers_scheduling_settings_reach_every_models_scheduler(shipped, c
     from server.app import Server
     from server.config import parse_config
 
-    config = parse_config(["--checkpoints", str(shipped), "--port", "0", "--metrics-port", "0",
-                           "--guaranteed-share", "0.5", "--auto-headroom", "0.75", "--lower-level-share", "0.2",
-                           "--client-queue-share", "0.3", "--grace-seconds", "1"])  # fmt: skip
+    config = parse_config(
+        [
+            "--checkpoints",
+            str(shipped),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--guaranteed-share",
+            "0.5",
+            "--auto-headroom",
+            "0.75",
+            "--lower-level-share",
+            "0.2",
+            "--client-queue-share",
+            "0.3",
+            "--grace-seconds",
+            "1",
+        ]
+    )
 
     async def settings() -> list[tuple[float, ...]]:
         server = Server(config)
         try:
-            return [(w.scheduler.config.guaranteed_share, w.scheduler.config.auto_headroom,
-                     w.scheduler.config.lower_level_share, w.scheduler.config.client_queue_share)
-                    for w in server.engine.workers.values()]  # fmt: skip
+            return [
+                (
+                    w.scheduler.config.guaranteed_share,
+                    w.scheduler.config.auto_headroom,
+                    w.scheduler.config.lower_level_share,
+                    w.scheduler.config.client_queue_share,
+                )
+                for w in server.engine.workers.values()
+            ]
         finally:
             await server.stop()
 

@@ -19,8 +19,11 @@ IMAGE = np.zeros((1, 28, 28), dtype=np.uint8)
 
 
 def tensor(array: np.ndarray, dtype: str | None = None, shape=None, data: bytes | None = None) -> pb.Tensor:
-    return pb.Tensor(dtype=dtype or str(array.dtype), shape=list(array.shape if shape is None else shape),
-                     data=array.tobytes() if data is None else data)  # fmt: skip
+    return pb.Tensor(
+        dtype=dtype or str(array.dtype),
+        shape=list(array.shape if shape is None else shape),
+        data=array.tobytes() if data is None else data,
+    )
 
 
 def classify(images=IMAGE, model=CLASSIFIER, version="", **accuracy) -> tuple[str, pb.ClassifyRequest]:

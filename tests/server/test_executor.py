@@ -52,8 +52,10 @@ def _run(executor: Executor, plan: Plan, until: set[int] | None = None, steps: i
 
 def test_a_parked_row_resumes_bit_identically_among_other_rows():
     tolerances = (1e-3, 1e-6, 1e-9)
-    works = [Work(Kind.CLASSIFY, torch.tensor([0.5, -1.2, 2.0]) * (i + 1), tol, tol, "dopri5", 100_000)
-             for i, tol in enumerate(tolerances)]  # fmt: skip
+    works = [
+        Work(Kind.CLASSIFY, torch.tensor([0.5, -1.2, 2.0]) * (i + 1), tol, tol, "dopri5", 100_000)
+        for i, tol in enumerate(tolerances)
+    ]
     plain = Executor(ElementwiseAdapter(), torch.device("cpu"))
     items = _items(works)
     finished = _run(plain, Plan(join=items), until={i.id for i in items})
@@ -75,8 +77,10 @@ def test_step_graphs_give_every_item_the_same_solve_through_joins_parks_and_leav
     """The GPU engine's path (masked steps per padded batch size), run eagerly: items joining
     and leaving between steps, one parked and resumed, each ends as under the plain executor."""
     tolerances = (1e-2, 1e-4, 1e-6, 1e-8, 1e-3)
-    works = [Work(Kind.CLASSIFY, torch.tensor([0.5, -1.2, 2.0]) * (i + 1), tol, tol, "dopri5", 100_000)
-             for i, tol in enumerate(tolerances)]  # fmt: skip
+    works = [
+        Work(Kind.CLASSIFY, torch.tensor([0.5, -1.2, 2.0]) * (i + 1), tol, tol, "dopri5", 100_000)
+        for i, tol in enumerate(tolerances)
+    ]
     runs = []
     for step_graphs in (False, True):
         executor = Executor(ElementwiseAdapter(), torch.device("cpu"), step_graphs=step_graphs)
@@ -123,8 +127,12 @@ def test_dropping_discards_running_and_parked_rows():
 def test_an_item_whose_start_already_ends_it_leaves_at_once():
     """max_nfe too small to start: the item ends at its start, with NaN outputs."""
     executor = Executor(ElementwiseAdapter(), torch.device("cpu"))
-    starved, fine = _items([Work(Kind.CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 1),
-                            Work(Kind.CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 10_000)])  # fmt: skip
+    starved, fine = _items(
+        [
+            Work(Kind.CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 1),
+            Work(Kind.CLASSIFY, torch.ones(3), 1e-3, 1e-3, "dopri5", 10_000),
+        ]
+    )
     outputs = executor.step(Plan(join=[starved, fine]))
     assert starved.id in outputs.finished and outputs.finished[starved.id].status is Status.MAX_NFE
     assert torch.isnan(outputs.finished[starved.id].outputs["y"]).all()
@@ -144,8 +152,9 @@ def test_a_hutchinson_cnf_is_solved_with_its_own_error_norm():
         items = _items([Work(Kind.LOG_DENSITY, row, 1e-5, 1e-5, "dopri5", 10_000) for row in rows])
         results = _run(executor, Plan(join=items), until={i.id for i in items})
     assert [results[i.id].nfe for i in items] == solution.nfe.tolist()
-    torch.testing.assert_close(torch.stack([results[i.id].outputs["log_density"] for i in items]), expected,
-                               rtol=0, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.stack([results[i.id].outputs["log_density"] for i in items]), expected, rtol=0, atol=1e-5
+    )
 
 
 def test_a_model_with_a_first_step_is_served_as_it_solves_in_process(shipped):
@@ -163,8 +172,9 @@ def test_a_model_with_a_first_step_is_served_as_it_solves_in_process(shipped):
     results = _run(executor, Plan(join=items), until={i.id for i in items})
     for item, (logits, solution) in zip(items, solutions):
         assert results[item.id].nfe == int(solution.nfe[0])
-        torch.testing.assert_close(results[item.id].outputs["probabilities"], torch.softmax(logits[0], 0),
-                                   rtol=0, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            results[item.id].outputs["probabilities"], torch.softmax(logits[0], 0), rtol=0, atol=1e-6
+        )
     assert results[items[0].id].nfe == 7  # one step over the whole span at tol 0.1
     assert step_cost("dopri5", first_step_of(adapter, "dopri5")).start == 1
     assert step_cost("dopri5").start == 2 and first_step_of(adapter, "rk4") is None

@@ -43,8 +43,12 @@ def _as(token: str) -> list[tuple[str, str]]:
 
 
 def _classify(images: np.ndarray, tol: float, priority: int = 0) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(model=CLASSIFIER, images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
-                              accuracy=pb.Accuracy(tol=tol), scheduling=pb.Scheduling(priority=priority))  # fmt: skip
+    return pb.ClassifyRequest(
+        model=CLASSIFIER,
+        images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
+        accuracy=pb.Accuracy(tol=tol),
+        scheduling=pb.Scheduling(priority=priority),
+    )
 
 
 def _wait_until_running(metrics_url: str, at_least: int, calls, timeout: float = 60.0) -> None:
@@ -108,8 +112,10 @@ def test_one_client_cannot_fill_the_queue_for_another(shared, stub, digits):
     """The issue's case: one client's 4 x 1,024 + 256 items at tol 1e-8 filled
     max_queued_items (4,096), and a 1-image client got RESOURCE_EXHAUSTED on 31 of 43 calls."""
     _wait_until_idle(shared.metrics_url)
-    hog = [stub.Classify.future(_classify(images, 1e-8), timeout=600, metadata=_as("hog"))
-           for images in (digits, digits, digits, digits, digits[:256])]  # fmt: skip
+    hog = [
+        stub.Classify.future(_classify(images, 1e-8), timeout=600, metadata=_as("hog"))
+        for images in (digits, digits, digits, digits, digits[:256])
+    ]
     try:
         end = time.monotonic() + 60
         while metric(shared.metrics_url, "odeserve_queued_items", model=CLASSIFIER) < 768:
@@ -144,8 +150,10 @@ def test_token_grants_come_from_both_sources_and_a_bad_one_stops_the_server(dens
     for bad in ("s3cret priority=3", "s3cret priority=0", "s3cret prio=1", "s3cret other-secret"):
         with pytest.raises(ValueError) as raised:
             read_tokens(ServerConfig(tokens=bad))
-        assert str(raised.value) == "tokens entry 1: a token may only be followed by 'priority=N', N in 1 .. 2 " \
-                                    "(default_priority)"  # fmt: skip
+        assert (
+            str(raised.value) == "tokens entry 1: a token may only be followed by 'priority=N', N in 1 .. 2 "
+            "(default_priority)"
+        )
     file.write_text("ops-secret priority=1\ns3cret priority=high\n")
     with pytest.raises(RuntimeError) as raised:
         start_server(density_only, tmp_path, "--token-file", str(file))

@@ -201,9 +201,12 @@ def test_malformed_model_cards_are_skipped_and_named_and_the_others_serve(shippe
         assert running.stop() == 0
     log = running.log.read_text()
     assert "Traceback" not in log, log[-3000:]
-    for name, field in [("tol-abc", "card.training.tol"), ("table-tol-x", "card.metrics.table[0].tol"),
-                        ("training-list", "card.training must be an object"),
-                        ("channels-2048", "weights do not match the model card")]:  # fmt: skip
+    for name, field in [
+        ("tol-abc", "card.training.tol"),
+        ("table-tol-x", "card.metrics.table[0].tol"),
+        ("training-list", "card.training must be an object"),
+        ("channels-2048", "weights do not match the model card"),
+    ]:
         assert f"not serving {name}.pt: " in log and field in log, name
 
 
@@ -259,8 +262,13 @@ def test_sighup_reloads_without_downtime(shipped, tmp_path):
             thread.start()
             while metric(running.metrics_url, "odeserve_running_items", model="digits") == 0:
                 time.sleep(0.02)
-            load = Load(running.target, clients=4, timeout_s=60, retries=0,
-                        call=lambda c, i: c.classify(images[i:i + 1], model="digits", tol=1e-1))  # fmt: skip
+            load = Load(
+                running.target,
+                clients=4,
+                timeout_s=60,
+                retries=0,
+                call=lambda c, i: c.classify(images[i : i + 1], model="digits", tol=1e-1),
+            )
             shutil.copy(tmp_path / "retrained.pt", folder / "digits.tmp")
             (folder / "digits.tmp").replace(served)  # atomically, as a deployment would
             running.process.send_signal(signal.SIGHUP)
@@ -279,9 +287,11 @@ def test_sighup_reloads_without_downtime(shipped, tmp_path):
     assert after.model_version != old_version
     with torch.no_grad():
         expected = {}
-        for name, path, batch, tol in [("before", shipped / f"{CLASSIFIER}.pt", images, 1e-3),
-                                       ("after", tmp_path / "retrained.pt", images, 1e-3),
-                                       ("slow", shipped / f"{CLASSIFIER}.pt", slow_images[:8], 1e-7)]:  # fmt: skip
+        for name, path, batch, tol in [
+            ("before", shipped / f"{CLASSIFIER}.pt", images, 1e-3),
+            ("after", tmp_path / "retrained.pt", images, 1e-3),
+            ("slow", shipped / f"{CLASSIFIER}.pt", slow_images[:8], 1e-7),
+        ]:
             logits, _ = load_checkpoint(path).model(torch.from_numpy(batch[:, None]).float() / 255, rtol=tol, atol=tol)
             expected[name] = torch.softmax(logits, 1).numpy()
     np.testing.assert_allclose(before.probabilities, expected["before"], atol=2e-3)

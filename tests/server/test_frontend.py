@@ -28,8 +28,11 @@ IMAGE = np.zeros((1, 28, 28), dtype=np.uint8)
 
 
 def _classify(images=IMAGE, model=CLASSIFIER, **accuracy) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(model=model, images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
-                              accuracy=pb.Accuracy(**accuracy))  # fmt: skip
+    return pb.ClassifyRequest(
+        model=model,
+        images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
+        accuracy=pb.Accuracy(**accuracy),
+    )
 
 
 def _timed(call):
@@ -64,8 +67,9 @@ def test_300_half_open_calls_lock_nobody_out_and_are_ended(quick_timeout):
         yield from ()
 
     half_open_channel = _own_connection(quick_timeout.target)
-    call = half_open_channel.stream_unary("/odeserve.v1.Inference/Classify", request_serializer=bytes,
-                                          response_deserializer=bytes)  # fmt: skip
+    call = half_open_channel.stream_unary(
+        "/odeserve.v1.Inference/Classify", request_serializer=bytes, response_deserializer=bytes
+    )
     pending = [call.future(never_sends(), timeout=60) for _ in range(300)]
     try:
         time.sleep(1.0)  # 256 are open on the server, the most one connection may have; the rest are refused
@@ -138,7 +142,9 @@ def test_metadata_lets_a_client_build_its_requests(server):
     images = {t.name: t for t in classify.inputs}["images"]
     assert list(images.dtypes) == ["uint8", "float32"] and list(images.shape) == [-1, 28, 28]
     assert [(t.name, list(t.dtypes), list(t.shape)) for t in classify.outputs] == [
-        ("probabilities", ["float32"], [-1, 10]), ("labels", ["int32"], [-1])]  # fmt: skip
+        ("probabilities", ["float32"], [-1, 10]),
+        ("labels", ["int32"], [-1]),
+    ]
     assert {s.rpc for s in density.signatures} == {"Sample", "LogDensity"}
     assert info.limits.max_items_per_request == 1024 and list(info.limits.methods) == [
         "adaptive_heun",

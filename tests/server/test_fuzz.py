@@ -34,8 +34,18 @@ DELIBERATE = {
 @pytest.fixture(scope="module")
 def fuzz_server(shipped, tmp_path_factory):
     """Small limits so that any request the fuzzer invents stays cheap."""
-    running = start_server(shipped, tmp_path_factory.mktemp("fuzz"), "--max-items-per-request", str(MAX_ITEMS),
-                           "--max-nfe", "200", "--min-tol", "1e-6", "--max-message-bytes", "65536")  # fmt: skip
+    running = start_server(
+        shipped,
+        tmp_path_factory.mktemp("fuzz"),
+        "--max-items-per-request",
+        str(MAX_ITEMS),
+        "--max-nfe",
+        "200",
+        "--min-tol",
+        "1e-6",
+        "--max-message-bytes",
+        "65536",
+    )
     channel = grpc.insecure_channel(running.target)
     yield running, pb_grpc.InferenceStub(channel), health_pb2_grpc.HealthStub(channel)
     channel.close()
@@ -163,8 +173,14 @@ def test_after_fuzzing_the_server_is_healthy_and_answers(fuzz_server):
     running, stub, health = fuzz_server
     assert running.process.poll() is None
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
-    reply = stub.LogDensity(pb.LogDensityRequest(model=DENSITIES[0], points=pb.Tensor(dtype="float32", shape=[1, 2], data=bytes(8)),
-                                                 accuracy=pb.Accuracy(tol=1e-3)), timeout=10)  # fmt: skip
+    reply = stub.LogDensity(
+        pb.LogDensityRequest(
+            model=DENSITIES[0],
+            points=pb.Tensor(dtype="float32", shape=[1, 2], data=bytes(8)),
+            accuracy=pb.Accuracy(tol=1e-3),
+        ),
+        timeout=10,
+    )
     assert list(reply.items.status) == [pb.SOLVE_STATUS_SUCCESS]
     assert "Traceback" not in running.log.read_text()
     for rpc in ("Classify", "Sample", "LogDensity", "GetModel"):  # the fuzzer reached both sides

@@ -62,16 +62,37 @@ def test_card_nfe_is_interpolated_as_a_power_law_in_the_tolerance():
     from neuralode.card import ModelCard
     from server.models import ServedModel
 
-    card = ModelCard.from_dict({"kind": "odenet", "hyper": {"method": "dopri5"}, "metrics": {"table": [
-        {"tol": 1.0, "nfe_mean": 10.0}, {"tol": 1e-4, "nfe_mean": 40.0}, {"tol": 1e-2, "nfe_mean": 20.0}]}})  # fmt: skip
+    card = ModelCard.from_dict(
+        {
+            "kind": "odenet",
+            "hyper": {"method": "dopri5"},
+            "metrics": {
+                "table": [
+                    {"tol": 1.0, "nfe_mean": 10.0},
+                    {"tol": 1e-4, "nfe_mean": 40.0},
+                    {"tol": 1e-2, "nfe_mean": 20.0},
+                ]
+            },
+        }
+    )
     model = ServedModel("m", "v", "odenet", "classify", card, adapter=None, default_tol=1e-3, device="cpu")
     assert model.expected_nfe("dopri5", 1e-2) == pytest.approx(20.0)
     assert model.expected_nfe("dopri5", 1e-3) == pytest.approx(800**0.5)  # geometric mean of 40 and 20
     assert model.expected_nfe("dopri5", 1e-6) == pytest.approx(80.0)  # the tightest segment, continued
     assert model.expected_nfe("dopri5", 10.0) == pytest.approx(10.0)  # never below the loosest
     assert model.expected_nfe("rk4", 1e-2) is None
-    one_row = ServedModel("m", "v", "cnf", "density", ModelCard.from_dict({"kind": "cnf", "hyper": {"method": "dopri5"}, "metrics": {"table": [{"tol": 1e-3, "nfe_mean": 21.0}]}}),
-                          adapter=None, default_tol=1e-3, device="cpu")  # fmt: skip
+    one_row = ServedModel(
+        "m",
+        "v",
+        "cnf",
+        "density",
+        ModelCard.from_dict(
+            {"kind": "cnf", "hyper": {"method": "dopri5"}, "metrics": {"table": [{"tol": 1e-3, "nfe_mean": 21.0}]}}
+        ),
+        adapter=None,
+        default_tol=1e-3,
+        device="cpu",
+    )
     assert one_row.expected_nfe("dopri5", 1e-5) == 21.0
     bare = ModelCard(kind="cnf", hyper={"method": "dopri5"})
     no_table = ServedModel("m", "v", "cnf", "density", bare, adapter=None, default_tol=1e-3, device="cpu")
@@ -84,8 +105,10 @@ def test_batch_gauges_follow_the_running_batch_and_empty_when_idle(server, clien
 
     def batch_gauges() -> tuple[float, float]:
         metrics = scrape(server.metrics_url)
-        return (value(metrics, "odeserve_running_batch_size", model=CLASSIFIER),
-                value(metrics, "odeserve_batch_occupancy_ratio", model=CLASSIFIER))  # fmt: skip
+        return (
+            value(metrics, "odeserve_running_batch_size", model=CLASSIFIER),
+            value(metrics, "odeserve_batch_occupancy_ratio", model=CLASSIFIER),
+        )
 
     images = np.random.default_rng(0).integers(0, 256, (32, 28, 28), dtype=np.uint8)  # noise: many steps
     busy = threading.Thread(target=client.classify, args=(images,), kwargs=dict(model=CLASSIFIER, tol=1e-6))

@@ -35,10 +35,16 @@ class TinyODEClassifier(nn.Module):
         self.width, self.first_step = width, first_step
 
     def signatures(self) -> tuple[Signature, ...]:
-        return (Signature("classify", (TensorSpec("images", ("uint8", "float32"), (-1, 28, 28), "MNIST digits"),), (
-            TensorSpec("probabilities", ("float32",), (-1, 10), "class probabilities"),
-            TensorSpec("labels", ("int32",), (-1,), "the most probable class"),
-        )),)  # fmt: skip
+        return (
+            Signature(
+                "classify",
+                (TensorSpec("images", ("uint8", "float32"), (-1, 28, 28), "MNIST digits"),),
+                (
+                    TensorSpec("probabilities", ("float32",), (-1, 10), "class probabilities"),
+                    TensorSpec("labels", ("int32",), (-1,), "the most probable class"),
+                ),
+            ),
+        )
 
     def initial_rows(self, operation: str, inputs: Mapping[str, Any], generator: torch.Generator) -> Tensor:
         return inputs["images"].flatten(1)
@@ -63,8 +69,17 @@ class TinyODEClassifier(nn.Module):
 
 
 def register_kind() -> None:
-    register(ModelSpec(KIND, CLASSIFY, TinyODEClassifier, has_ode=True, adjoint=True, hyper={"width": 8},
-                       description="a tiny ODE classifier (tests)"))  # fmt: skip
+    register(
+        ModelSpec(
+            KIND,
+            CLASSIFY,
+            TinyODEClassifier,
+            has_ode=True,
+            adjoint=True,
+            hyper={"width": 8},
+            description="a tiny ODE classifier (tests)",
+        )
+    )
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,13 @@ def infer(
         if raw:
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
         else:
-            field = {"UINT8": "uint_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "UINT32": "uint_contents",
-                     "UINT64": "uint64_contents"}[datatype]  # fmt: skip
+            field = {
+                "UINT8": "uint_contents",
+                "FP32": "fp32_contents",
+                "FP64": "fp64_contents",
+                "UINT32": "uint_contents",
+                "UINT64": "uint64_contents",
+            }[datatype]
             getattr(tensor.contents, field).extend(array.ravel().tolist())
     for name in outputs:
         request.outputs.add(name=name)
@@ -72,16 +77,23 @@ def huge_empty(model: str, name: str, datatype: str = "UINT8") -> oip.ModelInfer
 
 def as_arrays(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
     dtypes = {"FP32": "<f4", "INT32": "<i4", "UINT32": "<u4"}
-    return {o.name: np.frombuffer(raw, dtypes[o.datatype]).reshape(o.shape)
-            for o, raw in zip(response.outputs, response.raw_output_contents)}  # fmt: skip
+    return {
+        o.name: np.frombuffer(raw, dtypes[o.datatype]).reshape(o.shape)
+        for o, raw in zip(response.outputs, response.raw_output_contents)
+    }
 
 
 def test_both_protocols_give_the_same_answers_on_the_same_inputs(stubs, images):
     v1, open_inference = stubs
     for raw in (True, False):
-        mine = v1.Classify(pb.ClassifyRequest(model=CLASSIFIER, accuracy=pb.Accuracy(tol=1e-3),
-                                              images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes())),
-                           timeout=60)  # fmt: skip
+        mine = v1.Classify(
+            pb.ClassifyRequest(
+                model=CLASSIFIER,
+                accuracy=pb.Accuracy(tol=1e-3),
+                images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
+            ),
+            timeout=60,
+        )
         theirs = open_inference.ModelInfer(
             infer(CLASSIFIER, {"images": ("UINT8", images)}, raw=raw, tol=1e-3), timeout=60
         )
@@ -94,31 +106,77 @@ def test_both_protocols_give_the_same_answers_on_the_same_inputs(stubs, images):
         assert theirs.id == "request-7" and theirs.model_version == mine.model_version
         assert theirs.parameters["rtol"].double_param == 1e-3 and theirs.parameters["method"].string_param == "dopri5"
     points = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
-    mine = v1.LogDensity(pb.LogDensityRequest(model=DENSITY, accuracy=pb.Accuracy(tol=1e-4),
-                                              points=pb.Tensor(dtype="float32", shape=[6, 2], data=points.tobytes())), timeout=60)  # fmt: skip
+    mine = v1.LogDensity(
+        pb.LogDensityRequest(
+            model=DENSITY,
+            accuracy=pb.Accuracy(tol=1e-4),
+            points=pb.Tensor(dtype="float32", shape=[6, 2], data=points.tobytes()),
+        ),
+        timeout=60,
+    )
     theirs = as_arrays(open_inference.ModelInfer(infer(DENSITY, {"points": ("FP32", points)}, tol="1e-4"), timeout=60))
     np.testing.assert_array_equal(theirs["log_density"], np.frombuffer(mine.log_density.data, "<f4"))
     drawn = v1.Sample(pb.SampleRequest(model=DENSITY, n=5, seed=3, accuracy=pb.Accuracy(tol=1e-4)), timeout=60)
-    sampled = as_arrays(open_inference.ModelInfer(infer(DENSITY, {"n": ("UINT32", np.array([5], np.uint32)),
-                                                                  "seed": ("UINT64", np.array([3], np.uint64))}, tol=1e-4), timeout=60))  # fmt: skip
+    sampled = as_arrays(
+        open_inference.ModelInfer(
+            infer(
+                DENSITY,
+                {"n": ("UINT32", np.array([5], np.uint32)), "seed": ("UINT64", np.array([3], np.uint64))},
+                tol=1e-4,
+            ),
+            timeout=60,
+        )
+    )
     np.testing.assert_array_equal(sampled["points"], np.frombuffer(drawn.points.data, "<f4").reshape(5, 2))
 
 
 ERRORS = [  # (v1 request, OIP request): the same problem in each protocol's terms
     ("unknown model", ("Classify", pb.ClassifyRequest(model="nope")), infer("nope", {})),
-    ("negative tol", ("Classify", pb.ClassifyRequest(model=CLASSIFIER, accuracy=pb.Accuracy(tol=-1.0),
-                                                     images=pb.Tensor(dtype="uint8", shape=[1, 28, 28], data=bytes(784)))),
-     infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=-1.0)),
-    ("wrong image shape", ("Classify", pb.ClassifyRequest(model=CLASSIFIER, images=pb.Tensor(dtype="uint8", shape=[2, 27, 28],
-                                                                                             data=bytes(2 * 27 * 28)))),
-     infer(CLASSIFIER, {"images": ("UINT8", np.zeros((2, 27, 28), np.uint8))})),
-    ("points beyond float32", ("LogDensity", pb.LogDensityRequest(model=DENSITY, points=pb.Tensor(
-        dtype="float64", shape=[1, 2], data=np.array([[1e300, 0.0]]).tobytes()))),
-     infer(DENSITY, {"points": ("FP64", np.array([[1e300, 0.0]]))})),
-    ("priority out of range", ("Classify", pb.ClassifyRequest(model=CLASSIFIER, scheduling=pb.Scheduling(priority=7),
-                                                              images=pb.Tensor(dtype="uint8", shape=[1, 28, 28], data=bytes(784)))),
-     infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, priority=7)),
-]  # fmt: skip
+    (
+        "negative tol",
+        (
+            "Classify",
+            pb.ClassifyRequest(
+                model=CLASSIFIER,
+                accuracy=pb.Accuracy(tol=-1.0),
+                images=pb.Tensor(dtype="uint8", shape=[1, 28, 28], data=bytes(784)),
+            ),
+        ),
+        infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=-1.0),
+    ),
+    (
+        "wrong image shape",
+        (
+            "Classify",
+            pb.ClassifyRequest(
+                model=CLASSIFIER, images=pb.Tensor(dtype="uint8", shape=[2, 27, 28], data=bytes(2 * 27 * 28))
+            ),
+        ),
+        infer(CLASSIFIER, {"images": ("UINT8", np.zeros((2, 27, 28), np.uint8))}),
+    ),
+    (
+        "points beyond float32",
+        (
+            "LogDensity",
+            pb.LogDensityRequest(
+                model=DENSITY, points=pb.Tensor(dtype="float64", shape=[1, 2], data=np.array([[1e300, 0.0]]).tobytes())
+            ),
+        ),
+        infer(DENSITY, {"points": ("FP64", np.array([[1e300, 0.0]]))}),
+    ),
+    (
+        "priority out of range",
+        (
+            "Classify",
+            pb.ClassifyRequest(
+                model=CLASSIFIER,
+                scheduling=pb.Scheduling(priority=7),
+                images=pb.Tensor(dtype="uint8", shape=[1, 28, 28], data=bytes(784)),
+            ),
+        ),
+        infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, priority=7),
+    ),
+]
 
 
 @pytest.mark.parametrize("name, v1_call, oip_request", ERRORS, ids=[e[0] for e in ERRORS])
@@ -137,30 +195,73 @@ def test_errors_are_the_same_codes_and_messages_in_both_protocols(stubs, name, v
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        (infer(CLASSIFIER, {"pixels": ("UINT8", np.zeros((1, 28, 28), np.uint8))}),
-         "inputs: model 'odenet-mnist' has no input 'pixels' here (for classify: images)"),
-        (infer(DENSITY, {"n": ("FP32", np.array([2.0], np.float32))}), "inputs[0] ('n'): n must be one integer (shape [1]), got FP32 [1]"),
-        (infer(CLASSIFIER, {"images": ("FP16", np.zeros((1, 28, 28), np.float16))}), "inputs[0] ('images').datatype must be one of"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, outputs=["logits"]),
-         "outputs: model 'odenet-mnist' has no output 'logits' (outputs: probabilities, labels, nfe, status)"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol="tight"), "parameters.tol must be a number, got 'tight'"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=-1.0), "parameters.tol must be > 0"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=1e-3, rtol=1e-3),
-         "parameters: give tol, or rtol and atol, not both"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, method="rk45"), "parameters.method must be one of"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol="auto", method="tsit5"),
-         'parameters.tol "auto" needs the method the model card was measured with (dopri5)'),
+        (
+            infer(CLASSIFIER, {"pixels": ("UINT8", np.zeros((1, 28, 28), np.uint8))}),
+            "inputs: model 'odenet-mnist' has no input 'pixels' here (for classify: images)",
+        ),
+        (
+            infer(DENSITY, {"n": ("FP32", np.array([2.0], np.float32))}),
+            "inputs[0] ('n'): n must be one integer (shape [1]), got FP32 [1]",
+        ),
+        (
+            infer(CLASSIFIER, {"images": ("FP16", np.zeros((1, 28, 28), np.float16))}),
+            "inputs[0] ('images').datatype must be one of",
+        ),
+        (
+            infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, outputs=["logits"]),
+            "outputs: model 'odenet-mnist' has no output 'logits' (outputs: probabilities, labels, nfe, status)",
+        ),
+        (
+            infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol="tight"),
+            "parameters.tol must be a number, got 'tight'",
+        ),
+        (
+            infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=-1.0),
+            "parameters.tol must be > 0",
+        ),
+        (
+            infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol=1e-3, rtol=1e-3),
+            "parameters: give tol, or rtol and atol, not both",
+        ),
+        (
+            infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, method="rk45"),
+            "parameters.method must be one of",
+        ),
+        (
+            infer(CLASSIFIER, {"images": ("UINT8", np.zeros((1, 28, 28), np.uint8))}, tol="auto", method="tsit5"),
+            'parameters.tol "auto" needs the method the model card was measured with (dopri5)',
+        ),
         (huge_empty(CLASSIFIER, "images"), f"inputs[0] ('images').shape [{2**62}, {2**62}, 0] is too large"),
         (huge_empty(DENSITY, "points", "FP32"), f"inputs[0] ('points').shape [{2**62}, {2**62}, 0] is too large"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.full((1, 28, 28), 300))}, raw=False),
-         "inputs[0] ('images'): contents.uint_contents[0] is 300, outside UINT8's range 0 .. 255"),
-        (infer(CLASSIFIER, {"images": ("UINT8", np.where(np.arange(784).reshape(1, 28, 28) == 5, 2**32 - 1, 0))}, raw=False),
-         "inputs[0] ('images'): contents.uint_contents[5] is 4294967295, outside UINT8's range 0 .. 255"),
+        (
+            infer(CLASSIFIER, {"images": ("UINT8", np.full((1, 28, 28), 300))}, raw=False),
+            "inputs[0] ('images'): contents.uint_contents[0] is 300, outside UINT8's range 0 .. 255",
+        ),
+        (
+            infer(
+                CLASSIFIER,
+                {"images": ("UINT8", np.where(np.arange(784).reshape(1, 28, 28) == 5, 2**32 - 1, 0))},
+                raw=False,
+            ),
+            "inputs[0] ('images'): contents.uint_contents[5] is 4294967295, outside UINT8's range 0 .. 255",
+        ),
     ],
-    ids=["unknown input", "fractional n", "unsupported datatype", "unknown output", "non-numeric tol", "negative tol",
-         "tol and rtol", "unknown method", "auto with another method", "huge empty images",
-         "huge empty points", "uint8 of 300", "uint8 of 2**32-1"],
-)  # fmt: skip
+    ids=[
+        "unknown input",
+        "fractional n",
+        "unsupported datatype",
+        "unknown output",
+        "non-numeric tol",
+        "negative tol",
+        "tol and rtol",
+        "unknown method",
+        "auto with another method",
+        "huge empty images",
+        "huge empty points",
+        "uint8 of 300",
+        "uint8 of 2**32-1",
+    ],
+)
 def test_open_inference_requests_are_checked_field_by_field(stubs, request_, message):
     with pytest.raises(grpc.RpcError) as raised:
         stubs[1].ModelInfer(request_, timeout=30)
@@ -189,7 +290,10 @@ def test_metadata_health_and_repository(stubs):
     assert not open_inference.ModelReady(oip.ModelReadyRequest(name="nope"), timeout=10).ready
     metadata = open_inference.ModelMetadata(oip.ModelMetadataRequest(name=DENSITY), timeout=10)
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
-        ("n", "UINT32", [1]), ("seed", "UINT64", [1]), ("points", "FP32", [-1, 2])]  # fmt: skip
+        ("n", "UINT32", [1]),
+        ("seed", "UINT64", [1]),
+        ("points", "FP32", [-1, 2]),
+    ]
     assert {t.name for t in metadata.outputs} == {"points", "log_density", "nfe", "status"}
     assert "inputs n (and seed)" in metadata.properties["sample"]
     index = open_inference.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)
@@ -202,8 +306,12 @@ def _venv(tmp_path_factory, name: str, requirement: str) -> Path:
     folder = tmp_path_factory.mktemp(name) / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
     started = time.monotonic()
-    install = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
-                             capture_output=True, text=True, timeout=900)  # fmt: skip
+    install = subprocess.run(
+        [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     print(f"{requirement} installed in {time.monotonic() - started:.0f} s")
     return folder
@@ -221,8 +329,13 @@ def kserve_venv(tmp_path_factory) -> Path:
 
 def _report(venv: Path, script: str, server, mnist_dir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    run = subprocess.run([str(venv / "bin" / "python"), "-I", str(HERE / script), server.target,
-                          str(mnist_dir / "MNIST" / "raw")], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-I", str(HERE / script), server.target, str(mnist_dir / "MNIST" / "raw")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.splitlines()[-1])
 
@@ -259,8 +372,13 @@ def test_the_documented_tritonclient_example_runs(tritonclient_venv, server, mni
     )
     (tmp_path / "example.py").write_text(script)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    run = subprocess.run([str(tritonclient_venv / "bin" / "python"), "-I", str(tmp_path / "example.py")], capture_output=True,
-                         text=True, timeout=300, env=env)  # fmt: skip
+    run = subprocess.run(
+        [str(tritonclient_venv / "bin" / "python"), "-I", str(tmp_path / "example.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     labels, rtol = run.stdout.strip().rsplit(" ", 1)
     assert labels == "[7, 2, 1, 0, 4, 1, 4, 9, 5, 9]" and float(rtol) == 1e-2
@@ -285,8 +403,11 @@ def test_tokens_guard_inference_but_not_the_probes(density_only, tmp_path):
             with pytest.raises(grpc.RpcError) as raised:
                 stub.ModelInfer(infer(DENSITY, {"points": ("FP32", points)}), timeout=30)
             assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
-            response = stub.ModelInfer(infer(DENSITY, {"points": ("FP32", points)}), timeout=30,
-                                       metadata=[("authorization", "Bearer oip-secret")])  # fmt: skip
+            response = stub.ModelInfer(
+                infer(DENSITY, {"points": ("FP32", points)}),
+                timeout=30,
+                metadata=[("authorization", "Bearer oip-secret")],
+            )
             assert as_arrays(response)["status"].tolist() == [1, 1]
         assert metric(running.metrics_url, "odeserve_requests_total", rpc="ModelInfer", code="UNAUTHENTICATED") == 1
     finally:
@@ -308,8 +429,9 @@ def test_repeated_outputs_are_refused_before_any_work(server, stubs, mnist_test_
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    attack = infer(CLASSIFIER, {"images": ("UINT8", mnist_test_digits[0][:1024])}, outputs=["probabilities"] * 25_000,
-                   tol=1e-1)  # fmt: skip
+    attack = infer(
+        CLASSIFIER, {"images": ("UINT8", mnist_test_digits[0][:1024])}, outputs=["probabilities"] * 25_000, tol=1e-1
+    )
     assert 1_200_000 < attack.ByteSize() < 1_300_000
 
     def refused() -> tuple[grpc.StatusCode, str, float]:
@@ -332,8 +454,10 @@ def test_repeated_outputs_are_refused_before_any_work(server, stubs, mnist_test_
             checks.append(time.monotonic() - begin)
         outcomes = [call.result() for call in calls]
     grown = _rss_bytes(server.process.pid) - rss_before
-    print(f"4 amplification calls: {max(s for *_, s in outcomes):.3f} s each at most, RSS {rss_before / 2**20:.0f} MiB "
-          f"-> {grown / 2**20:+.1f} MiB, health Check {max(checks) * 1000:.1f} ms at most")  # fmt: skip
+    print(
+        f"4 amplification calls: {max(s for *_, s in outcomes):.3f} s each at most, RSS {rss_before / 2**20:.0f} MiB "
+        f"-> {grown / 2**20:+.1f} MiB, health Check {max(checks) * 1000:.1f} ms at most"
+    )
     for code, details, seconds in outcomes:
         assert code is grpc.StatusCode.INVALID_ARGUMENT
         assert details == "outputs[1]: output 'probabilities' is asked for twice; ask for each output once"
@@ -354,10 +478,14 @@ def test_a_response_over_the_message_limit_is_refused_before_it_is_built(density
             with pytest.raises(grpc.RpcError) as raised:
                 stub.ModelInfer(infer(DENSITY, {"n": ("UINT32", n)}, tol=1e-1), timeout=60)
             assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert raised.value.details().startswith("the response would take up to 21") and raised.value.details().endswith(
-                " bytes, over the server's max_message_bytes of 16384: ask for fewer items or outputs")  # fmt: skip
-            response = stub.ModelInfer(infer(DENSITY, {"n": ("UINT32", n)}, outputs=["nfe", "status"], tol=1e-1),
-                                       timeout=60)  # fmt: skip
+            assert raised.value.details().startswith(
+                "the response would take up to 21"
+            ) and raised.value.details().endswith(
+                " bytes, over the server's max_message_bytes of 16384: ask for fewer items or outputs"
+            )
+            response = stub.ModelInfer(
+                infer(DENSITY, {"n": ("UINT32", n)}, outputs=["nfe", "status"], tol=1e-1), timeout=60
+            )
             assert [o.name for o in response.outputs] == ["nfe", "status"] and response.ByteSize() < 16384
     finally:
         assert running.stop() == 0
@@ -379,8 +507,16 @@ def test_the_response_is_charged_to_the_inflight_bytes_and_its_bound_holds(densi
     model = load_models(density_only, torch.device("cpu"))[DENSITY]
     n = 1000
     outputs = {"points": np.zeros((n, 2), np.float32), "log_density": np.zeros(n, np.float32)}
-    result = InferenceResult(model.name, model.version, outputs, np.ones(n, np.uint32), np.ones(n, np.int32), 0.0, 0.0,
-                             Solved(0.1, 0.1, "dopri5", 0, "float32"))  # fmt: skip
+    result = InferenceResult(
+        model.name,
+        model.version,
+        outputs,
+        np.ones(n, np.uint32),
+        np.ones(n, np.int32),
+        0.0,
+        0.0,
+        Solved(0.1, 0.1, "dopri5", 0, "float32"),
+    )
 
     class Service:  # the service's part the translator uses, with a canned result
         config = ServerConfig()

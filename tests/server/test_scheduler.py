@@ -326,8 +326,11 @@ def test_strict_priority_starves_lower_levels_when_asked_to():
 def test_one_client_cannot_fill_the_queue_for_the_others():
     h = Harness(max_batch=2, max_queued=100)  # client_queue_share 0.5
     h.submit([1] * 40, owner="hog")  # a first request is admitted whenever it fits
-    with pytest.raises(QueueFull, match=r"this client holds 40 queued items; 20 more would exceed its share of the "
-                                        r"queue \(50 of the 100 items other clients leave free\)"):  # fmt: skip
+    with pytest.raises(
+        QueueFull,
+        match=r"this client holds 40 queued items; 20 more would exceed its share of the "
+        r"queue \(50 of the 100 items other clients leave free\)",
+    ):
         h.submit([1] * 20, owner="hog")
     h.submit([1] * 10, owner="hog")
     other = h.submit([1] * 30, owner="other")  # the room the hog left
@@ -363,9 +366,11 @@ def test_a_request_stops_before_a_step_would_exceed_its_budget():
 
 
 # ---- load-adaptive tolerance ------------------------------------------------------------------
-CANDIDATES = [Candidate(1e-4, Cost(START, STEP, START + 40 * STEP)),
-              Candidate(1e-2, Cost(START, STEP, START + 10 * STEP)),
-              Candidate(1e-1, Cost(START, STEP, START + 3 * STEP))]  # fmt: skip
+CANDIDATES = [
+    Candidate(1e-4, Cost(START, STEP, START + 40 * STEP)),
+    Candidate(1e-2, Cost(START, STEP, START + 10 * STEP)),
+    Candidate(1e-1, Cost(START, STEP, START + 3 * STEP)),
+]
 
 
 @pytest.mark.parametrize(("headroom", "loaded_tol"), [(None, 1e-2), (1.0, 1e-4)])
@@ -450,8 +455,9 @@ def test_invalid_settings_are_refused():
 
 
 # ---- the policy registry ------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "kind"), [("fair", FairShare), ("fifo", FirstComeFirstServed),
-                                            ("static", StaticBatching)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "kind"), [("fair", FairShare), ("fifo", FirstComeFirstServed), ("static", StaticBatching)]
+)
 def test_the_registry_resolves_each_policy_by_name(name, kind):
     assert policy_class(name) is kind and POLICIES[name] is kind
     assert type(Harness(policy=name).scheduler.policy) is kind

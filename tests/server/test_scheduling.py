@@ -30,8 +30,12 @@ def stub(server):
 
 def _classify(images: np.ndarray, **accuracy) -> pb.ClassifyRequest:
     scheduling = {k: accuracy.pop(k) for k in ("priority", "max_total_nfe") if k in accuracy}
-    return pb.ClassifyRequest(model=CLASSIFIER, images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
-                              accuracy=pb.Accuracy(**accuracy), scheduling=pb.Scheduling(**scheduling))  # fmt: skip
+    return pb.ClassifyRequest(
+        model=CLASSIFIER,
+        images=pb.Tensor(dtype="uint8", shape=list(images.shape), data=images.tobytes()),
+        accuracy=pb.Accuracy(**accuracy),
+        scheduling=pb.Scheduling(**scheduling),
+    )
 
 
 def _timed(call, request, **kwargs):
@@ -73,9 +77,14 @@ def test_a_hostile_density_request_gets_only_its_share(server, stub):
     with grpc.insecure_channel(server.target) as channel:
         density = pb_grpc.InferenceStub(channel)
         points = np.random.default_rng(0).normal(scale=3.0, size=(1024, 2))
-        hostile = density.LogDensity.future(pb.LogDensityRequest(
-            model=MOONS, points=pb.Tensor(dtype="float64", shape=[1024, 2], data=points.astype("<f8").tobytes()),
-            accuracy=pb.Accuracy(tol=1e-8)), timeout=600)  # fmt: skip
+        hostile = density.LogDensity.future(
+            pb.LogDensityRequest(
+                model=MOONS,
+                points=pb.Tensor(dtype="float64", shape=[1024, 2], data=points.astype("<f8").tobytes()),
+                accuracy=pb.Accuracy(tol=1e-8),
+            ),
+            timeout=600,
+        )
         try:
             _wait_until_running(server.metrics_url, MOONS, 128, hostile)
             sample, seconds = _timed(

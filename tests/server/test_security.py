@@ -89,10 +89,16 @@ def tls_server(pki, density_only, tmp_path_factory):
     token_file = pki["folder"] / "tokens"
     token_file.write_text(f"# accepted tokens\n{TOKENS[0]}\n\n{TOKENS[1]}  # for the second team\n")
     running = start_server(
-        density_only, tmp_path_factory.mktemp("tls"),
-        "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]), "--token-file", str(token_file),
+        density_only,
+        tmp_path_factory.mktemp("tls"),
+        "--tls-cert",
+        str(pki["server_cert"]),
+        "--tls-key",
+        str(pki["server_key"]),
+        "--token-file",
+        str(token_file),
         env={"ODESERVE_TOKENS": ENV_TOKEN},
-    )  # fmt: skip
+    )
     yield running
     assert running.stop() == 0
 
@@ -100,9 +106,15 @@ def tls_server(pki, density_only, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mtls_server(pki, density_only, tmp_path_factory):
     running = start_server(
-        density_only, tmp_path_factory.mktemp("mtls"),
-        "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]), "--tls-client-ca", str(pki["ca_cert"]),
-    )  # fmt: skip
+        density_only,
+        tmp_path_factory.mktemp("mtls"),
+        "--tls-cert",
+        str(pki["server_cert"]),
+        "--tls-key",
+        str(pki["server_key"]),
+        "--tls-client-ca",
+        str(pki["ca_cert"]),
+    )
     yield running
     assert running.stop() == 0
 

@@ -121,8 +121,11 @@ def test_metrics_count_requests_and_items_by_precision(served, digits):
 def test_an_unknown_precision_is_invalid_in_both_protocols(served):
     image = np.zeros((1, 28, 28), np.uint8)
     with grpc.insecure_channel(served.target) as channel:
-        request = pb.ClassifyRequest(model=CLASSIFIER, accuracy=pb.Accuracy(precision="fp16"),
-                                     images=pb.Tensor(dtype="uint8", shape=[1, 28, 28], data=image.tobytes()))  # fmt: skip
+        request = pb.ClassifyRequest(
+            model=CLASSIFIER,
+            accuracy=pb.Accuracy(precision="fp16"),
+            images=pb.Tensor(dtype="uint8", shape=[1, 28, 28], data=image.tobytes()),
+        )
         with pytest.raises(grpc.RpcError) as v1:
             pb_grpc.InferenceStub(channel).Classify(request, timeout=30)
         infer = oip.ModelInferRequest(model_name=CLASSIFIER)
@@ -157,8 +160,10 @@ def test_rows_in_bfloat16_take_in_a_batch_the_steps_they_take_alone(shipped, dig
     images, _ = digits
     adapter = adapter_for(load_checkpoint(shipped / f"{CLASSIFIER}.pt").model)
     rows = adapter.prepare(Kind.CLASSIFY, {"images": images[:6]}, Limits(max_items=64, max_abs_input=1e6))
-    works = [Work(Kind.CLASSIFY, row, tol, tol, "dopri5", 10_000, "bfloat16")
-             for row, tol in zip(rows, (1e-1, 1e-3, 1e-1, 1e-2, 1e-3, 1e-1))]  # fmt: skip
+    works = [
+        Work(Kind.CLASSIFY, row, tol, tol, "dopri5", 10_000, "bfloat16")
+        for row, tol in zip(rows, (1e-1, 1e-3, 1e-1, 1e-2, 1e-3, 1e-1))
+    ]
 
     def solve(batch: list[Work]) -> list:
         executor = Executor(adapter, torch.device("cpu"))

@@ -18,8 +18,9 @@ DENSITY = DENSITIES[0]
 
 def run_server(*flags: str, timeout: float = 90.0) -> subprocess.CompletedProcess:
     """``python -m server`` expected to refuse to start (killed, and the test failed, if it serves)."""
-    process = subprocess.Popen([sys.executable, "-m", "server", *flags], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

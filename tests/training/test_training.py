@@ -31,9 +31,30 @@ def _run(
 def short_odenet(tmp_path_factory, mnist_dir) -> Path:
     out = tmp_path_factory.mktemp("odenet") / "odenet.pt"
     # ~1 minute on 2 cores: the conv nets need ~100 steps before the loss moves.
-    _run("odenet", "--data-dir", str(mnist_dir), "--out", str(out), "--steps", "160", "--batch-size", "32",
-         "--lr", "5e-3", "--tol", "1e-2", "--no-augment", "--train-subset", "5120", "--test-subset", "300",
-         "--device", "cpu", "--seed", "3")  # fmt: skip
+    _run(
+        "odenet",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "160",
+        "--batch-size",
+        "32",
+        "--lr",
+        "5e-3",
+        "--tol",
+        "1e-2",
+        "--no-augment",
+        "--train-subset",
+        "5120",
+        "--test-subset",
+        "300",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+    )
     return out
 
 
@@ -63,8 +84,21 @@ def test_evaluate_writes_the_table_json_and_plot_under_runs_not_beside_the_check
     for the shipped models is the folder the server serves."""
     beside = sorted(p.name for p in short_odenet.parent.iterdir())
     assert beside == ["odenet.log", "odenet.pt", "odenet.state.pt"]  # training's own: its log and last state
-    result = _run("evaluate", str(short_odenet), "--data-dir", str(mnist_dir), "--test-subset", "200",
-                  "--tols", "1e-4", "1e-2", "1", "--device", "cpu", cwd=tmp_path)  # fmt: skip
+    result = _run(
+        "evaluate",
+        str(short_odenet),
+        "--data-dir",
+        str(mnist_dir),
+        "--test-subset",
+        "200",
+        "--tols",
+        "1e-4",
+        "1e-2",
+        "1",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert "test error" in result.stdout
     out = tmp_path / "runs" / "eval"
     report = json.loads((out / "odenet-eval.json").read_text())
@@ -79,8 +113,22 @@ def test_evaluate_compares_two_checkpoints_side_by_side(short_odenet, mnist_dir,
     shipped = ROOT / "checkpoints" / "odenet-mnist.pt"
     dotted = tmp_path / "odenet-k0.1.pt"  # a name's dots are not a suffix to replace
     shutil.copy(short_odenet, dotted)
-    result = _run("evaluate", str(shipped), str(dotted), "--data-dir", str(mnist_dir), "--test-subset", "200",
-                  "--tols", "1e-2", "1", "--out", str(tmp_path), "--device", "cpu")  # fmt: skip
+    result = _run(
+        "evaluate",
+        str(shipped),
+        str(dotted),
+        "--data-dir",
+        str(mnist_dir),
+        "--test-subset",
+        "200",
+        "--tols",
+        "1e-2",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    )
     compared = json.loads((tmp_path / "odenet-mnist-vs-odenet-k0.1.json").read_text())["compared"]
     assert [report["name"] for report in compared] == ["odenet-mnist", "odenet-k0.1"]
     shipped_row, short_row = (report["rows"][0] for report in compared)
@@ -150,8 +198,21 @@ def test_tune_measures_each_tolerance_in_both_precisions_for_the_servers_auto(mn
     from training.__main__ import main
 
     source, out = ROOT / "checkpoints" / "odenet-mnist.pt", tmp_path / "odenet-precision.pt"
-    main(["tune", str(source), "--precision-table", "--out", str(out), "--device", "cpu", "--data-dir", str(mnist_dir),
-          "--test-subset", "40"])  # fmt: skip
+    main(
+        [
+            "tune",
+            str(source),
+            "--precision-table",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(mnist_dir),
+            "--test-subset",
+            "40",
+        ]
+    )
     typed = load_checkpoint(out).card
     before, after = load_checkpoint(source).card.to_dict(), typed.to_dict()
     rows = after["metrics"]["precision_table"]
@@ -165,8 +226,9 @@ def test_tune_measures_each_tolerance_in_both_precisions_for_the_servers_auto(mn
         agrees = low["test_error"] <= exact["test_error"] + 0.0005 and low["nfe_mean"] <= 1.05 * exact["nfe_mean"]
         assert low["matches_float32"] is agrees and "matches_float32" not in exact
     assert after["hyper"] == before["hyper"] and after["tuned"]["settings"] == {"precision_table": True}
-    served = ServedModel(name="x", version="v", kind="odenet", task=None, card=typed, adapter=None, default_tol=1e-3,
-                         device="cpu")  # fmt: skip
+    served = ServedModel(
+        name="x", version="v", kind="odenet", task=None, card=typed, adapter=None, default_tol=1e-3, device="cpu"
+    )
     verdicts = [low["matches_float32"] for low in rows[1::2]]
     floor = next((tol for i, tol in enumerate((1e-4, 1e-3, 1e-2, 1e-1, 1.0)) if all(verdicts[i:])), None)
     assert served.bfloat16_from_tol == floor
@@ -178,14 +240,28 @@ def test_tune_measures_a_cnfs_directions_in_both_precisions(tmp_path):
     from training.__main__ import main
 
     out = tmp_path / "moons-precision.pt"
-    main(["tune", str(ROOT / "checkpoints" / "cnf-moons.pt"), "--precision-table", "--out", str(out), "--device", "cpu",
-          "--test-subset", "300"])  # fmt: skip
+    main(
+        [
+            "tune",
+            str(ROOT / "checkpoints" / "cnf-moons.pt"),
+            "--precision-table",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--test-subset",
+            "300",
+        ]
+    )
     rows = load_checkpoint(out).card.to_dict()["metrics"]["precision_table"]
     assert [row["precision"] for row in rows] == ["float32", "bfloat16"] * 5
     for exact, low in zip(rows[::2], rows[1::2]):
         assert exact["tol"] == low["tol"] and low["forward_nfe_mean"] > 0 and exact["back_log_density_error"] >= 0
-        agrees = all(low[f"{way}_log_density_error"] <= exact[f"{way}_log_density_error"] + 0.01
-                     and low[f"{way}_nfe_mean"] <= 1.05 * exact[f"{way}_nfe_mean"] for way in ("back", "forward"))  # fmt: skip
+        agrees = all(
+            low[f"{way}_log_density_error"] <= exact[f"{way}_log_density_error"] + 0.01
+            and low[f"{way}_nfe_mean"] <= 1.05 * exact[f"{way}_nfe_mean"]
+            for way in ("back", "forward")
+        )
         assert low["matches_float32"] is agrees
     loose = rows[7]  # bfloat16 at tol 1e-1: its rounding is far below what the tolerance allows
     assert loose["tol"] == 0.1 and loose["back_log_density_error"] < 0.1
@@ -215,8 +291,20 @@ def test_evaluate_measures_under_a_first_step_and_says_so(tmp_path, monkeypatch)
 
     reads, read = [], checkpoint._read
     monkeypatch.setattr(checkpoint, "_read", lambda path: reads.append(path) or read(path))
-    main(["evaluate", str(ROOT / "checkpoints" / "cnf-8gaussians.pt"), "--first-step", "1", "--tols", "1",
-          "--out", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    main(
+        [
+            "evaluate",
+            str(ROOT / "checkpoints" / "cnf-8gaussians.pt"),
+            "--first-step",
+            "1",
+            "--tols",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     report = json.loads((tmp_path / "cnf-8gaussians-eval.json").read_text())
     assert report["first_step"] == 1.0 and report["rows"][0]["nfe_mean"] == 7.0
     assert reads == [ROOT / "checkpoints" / "cnf-8gaussians.pt"]  # the file read once, its card with it
@@ -260,10 +348,39 @@ def test_adjoint_and_backprop_give_matching_gradients_on_odenet():
 
 
 def test_data_parallel_training_matches_one_process(tmp_path, mnist_dir):
-    common = ["--data-dir", str(mnist_dir), "--steps", "2", "--train-subset", "256", "--test-subset", "50",
-              "--no-shuffle", "--no-augment", "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu", "--seed", "1"]  # fmt: skip
-    _run("--nproc_per_node", "2", "-m", "training", "odenet", "--out", str(tmp_path / "ddp.pt"), "--batch-size", "32",
-         *common, module="torch.distributed.run")  # fmt: skip
+    common = [
+        "--data-dir",
+        str(mnist_dir),
+        "--steps",
+        "2",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "50",
+        "--no-shuffle",
+        "--no-augment",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+    ]
+    _run(
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training",
+        "odenet",
+        "--out",
+        str(tmp_path / "ddp.pt"),
+        "--batch-size",
+        "32",
+        *common,
+        module="torch.distributed.run",
+    )
     _run("odenet", "--out", str(tmp_path / "single.pt"), "--batch-size", "64", *common, env={"OMP_NUM_THREADS": "1"})
     _run("odenet", "--out", str(tmp_path / "half.pt"), "--batch-size", "32", *common, env={"OMP_NUM_THREADS": "1"})
     torch.manual_seed(1)
@@ -286,8 +403,24 @@ def test_data_parallel_training_matches_one_process(tmp_path, mnist_dir):
 
 def test_cnf_maximum_likelihood_training_improves_test_likelihood(tmp_path):
     out = tmp_path / "cnf.pt"
-    _run("cnf", "--data", "8gaussians", "--steps", "30", "--batch-size", "128", "--lr", "5e-3", "--out", str(out),
-         "--hidden", "32", "32", "--device", "cpu")  # fmt: skip
+    _run(
+        "cnf",
+        "--data",
+        "8gaussians",
+        "--steps",
+        "30",
+        "--batch-size",
+        "128",
+        "--lr",
+        "5e-3",
+        "--out",
+        str(out),
+        "--hidden",
+        "32",
+        "32",
+        "--device",
+        "cpu",
+    )
     from training.densities import test_log_likelihood
 
     checkpoint = load_checkpoint(out)
@@ -315,8 +448,11 @@ def test_cnf_maximum_likelihood_training_improves_test_likelihood(tmp_path):
 def test_the_density_plot_title_names_the_model_and_what_the_plotted_solves_cost():
     from training.densities import _plot_title
 
-    card = ModelCard(kind="cnf", hyper={"dynamics": "concatsquash", "hidden": [64, 64], "trace": "exact", "method": "dopri5"},
-                     training=Training(regularisation={"kinetic": 0.0, "local_error": 0.05}))  # fmt: skip
+    card = ModelCard(
+        kind="cnf",
+        hyper={"dynamics": "concatsquash", "hidden": [64, 64], "trace": "exact", "method": "dopri5"},
+        training=Training(regularisation={"kinetic": 0.0, "local_error": 0.05}),
+    )
     title = _plot_title(card, 1e-4, {"back": 23.94, "forward": 20.4})
     assert title == (
         "CNF, concatsquash dynamics (hidden [64, 64]), exact trace, dopri5, local_error 0.05\n"
@@ -326,8 +462,29 @@ def test_the_density_plot_title_names_the_model_and_what_the_plotted_solves_cost
 
 def test_regularised_odenet_training_records_its_settings(tmp_path, mnist_dir):
     out = tmp_path / "odenet-reg.pt"
-    _run("odenet", "--data-dir", str(mnist_dir), "--out", str(out), "--steps", "3", "--batch-size", "8", "--tol", "1e-1",
-         "--train-subset", "64", "--test-subset", "16", "--kinetic", "0.01", "--jacobian", "0.02", "--device", "cpu")  # fmt: skip
+    _run(
+        "odenet",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--tol",
+        "1e-1",
+        "--train-subset",
+        "64",
+        "--test-subset",
+        "16",
+        "--kinetic",
+        "0.01",
+        "--jacobian",
+        "0.02",
+        "--device",
+        "cpu",
+    )
     training = load_checkpoint(out).card.training
     assert training.regularisation == {"kinetic": 0.01, "jacobian": 0.02}
     assert training.peak_memory_mib["host_rss"] > 100
@@ -351,16 +508,50 @@ def test_training_with_a_first_step_solves_and_ships_with_it(tmp_path, mnist_dir
     the loaded model solves with it, and the card's table is measured under it (a nearly still
     CNF crosses the span in one dopri5 step at tol 1: 7 evaluations, where Hairer's rule needs 14)."""
     cnf = tmp_path / "cnf.pt"
-    _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8", "--first-step", "1",
-         "--out", str(cnf), "--device", "cpu")  # fmt: skip
+    _run(
+        "cnf",
+        "--data",
+        "8gaussians",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "8",
+        "--first-step",
+        "1",
+        "--out",
+        str(cnf),
+        "--device",
+        "cpu",
+    )
     checkpoint = load_checkpoint(cnf)
     assert checkpoint.card.hyper["first_step"] == 1.0 and checkpoint.model.first_step == 1.0
     assert {row.tol: row.nfe_mean for row in checkpoint.card.metrics.table}[1.0] == 7.0
     _assert_written_typed(cnf, checkpoint.card)
     assert len(checkpoint.card.metrics.directions.rows) == 5 and checkpoint.card.training.objective
     odenet = tmp_path / "odenet.pt"
-    _run("odenet", "--data-dir", str(mnist_dir), "--out", str(odenet), "--steps", "2", "--batch-size", "8",
-         "--tol", "1e-1", "--train-subset", "16", "--test-subset", "8", "--first-step", "0.5", "--device", "cpu")  # fmt: skip
+    _run(
+        "odenet",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(odenet),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--tol",
+        "1e-1",
+        "--train-subset",
+        "16",
+        "--test-subset",
+        "8",
+        "--first-step",
+        "0.5",
+        "--device",
+        "cpu",
+    )
     checkpoint = load_checkpoint(odenet)
     assert checkpoint.card.hyper["first_step"] == 0.5 and checkpoint.model.block.first_step == 0.5
     _assert_written_typed(odenet, checkpoint.card)
@@ -403,17 +594,39 @@ def test_kinetic_regularisation_straightens_a_cnf():
 @pytest.mark.parametrize(
     "flags, recorded, shown, not_shown",
     [
-        (("--kinetic", "0.1", "--density-curvature", "0.01"), {"kinetic": 0.1, "density_curvature": 0.01},
-         "curvature=", "span_error="),
-        (("--local-error", "0.05", "--first-step", "1"), {"kinetic": 0.0, "local_error": 0.05},
-         "span_error=", ", kinetic="),  # no integral columns without K, J or C
+        (
+            ("--kinetic", "0.1", "--density-curvature", "0.01"),
+            {"kinetic": 0.1, "density_curvature": 0.01},
+            "curvature=",
+            "span_error=",
+        ),
+        (
+            ("--local-error", "0.05", "--first-step", "1"),
+            {"kinetic": 0.0, "local_error": 0.05},
+            "span_error=",
+            ", kinetic=",
+        ),  # no integral columns without K, J or C
     ],
     ids=["density-curvature", "local-error"],
-)  # fmt: skip
+)
 def test_cnf_training_weighs_the_cnf_only_terms_and_records_them(tmp_path, flags, recorded, shown, not_shown):
     out = tmp_path / "cnf.pt"
-    result = _run("cnf", "--data", "8gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "8", *flags,
-                  "--out", str(out), "--device", "cpu")  # fmt: skip
+    result = _run(
+        "cnf",
+        "--data",
+        "8gaussians",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "8",
+        *flags,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
     regularisation = load_checkpoint(out).card.training.regularisation
     assert regularisation == {"jacobian": 0.0, **recorded}
     assert shown in result.stderr and not_shown not in result.stderr  # the progress bar shows each term
@@ -485,11 +698,21 @@ def test_planar_flow_reverse_kl_training_lowers_the_kl(tmp_path):
 
 
 def test_training_refuses_contradictory_flags(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "training", "rknet", "--adjoint", "--out", str(tmp_path / "x.pt")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "rknet", "--adjoint", "--out", str(tmp_path / "x.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "rknet does not train with the adjoint" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "training", "planar-nf", "--data", "moons"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "planar-nf", "--data", "moons"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "reverse KL" in result.stderr
 
 
@@ -508,9 +731,29 @@ def test_a_preset_fills_defaults_and_explicit_flags_win():
 
 def test_a_time_budget_fits_the_steps_to_the_measured_step_time(tmp_path, mnist_dir):
     out = tmp_path / "budget.pt"
-    _run("odenet", "--data-dir", str(mnist_dir), "--out", str(out), "--epochs", "100", "--batch-size", "8",
-         "--time-budget", "8", "--eval-every", "0", "--train-subset", "512", "--test-subset", "100",
-         "--device", "cpu", "--tol", "1e-2")  # fmt: skip
+    _run(
+        "odenet",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "100",
+        "--batch-size",
+        "8",
+        "--time-budget",
+        "8",
+        "--eval-every",
+        "0",
+        "--train-subset",
+        "512",
+        "--test-subset",
+        "100",
+        "--device",
+        "cpu",
+        "--tol",
+        "1e-2",
+    )
     training = load_checkpoint(out).card.training
     assert 25 <= training.steps < 100 * 64  # stopped by the budget, not by the epochs
     assert training.time_budget_s == 8.0
@@ -527,8 +770,24 @@ def test_comparison_plot_labels_tolerances_that_land_on_one_point_together():
     assert list(labels.values()) == ["0.0001", "0.001", "0.1, 1"]
 
 
-RESUME_RUN = ["--steps", "12", "--batch-size", "16", "--train-subset", "96", "--test-subset", "50",
-              "--eval-every", "1", "--tol", "1e-2", "--device", "cpu", "--seed", "5"]  # fmt: skip
+RESUME_RUN = [
+    "--steps",
+    "12",
+    "--batch-size",
+    "16",
+    "--train-subset",
+    "96",
+    "--test-subset",
+    "50",
+    "--eval-every",
+    "1",
+    "--tol",
+    "1e-2",
+    "--device",
+    "cpu",
+    "--seed",
+    "5",
+]
 
 
 @pytest.mark.parametrize("kind", ["odenet", "resnet"])
@@ -569,17 +828,32 @@ def test_a_state_from_another_recipe_or_a_corrupt_file_is_refused(tmp_path, mnis
     common = ["odenet", "--data-dir", str(mnist_dir), *RESUME_RUN, "--out", str(tmp_path / "a.pt")]
     _run(*common, "--stop-after", "1")
     state = tmp_path / "a.state.pt"
-    other = subprocess.run([sys.executable, "-m", "training", *common, "--lr", "0.5", "--resume", str(state)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    other = subprocess.run(
+        [sys.executable, "-m", "training", *common, "--lr", "0.5", "--resume", str(state)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert other.returncode != 0 and "another recipe (lr: state 0.002, this run 0.5)" in other.stderr
     assert "Traceback" not in other.stderr
-    other_model = subprocess.run([sys.executable, "-m", "training", "resnet", *common[1:], "--resume", str(state)],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    other_model = subprocess.run(
+        [sys.executable, "-m", "training", "resnet", *common[1:], "--resume", str(state)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert other_model.returncode != 0 and "kind: state 'odenet', this run 'resnet'" in other_model.stderr
     corrupt = tmp_path / "corrupt.state.pt"
     corrupt.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])
-    refused = subprocess.run([sys.executable, "-m", "training", *common, "--resume", str(corrupt)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "training", *common, "--resume", str(corrupt)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode != 0 and "not a readable training-state file" in refused.stderr
     assert "Traceback" not in refused.stderr
 
@@ -589,9 +863,30 @@ def test_sigterm_writes_a_last_state_that_resumes(tmp_path, mnist_dir):
     import time
 
     out = tmp_path / "signalled.pt"
-    command = [sys.executable, "-m", "training", "odenet", "--data-dir", str(mnist_dir), "--out", str(out),
-               "--steps", "100000", "--batch-size", "8", "--train-subset", "800", "--test-subset", "20",
-               "--tol", "1e-1", "--device", "cpu", "--state-every", "0"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        "odenet",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "8",
+        "--train-subset",
+        "800",
+        "--test-subset",
+        "20",
+        "--tol",
+        "1e-1",
+        "--device",
+        "cpu",
+        "--state-every",
+        "0",
+    ]
     process = subprocess.Popen(
         command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -611,8 +906,13 @@ def test_sigterm_writes_a_last_state_that_resumes(tmp_path, mnist_dir):
 
 
 def test_card_piped_into_a_reader_that_stops_early_ends_quietly():
-    process = subprocess.Popen([sys.executable, "-m", "training", "card", "checkpoints/odenet-mnist.pt"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training", "card", "checkpoints/odenet-mnist.pt"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
     process.stdout.close()  # a reader gone before the card is printed, as `| head -1` is after its line
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr
