@@ -267,7 +267,13 @@ def _tune(sub) -> None:
     )
     parser = sub.add_parser("tune", help=text, description=text)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--first-step", type=_first_step, metavar="T", help=FIRST_STEP_HELP + " (default: the card's)")
+    parser.add_argument(
+        "--first-step",
+        type=_first_step,
+        default=argparse.SUPPRESS,  # absent: keep the card's ('rule' is a value: None)
+        metavar="T",
+        help=FIRST_STEP_HELP + " (default: the card's)",
+    )
     parser.add_argument(
         "--precision-table",
         action="store_true",

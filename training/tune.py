@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> ModelCard:
         )
     if args.out.resolve() == args.checkpoint.resolve():
         raise SystemExit("--out must name a new file: the checkpoint being tuned stays as it is")
-    if args.first_step is None and not args.precision_table:
+    if not hasattr(args, "first_step") and not args.precision_table:
         raise SystemExit("nothing to tune: give --first-step, --precision-table or both")
-    settings = {} if args.first_step is None else {"first_step": args.first_step}
+    settings = {"first_step": args.first_step} if hasattr(args, "first_step") else {}
     tuned = load_checkpoint(args.checkpoint, device, settings)
     on_data = isinstance(tuned.model, CNF) and not (source.dataset.name or "").startswith("energy ")
     if args.precision_table and model_spec(tuned.kind).task != CLASSIFY and not on_data:

@@ -138,7 +138,8 @@ def test_scheduling_options_and_auto_tolerance_reach_the_server(sdk, mnist_test,
 
 def test_an_unknown_keyword_is_a_type_error_before_anything_is_sent(sdk):
     with pytest.raises(
-        TypeError, match="'tols'.*tol, rtol, atol, method, max_nfe, latency_target_s, priority, max_total_nfe"
+        TypeError,
+        match="'tols'.*tol, rtol, atol, method, max_nfe, precision, latency_target_s, priority, max_total_nfe",
     ):
         sdk.sample(2, model=DENSITY, tols=1e-3)
     with pytest.raises(TypeError):
@@ -207,6 +208,7 @@ def test_help_spells_out_the_request_options_with_their_types():
         "atol",
         "method",
         "max_nfe",
+        "precision",
         "latency_target_s",
         "priority",
         "max_total_nfe",
