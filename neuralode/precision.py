@@ -40,10 +40,6 @@ def _known(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def precision_name(dtype: torch.dtype | None) -> str:
-    return "float32" if dtype is None else next(name for name, known in PRECISIONS.items() if known == dtype)
-
-
 class LowPrecision:
     """``func`` evaluated under autocast to ``dtype``, answering in its state's dtype.
 

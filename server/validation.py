@@ -22,7 +22,6 @@ LISTED_MODELS = 8
 SERVED_METHODS = tuple(sorted(name for name, method in METHODS.items() if method.adaptive))
 DEFAULT_METHOD = "dopri5"
 REQUEST_PRECISIONS = ("auto", *PRECISIONS)
-LOW_PRECISIONS = tuple(name for name in PRECISIONS if name != "float32")
 
 
 def precision_setting(accuracy: Accuracy, model: ServedModel, config: ServerConfig, rtol: float, atol: float) -> str:
