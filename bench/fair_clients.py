@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 

@@ -26,7 +26,7 @@ mkdir -p "$RESULTS"
 for archive in "$DATA"/MNIST/raw/*.gz; do  # torchvision reads MNIST uncompressed
     [ -e "${archive%.gz}" ] || gunzip -k "$archive"
 done
-export PYTHONPATH="$PWD:$PWD/sdk${PYTHONPATH:+:$PYTHONPATH}"  # the checkout is not installed there
+export PYTHONPATH="$PWD:$PWD/client${PYTHONPATH:+:$PYTHONPATH}"  # the checkout is not installed there
 if [ -d "$WHEELS" ]; then  # what the device lacks (torchdiffeq, pytest, ...), brought along
     "$PYTHON" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl
 fi

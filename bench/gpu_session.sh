@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-python3}
 for archive in "$DATA"/MNIST/raw/*.gz; do
     [ -e "${archive%.gz}" ] || gunzip -k "$archive"
 done
-export PYTHONPATH="$PWD:$PWD/sdk${PYTHONPATH:+:$PYTHONPATH}"  # the checkout is not installed there
+export PYTHONPATH="$PWD:$PWD/client${PYTHONPATH:+:$PYTHONPATH}"  # the checkout is not installed there
 WHEELS=${WHEELS:-device-wheels}
 if [ -d "$WHEELS" ]; then  # what the device lacks, brought along (no network there)
     "$PYTHON" -m pip install --quiet --no-index --no-deps "$WHEELS"/*.whl

@@ -3,7 +3,7 @@
 #   1. a Debian bookworm base made by debootstrap and `docker import`ed (needs root; skipped
 #      when the base image exists already, or when BASE_IMAGE names one you can pull),
 #   2. a wheelhouse in deploy/wheelhouse/ from pip download (the runtime dependencies of the
-#      server and of the client in sdk/, for CPython 3.11 on x86_64; torch's CPU wheel),
+#      server and of the client in client/, for CPython 3.11 on x86_64; torch's CPU wheel),
 #   3. docker build --network none with PIP_OFFLINE=1.
 #
 #   deploy/build-image.sh                      # -> odeserve:0.1.0
@@ -51,17 +51,17 @@ if [[ -z "$TORCH" ]]; then
     torch_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
 fi
 # pip resolves what the two distributions need from their own pyproject files (the server, ".",
-# depends on the client, ./sdk, which is on no index) and downloads it; their build backends too.
+# depends on the client, ./client, which is on no index) and downloads it; their build backends too.
 mapfile -t build_requirements < <("$PYTHON" - <<'PY'
 import tomllib
-for project in ("sdk/pyproject.toml", "pyproject.toml"):
+for project in ("client/pyproject.toml", "pyproject.toml"):
     print("\n".join(tomllib.load(open(project, "rb"))["build-system"]["requires"]))
 PY
 )
 "$PYTHON" -m pip download --quiet --dest deploy/wheelhouse --only-binary :all: \
     --python-version 3.11 --implementation cp --abi cp311 \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-    "${torch_index[@]}" "$TORCH" ./sdk . "${build_requirements[@]}"
+    "${torch_index[@]}" "$TORCH" ./client . "${build_requirements[@]}"
 du -sh deploy/wheelhouse
 
 step "docker build $IMAGE (no network)"

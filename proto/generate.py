@@ -1,7 +1,7 @@
 """Regenerate the gRPC/protobuf Python code: ``python proto/generate.py``.
 
 Each top-level proto package is generated into the distribution that ships it (``OUTPUTS``):
-the ``odeserve.v1`` API into the client's, ``sdk/odeserve/v1/*_pb2*.py``. A protocol only the
+the ``odeserve.v1`` API into the client's, ``client/odeserve/v1/*_pb2*.py``. A protocol only the
 server speaks gets a folder of its own there. The output is generated code only; never edit it
 by hand. A test checks it is up to date.
 """
@@ -16,7 +16,7 @@ REPO_ROOT = PROTO_ROOT.parent
 # proto/<package>/... -> <folder>/<package>/..., folders relative to the repository root. The
 # server's own protocols live in a package of their own inside it (proto/server/oip -> server/oip),
 # so the generated code imports itself by its real module path.
-OUTPUTS = {"odeserve": "sdk", "server/oip": "."}
+OUTPUTS = {"odeserve": "client", "server/oip": "."}
 
 
 def generate(root: Path = REPO_ROOT) -> list[Path]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from google.protobuf.message import Message
+
 from odeserve.v1 import odeserve_pb2 as pb
 
 from . import wire

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from odeserve.v1 import odeserve_pb2 as pb
 
 from .api import invalid, quoted

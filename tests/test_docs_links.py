@@ -39,11 +39,11 @@ SERVER_INSTALL = re.compile(r"""pip install (?:-e )?(?:\.|"\.\[[^\]]*\]")(?:\s|$
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_install_of_the_server_in_a_fresh_venv_brings_the_sdk(path):
     """odeserve depends on odeserve-client, which is not on PyPI: a fresh venv installing the
-    checkout ('.' or '.[extra]') must name ./sdk in the same pip command."""
+    checkout ('.' or '.[extra]') must name ./client in the same pip command."""
     missing = [
         line.strip()
         for line in path.read_text().splitlines()
-        if "python3 -m venv" in line and SERVER_INSTALL.search(line) and "./sdk" not in line
+        if "python3 -m venv" in line and SERVER_INSTALL.search(line) and "./client" not in line
     ]
     assert not missing, missing
 

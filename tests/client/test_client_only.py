@@ -1,4 +1,4 @@
-"""The client as its own distribution: ``pip install ./sdk`` into a fresh venv (PyPI for grpcio,
+"""The client as its own distribution: ``pip install ./client`` into a fresh venv (PyPI for grpcio,
 protobuf and numpy) gives an SDK and a command line without torch, which classify real MNIST
 through a live server. The README's SDK snippet runs there as written."""
 
@@ -21,11 +21,13 @@ class Venv:
     def __init__(self, folder: Path) -> None:
         self.folder, self.python = folder, folder / "bin" / "python"
 
-    def run(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-        """``python -I`` (no PYTHONPATH, no current folder on sys.path): only what is installed."""
+    def run(self, *args: str, cwd: Path, timeout: float = 120, isolated: bool = True) -> subprocess.CompletedProcess:
+        """``python -I`` (no PYTHONPATH, no current folder on sys.path): only what is installed;
+        ``isolated=False`` keeps the current folder first on sys.path, as a user's shell does."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        flags = ["-I"] if isolated else ["-s"]
         return subprocess.run(
-            [str(self.python), "-I", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+            [str(self.python), *flags, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
         )
 
     def installed(self) -> dict[str, str]:
@@ -36,11 +38,11 @@ class Venv:
 
 @pytest.fixture(scope="session")
 def client_only(tmp_path_factory) -> Venv:
-    """One fresh venv for the session, with nothing but ``pip install ./sdk``."""
+    """One fresh venv for the session, with nothing but ``pip install ./client``."""
     venv = Venv(tmp_path_factory.mktemp("client-only") / "venv")
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(venv.folder)], check=True, timeout=120)
-    install = venv.run("-m", "pip", "install", "--quiet", str(ROOT / "sdk"), cwd=venv.folder.parent, timeout=600)
+    install = venv.run("-m", "pip", "install", "--quiet", str(ROOT / "client"), cwd=venv.folder.parent, timeout=600)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     print(f"client-only venv installed in {time.monotonic() - started:.0f} s")
     return venv
@@ -58,6 +60,26 @@ def test_installs_without_torch_or_the_server(client_only):
     )
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.startswith(str(client_only.folder)), "client must come from the venv, not the checkout"
+
+
+WHICH_CLIENT = "import client; print(client.__file__, hasattr(client, 'Client'))"
+
+
+def test_the_checkouts_client_folder_does_not_shadow_the_installed_package(client_only):
+    """``client/`` at the repository's root is the distribution, not a package (no ``__init__.py``):
+    run from the root, ``import client`` must still find the installed SDK, not an empty namespace."""
+    assert (ROOT / "client" / "client" / "__init__.py").is_file() and not (ROOT / "client" / "__init__.py").exists()
+    from_root = client_only.run("-c", WHICH_CLIENT, cwd=ROOT, isolated=False)
+    assert from_root.returncode == 0, from_root.stderr
+    path, has_client = from_root.stdout.split()
+    assert path.startswith(str(client_only.folder)) and has_client == "True"
+    # the test suite's own venv, an editable install: the package inside the folder
+    editable = subprocess.run(
+        [sys.executable, "-c", WHICH_CLIENT], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert editable.returncode == 0, editable.stderr
+    path, has_client = editable.stdout.split()
+    assert path.endswith("client/__init__.py") and has_client == "True"
 
 
 def readme_sdk_snippet() -> str:

@@ -8,12 +8,12 @@ import inspect
 import pydoc
 import typing
 
-import client._calls as calls
 import numpy as np
 import pytest
-from client import AsyncClient, Client, OdeServeError
 from live_server import CLASSIFIER, DENSITIES, start_server
 
+import client._calls as calls
+from client import AsyncClient, Client, OdeServeError
 from neuralode.solvers import METHODS
 
 DENSITY = DENSITIES[0]

@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from client import Client, OdeServeError
 from deploy_tools import DEPLOY, ROOT, free_port, require_tool
 from docker_daemon import BUILD_CACHE, DockerDaemon
 from live_server import CLASSIFIER, DENSITIES, scrape, value
 from prometheus_server import Prometheus, dashboard_expressions
 
+from client import Client, OdeServeError
 from neuralode.checkpoint import load_checkpoint
 
 IMAGE = "odeserve:0.1.0"

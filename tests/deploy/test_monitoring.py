@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from client import Client, OdeServeError
 from deploy_tools import DEPLOY, ROOT, require_tool
 from live_server import CLASSIFIER, DENSITIES, SHIPPED, start_server
 from prometheus_server import Prometheus, dashboard_expressions
+
+from client import Client, OdeServeError
 
 PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"

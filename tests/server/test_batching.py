@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from client import Client
 from live_server import CLASSIFIER, start_server
 
+from client import Client
 from neuralode.checkpoint import load_checkpoint
 
 

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from live_server import CLASSIFIER, metric, start_server
+
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from client import Client, OdeServeError
 from live_server import CLASSIFIER, DENSITIES, metric, start_server
 
+from client import Client, OdeServeError
 from neuralode.checkpoint import load_checkpoint
 
 DENSITY = DENSITIES[0]

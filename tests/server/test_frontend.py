@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_server import CLASSIFIER, DENSITIES, ROOT, metric, scrape, start_server, value
-from odeserve.v1 import odeserve_pb2 as pb
-from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
 from neuralode.solvers import Status
+from odeserve.v1 import odeserve_pb2 as pb
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 from server.api import SolveStatus
 
 DENSITY = DENSITIES[0]

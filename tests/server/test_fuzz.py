@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from live_server import CLASSIFIER, DENSITIES, start_server
+
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 

@@ -9,8 +9,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from client import Client, OdeServeError
 from live_server import CLASSIFIER, DENSITIES, metric, scrape, start_server, value
+
+from client import Client, OdeServeError
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
-from client import OdeServeError
 from live_server import CLASSIFIER, DENSITIES, scrape, value
+
+from client import OdeServeError
 
 
 def test_metrics_reflect_the_traffic(server, client):

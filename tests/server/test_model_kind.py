@@ -103,7 +103,6 @@ def tiny_server(tmp_path_factory):
 
 def test_a_kind_defined_and_registered_here_is_served_over_grpc(tiny_server, mnist_test_digits):
     from client import Client
-
     from server.oip import grpc_predict_v2_pb2 as oip
     from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 

@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 from live_server import CLASSIFIER, DENSITIES, metric
+
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
-
 from server.oip import grpc_predict_v2_pb2 as oip
 from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 

@@ -9,9 +9,10 @@ import time
 
 import grpc
 import pytest
-from client import Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_server import DENSITIES, metric, start_server
+
+from client import Client
 
 
 @pytest.fixture(scope="module")

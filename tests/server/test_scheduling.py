@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from live_server import CLASSIFIER, DENSITIES, metric, scrape, value
+
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 

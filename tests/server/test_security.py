@@ -11,13 +11,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from client import TLS, Client, OdeServeError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from live_server import DENSITIES, metric, start_server
+
+from client import TLS, Client, OdeServeError
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 

@@ -6,10 +6,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from client import OdeServeError
-from client.aio import AsyncClient
 from live_server import CLASSIFIER, DENSITIES
 
+from client import OdeServeError
+from client.aio import AsyncClient
 from neuralode.checkpoint import load_checkpoint
 
 

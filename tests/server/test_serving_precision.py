@@ -11,13 +11,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from client import Client, OdeServeError
 from live_server import CLASSIFIER, DENSITIES, metric, start_server
-from odeserve.v1 import odeserve_pb2 as pb
-from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
+from client import Client, OdeServeError
 from neuralode.card import PrecisionRow
 from neuralode.checkpoint import load_checkpoint, save_checkpoint
+from odeserve.v1 import odeserve_pb2 as pb
+from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 from server.adapters import Limits, adapter_for
 from server.api import Kind
 from server.executor import Executor, Work, step_cost

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from client import Client
 from live_server import DENSITIES, ROOT, start_server
+
+from client import Client
 
 DENSITY = DENSITIES[0]
 

@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-from client._convert import decode, encode
 
+from client._convert import decode, encode
 from server import wire
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -56,8 +56,8 @@ def test_generated_stubs_need_no_newer_grpcio_than_the_sdk_requires():
     """The stubs refuse to import under a grpcio older than their stamp, so the stamp must not pass
     the SDK's floor (regenerating with a newer grpcio-tools raises it: lower the stamp or the floor)."""
     stamp = re.search(
-        r"GRPC_GENERATED_VERSION = '([\d.]+)'", (ROOT / "sdk/odeserve/v1/odeserve_pb2_grpc.py").read_text()
+        r"GRPC_GENERATED_VERSION = '([\d.]+)'", (ROOT / "client/odeserve/v1/odeserve_pb2_grpc.py").read_text()
     )
-    floor = re.search(r'"grpcio>=([\d.]+)', (ROOT / "sdk/pyproject.toml").read_text())
+    floor = re.search(r'"grpcio>=([\d.]+)', (ROOT / "client/pyproject.toml").read_text())
     version = lambda text: tuple(int(part) for part in text.split("."))  # noqa: E731
     assert stamp and floor and version(stamp[1]) <= version(floor[1]), (stamp and stamp[1], floor and floor[1])

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from odeserve.v1 import odeserve_pb2 as pb
 
 STATUS_NAMES = {value: name.removeprefix("SOLVE_STATUS_") for name, value in pb.SolveStatus.items()}

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Generic, Literal, TypedDict, TypeVar, Unpack,
 
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
 
