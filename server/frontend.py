@@ -11,9 +11,6 @@ values only from closed sets. Health, reflection and token auth live here too.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +18,12 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from .api import Caller, CallRecord, Code, RequestError, invalid
+from .api import Caller, Code, RequestError, invalid
+from .auth import Token, matching_token, read_tokens, unauthenticated
+from .calls import CallRunner
 from .config import ServerConfig
 from .service import Call, InferenceService
-from .stats import RequestStats, StatsSink
-
-log = logging.getLogger("server.frontend")
+from .stats import StatsSink
 
 UNKNOWN = "unknown"
 _STATUS = {code: getattr(grpc.StatusCode, code.value) for code in Code}
@@ -59,57 +56,6 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-@dataclass(frozen=True)
-class Token:
-    """An accepted bearer token and the most urgent priority level its callers may ask for
-    (None: ``default_priority``, like callers without a token)."""
-
-    secret: bytes
-    max_priority: int | None = None
-
-
-def read_tokens(config: ServerConfig) -> list[Token]:
-    """Tokens from ``tokens`` (comma-separated) and ``token_file`` (one per line), each
-    optionally followed by ``priority=N``. A malformed grant is a ValueError that names where
-    it is, never the token."""
-    entries = [(f"tokens entry {n}", entry) for n, entry in enumerate(config.tokens.split(","), 1)]
-    if config.token_file:
-        lines = Path(config.token_file).read_text().splitlines()
-        entries += [(f"{config.token_file} line {n}", line.split("#", 1)[0]) for n, line in enumerate(lines, 1)]
-    tokens = []
-    for where, entry in entries:
-        words = entry.split()
-        if not words:
-            continue
-        grant = None
-        for word in words[1:]:
-            name, _, level = word.partition("=")
-            if name != "priority" or not level.isdigit() or not 1 <= int(level) <= config.default_priority:
-                raise ValueError(
-                    f"{where}: a token may only be followed by 'priority=N', N in 1 .. "
-                    f"{config.default_priority} (default_priority)"
-                )
-            grant = int(level)
-        tokens.append(Token(words[0].encode(), grant))
-    return tokens
-
-
-def matching_token(tokens: Sequence[Token], header: str | None) -> Token | None:
-    """The token an ``authorization: Bearer <token>`` header names, compared with every
-    accepted one in constant time (timing reveals neither a token nor which one matched)."""
-    if header is None:
-        return None
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        return None
-    given_bytes = given.strip().encode()
-    matched = None
-    for token in tokens:
-        if hmac.compare_digest(given_bytes, token.secret):
-            matched = token
-    return matched
-
-
 def caller_of(context: grpc.aio.ServicerContext, tokens: Sequence[Token]) -> Caller:
     """Who a call comes from: its bearer token when tokens are configured (named by its place
     in the list, never by the secret), else its connection (the peer address)."""
@@ -128,10 +74,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     time, so timing reveals neither a token nor which one matched. Refusals are counted under
     the RPC's name when it is one of ours, else under ``unknown``."""
 
-    def __init__(self, tokens: list[bytes], rpcs: Sequence[Rpc], stats: StatsSink) -> None:
+    def __init__(self, tokens: list[Token], rpcs: Sequence[Rpc], calls: CallRunner) -> None:
         if not tokens:
             raise ValueError("token authentication needs at least one token")
-        self._tokens, self._stats = tokens, stats
+        self._tokens, self._calls = tokens, calls
         self._prefixes = tuple({f"/{rpc.service}/" for rpc in rpcs})
         self._open = {rpc.path for rpc in rpcs if not rpc.protected}
         self._names = {rpc.path: rpc.name for rpc in rpcs}
@@ -140,31 +86,12 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if not method.startswith(self._prefixes) or method in self._open:
             return await continuation(handler_call_details)
-        problem = self._check(dict(handler_call_details.invocation_metadata or ()).get("authorization"))
+        header = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        problem = unauthenticated(self._tokens, header, "metadata")
         if problem is None:
             return await continuation(handler_call_details)
-        self._stats(
-            RequestStats(
-                model=UNKNOWN,
-                method="none",
-                rpc=self._names.get(method, UNKNOWN),
-                code=Code.UNAUTHENTICATED.value,
-                latency_seconds=0.0,
-            )
-        )
+        self._calls.refused(self._names.get(method, UNKNOWN), Code.UNAUTHENTICATED)
         return _refusal(grpc.StatusCode.UNAUTHENTICATED, problem)
-
-    def _check(self, header: str | None) -> str | None:
-        if header is None:
-            return "missing 'authorization: Bearer <token>' metadata"
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return "the authorization metadata must be 'Bearer <token>'"
-        given = token.strip().encode()
-        matched = False
-        for accepted in self._tokens:
-            matched |= hmac.compare_digest(given, accepted)
-        return None if matched else "the bearer token is not accepted"
 
 
 def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -180,13 +107,11 @@ class _UnknownMethods(grpc.GenericRpcHandler):
     """The last handler: any method no protocol serves is UNIMPLEMENTED, and counted once
     under ``rpc="unknown"`` whatever path the client made up."""
 
-    def __init__(self, stats: StatsSink) -> None:
-        self._stats = stats
+    def __init__(self, calls: CallRunner) -> None:
+        self._calls = calls
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        self._stats(
-            RequestStats(model=UNKNOWN, method="none", rpc=UNKNOWN, code=Code.UNIMPLEMENTED.value, latency_seconds=0.0)
-        )
+        self._calls.refused(UNKNOWN, Code.UNIMPLEMENTED)
         return _refusal(grpc.StatusCode.UNIMPLEMENTED, "unknown method (see server reflection)")
 
 
@@ -219,11 +144,11 @@ class Frontend:
                 ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
             ]
+        self.calls = CallRunner(service.budget, stats)
         self.accepted = read_tokens(config)
-        tokens = [token.secret for token in self.accepted]
         self.credentials = server_credentials(config)
-        interceptors = [TokenAuth(tokens, self.rpcs, stats)] if tokens else []
-        self.tokens = len(tokens)
+        interceptors = [TokenAuth(self.accepted, self.rpcs, self.calls)] if self.accepted else []
+        self.tokens = len(self.accepted)
         self.server = grpc.aio.server(
             options=options, interceptors=interceptors, maximum_concurrent_rpcs=config.max_concurrent_rpcs
         )
@@ -233,7 +158,7 @@ class Frontend:
         for service_name, handlers in by_service.items():
             self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
         extra_services(self.server)
-        self.server.add_generic_rpc_handlers((_UnknownMethods(stats),))
+        self.server.add_generic_rpc_handlers((_UnknownMethods(self.calls),))
 
     def listen(self, address: str) -> int:
         if self.credentials is None:
@@ -244,53 +169,27 @@ class Frontend:
         timeout = self.config.request_read_timeout_s
 
         async def handle(request_iterator, context: grpc.aio.ServicerContext):
-            begin = time.perf_counter()
-            record = CallRecord(rpc=rpc.name)
-            reservation = self.service.budget.reservation()
-            code, message, response = Code.OK, "", None
-            try:
+            async def body(call: Call) -> Message:
                 raw = await _read(context, timeout)
-                reservation.add(len(raw))
+                call.reservation.add(len(raw))
                 try:
                     request = rpc.request.FromString(raw)
                 except DecodeError:
                     raise invalid(f"the request is not a valid {rpc.request.DESCRIPTOR.full_name} message") from None
-                caller = caller_of(context, self.accepted)
-                response = await rpc.handle(request, Call(_remaining(context), record, reservation, caller))
-            except RequestError as error:
-                code, message = error.code, error.message
-            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
-                code = Code.DEADLINE_EXCEEDED if _expired(context) else Code.CANCELLED
-                raise
-            except Exception:  # noqa: BLE001 - a bug fails its call, never the server
-                log.exception("%s failed", rpc.path)
-                code, message = Code.INTERNAL, "internal error; the server logged the details"
-            finally:
-                reservation.release()
-                self._record(record, code, time.perf_counter() - begin)
-            if code is not Code.OK:
-                await context.abort(_STATUS[code], message)
-            return response
+                return await rpc.handle(request, call)
+
+            answer = await self.calls.run(
+                rpc.name,
+                body,
+                remaining=_remaining(context),
+                caller=lambda: caller_of(context, self.accepted),
+                expired=lambda: _expired(context),
+            )
+            if answer.code is not Code.OK:
+                await context.abort(_STATUS[answer.code], answer.message)
+            return answer.response
 
         return grpc.stream_unary_rpc_method_handler(handle, response_serializer=lambda m: m.SerializeToString())
-
-    def _record(self, record: CallRecord, code: Code, seconds: float) -> None:
-        result = record.result
-        self.stats(
-            RequestStats(
-                model=record.model,
-                method=record.method,
-                rpc=record.rpc,
-                code=code.value,
-                latency_seconds=seconds,
-                queue_seconds=None if result is None else result.queue_seconds,
-                compute_seconds=None if result is None else result.compute_seconds,
-                expected_nfe=record.expected_nfe,
-                priority=record.priority,
-                auto_tol=record.auto_tol,
-                precision=record.precision,
-            )
-        )
 
 
 async def _read(context: grpc.aio.ServicerContext, timeout: float) -> bytes:

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from .frontend import Token, matching_token
+from .auth import Token, matching_token
 
 
 class Health(health_aio.HealthServicer):

@@ -393,4 +393,4 @@ def _with_timeout(call: Call, timeout: float) -> Call:
         grpc_left = call.remaining()
         return left if grpc_left is None else min(left, grpc_left)
 
-    return Call(remaining, call.record, call.reservation)
+    return Call(remaining, call.record, call.reservation, call.caller)

@@ -85,6 +85,27 @@ def test_priority_above_the_default_needs_a_token_granted_it(shared, stub, digit
     assert metric(shared.metrics_url, "odeserve_queue_wait_seconds_count", model=CLASSIFIER, priority="1") == 1
 
 
+def test_the_open_inference_timeout_parameter_keeps_the_callers_grant(shared, digits):
+    """A deadline from OIP's ``timeout`` parameter once replaced the call with an anonymous one:
+    a granted caller lost its priority (PERMISSION_DENIED) and its identity for fair admission."""
+    from server.oip import grpc_predict_v2_pb2 as oip
+    from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    request = oip.ModelInferRequest(model_name=CLASSIFIER)
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 1, 28, 28])
+    request.raw_input_contents.append(digits[:1].tobytes())
+    request.parameters["tol"].double_param = 1e-2
+    request.parameters["priority"].int64_param = 1
+    request.parameters["timeout"].int64_param = 30_000_000  # microseconds
+    with grpc.insecure_channel(shared.target) as channel:
+        response = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30, metadata=_as("ops"))
+    status = [i for i, output in enumerate(response.outputs) if output.name == "status"]
+    assert np.frombuffer(response.raw_output_contents[status[0]], "<i4").tolist() == [1]  # SUCCESS
+    with pytest.raises(grpc.RpcError) as raised, grpc.insecure_channel(shared.target) as channel:
+        oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30, metadata=_as("small"))
+    assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_a_default_client_keeps_its_latency_beside_a_privileged_priority_1_flood(shared, stub, digits):
     """The issue's starvation: 1,024 images at tol 1e-8 with priority 1 took every slot, and a
     default-priority 1-image tol 1e-2 client got no answer in 30 s. Now the flood needs a granted
@@ -141,8 +162,8 @@ def test_one_client_cannot_fill_the_queue_for_another(shared, stub, digits):
 
 
 def test_token_grants_come_from_both_sources_and_a_bad_one_stops_the_server(density_only, tmp_path):
+    from server.auth import Token, read_tokens
     from server.config import ServerConfig
-    from server.frontend import Token, read_tokens
 
     file = tmp_path / "tokens.txt"
     file.write_text("# on-call\nops-secret priority=1  # pages\n\nuser-secret\n")
