@@ -1,5 +1,5 @@
 """Wiring and lifecycle: load checkpoints, start the engine, the asyncio gRPC front end (with
-health, reflection, TLS and token auth) and /metrics; reload checkpoints on SIGHUP; drain
+health, reflection, TLS and token auth), the REST API and /metrics over HTTP; reload checkpoints on SIGHUP; drain
 gracefully on SIGTERM."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ from .config import ServerConfig, parse_config
 from .engine import Engine
 from .frontend import Frontend
 from .health import Health
+from .httpd import HttpServer, Limits, tls_context
 from .metrics import Metrics
 from .models import ServedModel, load_models
 from .open_inference import SERVICE as OIP_SERVICE
 from .open_inference import OpenInference
+from .rest import RestApi
 from .service import InferenceService
 from .v1 import SERVICE as V1_SERVICE
 from .v1 import V1
@@ -51,6 +54,8 @@ class Server:
         if config.reuse_port == "off":
             _refuse_busy(config.host, config.port, "--port")
         _refuse_busy(config.metrics_host, config.metrics_port, "--metrics-port")
+        if config.http_port >= 0:
+            _refuse_busy(config.http_host, config.http_port, "--http-port")
         if not Path(config.checkpoints).is_dir():
             raise SystemExit(
                 f"--checkpoints {config.checkpoints}: not a folder (a folder of *.pt checkpoints is "
@@ -70,7 +75,8 @@ class Server:
         for model in self.models.values():
             self._add_worker(model)
         self.service = InferenceService(self.models, self.engine, config)
-        rpcs = [*V1(self.service).rpcs(), *OpenInference(self.service, version=_version()).rpcs()]
+        open_inference = OpenInference(self.service, version=_version())
+        rpcs = [*V1(self.service).rpcs(), *open_inference.rpcs()]
         try:
             self.frontend = Frontend(config, self.service, rpcs, self.metrics, self._standard_services)
         except OSError as error:
@@ -90,8 +96,18 @@ class Server:
             )
         security = "mutual TLS" if config.tls_client_ca else "TLS" if self.frontend.credentials else "plaintext"
         self.security = security + (f", {self.frontend.tokens} bearer token(s)" if self.frontend.tokens else "")
-        self.metrics_port: int | None = None
-        self._metrics_server: asyncio.Server | None = None
+        metrics_limits = Limits(
+            max_connections=config.metrics_max_connections,
+            head_timeout_s=config.metrics_read_timeout_s,
+            idle_timeout_s=config.metrics_read_timeout_s,
+            max_body_bytes=1024,
+        )
+        self.metrics_http = HttpServer(self.metrics.application(metrics_limits))
+        self.rest: HttpServer | None = None
+        if config.http_port >= 0:
+            api = RestApi(config, open_inference, self.frontend.calls, self.frontend.accepted)
+            self.rest = HttpServer(api.application())
+        self.tls = tls_context(config)
         self._reload_lock = asyncio.Lock()
         self._stopped = False
 
@@ -122,33 +138,26 @@ class Server:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         config = self.config
-        try:
-            self._metrics_server = await self.metrics.serve(
-                config.metrics_host,
-                config.metrics_port,
-                max_connections=config.metrics_max_connections,
-                read_timeout=config.metrics_read_timeout_s,
-            )
-        except OSError as error:
-            raise SystemExit(
-                f"cannot serve /metrics on {config.metrics_host}:{config.metrics_port}: "
-                f"{error.strerror}; choose another with --metrics-port (0: any free port)"
-            ) from None
-        self.metrics_port = self._metrics_server.sockets[0].getsockname()[1]
+        self.metrics_port = await _listen(self.metrics_http, config.metrics_host, config.metrics_port, "/metrics")
+        if self.rest is not None:
+            await _listen(self.rest, config.http_host, config.http_port, "HTTP", self.tls)
         await self.frontend.server.start()
         for name in ("", V1_SERVICE, OIP_SERVICE, *self.models):
             await self.health.set(name, SERVING)
+        http = "off" if self.rest is None else f"{config.http_host}:{self.rest.port}"
         log.info(
-            "serving %d models on %s:%d (gRPC, %s), metrics on %s:%d",
+            "serving %d models on %s:%d (gRPC, %s), HTTP on %s, metrics on %s:%d",
             len(self.models),
             config.host,
             self.port,
             self.security,
+            http,
             config.metrics_host,
             self.metrics_port,
         )
         print(
-            f"odeserve ready grpc={config.host}:{self.port} metrics={config.metrics_host}:{self.metrics_port}",
+            f"odeserve ready grpc={config.host}:{self.port} metrics={config.metrics_host}:{self.metrics_port} "
+            f"http={http}",
             flush=True,
         )
 
@@ -196,13 +205,24 @@ class Server:
         stuck = await asyncio.to_thread(self.engine.close, max(0.0, end - time.monotonic()))
         # The calls of stopped requests are answering now: a moment for that, not a cancel.
         await self.frontend.server.stop(max(_ANSWER_SECONDS, end - time.monotonic()))
-        if self._metrics_server is not None:
-            self._metrics_server.close()
+        if self.rest is not None:
+            await self.rest.stop()
+        await self.metrics_http.stop()
         if stuck:
             log.error("stopped, but the worker of %s is still inside a step", ", ".join(stuck))
             return False
         log.info("stopped")
         return True
+
+
+async def _listen(http: HttpServer, host: str, port: int, what: str, tls: ssl.SSLContext | None = None) -> int:
+    flag = "--metrics-port" if what == "/metrics" else "--http-port"
+    try:
+        return await http.start(host, port, tls)
+    except OSError as error:
+        raise SystemExit(
+            f"cannot serve {what} on {host}:{port}: {error.strerror}; choose another with {flag} (0: any free port)"
+        ) from None
 
 
 def _refuse_busy(host: str, port: int, flag: str) -> None:

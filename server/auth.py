@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .api import Caller
 from .config import ServerConfig
 
 
@@ -72,3 +73,13 @@ def unauthenticated(tokens: Sequence[Token], header: str | None, carrier: str) -
     if scheme.lower() != "bearer" or not given:
         return f"the authorization {carrier} must be 'Bearer <token>'"
     return None if matching_token(tokens, header) is not None else "the bearer token is not accepted"
+
+
+def identify(tokens: Sequence[Token], header: str | None, peer: str) -> Caller:
+    """Who a call comes from: its bearer token when tokens are configured (named by its place
+    in the list, never by the secret), else its connection (the peer address)."""
+    if tokens:
+        token = matching_token(tokens, header)
+        if token is not None:
+            return Caller(f"token {tokens.index(token) + 1}", token.max_priority)
+    return Caller(peer)

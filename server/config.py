@@ -39,6 +39,8 @@ class ServerConfig:
     reuse_port: str = "off"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
     checkpoints: Path = Path("checkpoints")
     device: str = "auto"
     policy: str = "fair"
@@ -72,6 +74,8 @@ class ServerConfig:
     max_inflight_bytes: int = 256 * 1024 * 1024
     metrics_max_connections: int = 256
     metrics_read_timeout_s: float = 5.0
+    http_max_connections: int = 1024
+    http_idle_timeout_s: float = 60.0
     log_level: str = "INFO"
     tls_cert: str = ""
     tls_key: str = ""
@@ -114,9 +118,12 @@ class ServerConfig:
             "max_concurrent_streams",
             "max_inflight_bytes",
             "metrics_max_connections",
+            "http_max_connections",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.http_port < -1:
+            problems.append("http_port must be a port, 0 (any free one) or -1 (no HTTP endpoint)")
         if not 0 < self.min_tol <= self.max_tol:
             problems.append("need 0 < min_tol <= max_tol")
         if self.max_delay_ms < 0 or self.grace_seconds < 0 or self.max_connection_age_s < 0:
@@ -128,6 +135,7 @@ class ServerConfig:
             "keepalive_timeout_s",
             "min_client_ping_interval_s",
             "metrics_read_timeout_s",
+            "http_idle_timeout_s",
         )
         problems += [f"{name} must be > 0" for name in timeouts if not getattr(self, name) > 0]
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -166,6 +174,8 @@ _HELP = {
     "reuse_port": "on: share the gRPC port with other servers bound with SO_REUSEPORT (the kernel splits connections between them); off: refuse to start on a port in use",
     "metrics_host": "address for the Prometheus /metrics endpoint",
     "metrics_port": "metrics port (0: pick a free one; a port in use is refused)",
+    "http_host": "address for HTTP: the Open Inference Protocol's REST API (KServe v2)",
+    "http_port": "HTTP port (0: pick a free one; -1: no HTTP endpoint; a port in use is refused)",
     "checkpoints": "folder whose *.pt checkpoints are served, by file name",
     "device": "auto, cpu, cuda or cuda:N (auto: the GPU when present)",
     "policy": "fair (continuous batching: priority levels, then a fair share of the batch per request, with preemption), fifo (continuous batching, first come first served) or static (collect a batch, then solve it to the end)",
@@ -186,12 +196,12 @@ _HELP = {
     "max_abs_input": "largest magnitude of a LogDensity coordinate (larger, or not finite in float32: INVALID_ARGUMENT)",
     "min_tol": "smallest tolerance a request may ask for",
     "max_tol": "largest tolerance a request may ask for",
-    "max_message_bytes": "largest gRPC message accepted or sent (the largest valid request, 1024 float32 images, is 3.2 MB)",
+    "max_message_bytes": "largest gRPC message or HTTP request body accepted, and gRPC message sent (the largest valid request, 1024 float32 images, is 3.2 MB)",
     "grace_seconds": "on SIGTERM, how long in-flight requests may take to finish",
     "max_connection_age_s": "close client connections after this long (0: never), so clients of scaled-out replicas reconnect and rebalance",
     "max_concurrent_rpcs": "calls the server holds at once, over all connections (beyond: RESOURCE_EXHAUSTED)",
     "max_concurrent_streams": "calls one client connection may have open at once (HTTP/2 streams)",
-    "request_read_timeout_s": "a call must send its request message within this, or the server ends it",
+    "request_read_timeout_s": "a call must send its request message within this, or the server ends it (HTTP: a new connection its first request's head, and every request its body)",
     "handshake_timeout_s": "a new connection must finish its HTTP/2 (and TLS) handshake within this",
     "keepalive_time_s": "the server pings a connection idle this long, to find dead peers",
     "keepalive_timeout_s": "a connection whose keepalive ping is unanswered this long is closed",
@@ -199,8 +209,10 @@ _HELP = {
     "max_inflight_bytes": "bytes of requests in flight (messages, decoded inputs, solver state); beyond: RESOURCE_EXHAUSTED",
     "metrics_max_connections": "connections the /metrics endpoint serves at once (more are closed at once)",
     "metrics_read_timeout_s": "a /metrics client must send its request within this",
+    "http_max_connections": "connections the HTTP endpoint holds at once; beyond, a new one closes the one idle longest (or is closed when all are busy)",
+    "http_idle_timeout_s": "an HTTP connection kept alive with no request in progress is closed after this (a new connection must send its first request's head within request_read_timeout_s)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "tls_cert": "PEM certificate chain: serve gRPC over TLS",
+    "tls_cert": "PEM certificate chain: serve gRPC and HTTP over TLS (HTTPS)",
     "tls_key": "PEM private key for tls_cert",
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
     "token_file": "file of accepted bearer tokens, one per line ('#' comments), each optionally followed by 'priority=N', the most urgent level it may ask for (default: default_priority); the inference service then needs one",

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from .api import Caller, Code, RequestError, invalid
-from .auth import Token, matching_token, read_tokens, unauthenticated
+from .auth import Token, identify, read_tokens, unauthenticated
 from .calls import CallRunner
 from .config import ServerConfig
 from .service import Call, InferenceService
@@ -57,14 +57,8 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 def caller_of(context: grpc.aio.ServicerContext, tokens: Sequence[Token]) -> Caller:
-    """Who a call comes from: its bearer token when tokens are configured (named by its place
-    in the list, never by the secret), else its connection (the peer address)."""
-    if tokens:
-        header = dict(context.invocation_metadata() or ()).get("authorization")
-        token = matching_token(tokens, header)
-        if token is not None:
-            return Caller(f"token {tokens.index(token) + 1}", token.max_priority)
-    return Caller(context.peer() or UNKNOWN)
+    header = dict(context.invocation_metadata() or ()).get("authorization")
+    return identify(tokens, header, context.peer() or UNKNOWN)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):

@@ -4,10 +4,10 @@ imports prometheus_client. Names follow Prometheus conventions (base units, ``_t
 
 from __future__ import annotations
 
-import asyncio
-
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .httpd import Limits, application
 from .stats import ItemStats, QueueStats, RequestEndStats, RequestStats, Stats, StepStats, WorkerStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -171,47 +171,16 @@ class Metrics:
         elif isinstance(stats, WorkerStats):
             self.restarts.labels(stats.model).inc()
 
-    async def serve(self, host: str, port: int, *, max_connections: int, read_timeout: float) -> asyncio.Server:
-        """Serve ``GET /metrics`` on the event loop: no thread per connection; a client that has
-        not sent its request head within ``read_timeout`` seconds is dropped, and beyond
-        ``max_connections`` a new connection drops the one that has waited longest, so slow
-        clients can neither pile up nor keep a scraper out."""
-        waiting: dict[asyncio.StreamWriter, None] = {}  # connections yet to send their request, oldest first
+    def application(self, limits: Limits) -> web.Application:
+        """``GET /metrics`` (and ``/``) in the exposition format, on its own port."""
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if len(waiting) >= max_connections:
-                next(iter(waiting)).close()
-            waiting[writer] = None
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), read_timeout)
-                waiting.pop(writer, None)
-                writer.write(self._response(head))
-                await asyncio.wait_for(writer.drain(), read_timeout)
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                pass
-            finally:
-                waiting.pop(writer, None)
-                writer.close()
+        async def exposition(request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        return await asyncio.start_server(handle, host, port, limit=16 * 1024)
+        async def elsewhere(request: web.Request, status: int) -> web.Response:
+            return web.Response(status=status, text="only GET /metrics\n" if status == 405 else "see /metrics\n")
 
-    def _response(self, head: bytes) -> bytes:
-        method, _, rest = head.partition(b" ")
-        path = rest.partition(b" ")[0].partition(b"?")[0]
-        if method not in (b"GET", b"HEAD"):
-            return _http(405, b"text/plain", b"only GET /metrics\n")
-        if path not in (b"/metrics", b"/"):
-            return _http(404, b"text/plain", b"see /metrics\n")
-        body = generate_latest(self.registry)
-        return _http(200, CONTENT_TYPE_LATEST.encode(), body if method == b"GET" else b"", length=len(body))
-
-
-def _http(status: int, content_type: bytes, body: bytes, length: int | None = None) -> bytes:
-    reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed"}[status]
-    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
-        status,
-        reason,
-        content_type,
-        len(body) if length is None else length,
-    )
-    return head + body
+        app = application(limits, elsewhere)
+        app.router.add_get("/metrics", exposition)
+        app.router.add_get("/", exposition)
+        return app

@@ -60,6 +60,15 @@ def test_compose_file_points_at_files_that_exist_and_ports_that_match():
     )
     assert targets == [f"odeserve:{metrics_port}"]
     assert f"{metrics_port}:{metrics_port}" in services["odeserve"]["ports"]
+    http_port = next(
+        line.split("=")[1]
+        for line in (DEPLOY / "Dockerfile").read_text().split()
+        if line.startswith("ODESERVE_HTTP_PORT=")
+    )
+    assert (
+        f"{http_port}:{http_port}" in services["odeserve"]["ports"]
+        and f" {http_port} " in (DEPLOY / "Dockerfile").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +100,9 @@ def image(engine) -> str:
 class Container:
     def __init__(self, engine: DockerDaemon, image: str, *run_args: str) -> None:
         self.engine = engine
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.target, self.metrics_address = f"127.0.0.1:{self.port}", f"127.0.0.1:{self.metrics_port}"
+        self.http_address = f"127.0.0.1:{self.http_port}"
         self.id = engine.docker(
             "run",
             "--detach",
@@ -106,6 +116,10 @@ class Container:
             "ODESERVE_METRICS_HOST=127.0.0.1",
             "--env",
             f"ODESERVE_METRICS_PORT={self.metrics_port}",
+            "--env",
+            "ODESERVE_HTTP_HOST=127.0.0.1",
+            "--env",
+            f"ODESERVE_HTTP_PORT={self.http_port}",
             *run_args,
             image,
         ).stdout.strip()
@@ -165,6 +179,22 @@ def test_classifies_real_mnist_like_the_checkpoint_in_process(container, mnist_b
     assert (result.labels == labels).mean() >= 0.98  # the card says 99.4% on the whole test set
     assert (result.labels == logits.argmax(1).numpy()).mean() >= 0.995  # torch 2.13 CPU in the image
     assert np.abs(density.log_density - points.log_density).max() < 0.05
+
+
+def test_the_rest_api_answers_on_the_images_http_port(container, mnist_batch):
+    import json
+    import urllib.request
+
+    base = f"http://{container.http_address}"
+    assert urllib.request.urlopen(f"{base}/v2/health/ready", timeout=10).status == 200
+    images, labels = mnist_batch
+    document = {
+        "inputs": [{"name": "images", "shape": [50, 28, 28], "datatype": "UINT8", "data": images[:50].ravel().tolist()}]
+    }
+    request = urllib.request.Request(f"{base}/v2/models/{CLASSIFIER}/infer", data=json.dumps(document).encode())
+    answer = json.load(urllib.request.urlopen(request, timeout=120))
+    (predicted,) = [o["data"] for o in answer["outputs"] if o["name"] == "labels"]
+    assert (np.asarray(predicted) == labels[:50]).mean() >= 0.96
 
 
 def test_runs_as_a_non_root_user_on_read_only_checkpoints(container):

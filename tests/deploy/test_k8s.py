@@ -112,11 +112,15 @@ def test_renders_valid_kubernetes_objects(variant, version):
     assert output.count(" passed for resource ") == len(core), output
 
 
-def test_probes_call_the_grpc_health_service_on_the_served_port(manifests):
+def test_probes_call_the_health_services_on_the_served_ports(manifests):
     container = manifests.container
     port = manifests.container_port("grpc")
     assert port == int(manifests.config["ODESERVE_PORT"]) == 50051
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    readiness = container["readinessProbe"]
+    assert {"grpc", "httpGet", "tcpSocket", "exec"} & readiness.keys() == {"httpGet"}
+    assert readiness["httpGet"]["path"] == "/v2/health/ready" and readiness["httpGet"]["port"] == "http"
+    assert manifests.container_port("http") == int(manifests.config["ODESERVE_HTTP_PORT"]) == 8080
+    for kind in ("startupProbe", "livenessProbe"):
         probe = container[kind]
         handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & probe.keys()
         assert handlers == {"grpc"}, f"{kind} uses {handlers}"
@@ -184,8 +188,9 @@ def test_the_server_accepts_the_configmap(manifests, monkeypatch):
         monkeypatch.setenv(key, value)
     config = parse_config([])  # unknown or malformed settings exit here
     # the probes, the Services and Prometheus all connect to the pod IP, not the loopback
-    assert config.host in ("0.0.0.0", "::") and config.metrics_host in ("0.0.0.0", "::")
+    assert {config.host, config.metrics_host, config.http_host} <= {"0.0.0.0", "::"}
     assert config.port == manifests.container_port("grpc")
+    assert config.http_port == manifests.container_port("http")
     assert config.metrics_port == manifests.container_port("metrics")
     assert config.checkpoints == Path("/opt/odeserve/checkpoints")
 
@@ -202,7 +207,7 @@ def test_services_reach_the_pods_on_named_ports(manifests):
             assert port["targetPort"] == port["name"]
             if port["name"] == "grpc":
                 assert port["appProtocol"] == "grpc"
-    assert {p["name"] for p in services["odeserve"]["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in services["odeserve"]["spec"]["ports"]} == {"grpc", "http", "metrics"}
     headless = services["odeserve-headless"]["spec"]
     assert headless["clusterIP"] == "None"
     assert [p["name"] for p in headless["ports"]] == ["grpc"]  # metrics on one Service only: scraped once

@@ -76,13 +76,15 @@ def test_kserve_reaches_the_grpc_port_the_server_listens_on(container, monkeypat
 
     (port,) = container["ports"]
     assert port["name"] == "h2c" and port["containerPort"] == ServerConfig().port  # KServe routes gRPC to "h2c"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port["containerPort"]
+    readiness = container["readinessProbe"]["httpGet"]
+    assert readiness == {"path": "/v2/health/ready", "port": ServerConfig().http_port}
     for variable in container["env"]:
         if variable["name"].startswith("ODESERVE_"):
             monkeypatch.setenv(variable["name"], variable["value"])
     config = parse_config([])
-    assert config.host == "0.0.0.0" and config.metrics_host == "0.0.0.0"
+    assert config.host == config.metrics_host == config.http_host == "0.0.0.0"
 
 
 def test_the_predictor_matches_the_plain_deployment(service, container):

@@ -42,6 +42,7 @@ class RunningServer:
     target: str
     metrics_url: str
     log: Path
+    http_url: str = ""  # the REST API's root, http://host:port ("" with --http-port -1)
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
@@ -62,7 +63,12 @@ def start_server(
     model kind, then runs ``server.app.main``, say)."""
     out, log = tmp / "server.out", tmp / "server.log"
     process = subprocess.Popen(
-        [sys.executable, *python, "--checkpoints", str(checkpoints), "--port", "0", "--metrics-port", "0", *flags],
+        [
+            sys.executable,
+            *python,
+            *("--checkpoints", str(checkpoints), "--port", "0", "--metrics-port", "0", "--http-port", "0"),
+            *flags,
+        ],
         cwd=ROOT,
         stdout=out.open("w"),
         stderr=log.open("w"),
@@ -70,11 +76,28 @@ def start_server(
     )
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        match = re.search(r"odeserve ready grpc=(\S+) metrics=(\S+)", out.read_text())
+        match = re.search(r"odeserve ready grpc=(\S+) metrics=(\S+) http=(\S+)", out.read_text())
         if match:
-            return RunningServer(process, match.group(1), f"http://{match.group(2)}/metrics", log)
+            http = "" if match.group(3) == "off" else f"http://{match.group(3)}"
+            return RunningServer(process, match.group(1), f"http://{match.group(2)}/metrics", log, http)
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
     process.kill()
     raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stock_client_venv(folder: Path, requirement: str) -> Path:
+    """A venv with nothing but ``requirement`` from PyPI (the stock OIP clients pin protobuf
+    below 7, so they cannot share the project's venv)."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
+    started = time.monotonic()
+    install = subprocess.run(
+        [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    print(f"{requirement} installed in {time.monotonic() - started:.0f} s")
+    return folder

@@ -204,6 +204,8 @@ def test_the_servers_scheduling_settings_reach_every_models_scheduler(shipped, c
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--guaranteed-share",
             "0.5",
             "--auto-headroom",

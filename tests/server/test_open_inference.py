@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from live_server import CLASSIFIER, DENSITIES, metric
+from live_server import CLASSIFIER, DENSITIES, metric, stock_client_venv
 
 from odeserve.v1 import odeserve_pb2 as pb
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc
@@ -301,20 +300,7 @@ def test_metadata_health_and_repository(stubs):
 
 
 def _venv(tmp_path_factory, name: str, requirement: str) -> Path:
-    """A venv with nothing but ``requirement`` from PyPI (the stock OIP clients pin protobuf
-    below 7, so they cannot share the project's venv)."""
-    folder = tmp_path_factory.mktemp(name) / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
-    started = time.monotonic()
-    install = subprocess.run(
-        [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    print(f"{requirement} installed in {time.monotonic() - started:.0f} s")
-    return folder
+    return stock_client_venv(tmp_path_factory.mktemp(name) / "venv", requirement)
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,14 @@ DENSITY = DENSITIES[0]
 
 
 def run_server(*flags: str, timeout: float = 90.0) -> subprocess.CompletedProcess:
-    """``python -m server`` expected to refuse to start (killed, and the test failed, if it serves)."""
+    """``python -m server`` expected to refuse to start (killed, and the test failed, if it serves);
+    HTTP on a free port unless ``flags`` say otherwise."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "server", "--http-port", "0", *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         out, err = process.communicate(timeout=timeout)
@@ -69,6 +74,15 @@ def test_a_grpc_port_held_by_another_program_is_one_line(density_only, listening
 def test_a_busy_metrics_port_is_one_line_naming_metrics_port(density_only, listening):
     line = refusal(run_server("--checkpoints", str(density_only), "--port", "0", "--metrics-port", str(listening)))
     assert f"127.0.0.1:{listening}: the port is in use" in line and "--metrics-port" in line, line
+
+
+def test_a_busy_http_port_is_one_line_naming_http_port(density_only, listening):
+    line = refusal(
+        run_server(
+            "--checkpoints", str(density_only), "--port", "0", "--metrics-port", "0", "--http-port", str(listening)
+        )
+    )
+    assert f"127.0.0.1:{listening}: the port is in use" in line and "--http-port" in line, line
 
 
 def test_reuse_port_on_lets_servers_share_a_port_deliberately(density_only, tmp_path):
