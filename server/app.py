@@ -127,6 +127,7 @@ class Server:
             if model is old or self.config.warmup == "off":
                 served[name] = model
                 continue
+            log.info("warming %s (version %s) up", name, model.version)
             try:
                 warm = warm_up(self.engine, model, self.config)
             except WarmUpFailed as error:
