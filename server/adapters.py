@@ -72,6 +72,14 @@ class Adapter:
         stage), for the server's memory budget."""
         raise NotImplementedError
 
+    def warmup_inputs(self, kind: Kind, n: int) -> dict[str, np.ndarray]:
+        """A valid request of ``n`` items of ``kind``, as a wire protocol decodes one (blank
+        images, points at the origin, ``n`` draws), for warm-up solves before serving: the
+        same checks and rows as a client's request, with nothing of a client's in it."""
+        return {
+            spec.name: _WARMUP_INPUTS[spec.name](spec, n) for spec in self.signatures[kind].inputs if not spec.optional
+        }
+
 
 def _count(n: int, field: str, limits: Limits) -> None:
     if n < 1:
@@ -149,6 +157,14 @@ _INPUT_CHECKS: dict[str, Callable[[TensorSpec, np.ndarray, Limits], Tensor | int
 }
 """The wire contract of each input the RPCs carry (``odeserve.v1`` and Open Inference name
 them alike): how it is checked and handed to the model. A model's inputs must be among them."""
+
+_WARMUP_INPUTS: dict[str, Callable[[TensorSpec, int], np.ndarray]] = {
+    "images": lambda spec, n: np.zeros((n, *spec.shape[1:]), np.uint8),
+    "points": lambda spec, n: np.zeros((n, *spec.shape[1:]), np.float32),
+    "n": lambda spec, n: np.asarray(n, np.uint32),
+    "seed": lambda spec, n: np.asarray(0, np.uint64),
+}
+"""Per input of :data:`_INPUT_CHECKS`, a valid value for ``n`` items (:meth:`Adapter.warmup_inputs`)."""
 
 
 class ServableAdapter(Adapter):

@@ -1,5 +1,6 @@
-"""Wiring and lifecycle: load checkpoints, start the engine, the asyncio gRPC front end (with
-health, reflection, TLS and token auth), the REST API and /metrics over HTTP; reload checkpoints on SIGHUP; drain
+"""Wiring and lifecycle: load checkpoints, start the engine, warm each model up, start the
+asyncio gRPC front end (with health, reflection, TLS and token auth), the REST API and /metrics
+over HTTP; reload checkpoints on SIGHUP (warming new versions before they serve); drain
 gracefully on SIGTERM."""
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from .open_inference import SERVICE as OIP_SERVICE
 from .open_inference import OpenInference
 from .rest import RestApi
 from .service import InferenceService
+from .stats import WarmUpStats
 from .v1 import SERVICE as V1_SERVICE
 from .v1 import V1
 from .validation import auto_tolerances
+from .warmup import WarmUpFailed, warm_up
 
 log = logging.getLogger("server")
 
@@ -130,6 +133,39 @@ class Server:
             tolerances=auto_tolerances(model, self.config),
         )
 
+    def _warmed(self, models: dict[str, ServedModel], previous: dict[str, ServedModel]) -> dict[str, ServedModel]:
+        """``models`` once each version not in ``previous`` has warmed up on its worker (with
+        ``warmup`` on). A version whose warm-up fails is not served, as a checkpoint that does
+        not load is not: its worker retires and its previous version, if any, keeps serving.
+        Blocking: run it in a thread."""
+        served = {}
+        for name, model in models.items():
+            old = previous.get(name)
+            if model is old or self.config.warmup == "off":
+                served[name] = model
+                continue
+            log.info("warming %s (version %s) up", name, model.version)
+            try:
+                warm = warm_up(self.engine, model, self.config)
+            except WarmUpFailed as error:
+                self.engine.retire(model.key)
+                if old is None:
+                    log.error("not serving %s: its warm-up failed: %s", name, error)
+                else:
+                    log.error(
+                        "not reloading %s: its warm-up failed: %s; still serving version %s", name, error, old.version
+                    )
+                    served[name] = old
+                continue
+            self.metrics(WarmUpStats(name, warm.seconds))
+            log.info(
+                "warmed %s (version %s) up in %.2f s: %d solves", name, model.version, warm.seconds, len(warm.solves)
+            )
+            if warm.limited:
+                log.warning("%s: warm-up solves stopped by a limit: %s", name, "; ".join(warm.limited))
+            served[name] = model
+        return served
+
     def _model_health(self, name: str, serving: bool) -> None:
         """From a worker thread: its model is recovering from a crash, or back."""
         if self.loop is not None and name in self.models:
@@ -139,7 +175,10 @@ class Server:
         self.loop = asyncio.get_running_loop()
         config = self.config
         self.metrics_port = await _listen(self.metrics_http, config.metrics_host, config.metrics_port, "/metrics")
-        if self.rest is not None:
+        self.models = self.service.models = await asyncio.to_thread(self._warmed, self.models, {})
+        if not self.models:
+            raise SystemExit("no model passed its warm-up (each one's reason is logged above); no models to serve")
+        if self.rest is not None:  # after the warm-up, as gRPC: its readiness says the models are warm
             await _listen(self.rest, config.http_host, config.http_port, "HTTP", self.tls)
         await self.frontend.server.start()
         for name in ("", V1_SERVICE, OIP_SERVICE, *self.models):
@@ -163,14 +202,16 @@ class Server:
 
     async def reload(self) -> None:
         """Re-read the checkpoints folder without downtime: new and changed files get new
-        workers, requests already accepted finish on the weights they started with, and a
-        file that no longer loads keeps its previous version serving."""
+        workers, which warm up while the old versions serve, requests already accepted finish
+        on the weights they started with, and a file that no longer loads (or warm up) keeps
+        its previous version serving."""
         async with self._reload_lock:
             old = self.models
             fresh = await asyncio.to_thread(load_models, self.config.checkpoints, self.device, previous=old)
             for model in fresh.values():
                 if old.get(model.name) is not model:
                     self._add_worker(model)
+            fresh = await asyncio.to_thread(self._warmed, fresh, old)
             self.models = self.service.models = fresh
             for model in old.values():
                 if fresh.get(model.name) is not model:

@@ -52,6 +52,7 @@ class ServerConfig:
     auto_headroom: float = AUTO_HEADROOM
     max_batch: int = 256
     step_graphs: str = "off"
+    warmup: str = "on"
     bfloat16: str = "native"
     max_delay_ms: float = 5.0
     max_queued_items: int = 4096
@@ -91,6 +92,8 @@ class ServerConfig:
             problems.append(str(error))
         if self.step_graphs not in ("off", "on"):
             problems.append(f"step_graphs must be off or on, got {self.step_graphs!r}")
+        if self.warmup not in ("off", "on"):
+            problems.append(f"warmup must be off or on, got {self.warmup!r}")
         if self.bfloat16 not in ("native", "on", "off"):
             problems.append(f"bfloat16 must be native, on or off, got {self.bfloat16!r}")
         if self.reuse_port not in ("off", "on"):
@@ -187,6 +190,7 @@ _HELP = {
     "auto_headroom": "auto_tol: the share of its deadline or latency target within which a request's predicted completion must fall (smaller loosens more under load)",
     "max_batch": "most items in one running batch",
     "step_graphs": "on: continuous batching takes each solver step as one CUDA graph replay per padded batch size (GPU; not yet measured on one)",
+    "warmup": "on: before a model is served (at start, and on reload before it replaces the old version) it solves each kind it answers in each precision it serves at the batch sizes the engine runs, so the first requests pay no one-time costs; a model whose warm-up fails is not served; off: serve at once",
     "bfloat16": "native: serve requests in bfloat16 (precision bfloat16, or auto where the model card allows it) only on a device with bfloat16 units (CPUs with AVX512-BF16 or AMX, recent GPUs); on: also where it is emulated, which is slower than float32; off: float32 only",
     "max_delay_ms": "static policy: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",

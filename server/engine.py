@@ -154,6 +154,7 @@ class ModelWorker:
         self._lock = threading.Condition()
         self._futures: dict[int, Future] = {}
         self._closing = False
+        self._warming = False  # warm-up solves: no traffic, so nothing of theirs is reported
         self._crashes = 0
         self.restarts = 0
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -198,6 +199,18 @@ class ModelWorker:
             self.scheduler.cancel(request)
             self._lock.notify()
 
+    def warm_up(self, requests: Sequence[list[Work]]) -> list[Result]:
+        """Solve ``requests`` one after the other, before the model takes traffic: their steps,
+        items and queue are not reported as stats, nor a crash of theirs to health (the model
+        is not served yet). Raises what a request would (:class:`WorkerFailed`, ...)."""
+        with self._lock:
+            self._warming = True
+        try:
+            return [self.submit(works, None, SchedulingTerms())[1].result() for works in requests]
+        finally:
+            with self._lock:  # the iteration that resolved the last one reports to the sink it began with
+                self._warming = False
+
     def stop_accepting(self) -> None:
         """Refuse new requests; what was accepted still runs to completion."""
         with self._lock:
@@ -238,6 +251,7 @@ class ModelWorker:
     def _iterate(self) -> bool:
         """One ``schedule → step → update``; False once closing and nothing is left."""
         with self._lock:
+            stats = discard if self._warming else self.stats
             plan = self.scheduler.schedule()
             self._resolve(plan.ended)
             idle = not plan.steps and not plan.drop
@@ -247,21 +261,21 @@ class ModelWorker:
                 queued = self.scheduler.queued
                 self._lock.wait(timeout=0.5 if plan.wake_after is None else plan.wake_after)
         if idle:
-            self.stats(QueueStats(self.name, queued, 0, self.scheduler.max_queued))
+            stats(QueueStats(self.name, queued, 0, self.scheduler.max_queued))
             return True
         outputs = self.executor.step(plan)
         with self._lock:
             finished = self.scheduler.update(outputs)
             self._resolve(finished)
             queued = self.scheduler.queued
-        self._report(plan, outputs, queued)
+        self._report(plan, outputs, queued, stats)
         return True
 
-    def _report(self, plan: Plan, outputs: ExecutorOutputs, queued: int) -> None:
+    def _report(self, plan: Plan, outputs: ExecutorOutputs, queued: int, stats: StatsSink) -> None:
         parked = Counter((item.payload.method, item.payload.precision) for item in plan.park)
         for group in outputs.groups:
             if group.batch_size:
-                self.stats(
+                stats(
                     StepStats(
                         self.name,
                         group.method,
@@ -273,7 +287,7 @@ class ModelWorker:
                     )
                 )
             if group.finished:
-                self.stats(
+                stats(
                     ItemStats(
                         self.name,
                         group.method,
@@ -282,7 +296,7 @@ class ModelWorker:
                         group.precision,
                     )
                 )
-        self.stats(QueueStats(self.name, queued, self.executor.running, self.scheduler.max_queued))
+        stats(QueueStats(self.name, queued, self.executor.running, self.scheduler.max_queued))
 
     def _resolve(self, requests: list[Request]) -> None:
         """Hand ended requests back to their callers (under the lock)."""
@@ -320,11 +334,13 @@ class ModelWorker:
     def _recover(self, error: Exception) -> None:
         """Fail what the crashed iteration touched, then carry on with a fresh executor."""
         log.exception("model %s: the worker failed; restarting it", self.name)
+        with self._lock:
+            health = _serving if self._warming else self.health
         pause = _RESTART_BACKOFF[min(self._crashes, len(_RESTART_BACKOFF) - 1)]
         self._crashes += 1
         self.restarts += 1
         try:
-            self.health(self.name, False)
+            health(self.name, False)
             failure = WorkerFailed(
                 f"the model's worker failed ({type(error).__name__}: {str(error)[:200]}) "
                 "and was restarted; the request's items were stopped"
@@ -337,7 +353,7 @@ class ModelWorker:
             log.exception("model %s: recovering from a failure failed too", self.name)
         time.sleep(pause)
         try:
-            self.health(self.name, True)
+            health(self.name, True)
         except Exception:  # noqa: BLE001
             log.exception("model %s: the health sink failed", self.name)
 
@@ -411,6 +427,13 @@ class Engine:
         if worker is None:
             raise WorkerRetired(f"no worker for {key!r}")
         return worker.submit(works, deadline, scheduling)
+
+    def warm_up(self, key: str, requests: Sequence[list[Work]]) -> list[Result]:
+        """Solve ``requests`` one after the other on ``key``'s worker before it is given
+        traffic, unreported (:meth:`ModelWorker.warm_up`): what the first requests of each
+        shape would otherwise pay (allocations, kernel selection, CUDA graph captures) is paid
+        here, in this worker's executor."""
+        return self.workers[key].warm_up(requests)
 
     def cancel(self, key: str, request: Request) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .httpd import Limits, application
-from .stats import ItemStats, QueueStats, RequestEndStats, RequestStats, Stats, StepStats, WorkerStats
+from .stats import ItemStats, QueueStats, RequestEndStats, RequestStats, Stats, StepStats, WarmUpStats, WorkerStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 NFE_BUCKETS = tuple(float(2**k) for k in range(1, 15))  # 2 .. 16384 function evaluations
@@ -119,6 +119,12 @@ class Metrics:
         self.restarts = Counter(
             "odeserve_worker_restarts_total", "Model workers restarted after a crash.", ["model"], registry=r
         )
+        self.warmup = Gauge(
+            "odeserve_warmup_seconds",
+            "How long the served version's warm-up solves took before it was served (absent: none ran).",
+            ["model"],
+            registry=r,
+        )
         self.auto_tol = Histogram(
             "odeserve_auto_tolerance",
             "Tolerance chosen for auto_tol requests.",
@@ -170,6 +176,8 @@ class Metrics:
             self.budget_exhausted.labels(stats.model).inc()
         elif isinstance(stats, WorkerStats):
             self.restarts.labels(stats.model).inc()
+        elif isinstance(stats, WarmUpStats):
+            self.warmup.labels(stats.model).set(stats.seconds)
 
     def application(self, limits: Limits) -> web.Application:
         """``GET /metrics`` (and ``/``) in the exposition format, on its own port."""

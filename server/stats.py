@@ -56,6 +56,14 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class WarmUpStats:
+    """A model version's warm-up before it was served: how long its solves took."""
+
+    model: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class RequestStats:
     """One finished RPC, successful or not."""
 
@@ -72,7 +80,7 @@ class RequestStats:
     precision: str = "none"  # what f was evaluated in, once validated
 
 
-Stats = StepStats | QueueStats | ItemStats | RequestEndStats | WorkerStats | RequestStats
+Stats = StepStats | QueueStats | ItemStats | RequestEndStats | WorkerStats | WarmUpStats | RequestStats
 
 
 class StatsSink(Protocol):

@@ -50,6 +50,12 @@ def precision_setting(accuracy: Accuracy, model: ServedModel, config: ServerConf
     return "bfloat16" if fits and not _unserved("bfloat16", model, config) else "float32"
 
 
+def served_precisions(model: ServedModel, config: ServerConfig) -> tuple[str, ...]:
+    """The precisions some request may have ``model``'s f evaluated in (float32 always; any
+    other where the server's ``bfloat16`` setting and the device allow asking for it)."""
+    return tuple(p for p in PRECISIONS if p == "float32" or not _unserved(p, model, config))
+
+
 def _unserved(precision: str, model: ServedModel, config: ServerConfig) -> str:
     """Why ``precision`` is not served for ``model`` ("" when it is)."""
     if config.bfloat16 == "off":
