@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .logs import LOG_FORMATS
 from .scheduling import (
     AUTO_HEADROOM,
     CLIENT_QUEUE_SHARE,
@@ -73,6 +74,9 @@ class ServerConfig:
     metrics_max_connections: int = 256
     metrics_read_timeout_s: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -89,6 +93,10 @@ class ServerConfig:
             problems.append(f"step_graphs must be off or on, got {self.step_graphs!r}")
         if self.bfloat16 not in ("native", "on", "off"):
             problems.append(f"bfloat16 must be native, on or off, got {self.bfloat16!r}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            problems.append("trace_sample_ratio must be in [0, 1]")
         if self.reuse_port not in ("off", "on"):
             problems.append(f"reuse_port must be off or on, got {self.reuse_port!r}")
         if not 1 <= self.default_priority <= self.priority_levels:
@@ -200,6 +208,9 @@ _HELP = {
     "metrics_max_connections": "connections the /metrics endpoint serves at once (more are closed at once)",
     "metrics_read_timeout_s": "a /metrics client must send its request within this",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text: one line per record, ending in request_id=... (and trace_id=...) when it is about a call; json: one JSON object per line (time, level, logger, message, request_id, trace_id)",
+    "otlp_endpoint": "send traces of every call to this OpenTelemetry collector over OTLP/gRPC, e.g. http://otel-collector:4317 (https://: TLS); empty: tracing off (OpenTelemetry is never imported). Needs the extra: pip install 'odeserve[tracing]'",
+    "trace_sample_ratio": "with otlp_endpoint: the fraction of calls traced that bring no traceparent; a caller's traceparent decides for its calls (sampled: traced)",
     "tls_cert": "PEM certificate chain: serve gRPC over TLS",
     "tls_key": "PEM private key for tls_cert",
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
