@@ -243,7 +243,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/tracing_overhead.py " + " ".join(sys.argv[1:]),
-        "settings": {**vars(args), "checkpoints": str(args.checkpoints), "before": before},
+        "settings": {**vars(args), "checkpoints": os.path.relpath(args.checkpoints, ROOT), "before": before},
         "load_average_1m": os.getloadavg()[0],
         "spans_received_by_collector": collector.spans,
         "call_runner_us_per_call": runner_us,
