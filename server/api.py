@@ -153,6 +153,19 @@ class Solved:
 
 
 @dataclass(frozen=True)
+class Timeline:
+    """When a request passed each stage, on the engine's clock (``time.monotonic`` in a
+    server): submitted to the engine, its first items admitted to the batch, the end of the
+    step they joined in (encoding and first evaluations), its last item finished. Kept so that
+    traces are built after the fact, with nothing timed per solver step."""
+
+    submitted: float
+    started: float
+    joined: float
+    finished: float
+
+
+@dataclass(frozen=True)
 class InferenceResult:
     model: str
     model_version: str
@@ -162,6 +175,8 @@ class InferenceResult:
     queue_seconds: float
     compute_seconds: float
     solved: Solved
+    steps: np.ndarray | None = None  # [N] accepted solver steps; None: not measured
+    timeline: Timeline | None = None
 
 
 @dataclass(frozen=True)
@@ -180,10 +195,11 @@ NO_MODEL = "none"
 
 @dataclass
 class CallRecord:
-    """What a call resolved to, for metrics: label values only ever from closed sets (known
-    RPC names, served model names, served methods), filled in as the call is validated."""
+    """What a call resolved to, for metrics and traces: label values only ever from closed sets
+    (known RPC names, served model names, served methods), filled in as the call is validated."""
 
     rpc: str
+    request_id: str = ""  # names the call in logs, traces and response metadata (bounded)
     model: str = "unknown"  # a call naming no served model; NO_MODEL for RPCs that name none
     method: str = "none"
     precision: str = "none"

@@ -23,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from neuralode.devices import resolve_device
 
+from . import logs
+from .calls import CallTracer
 from .config import ServerConfig, parse_config
 from .engine import Engine
 from .frontend import Frontend
@@ -52,8 +54,11 @@ class Server:
     """A running odeserve: ``await start()``, ``await reload()`` the checkpoints at will, then
     ``await stop()`` (``main`` wires these to the process start, SIGHUP and SIGTERM)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tracer: CallTracer | None = None) -> None:
+        """``tracer``: where calls are traced; by default as ``otlp_endpoint`` says (none when
+        it is empty)."""
         self.config = config
+        self.tracer = tracer if tracer is not None else configured_tracer(config)
         if config.reuse_port == "off":
             _refuse_busy(config.host, config.port, "--port")
         _refuse_busy(config.metrics_host, config.metrics_port, "--metrics-port")
@@ -81,7 +86,7 @@ class Server:
         open_inference = OpenInference(self.service, version=_version())
         rpcs = [*V1(self.service).rpcs(), *open_inference.rpcs()]
         try:
-            self.frontend = Frontend(config, self.service, rpcs, self.metrics, self._standard_services)
+            self.frontend = Frontend(config, self.service, rpcs, self.metrics, self._standard_services, self.tracer)
         except OSError as error:
             raise SystemExit(f"cannot read {error.filename}: {error.strerror}") from None
         except ValueError as error:  # a malformed token grant
@@ -249,6 +254,8 @@ class Server:
         if self.rest is not None:
             await self.rest.stop()
         await self.metrics_http.stop()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)
         if stuck:
             log.error("stopped, but the worker of %s is still inside a step", ", ".join(stuck))
             return False
@@ -289,6 +296,24 @@ def _refuse_busy(host: str, port: int, flag: str) -> None:
                 ) from None
 
 
+def configured_tracer(config: ServerConfig) -> CallTracer | None:
+    """The OTLP tracer ``otlp_endpoint`` asks for; None (and OpenTelemetry never imported)
+    when it is empty. Exits with one line when the ``tracing`` extra is not installed."""
+    if not config.otlp_endpoint:
+        return None
+    try:
+        from .tracing import Tracing
+
+        return Tracing.otlp(config.otlp_endpoint, config.trace_sample_ratio, _version())
+    except ImportError as error:
+        if not (error.name or "").startswith("opentelemetry"):
+            raise
+        raise SystemExit(
+            f"--otlp-endpoint {config.otlp_endpoint}: tracing needs OpenTelemetry ({error.name} is not installed): "
+            "pip install 'odeserve[tracing]', or leave otlp_endpoint empty"
+        ) from None
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("odeserve")
@@ -317,7 +342,7 @@ async def serve(config: ServerConfig) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(config.log_level, config.log_format)
     log.info("settings: %s", config.as_dict())
     if not asyncio.run(serve(config)):
         # A thread still inside torch would abort the interpreter's exit (SIGABRT): leave now.

@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .logs import LOG_FORMATS
 from .scheduling import (
     AUTO_HEADROOM,
     CLIENT_QUEUE_SHARE,
@@ -78,6 +79,9 @@ class ServerConfig:
     http_max_connections: int = 1024
     http_idle_timeout_s: float = 60.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -96,6 +100,10 @@ class ServerConfig:
             problems.append(f"warmup must be off or on, got {self.warmup!r}")
         if self.bfloat16 not in ("native", "on", "off"):
             problems.append(f"bfloat16 must be native, on or off, got {self.bfloat16!r}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            problems.append("trace_sample_ratio must be in [0, 1]")
         if self.reuse_port not in ("off", "on"):
             problems.append(f"reuse_port must be off or on, got {self.reuse_port!r}")
         if not 1 <= self.default_priority <= self.priority_levels:
@@ -216,6 +224,9 @@ _HELP = {
     "http_max_connections": "connections the HTTP endpoint holds at once; beyond, a new one closes the one idle longest (or is closed when all are busy)",
     "http_idle_timeout_s": "an HTTP connection kept alive with no request in progress is closed after this (a new connection must send its first request's head within request_read_timeout_s)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text: one line per record, ending in request_id=... (and trace_id=...) when it is about a call; json: one JSON object per line (time, level, logger, message, request_id, trace_id)",
+    "otlp_endpoint": "send traces of every call to this OpenTelemetry collector over OTLP/gRPC, e.g. http://otel-collector:4317 (https://: TLS); empty: tracing off (OpenTelemetry is never imported). Needs the extra: pip install 'odeserve[tracing]'",
+    "trace_sample_ratio": "with otlp_endpoint: the fraction of calls traced that bring no traceparent; a caller's traceparent decides for its calls (sampled: traced)",
     "tls_cert": "PEM certificate chain: serve gRPC and HTTP over TLS (HTTPS)",
     "tls_key": "PEM private key for tls_cert",
     "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch
 from neuralode.solvers import Status
 
 from .adapters import Adapter
+from .api import Timeline
 from .config import EngineConfig
 from .executor import Executor, ExecutorOutputs, Work, first_step_of, step_cost
 from .scheduling import (
@@ -102,7 +103,8 @@ class SchedulingTerms:
 
 @dataclass
 class Result:
-    """A completed request: outputs stacked in item order, per-item cost and status."""
+    """A completed request: outputs stacked in item order, per-item cost and status, and
+    when it passed each stage (for traces)."""
 
     outputs: dict[str, np.ndarray]
     nfe: list[int]
@@ -112,6 +114,8 @@ class Result:
     rtol: float
     atol: float
     preemptions: int = 0
+    steps: list[int] = field(default_factory=list)  # accepted solver steps per item
+    timeline: Timeline | None = None
 
 
 def _serving(name: str, serving: bool) -> None:
@@ -319,16 +323,19 @@ class ModelWorker:
         outcomes = [item.outcome for item in request.items]
         now = self.clock()
         started = request.started_at if request.started_at is not None else now
+        finished = request.finished_at or now
         work: Work = request.items[0].payload
         return Result(
             outputs={name: np.stack([o.outputs[name].numpy() for o in outcomes]) for name in outcomes[0].outputs},
             nfe=[o.nfe for o in outcomes],
             statuses=[o.status for o in outcomes],
             queue_seconds=started - request.enqueued_at,
-            compute_seconds=(request.finished_at or now) - started,
+            compute_seconds=finished - started,
             rtol=work.rtol if request.tol is None else request.tol,
             atol=work.atol if request.tol is None else request.tol,
             preemptions=request.preemptions,
+            steps=[o.steps for o in outcomes],
+            timeline=Timeline(request.enqueued_at, started, request.joined_at or finished, finished),
         )
 
     def _recover(self, error: Exception) -> None:

@@ -50,6 +50,7 @@ class Outcome:
     outputs: dict[str, Tensor]  # on the CPU; NaN where the solve failed
     nfe: int
     status: Status
+    steps: int = 0  # accepted solver steps
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,9 @@ class Executor:
         if not done:
             return []
         state = group.rows
-        y1 = state.y.index_select(0, torch.tensor(done, device=state.t.device))
+        index = torch.tensor(done, device=state.t.device)
+        y1 = state.y.index_select(0, index)
+        steps = state.steps.index_select(0, index).tolist()
         outputs: list[dict[str, Tensor]] = [{} for _ in done]
         by_kind: dict[Kind, list[int]] = defaultdict(list)
         for position, row in enumerate(done):
@@ -302,7 +305,10 @@ class Executor:
                     if status[done[position]] != int(Status.SUCCESS):
                         value = torch.full_like(value, math.nan)
                     outputs[position][name] = value
-        outcomes = [Outcome(group.ids[row], out, nfe[row], Status(status[row])) for row, out in zip(done, outputs)]
+        outcomes = [
+            Outcome(group.ids[row], out, nfe[row], Status(status[row]), steps[position])
+            for position, (row, out) in enumerate(zip(done, outputs))
+        ]
         group.keep([row for row, s in enumerate(status) if s == _RUNNING])
         return outcomes
 

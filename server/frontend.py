@@ -5,7 +5,8 @@ Every RPC of every wire protocol goes through one handler: it reads the request 
 itself, within ``request_read_timeout_s`` (a call that never sends one is cancelled, not left
 holding anything), decodes it (an undecodable message is INVALID_ARGUMENT, counted like any
 other refusal), hands it to its protocol's translator, and records the outcome — with label
-values only from closed sets. Health, reflection and token auth live here too.
+values only from closed sets. Every answer carries the call's request id as ``x-request-id``
+trailing metadata. Health, reflection and token auth live here too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .api import Caller, Code, RequestError, invalid
 from .auth import Token, identify, read_tokens, unauthenticated
-from .calls import CallRunner
+from .calls import CallRunner, CallTracer
 from .config import ServerConfig
 from .service import Call, InferenceService
 from .stats import StatsSink
@@ -59,6 +60,11 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 def caller_of(context: grpc.aio.ServicerContext, tokens: Sequence[Token]) -> Caller:
     header = dict(context.invocation_metadata() or ()).get("authorization")
     return identify(tokens, header, context.peer() or UNKNOWN)
+
+
+def headers_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """A call's text metadata (gRPC sends its keys in lower case), for the call runner."""
+    return {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -119,6 +125,7 @@ class Frontend:
         rpcs: Sequence[Rpc],
         stats: StatsSink,
         extra_services: Callable[[grpc.aio.Server], None],
+        tracer: CallTracer | None = None,
     ) -> None:
         self.config, self.service, self.stats = config, service, stats
         self.rpcs = list(rpcs)
@@ -138,7 +145,7 @@ class Frontend:
                 ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000)),
             ]
-        self.calls = CallRunner(service.budget, stats)
+        self.calls = CallRunner(service.budget, stats, tracer)
         self.accepted = read_tokens(config)
         self.credentials = server_credentials(config)
         interceptors = [TokenAuth(self.accepted, self.rpcs, self.calls)] if self.accepted else []
@@ -178,9 +185,12 @@ class Frontend:
                 remaining=_remaining(context),
                 caller=lambda: caller_of(context, self.accepted),
                 expired=lambda: _expired(context),
+                headers=headers_of(context),
             )
+            trailing = (("x-request-id", answer.request_id),)
             if answer.code is not Code.OK:
-                await context.abort(_STATUS[answer.code], answer.message)
+                await context.abort(_STATUS[answer.code], answer.message, trailing_metadata=trailing)
+            context.set_trailing_metadata(trailing)
             return answer.response
 
         return grpc.stream_unary_rpc_method_handler(handle, response_serializer=lambda m: m.SerializeToString())

@@ -134,6 +134,7 @@ class OpenInference:
     async def model_infer(self, message: oip.ModelInferRequest, call: Call) -> oip.ModelInferResponse:
         if len(message.id) > MAX_ID:
             raise invalid(f"id is {len(message.id)} characters long; at most {MAX_ID} are echoed back")
+        call.name_request(message.id)
         model = self.service.model(message.model_name, message.model_version)
         kind = _kind(model, [tensor.name for tensor in message.inputs])
         requested = _requested_outputs(model, kind, [tensor.name for tensor in message.outputs])

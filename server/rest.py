@@ -112,10 +112,11 @@ class RestApi:
                 lambda call: translate(request, call),
                 remaining=lambda: None,
                 caller=lambda: identify(self.tokens, header, peer),
+                headers=request.headers,  # looked up case-insensitively: x-request-id, traceparent
             )
-            if answer.response is None:
-                return error_response(answer.code, answer.message)
-            return answer.response
+            response = answer.response or error_response(answer.code, answer.message)
+            response.headers["X-Request-Id"] = answer.request_id
+            return response
 
         return handle
 

@@ -37,6 +37,7 @@ from .engine import (
     WorkerRetired,
 )
 from .executor import Work
+from .logs import REQUEST_ID, usable_request_id
 from .models import ServedModel
 from .validation import accuracy_settings, find_model, precision_setting, scheduling_settings
 
@@ -104,6 +105,14 @@ class Call:
     ) -> None:
         self.remaining, self.record, self.reservation, self.caller = remaining, record, reservation, caller
 
+    def name_request(self, request_id: str) -> None:
+        """The protocol's own id for the request (the Open Inference ``id``) names it from now
+        on, in logs, traces and response metadata, when usable there."""
+        usable = usable_request_id(request_id)
+        if usable is not None:
+            self.record.request_id = usable
+            REQUEST_ID.set(usable)
+
 
 class InferenceService:
     def __init__(self, models: dict[str, ServedModel], engine: Engine, config: ServerConfig) -> None:
@@ -148,6 +157,8 @@ class InferenceService:
             queue_seconds=result.queue_seconds,
             compute_seconds=result.compute_seconds,
             solved=solved,
+            steps=np.asarray(result.steps, dtype=np.int64),
+            timeline=result.timeline,
         )
         record = call.record
         record.result = inference

@@ -101,6 +101,7 @@ class Request:
     nfe: int = 0  # spent so far, over all items
     done: int = 0  # items finished
     started_at: float | None = None  # when its first item joined a batch
+    joined_at: float | None = None  # when the step its first items joined in ended
     finished_at: float | None = None
     preemptions: int = 0
     virtual_deadline: float = math.inf  # the fair policy's order for slots beyond the guaranteed

@@ -86,6 +86,7 @@ class Scheduler:
         self._running = 0
         self._queues: dict[int, _Queue] = {}
         self._step_started: float | None = None
+        self._joining: list[Request] = []  # started by the plan being stepped: joined when it ends
         self._step_rows = 0
 
     # ---- views ---------------------------------------------------------------------------
@@ -213,6 +214,9 @@ class Scheduler:
         if self._step_started is not None:
             self.timer.observe(self._step_rows, now - self._step_started)
             self._step_started = None
+        for request in self._joining:
+            request.joined_at = now
+        self._joining.clear()
         for item_id, nfe in outputs.nfe.items():
             item = self._live.get(item_id)
             if item is not None:
@@ -246,6 +250,7 @@ class Scheduler:
                 failed.append(request)
         self._live.clear()
         self._step_started = None
+        self._joining.clear()
         failed.extend(self._release_held())
         return failed
 
@@ -279,6 +284,7 @@ class Scheduler:
             if request.started_at is None:
                 request.started_at = now
                 request.state = State.RUNNING
+                self._joining.append(request)
 
     def _move(self, item: Item, state: State) -> None:
         """Change an item's state, keeping the counts by state up to date."""
