@@ -81,7 +81,7 @@ def exporter() -> InMemorySpanExporter:
 def traced(density_only, exporter):
     provider = tracer_provider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    config = ServerConfig(checkpoints=density_only, port=0, metrics_port=0, grace_seconds=1)
+    config = ServerConfig(checkpoints=density_only, port=0, metrics_port=0, http_port=0, grace_seconds=1)
     running = InProcess(config, Tracing(provider))
     yield running
     running.stop()
@@ -169,6 +169,32 @@ def test_the_open_inference_id_names_the_request_and_a_call_without_traceparent_
     assert root.parent is None and root.attributes["odeserve.request_id"] == "oip-7"
     assert response.id == "oip-7" and trailing(call)["x-request-id"] == "oip-7"
     assert len({span.context.trace_id for span in spans.values()}) == 1
+
+
+def test_a_traceparent_and_request_id_over_http_reach_the_rest_calls_spans(traced, exporter):
+    import http.client
+    import json
+
+    exporter.clear()
+    body = {
+        "inputs": [{"name": "points", "shape": list(POINTS.shape), "datatype": "FP32", "data": POINTS.ravel().tolist()}]
+    }
+    connection = http.client.HTTPConnection("127.0.0.1", traced.server.rest.port, timeout=60)
+    connection.request(
+        "POST",
+        f"/v2/models/{DENSITY}/infer",
+        body=json.dumps(body),
+        headers={"Traceparent": TRACEPARENT, "X-Request-Id": "rest-9"},
+    )
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("X-Request-Id") == "rest-9"
+    response.read()
+    connection.close()
+    spans = spans_of(exporter, "ModelInfer", 6)
+    root = spans["ModelInfer"]
+    assert {f"{span.context.trace_id:032x}" for span in spans.values()} == {TRACE}
+    assert root.parent is not None and root.parent.span_id == int(PARENT, 16)
+    assert root.attributes["odeserve.request_id"] == "rest-9"
 
 
 def test_a_refused_call_is_one_span_with_its_code_and_a_generated_request_id(channel, exporter):
@@ -281,7 +307,7 @@ from server.app import Server
 from server.config import ServerConfig
 
 async def main():
-    server = Server(ServerConfig(checkpoints=sys.argv[1], port=0, metrics_port=0, grace_seconds=1))
+    server = Server(ServerConfig(checkpoints=sys.argv[1], port=0, metrics_port=0, http_port=0, grace_seconds=1))
     await server.start()
     points = np.zeros((1, 2), np.float32)
     request = pb.LogDensityRequest(model=sys.argv[2], points=pb.Tensor(dtype="float32", shape=[1, 2], data=points.tobytes()))
