@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from neuralode.compiled import Compiled, CompiledDynamics
 from neuralode.solvers import Status
 
 from .adapters import Adapter
@@ -38,7 +39,16 @@ from .scheduling import (
     Scheduler,
     State,
 )
-from .stats import ItemStats, QueueStats, RequestEndStats, StatsSink, StepStats, WorkerStats, discard
+from .stats import (
+    CompileStats,
+    ItemStats,
+    QueueStats,
+    RequestEndStats,
+    StatsSink,
+    StepStats,
+    WorkerStats,
+    discard,
+)
 
 log = logging.getLogger("server.engine")
 
@@ -154,7 +164,8 @@ class ModelWorker:
         self.tolerances = sorted(tolerances)
         self.max_batch = config.scheduler.max_batch
         self.scheduler = Scheduler(config.scheduler, clock=self.clock)
-        self.executor = Executor(adapter, self.device, step_graphs=config.step_graphs)
+        self.dynamics = self._dynamics()
+        self.executor = self._executor()
         self._lock = threading.Condition()
         self._futures: dict[int, Future] = {}
         self._closing = False
@@ -163,6 +174,31 @@ class ModelWorker:
         self.restarts = 0
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
+
+    def _dynamics(self) -> Callable | None:
+        """f as every executor of this worker evaluates it: compiled per padded batch size with
+        ``compile_dynamics`` (None: the adapter's, eager)."""
+        if not self.config.compile_dynamics:
+            return None
+
+        def compiled(size: Compiled) -> None:
+            log.info(
+                "model %s: f compiled for %d rows (%s) in %.1f s: %.2f ms against %.2f ms eager; %s",
+                self.name,
+                size.rows,
+                size.precision,
+                size.compile_seconds,
+                size.compiled_ms,
+                size.eager_ms,
+                "compiled" if size.kept else "eager kept",
+            )
+            # Counted during the warm-up too: compiles are the model's, not a request's.
+            self.stats(CompileStats(self.name, size.rows, size.precision, size.compile_seconds, size.kept))
+
+        return CompiledDynamics(self.adapter.dynamics, max_rows=self.max_batch, on_compile=compiled)
+
+    def _executor(self) -> Executor:
+        return Executor(self.adapter, self.device, step_graphs=self.config.step_graphs, dynamics=self.dynamics)
 
     # ---- called from request threads ---------------------------------------------------
     def submit(self, works: list[Work], deadline: float | None, scheduling: SchedulingTerms) -> tuple[Request, Future]:
@@ -353,7 +389,7 @@ class ModelWorker:
                 "and was restarted; the request's items were stopped"
             )
             with self._lock:
-                self.executor = Executor(self.adapter, self.device, step_graphs=self.config.step_graphs)
+                self.executor = self._executor()  # f's compiled sizes survive: they are the model's
                 self._resolve(self.scheduler.fail_started(failure))
             self.stats(WorkerStats(self.name, "restart"))
         except Exception:  # noqa: BLE001 - recovery itself must never end the worker

@@ -146,9 +146,17 @@ class Executor:
     the same masked steps run eagerly."""
 
     def __init__(
-        self, adapter: Adapter, device: torch.device, max_steps: int = 100_000, step_graphs: bool = False
+        self,
+        adapter: Adapter,
+        device: torch.device,
+        max_steps: int = 100_000,
+        step_graphs: bool = False,
+        dynamics: Callable | None = None,
     ) -> None:
+        """``dynamics``: f as the groups evaluate it (default: the adapter's, eager), e.g.
+        :class:`~neuralode.compiled.CompiledDynamics` over it."""
         self.adapter, self.device, self.max_steps = adapter, device, max_steps
+        self.dynamics = adapter.dynamics if dynamics is None else dynamics
         self._graphs_of = StepGraphs if step_graphs else None
         self.groups: dict[tuple[str, str], _Group] = {}
         self.parked: dict[int, _Parked] = {}
@@ -194,7 +202,7 @@ class Executor:
         return self.groups[key]
 
     def _new_group(self, method: str, precision: str, graphs_of: Callable | None = None) -> _Group:
-        return _Group(method, precision, self.adapter.dynamics, self.max_steps, self.adapter.norm, graphs_of)
+        return _Group(method, precision, self.dynamics, self.max_steps, self.adapter.norm, graphs_of)
 
     def _drop(self, item_ids: set[int]) -> None:
         """Discard rows (cancelled, expired, failed) whether running or parked."""

@@ -8,7 +8,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .httpd import Limits, application
-from .stats import ItemStats, QueueStats, RequestEndStats, RequestStats, Stats, StepStats, WarmUpStats, WorkerStats
+from .stats import (
+    CompileStats,
+    ItemStats,
+    QueueStats,
+    RequestEndStats,
+    RequestStats,
+    Stats,
+    StepStats,
+    WarmUpStats,
+    WorkerStats,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 NFE_BUCKETS = tuple(float(2**k) for k in range(1, 15))  # 2 .. 16384 function evaluations
@@ -119,6 +129,18 @@ class Metrics:
         self.restarts = Counter(
             "odeserve_worker_restarts_total", "Model workers restarted after a crash.", ["model"], registry=r
         )
+        self.compiles = Counter(
+            "odeserve_dynamics_compiles_total",
+            "Padded batch sizes f was compiled for (compile_dynamics), by which f measured faster and is used.",
+            ["model", "precision", "used"],
+            registry=r,
+        )
+        self.compile_seconds = Counter(
+            "odeserve_dynamics_compile_seconds_total",
+            "Time spent compiling f (compile_dynamics).",
+            ["model"],
+            registry=r,
+        )
         self.warmup = Gauge(
             "odeserve_warmup_seconds",
             "How long the served version's warm-up solves took before it was served (absent: none ran).",
@@ -178,6 +200,10 @@ class Metrics:
             self.restarts.labels(stats.model).inc()
         elif isinstance(stats, WarmUpStats):
             self.warmup.labels(stats.model).set(stats.seconds)
+        elif isinstance(stats, CompileStats):
+            used = "compiled" if stats.kept else "eager"
+            self.compiles.labels(stats.model, stats.precision, used).inc()
+            self.compile_seconds.labels(stats.model).inc(stats.seconds)
 
     def application(self, limits: Limits) -> web.Application:
         """``GET /metrics`` (and ``/``) in the exposition format, on its own port."""

@@ -56,6 +56,18 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class CompileStats:
+    """f compiled for one padded batch size (``compile_dynamics``): what it cost, and whether
+    the compiled f measured faster than eager and so is used."""
+
+    model: str
+    rows: int
+    precision: str
+    seconds: float
+    kept: bool
+
+
+@dataclass(frozen=True)
 class WarmUpStats:
     """A model version's warm-up before it was served: how long its solves took."""
 
@@ -80,7 +92,7 @@ class RequestStats:
     precision: str = "none"  # what f was evaluated in, once validated
 
 
-Stats = StepStats | QueueStats | ItemStats | RequestEndStats | WorkerStats | WarmUpStats | RequestStats
+Stats = StepStats | QueueStats | ItemStats | RequestEndStats | WorkerStats | WarmUpStats | CompileStats | RequestStats
 
 
 class StatsSink(Protocol):

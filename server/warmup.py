@@ -48,19 +48,20 @@ class WarmUp:
     limited: tuple[str, ...]  # solves a limit (max_nfe, ...) stopped: warmed, but worth a look
 
 
-def batch_sizes(max_batch: int, step_graphs: bool) -> tuple[int, ...]:
-    """The batch sizes warmed. With step graphs, each padded size (a power of two) is a CUDA
-    graph of its own, captured on first use: every one up to ``max_batch``'s. Eager, shapes have
-    no buckets (a batch's size changes step by step as items finish): the smallest and the
-    largest batch, whose allocations the ones between reuse."""
-    if step_graphs:
+def batch_sizes(max_batch: int, padded: bool) -> tuple[int, ...]:
+    """The batch sizes warmed. With step graphs or compiled dynamics (``padded``), each padded
+    size (a power of two) is a CUDA graph or a compiled f of its own, made on first use: every
+    one up to ``max_batch``'s. Eager, shapes have no buckets (a batch's size changes step by
+    step as items finish): the smallest and the largest batch, whose allocations the ones
+    between reuse."""
+    if padded:
         return tuple(sorted({min(1 << k, max_batch) for k in range(max_batch.bit_length() + 1)}))
     return tuple(sorted({1, max_batch}))
 
 
 def plan(model: ServedModel, config: ServerConfig) -> tuple[Solve, ...]:
     """Every kind the model answers × every precision it serves × :func:`batch_sizes`."""
-    sizes = batch_sizes(config.max_batch, config.step_graphs == "on")
+    sizes = batch_sizes(config.max_batch, "on" in (config.step_graphs, config.compile_dynamics))
     return tuple(
         Solve(kind, precision, items)
         for kind in model.adapter.signatures
