@@ -86,7 +86,8 @@ def _prime(client: Client, digits: np.ndarray) -> None:
 def one_server(setting: str, calls: dict, digits: np.ndarray, args, tmp: Path) -> dict:
     env = {"OMP_NUM_THREADS": str(args.threads)}
     begin = time.perf_counter()
-    running = start_server(SHIPPED, tmp, "--warmup", setting, "--device", args.device, env=env)
+    flags = ("--warmup", setting, "--device", args.device, "--compile-dynamics", args.compile_dynamics)
+    running = start_server(SHIPPED, tmp, *flags, env=env, timeout=900)
     startup = time.perf_counter() - begin
     try:
         with Client(running.target, timeout_s=300, retries=0) as client:
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="the larger request (the server's max_batch)")
     parser.add_argument("--threads", type=int, default=1, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile-dynamics", default="off", choices=("off", "on"), help="the servers' setting")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from training.data import load_mnist
@@ -172,7 +174,13 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/warm_start.py " + " ".join(sys.argv[1:]),
-        "settings": {"rounds": args.rounds, "steady": args.steady, "batch": args.batch, "threads": args.threads},
+        "settings": {
+            "rounds": args.rounds,
+            "steady": args.steady,
+            "batch": args.batch,
+            "threads": args.threads,
+            "compile_dynamics": args.compile_dynamics,
+        },
         "checkpoints": relative(SHIPPED),
         "torch": torch.__version__,
         "results": table,

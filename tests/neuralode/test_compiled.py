@@ -57,3 +57,28 @@ def test_a_per_sample_solve_through_compiled_f_takes_eager_fs_steps(func):
     assert fused.nfe.tolist() == eager.nfe.tolist()
     torch.testing.assert_close(fused.y1, eager.y1, rtol=1e-4, atol=1e-4)
     assert 1 <= compiled.compiles <= 4  # 6 rows padded to 8, and the sizes rows that finish first leave
+
+
+def test_every_padded_size_compiles_in_a_worker_thread_beyond_dynamos_default_limit():
+    """Dynamo's recompile limit (8 graphs per function) is a thread-local setting: a server's
+    worker thread compiling 10 sizes once fell back to eager f for the 9th and 10th."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    def func(t, y):
+        return y * 2 + t[:, None]
+
+    compiled = CompiledDynamics(func, max_rows=512)
+    counters.clear()
+
+    def serve() -> None:
+        with torch.no_grad():
+            for k in range(10):
+                rows = 1 << k
+                torch.testing.assert_close(compiled(torch.ones(rows), torch.ones(rows, 3)), torch.full((rows, 3), 3.0))
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    worker.join(300)
+    assert counters["stats"]["unique_graphs"] == 10 and compiled.compiles == 10
