@@ -3,6 +3,7 @@ with the paper's figures: test error, parameters, training images/s and peak mem
 
     python bench/paper_table.py runs/mlp-mnist.pt runs/resnet-mnist.pt runs/rknet-mnist.pt \\
         runs/odenet-mnist.pt --gnu-time-dir runs --out bench/results/paper_table_cpu.json
+    python bench/paper_table.py runs/odenet-cpu-paper.pt --out bench/results/paper_table_cpu.json --update
 
 Test error and parameters come from each card (measured on the full test set at the end of
 training). Images/s is the training loop alone, from the ``epoch N: T s`` lines of the log
@@ -97,8 +98,17 @@ def main() -> None:
     )
     parser.add_argument("--note", default="", help="conditions worth recording next to the figures (load, threads)")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep --out's rows of the model kinds not given (a model retrained alone replaces its own row)",
+    )
     args = parser.parse_args()
     rows = [row(path, args.gnu_time_dir) for path in args.checkpoints]
+    if args.update and args.out and args.out.exists():
+        fresh = {r["kind"]: r for r in rows}
+        kept = json.loads(args.out.read_text())["rows"]
+        rows = [fresh.pop(r["kind"], r) for r in kept] + list(fresh.values())
     print(markdown(rows))
     if args.out:
         result = {
