@@ -55,6 +55,7 @@ class ClassifyResult:
     timing: Timing
     model_version: str
     solved: Solved
+    request_id: str = ""  # the call's id in the server's logs
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class SampleResult:
     timing: Timing
     model_version: str
     solved: Solved
+    request_id: str = ""  # the call's id in the server's logs
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class LogDensityResult:
     timing: Timing
     model_version: str
     solved: Solved
+    request_id: str = ""  # the call's id in the server's logs
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ docstring and signature (``help()`` shows them), with the request options spelle
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -12,7 +13,7 @@ import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import grpc
 
@@ -24,15 +25,31 @@ SERVICE = "odeserve.v1.Inference"
 
 
 class OdeServeError(Exception):
-    """A failed call: ``code`` is the gRPC status code name (e.g. "INVALID_ARGUMENT")."""
+    """A failed call: ``code`` is the gRPC status code name (e.g. "INVALID_ARGUMENT");
+    ``request_id`` names the call in the server's logs ("" from a server that sent none)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, request_id: str = "") -> None:
         super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+        self.code, self.message, self.request_id = code, message, request_id
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> OdeServeError:
-        return cls(error.code().name, error.details() or "")
+        return cls(error.code().name, error.details() or "", request_id_of(error.trailing_metadata()))
+
+
+REQUEST_ID = "x-request-id"
+
+
+def request_id_of(metadata: Any) -> str:
+    """The server's id of a call, from its trailing metadata ("" when it sent none)."""
+    return next((str(value) for key, value in metadata or () if key == REQUEST_ID), "")
+
+
+def _with_request_id(result: R, request_id: str) -> R:
+    """``result`` naming its call, where it has a ``request_id`` field."""
+    if dataclasses.is_dataclass(result) and any(f.name == "request_id" for f in dataclasses.fields(result)):
+        return cast(R, dataclasses.replace(cast(Any, result), request_id=request_id))
+    return result
 
 
 @dataclass(frozen=True)
@@ -114,7 +131,7 @@ class Connection:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stubs: dict[type, Any] = {}
 
-    def _rpc(self, call: Call[Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    def _rpc(self, call: Call[Any]) -> tuple[Any, dict[str, Any]]:
         """The stub method that sends ``call``, and the keywords to send it with."""
         stub = self._stubs.get(call.stub)
         if stub is None:
@@ -129,10 +146,10 @@ def blocking(describe: Callable[P, Call[R]]) -> Callable[Concatenate[Connection,
         call = describe(*args, **kwargs)
         rpc, options = self._rpc(call)
         try:
-            response = rpc(call.request, **options)
+            response, answered = rpc.with_call(call.request, **options)
         except grpc.RpcError as error:
             raise OdeServeError.from_rpc(error) from None
-        return call.result(response)
+        return _with_request_id(call.result(response), request_id_of(answered.trailing_metadata()))
 
     return _presented_as(describe, method)
 
@@ -144,10 +161,12 @@ def awaitable(describe: Callable[P, Call[R]]) -> Callable[Concatenate[Connection
         call = describe(*args, **kwargs)
         rpc, options = self._rpc(call)
         try:
-            response = await rpc(call.request, **options)
+            answered = rpc(call.request, **options)
+            response = await answered
+            trailing = await answered.trailing_metadata()
         except grpc.RpcError as error:
             raise OdeServeError.from_rpc(error) from None
-        return call.result(response)
+        return _with_request_id(call.result(response), request_id_of(trailing))
 
     return _presented_as(describe, method)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import pydoc
+import re
 import typing
 
 import numpy as np
@@ -112,6 +113,16 @@ def test_failures_raise_odeserve_error_with_the_code(sdk, mnist_test):
         sdk.model("no-such-model")
     with pytest.raises(OdeServeError, match="DEADLINE_EXCEEDED"):  # a call's own deadline wins over the client's
         sdk.classify(mnist_test[0][:2], model=CLASSIFIER, tol=1e-5, timeout_s=1e-6)
+
+
+def test_results_and_failures_carry_the_servers_request_id(sdk, mnist_test):
+    """The id that names a call in the server's logs (trailing metadata ``x-request-id``)."""
+    result = sdk.sample(2, model=DENSITY, tol=1e-2, seed=1)
+    assert re.fullmatch(r"[0-9a-f]{32}", result.request_id)
+    with pytest.raises(OdeServeError) as failed:
+        sdk.classify(mnist_test[0][:2], model=CLASSIFIER, tol=2.0)
+    assert re.fullmatch(r"[0-9a-f]{32}", failed.value.request_id)
+    assert failed.value.request_id != result.request_id
 
 
 def test_scheduling_options_and_auto_tolerance_reach_the_server(sdk, mnist_test, shipped):
