@@ -165,7 +165,7 @@ class HttpServer:
         self.port = self._listener.sockets[0].getsockname()[1]
         return self.port
 
-    async def stop(self, timeout: float = 1.0) -> None:
+    async def stop(self) -> None:
         if self._listener is not None:
             self._listener.close()
         if self._runner is not None:
