@@ -306,9 +306,10 @@ class ModelWorker:
         outputs = self.executor.step(plan)
         with self._lock:
             finished = self.scheduler.update(outputs)
+            # Reported before the callers hear: a caller that reads /metrics after its answer
+            # finds its items counted.
+            self._report(plan, outputs, self.scheduler.queued, stats)
             self._resolve(finished)
-            queued = self.scheduler.queued
-        self._report(plan, outputs, queued, stats)
         return True
 
     def _report(self, plan: Plan, outputs: ExecutorOutputs, queued: int, stats: StatsSink) -> None:
