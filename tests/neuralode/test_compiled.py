@@ -32,7 +32,6 @@ def test_each_padded_size_is_compiled_once_and_answers_as_eager_f(func):
             torch.testing.assert_close(out, func(t, z), rtol=1e-5, atol=1e-5)
     assert compiled.compiles == 2 and sorted(size.rows for size in heard) == [4, 8]
     assert all(size.precision == "float32" and size.compile_seconds > 0 for size in heard)
-    assert all(size.kept == (size.compiled_ms < size.eager_ms) for size in heard)
 
 
 def test_training_a_scalar_time_or_an_oversized_batch_run_f_itself(func):

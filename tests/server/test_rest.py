@@ -283,7 +283,9 @@ def test_slow_senders_and_idle_connections_are_dropped_and_others_still_served(g
 def test_the_connection_cap_drops_the_longest_idle_connection_not_new_clients(guarded):
     base = guarded.http_url
     idle = [_connect(base) for _ in range(4)]
-    time.sleep(0.2)
+    for connection in idle:  # answered, so the server holds each as idle (kept alive), oldest first
+        connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
     status, document = infer_json(base, DENSITY, _points(), AUTH)
     assert status == 200
     assert _closed_by_server(idle[0], within=2)
