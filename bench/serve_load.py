@@ -18,10 +18,14 @@
 4. **Auto tolerance under overload**: open-loop arrivals at twice the rate the fair server
    sustains at tol 1e-4, each request one image with a 1 s deadline: fixed tol 1e-4 vs
    ``auto_tol``: fraction answered on time, accuracy of the answers, mean NFE.
-5. **The engine's own time**: 16 closed-loop clients of one image each (the tolerance mix),
-   in-process: throughput, and the worker's busy time split into f (the ODE's dynamics), the
-   model outside the ODE (ODE-Net's downsampling and head) and the rest — the solver's
-   arithmetic, joins, leaves and scheduling, which is the engine's overhead.
+5. **Where each policy's time goes**: every configuration of section 1 in-process, under 16
+   closed-loop clients of one image each and under the mixed load (the tolerance mix both),
+   runs interleaved: throughput, p99, row-steps and solver steps per second, rows per step,
+   joins, parks and resumes per second, time per row-step inside and outside f, the process's
+   CPU cores in use, and the worker's busy time by phase as the engine reports it
+   (``odeserve_engine_seconds_total``): f, the model outside the ODE (ODE-Net's downsampling and
+   head), and the engine's overhead — the solver's own arithmetic, joins, leaves, parks,
+   resumes and the scheduler.
 6. **What continuous batching can buy here**: static batching in-process under the mixed
    load, each solver step timed (without its joins and leaves) against the rows it stepped.
    Static's steps cost ``static_ms`` per row on average, a full batch's ``full_batch_ms``: no
@@ -48,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import grpc
@@ -62,12 +66,17 @@ from odeserve.v1 import odeserve_pb2_grpc as pb_grpc  # noqa: E402
 
 TOLERANCES = {1e-1: 0.5, 1e-3: 0.3, 1e-5: 0.2}  # tolerance: share of requests
 CLASSIFIER, MOONS = "odenet-mnist", "cnf-moons"
-POLICIES = {
-    "fair": ("--policy", "fair"),
-    "max-min": ("--policy", "fair", "--guaranteed-share", "1"),  # the whole batch shared equally
-    "fifo": ("--policy", "fifo"),
-    "static": ("--policy", "static"),
+POLICIES: dict[str, dict] = {  # configuration: its scheduler settings (SchedulerConfig's fields)
+    "fair": {"policy": "fair"},
+    "max-min": {"policy": "fair", "guaranteed_share": 1.0},  # the whole batch shared equally
+    "fifo": {"policy": "fifo"},
+    "static": {"policy": "static"},
 }
+
+
+def server_flags(settings: dict) -> tuple[str, ...]:
+    """``python -m server``'s flags for scheduler settings."""
+    return tuple(part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value)))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -119,7 +128,9 @@ class InProcessTarget:
         step_graphs: bool = False,
         policy: str = "fair",
         max_delay: float = 0.005,
+        stats=None,
     ) -> None:
+        """``policy``: a configuration of :data:`POLICIES`; ``stats``: the engine's stats sink."""
         from neuralode.devices import resolve_device
         from server.adapters import Limits
         from server.config import EngineConfig
@@ -129,8 +140,10 @@ class InProcessTarget:
 
         device = resolve_device("auto")  # where `python -m server` puts the models too
         self.model = load_models(checkpoints, device)[CLASSIFIER]
-        scheduler = SchedulerConfig(max_batch=max_batch, policy=policy, max_delay=max_delay)
-        self.engine = Engine(device, EngineConfig(scheduler, step_graphs=step_graphs))
+        from server.stats import discard
+
+        scheduler = SchedulerConfig(max_batch=max_batch, max_delay=max_delay, **POLICIES[policy])
+        self.engine = Engine(device, EngineConfig(scheduler, step_graphs=step_graphs), stats=stats or discard)
         self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER, expected_nfe=self.model.expected_nfe)
         self.limits = Limits(max_items=1024, max_abs_input=1e6)
 
@@ -247,7 +260,105 @@ def _median_row(runs: list[dict]) -> dict:
     return row
 
 
-# ---- 5. the engine's own time ---------------------------------------------------------------
+# ---- 5. where each policy's time goes ----------------------------------------------------------
+class Breakdown:
+    """A stats sink that sums what the engine reports (:class:`server.stats.StepStats`,
+    :class:`server.stats.IterationStats`): solver steps, rows stepped, rows moved, busy time by
+    phase."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.row_steps = 0, 0
+        self.moves: Counter[str] = Counter()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stats) -> None:
+        from server.stats import IterationStats, StepStats
+
+        if isinstance(stats, StepStats):
+            self.steps += 1
+            self.row_steps += stats.batch_size
+        elif isinstance(stats, IterationStats):
+            for phase, seconds in stats.seconds:
+                self.seconds[phase] += seconds
+            self.moves.update(joined=stats.joined, parked=stats.parked, resumed=stats.resumed, dropped=stats.dropped)
+
+    def summary(self, wall: float, cpu: float) -> dict:
+        """Rates per second of ``wall``; ``cpu``: the process's CPU seconds meanwhile."""
+        busy = sum(self.seconds.values())
+        f, model = self.seconds["f"], self.seconds["model"]
+        row_steps = max(1, self.row_steps)
+        return {
+            "row_steps_per_s": self.row_steps / wall,
+            "steps_per_s": self.steps / wall,
+            "mean_rows_per_step": self.row_steps / max(1, self.steps),
+            **{f"{move}_per_s": self.moves[move] / wall for move in ("joined", "parked", "resumed", "dropped")},
+            "busy_fraction_of_wall": busy / wall,
+            "cpu_cores_used": cpu / wall,
+            "f_us_per_row_step": 1e6 * f / row_steps,
+            "outside_f_us_per_row_step": 1e6 * (busy - f) / row_steps,
+            "share_of_busy": {phase: seconds / busy for phase, seconds in sorted(self.seconds.items())},
+            "f_share": f / busy,
+            "model_outside_ode_share": model / busy,
+            "engine_overhead_share": (busy - f - model) / busy,
+        }
+
+
+def engine_breakdown(
+    checkpoints: Path,
+    load: MixedLoad,
+    clients: int,
+    max_batch: int,
+    step_graphs: bool,
+    repeats: int,
+    max_delay: float,
+) -> dict:
+    """Each configuration of :data:`POLICIES` in-process under ``load`` (closed loop, runs
+    interleaved): its throughput, latency and where its engine's time went (:class:`Breakdown`)."""
+    runs: dict[str, list[dict]] = {policy: [] for policy in POLICIES}
+    sinks = {policy: Breakdown() for policy in POLICIES}
+    targets = {
+        policy: InProcessTarget(checkpoints, max_batch, step_graphs, policy, max_delay, stats=sinks[policy])
+        for policy in POLICIES
+    }
+    warm = MixedLoad(load.images, load.warmup, 0.0, load.max_images, load.seed + 1)
+    measured = MixedLoad(load.images, load.duration, 0.0, load.max_images, load.seed)
+    try:
+        for _ in range(repeats):
+            for policy, target in targets.items():
+                warm.closed_loop(target, clients)
+                sinks[policy].reset()
+                cpu, begin = time.process_time(), time.perf_counter()
+                row = measured.closed_loop(target, clients)
+                wall, cpu = time.perf_counter() - begin, time.process_time() - cpu
+                runs[policy].append(
+                    {
+                        "throughput_items_per_s": row["throughput_items_per_s"],
+                        "latency_p50_ms": row["latency_p50_ms"],
+                        "latency_p99_ms": row["latency_p99_ms"],
+                        "mean_nfe": row["mean_nfe"],
+                        **sinks[policy].summary(wall, cpu),
+                    }
+                )
+    finally:
+        for target in targets.values():
+            target.close()
+    return {policy: _median_of(results) for policy, results in runs.items()}
+
+
+def _median_of(runs: list[dict]) -> dict:
+    row: dict = {}
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            row[key] = {k: float(np.median([run[key].get(k, 0.0) for run in runs])) for k in value}
+        else:
+            row[key] = float(np.median([run[key] for run in runs]))
+    return row | {"runs": runs}
+
+
+# ---- 6. what continuous batching can buy here ----------------------------------------------
 def _timed(fn, add_seconds):
     """``fn``, reporting the wall time of every call to ``add_seconds``."""
 
@@ -261,69 +372,6 @@ def _timed(fn, add_seconds):
     return timed
 
 
-class EngineTimes:
-    """Wall time one worker spends in each part of its steps, by wrapping those parts in
-    place (an instrument for this benchmark; the server does not time f)."""
-
-    def __init__(self, worker) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        adapter, executor, scheduler = worker.adapter, worker.executor, worker.scheduler
-        adapter.dynamics = self._timed("f", adapter.dynamics)
-        adapter.start = self._timed("model outside the ODE", adapter.start)
-        adapter.finish = self._timed("model outside the ODE", adapter.finish)
-        executor.step = self._timed("busy", executor.step)
-        scheduler.schedule = self._timed("busy", scheduler.schedule)
-        scheduler.update = self._timed("busy", scheduler.update)
-
-    def _timed(self, part: str, fn):
-        def add(seconds: float) -> None:
-            self.seconds[part] += seconds
-
-        return _timed(fn, add)
-
-    def shares(self, wall: float) -> dict:
-        busy, f, model = self.seconds["busy"], self.seconds["f"], self.seconds["model outside the ODE"]
-        return {
-            "busy_fraction_of_wall": busy / wall,
-            "f_share": f / busy,
-            "model_outside_ode_share": model / busy,
-            "outside_f_share": (busy - f) / busy,
-            "engine_overhead_share": (busy - f - model) / busy,
-        }
-
-
-def engine_times(
-    checkpoints: Path,
-    images: np.ndarray,
-    clients: int,
-    seconds: float,
-    warmup: float,
-    max_batch: int,
-    seed: int,
-    step_graphs: bool = False,
-) -> dict:
-    target = InProcessTarget(checkpoints, max_batch, step_graphs)
-    try:
-        times = EngineTimes(target.engine.workers[target.model.key])
-        MixedLoad(images, warmup, 0.0, 1, seed).closed_loop(target, clients)
-        times.seconds.clear()
-        begin = time.perf_counter()
-        row = MixedLoad(images, seconds, 0.0, 1, seed + 1).closed_loop(target, clients)
-        wall = time.perf_counter() - begin
-    finally:
-        target.close()
-    return {
-        "clients": clients,
-        "images_per_request": 1,
-        "throughput_items_per_s": row["throughput_items_per_s"],
-        "latency_p50_ms": row["latency_p50_ms"],
-        "latency_p99_ms": row["latency_p99_ms"],
-        "mean_nfe": row["mean_nfe"],
-        **times.shares(wall),
-    }
-
-
-# ---- 6. what continuous batching can buy here ----------------------------------------------
 class StepRows:
     """Each executor step's stepped rows and its time without the joins and leaves it ran
     (an instrument for this benchmark, wrapped in place like :class:`EngineTimes`)."""
@@ -600,8 +648,8 @@ def main() -> None:
     step_graphs = args.step_graphs == "on"
     with tempfile.TemporaryDirectory() as tmp:
         targets = {
-            name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *flags)
-            for name, flags in POLICIES.items()
+            name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *server_flags(settings))
+            for name, settings in POLICIES.items()
             if sections - {"engine", "ceiling"}  # these two run in-process
         }
         try:
@@ -659,20 +707,22 @@ def main() -> None:
             for target in targets.values():
                 target.close()
     if "engine" in sections:
-        runs = [
-            engine_times(
+        workloads = {
+            f"{args.engine_clients} x 1 image": (args.engine_clients, 1),
+            f"{args.clients} x 1-{args.max_images} images": (args.clients, args.max_images),
+        }
+        record["engine"] = {
+            name: engine_breakdown(
                 args.checkpoints,
-                images,
-                args.engine_clients,
-                args.engine_seconds,
-                args.warmup,
+                MixedLoad(images, args.engine_seconds, args.warmup, max_images, args.seed),
+                clients,
                 args.max_batch,
-                args.seed + repeat,
                 step_graphs,
+                args.repeats,
+                args.max_delay_ms / 1e3,
             )
-            for repeat in range(args.repeats)
-        ]
-        record["engine"] = {key: float(np.median([run[key] for run in runs])) for key in runs[0]} | {"runs": runs}
+            for name, (clients, max_images) in workloads.items()
+        }
     if "ceiling" in sections:
         record["ceiling"] = batching_ceiling(
             args.checkpoints,
@@ -762,18 +812,25 @@ def _print(record: dict, args, machine: str) -> None:
                 )
 
     if "engine" in record:
-        e = record["engine"]
-        print(
-            f"\n5. the engine's own time: {e['clients']:.0f} clients x 1 image, in-process, median of {len(e['runs'])} runs"
-        )
-        print(
-            f"  {e['throughput_items_per_s']:.1f} items/s, p50 {e['latency_p50_ms']:.0f} ms, p99 {e['latency_p99_ms']:.0f} ms; "
-            f"worker busy {e['busy_fraction_of_wall']:.0%} of the time"
-        )
-        print(
-            f"  of busy time: f {e['f_share']:.1%}, the model outside the ODE {e['model_outside_ode_share']:.1%}, "
-            f"the engine's overhead {e['engine_overhead_share']:.1%} (outside f in all: {e['outside_f_share']:.1%})"
-        )
+        print(f"\n5. where each policy's time goes: in-process, closed loop, median of {args.repeats} interleaved runs")
+        for workload, rows in record["engine"].items():
+            print(f"  {workload}, the tolerance mix")
+            print(
+                f"    {'policy':<8} {'items/s':>8} {'p99 ms':>7} {'row-steps/s':>11} {'rows/step':>9} {'steps/s':>7} "
+                f"{'joins/s':>7} {'parks/s':>7} {'resumes/s':>9} {'f us/rs':>8} {'rest us/rs':>10} {'engine':>7} "
+                f"{'busy':>5} {'cores':>5}"
+            )
+            for policy, r in rows.items():
+                print(
+                    f"    {policy:<8} {r['throughput_items_per_s']:>8.1f} {r['latency_p99_ms']:>7.0f} "
+                    f"{r['row_steps_per_s']:>11.0f} {r['mean_rows_per_step']:>9.1f} {r['steps_per_s']:>7.1f} "
+                    f"{r['joined_per_s']:>7.1f} {r['parked_per_s']:>7.1f} {r['resumed_per_s']:>9.1f} "
+                    f"{r['f_us_per_row_step']:>8.0f} {r['outside_f_us_per_row_step']:>10.0f} "
+                    f"{r['engine_overhead_share']:>7.1%} {r['busy_fraction_of_wall']:>5.0%} {r['cpu_cores_used']:>5.2f}"
+                )
+            for policy, r in rows.items():
+                shares = ", ".join(f"{phase} {share:.1%}" for phase, share in r["share_of_busy"].items())
+                print(f"    {policy:<8} busy time: {shares}")
     if "ceiling" in record:
         c = record["ceiling"]
         print(

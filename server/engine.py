@@ -42,6 +42,8 @@ from .scheduling import (
 from .stats import (
     CompileStats,
     ItemStats,
+    IterationStats,
+    PhaseTimes,
     QueueStats,
     RequestEndStats,
     StatsSink,
@@ -164,6 +166,7 @@ class ModelWorker:
         self.tolerances = sorted(tolerances)
         self.max_batch = config.scheduler.max_batch
         self.scheduler = Scheduler(config.scheduler, clock=self.clock)
+        self.times = PhaseTimes()  # where each iteration's time goes, for IterationStats
         self.dynamics = self._dynamics()
         self.executor = self._executor()
         self._lock = threading.Condition()
@@ -198,7 +201,9 @@ class ModelWorker:
         return CompiledDynamics(self.adapter.dynamics, max_rows=self.max_batch, on_compile=compiled)
 
     def _executor(self) -> Executor:
-        return Executor(self.adapter, self.device, step_graphs=self.config.step_graphs, dynamics=self.dynamics)
+        return Executor(
+            self.adapter, self.device, step_graphs=self.config.step_graphs, dynamics=self.dynamics, times=self.times
+        )
 
     # ---- called from request threads ---------------------------------------------------
     def submit(self, works: list[Work], deadline: float | None, scheduling: SchedulingTerms) -> tuple[Request, Future]:
@@ -290,9 +295,12 @@ class ModelWorker:
 
     def _iterate(self) -> bool:
         """One ``schedule → step → update``; False once closing and nothing is left."""
+        times = self.times
+        times.take()  # a crashed iteration's, or an idle one's
         with self._lock:
             stats = discard if self._warming else self.stats
-            plan = self.scheduler.schedule()
+            with times.phase("schedule"):
+                plan = self.scheduler.schedule()
             self._resolve(plan.ended)
             idle = not plan.steps and not plan.drop
             if idle:
@@ -305,7 +313,8 @@ class ModelWorker:
             return True
         outputs = self.executor.step(plan)
         with self._lock:
-            finished = self.scheduler.update(outputs)
+            with times.phase("update"):
+                finished = self.scheduler.update(outputs)
             # Reported before the callers hear: a caller that reads /metrics after its answer
             # finds its items counted.
             self._report(plan, outputs, self.scheduler.queued, stats)
@@ -313,6 +322,16 @@ class ModelWorker:
         return True
 
     def _report(self, plan: Plan, outputs: ExecutorOutputs, queued: int, stats: StatsSink) -> None:
+        stats(
+            IterationStats(
+                self.name,
+                self.times.take(),
+                joined=len(plan.join),
+                resumed=len(plan.resume),
+                parked=len(plan.park),
+                dropped=len(plan.drop),
+            )
+        )
         parked = Counter((item.payload.method, item.payload.precision) for item in plan.park)
         for group in outputs.groups:
             if group.batch_size:

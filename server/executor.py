@@ -27,6 +27,7 @@ from neuralode.solvers import Norm, SolverState, Status, Stepper, get_method, ta
 from .adapters import Adapter
 from .api import Kind
 from .scheduling import Cost, Item, Plan, StepOutputs
+from .stats import PhaseTimes
 
 _RUNNING = int(Status.RUNNING)
 
@@ -94,8 +95,8 @@ class _Parked:
 class _Group:
     """The running rows of one method and precision; ``ids`` and ``kinds`` mirror the rows on
     the host, so knowing which item a row is never needs the device. ``dynamics`` is the
-    model's f evaluated in the group's precision. With ``graphs`` its steps are masked steps
-    replayed from CUDA graphs (eagerly off the GPU)."""
+    model's f evaluated in the group's precision, its time counted in ``times``. With ``graphs``
+    its steps are masked steps replayed from CUDA graphs (eagerly off the GPU)."""
 
     def __init__(
         self,
@@ -104,11 +105,12 @@ class _Group:
         dynamics: Callable,
         max_steps: int,
         norm: Norm,
+        times: PhaseTimes,
         graphs_of: Callable | None = None,
     ) -> None:
         self.method, self.precision = method, precision
         self.dtype = precision_dtype(precision)
-        self.dynamics = in_precision(dynamics, self.dtype)
+        self.dynamics = times.inner("f", in_precision(dynamics, self.dtype))
         self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
         self.graphs: StepGraphs | None = None if graphs_of is None else graphs_of(self.stepper, self.dynamics)
         self.state: SolverState | None = None
@@ -143,7 +145,8 @@ class _Group:
 class Executor:
     """``step_graphs``: take each step as one replayed CUDA graph per padded batch size
     (:class:`~neuralode.cuda_graphs.StepGraphs`) instead of a few hundred kernels; off the GPU
-    the same masked steps run eagerly."""
+    the same masked steps run eagerly. ``times`` accumulates where each step's time goes (its
+    owner takes it per iteration); on a GPU, phases time their kernel launches, not the kernels."""
 
     def __init__(
         self,
@@ -152,11 +155,15 @@ class Executor:
         max_steps: int = 100_000,
         step_graphs: bool = False,
         dynamics: Callable | None = None,
+        times: PhaseTimes | None = None,
     ) -> None:
         """``dynamics``: f as the groups evaluate it (default: the adapter's, eager), e.g.
         :class:`~neuralode.compiled.CompiledDynamics` over it."""
         self.adapter, self.device, self.max_steps = adapter, device, max_steps
         self.dynamics = adapter.dynamics if dynamics is None else dynamics
+        self.times = PhaseTimes() if times is None else times
+        self._encode = self.times.inner("model", adapter.start)
+        self._decode = self.times.inner("model", adapter.finish)
         self._graphs_of = StepGraphs if step_graphs else None
         self.groups: dict[tuple[str, str], _Group] = {}
         self.parked: dict[int, _Parked] = {}
@@ -168,26 +175,38 @@ class Executor:
     @torch.no_grad()
     def step(self, plan: Plan) -> ExecutorOutputs:
         """Apply ``plan``, then one attempted solver step for every running row."""
-        self._drop({item.id for item in plan.drop})
-        self._park({item.id for item in plan.park})
-        self._resume(plan.resume)
+        times = self.times
+        if plan.drop:
+            with times.phase("drop"):
+                self._drop({item.id for item in plan.drop})
+        if plan.park:
+            with times.phase("park"):
+                self._park({item.id for item in plan.park})
+        if plan.resume:
+            with times.phase("resume"):
+                self._resume(plan.resume)
         nfe: dict[int, int] = {}
         finished: dict[int, Outcome] = {}
         groups = []
-        started_done = self._join(plan.join, nfe)
+        with times.phase("join"):
+            started_done = self._join(plan.join, nfe)
         for group in self.groups.values():
             if group.state is None:
                 continue
             size = group.size
-            if group.graphs is None:
-                group.state, record = group.stepper.step(group.dynamics, group.state)
-                step_accepted = record.accepted
-            else:
-                group.state, step_accepted = group.graphs.step(group.state)
-            # The one host synchronisation per step: every row's status and NFE, and rejections.
-            status, counts, accepted = torch.stack([group.state.status, group.state.nfe, step_accepted.long()]).tolist()
+            with times.phase("step"):
+                if group.graphs is None:
+                    group.state, record = group.stepper.step(group.dynamics, group.state)
+                    step_accepted = record.accepted
+                else:
+                    group.state, step_accepted = group.graphs.step(group.state)
+                # The one host synchronisation per step: every row's status and NFE, and rejections.
+                status, counts, accepted = torch.stack(
+                    [group.state.status, group.state.nfe, step_accepted.long()]
+                ).tolist()
             nfe.update(zip(group.ids, counts))
-            outcomes = self._finish(group, status, counts)
+            with times.phase("leave"):
+                outcomes = self._finish(group, status, counts)
             finished.update((o.item_id, o) for o in outcomes)
             groups.append(GroupStep(group.method, size, size - sum(accepted), outcomes, group.precision))
         for group_step in started_done:
@@ -202,7 +221,7 @@ class Executor:
         return self.groups[key]
 
     def _new_group(self, method: str, precision: str, graphs_of: Callable | None = None) -> _Group:
-        return _Group(method, precision, self.dynamics, self.max_steps, self.adapter.norm, graphs_of)
+        return _Group(method, precision, self.dynamics, self.max_steps, self.adapter.norm, self.times, graphs_of)
 
     def _drop(self, item_ids: set[int]) -> None:
         """Discard rows (cancelled, expired, failed) whether running or parked."""
@@ -269,7 +288,7 @@ class Executor:
             inputs = inputs.pin_memory()
         inputs = inputs.to(self.device, non_blocking=True)
         with _autocast(self.device, group.dtype):  # the model outside the ODE, in the group's precision too
-            start = self.adapter.start(kind, inputs)
+            start = self._encode(kind, inputs)
         dtype, device = torch.promote_types(start.y0.dtype, torch.float32), start.y0.device  # bfloat16 out of autocast
 
         def column(values: list[float], dtype=dtype) -> Tensor:
@@ -305,7 +324,7 @@ class Executor:
             by_kind[group.kinds[row]].append(position)
         for kind, positions in by_kind.items():
             with _autocast(self.device, group.dtype):
-                result = self.adapter.finish(kind, y1[positions])
+                result = self._decode(kind, y1[positions])
             for name, values in result.items():
                 values = values.float().cpu()
                 for j, position in enumerate(positions):

@@ -11,6 +11,7 @@ from .httpd import Limits, application
 from .stats import (
     CompileStats,
     ItemStats,
+    IterationStats,
     QueueStats,
     RequestEndStats,
     RequestStats,
@@ -147,6 +148,19 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.engine_seconds = Counter(
+            "odeserve_engine_seconds_total",
+            "Worker busy time by phase: f, the model outside the ODE, the solver's own arithmetic (step), "
+            "the scheduler (schedule, update) and the batch's row changes (join, resume, park, drop, leave).",
+            ["model", "phase"],
+            registry=r,
+        )
+        self.row_moves = Counter(
+            "odeserve_engine_row_moves_total",
+            "Rows the engine moved between steps: items joining, resumed, parked, dropped.",
+            ["model", "move"],
+            registry=r,
+        )
         self.auto_tol = Histogram(
             "odeserve_auto_tolerance",
             "Tolerance chosen for auto_tol requests.",
@@ -167,6 +181,12 @@ class Metrics:
             self.occupancy.labels(stats.model, stats.method, stats.precision).set(stats.batch_size / stats.max_batch)
             if stats.preempted:
                 self.preemptions.labels(stats.model, stats.method, stats.precision).inc(stats.preempted)
+        elif isinstance(stats, IterationStats):
+            for phase, seconds in stats.seconds:
+                self.engine_seconds.labels(stats.model, phase).inc(seconds)
+            for move in ("joined", "resumed", "parked", "dropped"):
+                if count := getattr(stats, move):
+                    self.row_moves.labels(stats.model, move).inc(count)
         elif isinstance(stats, ItemStats):
             histogram = self.nfe.labels(stats.model, stats.method, stats.precision)
             for nfe, status in zip(stats.nfe, stats.statuses):

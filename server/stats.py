@@ -3,8 +3,19 @@ Prometheus series. Nothing here knows about Prometheus, gRPC or torch."""
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+PHASES = ("schedule", "join", "resume", "park", "drop", "step", "leave", "update", "f", "model")
+"""Where a worker's busy time goes (:class:`PhaseTimes`): the scheduler's decision and its
+accounting (``schedule``, ``update``); the executor's row changes (``join``, ``resume``,
+``park``, ``drop``, ``leave``) and the solver's own arithmetic (``step``), each without the
+time spent inside f (``f``) or the model outside the ODE (``model``: ODE-Net's downsampling
+and head, a CNF's nothing)."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +29,57 @@ class StepStats:
     rejected: int
     preempted: int = 0  # items parked by the plan of this step
     precision: str = "float32"  # what f was evaluated in
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    """One worker iteration (``schedule → step → update``): seconds per phase (:data:`PHASES`)
+    and the rows it moved, so an operator sees what the engine's own bookkeeping costs."""
+
+    model: str
+    seconds: tuple[tuple[str, float], ...]
+    joined: int = 0
+    resumed: int = 0
+    parked: int = 0
+    dropped: int = 0
+
+
+class PhaseTimes:
+    """Wall seconds per phase of the current iteration. ``phase`` times a block; ``inner``
+    wraps a function (f, the model outside the ODE) whose time is its own phase and is taken
+    out of whichever block it ran in, so the phases add up to the busy time."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._inner = 0.0  # seconds in inner functions, so far this iteration
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begin, inner = self.clock(), self._inner
+        try:
+            yield
+        finally:
+            self.seconds[name] += self.clock() - begin - (self._inner - inner)
+
+    def inner(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            begin = self.clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = self.clock() - begin
+                self.seconds[name] += elapsed
+                self._inner += elapsed
+
+        return timed
+
+    def take(self) -> tuple[tuple[str, float], ...]:
+        """This iteration's seconds per phase; the next iteration starts from zero."""
+        taken = tuple((name, self.seconds[name]) for name in PHASES if self.seconds.get(name))
+        self.seconds.clear()
+        self._inner = 0.0
+        return taken
 
 
 @dataclass(frozen=True)
@@ -92,7 +154,17 @@ class RequestStats:
     precision: str = "none"  # what f was evaluated in, once validated
 
 
-Stats = StepStats | QueueStats | ItemStats | RequestEndStats | WorkerStats | WarmUpStats | CompileStats | RequestStats
+Stats = (
+    StepStats
+    | IterationStats
+    | QueueStats
+    | ItemStats
+    | RequestEndStats
+    | WorkerStats
+    | WarmUpStats
+    | CompileStats
+    | RequestStats
+)
 
 
 class StatsSink(Protocol):

@@ -41,5 +41,8 @@ def test_the_gpu_inference_script_runs_every_step_and_records_each_figure(mnist_
         served = json.loads((tmp_path / f"step-graphs-{graphs}" / "serve_load_cpu.json").read_text())
         assert served["settings"]["step_graphs"] == graphs
         assert served["mixed"]["closed_loop"]["grpc static"]["throughput_items_per_s"] > 0
-        assert 0 < served["engine"]["engine_overhead_share"] < 1
+        for workload in served["engine"].values():  # every policy's breakdown, both workloads
+            assert set(workload) == {"fair", "max-min", "fifo", "static"}
+            for row in workload.values():
+                assert 0 < row["engine_overhead_share"] < 1 and row["row_steps_per_s"] > 0, row
         assert served["ceiling"]["row_steps"] > 0 and served["ceiling"]["step_ceiling"] > 0

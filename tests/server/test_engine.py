@@ -6,11 +6,14 @@ requests are served."""
 from __future__ import annotations
 
 import threading
+import time
+from collections import defaultdict
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import pytest
 import torch
 from live_server import DENSITIES
+from prometheus_client import generate_latest
 from toy_policy import NewestFirst
 
 from neuralode.checkpoint import load_checkpoint
@@ -21,7 +24,7 @@ from server.engine import Engine, SchedulingTerms, WorkerFailed
 from server.executor import Work
 from server.metrics import Metrics
 from server.scheduling import POLICIES, BudgetExhausted, SchedulerConfig
-from server.stats import StepStats, WorkerStats
+from server.stats import PHASES, IterationStats, PhaseTimes, StepStats, WorkerStats
 
 DENSITY = DENSITIES[0]
 RESULT_TIMEOUT = 60.0
@@ -249,3 +252,42 @@ def test_a_cancelled_request_resolves_and_leaves_the_batch(engine, make_works):
     _, after = engine.submit("cnf", make_works(2))
     after.result(RESULT_TIMEOUT)
     assert engine.workers["cnf"].executor.running == 0
+
+
+def test_each_iteration_reports_where_its_time_went_and_the_rows_it_moved(engine, make_works):
+    begin = time.perf_counter()
+    _, future = engine.submit("cnf", make_works(5, tol=1e-5))
+    future.result(RESULT_TIMEOUT)
+    wall = time.perf_counter() - begin
+    iterations = [s for s in engine.faults.stats if isinstance(s, IterationStats)]
+    steps = [s for s in engine.faults.stats if isinstance(s, StepStats)]
+    assert len(iterations) == len(steps) > 1  # one group: one step per iteration
+    seconds: dict[str, float] = defaultdict(float)
+    for iteration in iterations:
+        for phase, spent in iteration.seconds:
+            seconds[phase] += spent
+    assert {"schedule", "join", "step", "leave", "update", "f"} <= set(seconds) <= set(PHASES)
+    assert all(spent > 0 for spent in seconds.values())
+    assert sum(seconds.values()) <= wall  # phases exclude each other: they never count a moment twice
+    assert sum(i.joined for i in iterations) == 5 and not any(i.parked or i.resumed or i.dropped for i in iterations)
+    exposed = generate_latest(engine.metrics.registry).decode()
+    assert f'odeserve_engine_seconds_total{{model="{DENSITY}",phase="f"}}' in exposed
+    assert f'odeserve_engine_row_moves_total{{model="{DENSITY}",move="joined"}} 5.0' in exposed
+
+
+def test_phase_times_take_inner_time_out_of_the_block_it_ran_in():
+    now = [0.0]
+    times = PhaseTimes(clock=lambda: now[0])
+
+    def f() -> None:
+        now[0] += 3.0
+
+    timed_f = times.inner("f", f)
+    with times.phase("step"):
+        now[0] += 1.0
+        timed_f()
+        now[0] += 1.0
+    with times.phase("join"):
+        timed_f()
+    assert times.take() == (("step", 2.0), ("f", 6.0))  # in PHASES' order; join spent nothing of its own
+    assert times.take() == ()  # the next iteration starts from zero
