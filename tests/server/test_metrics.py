@@ -95,6 +95,24 @@ def test_card_nfe_is_interpolated_as_a_power_law_in_the_tolerance():
         device="cpu",
     )
     assert one_row.expected_nfe("dopri5", 1e-5) == 21.0
+    steep = ServedModel(  # one step at loose tolerances: a steep tightest segment (shipped cnf-moons)
+        "m",
+        "v",
+        "cnf",
+        "density",
+        ModelCard.from_dict(
+            {
+                "kind": "cnf",
+                "hyper": {"method": "dopri5"},
+                "metrics": {"table": [{"tol": 1e-4, "nfe_mean": 24.0}, {"tol": 1e-3, "nfe_mean": 10.0}]},
+            }
+        ),
+        adapter=None,
+        default_tol=1e-3,
+        device="cpu",
+    )
+    # Below the table: dopri5's own rate (error order 4: a fifth of a decade per decade), not the segment's 0.38.
+    assert steep.expected_nfe("dopri5", 1e-10) == pytest.approx(24.0 * 10**1.2)
     bare = ModelCard(kind="cnf", hyper={"method": "dopri5"})
     no_table = ServedModel("m", "v", "cnf", "density", bare, adapter=None, default_tol=1e-3, device="cpu")
     assert no_table.expected_nfe("dopri5", 1e-3) is None
