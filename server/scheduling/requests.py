@@ -49,6 +49,10 @@ class State(enum.Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
 
+    # Members are singletons: hashing by identity is exact, and in C (Enum's own hashes the name
+    # in Python), which the scheduler's per-state counts look up for every request each step.
+    __hash__ = object.__hash__
+
     @property
     def terminal(self) -> bool:
         return self in _TERMINAL
@@ -106,16 +110,12 @@ class Request:
     preemptions: int = 0
     virtual_deadline: float = math.inf  # the fair policy's order for slots beyond the guaranteed
     counts: dict[State, int] = field(default_factory=dict)  # items by state, kept by the scheduler
+    demand: int = 0  # items that still need a slot (waiting, running or parked), kept by the scheduler
     id: int = field(default_factory=itertools.count().__next__)
 
     @property
     def ended(self) -> bool:
         return self.state.terminal
-
-    @property
-    def demand(self) -> int:
-        """Items that still need a slot (waiting, running or parked)."""
-        return self.count(State.WAITING) + self.count(State.RUNNING) + self.count(State.PREEMPTED)
 
     def count(self, state: State) -> int:
         return self.counts.get(state, 0)

@@ -52,6 +52,8 @@ from .requests import (
 )
 from .step_time import StepTimer
 
+_NEEDS_SLOT = (State.WAITING, State.RUNNING, State.PREEMPTED)  # a request's demand counts these items
+
 OPTIMISTIC_NFE_FRACTION = 0.5
 """Deadline checks assume an item needs at least this share of the card's NFE at its
 tolerance: items rarely need much less, so a request is only given up when it is clearly lost."""
@@ -59,9 +61,9 @@ tolerance: items rarely need much less, so a request is only given up when it is
 
 @dataclass(frozen=True)
 class _Queue:
-    """Where a new request would stand, from the last ``schedule``: one priority level's
-    requests in their order, with the expected row-steps (items × steps to go) ahead of each.
-    Predictions look a request up here instead of re-planning."""
+    """Where a new request would stand (built for the first forecast after a ``schedule``): one
+    priority level's requests in their order, with the expected row-steps (items × steps to go)
+    ahead of each. Predictions look a request up here instead of re-planning."""
 
     orders: list[tuple[float, int]]
     work_before: list[float]  # expected row-steps of this level's requests ahead of each position
@@ -79,12 +81,13 @@ class Scheduler:
         self.policy: Policy = policy_class(config.policy)(config)
         self.timer = StepTimer()
         self._requests: dict[int, Request] = {}  # not ended, by id
+        self._watched: dict[int, Request] = {}  # those that may end before they finish: a deadline, or cancelled
         self._live: dict[int, Item] = {}  # running or parked items, by id
         self._held: list[Request] = []  # policy.holds_finished: finished, handed back when the batch ends
         self._queued = 0  # items waiting or parked
         self._queued_by: dict[Any, int] = {}  # the same, by owner (owners holding none are left out)
         self._running = 0
-        self._queues: dict[int, _Queue] = {}
+        self._queues: dict[int, _Queue] | None = None  # forecasts' view of the queue; None: build when asked
         self._step_started: float | None = None
         self._joining: list[Request] = []  # started by the plan being stepped: joined when it ends
         self._step_rows = 0
@@ -149,11 +152,13 @@ class Scheduler:
                 f"each takes {least} function evaluations"
             )
         request.virtual_deadline = self._virtual_deadline(now, len(payloads), request.cost, deadline)
-        request.counts[State.WAITING] = len(payloads)
+        request.counts[State.WAITING] = request.demand = len(payloads)
         self._queued += len(payloads)
         if owner is not None:
             self._queued_by[owner] = self._queued_by.get(owner, 0) + len(payloads)
         self._requests[request.id] = request
+        if deadline is not None:
+            self._watched[request.id] = request
         return request
 
     def _check_share(self, owner: Any, items: int) -> None:
@@ -174,6 +179,7 @@ class Scheduler:
         """Takes effect at the next ``schedule``: the request's items leave the batch."""
         if not request.ended:
             request.error = Cancelled()
+            self._watched[request.id] = request
 
     def cancel_all(self, error: Cancelled) -> int:
         """Every request not yet ended ends with ``error`` at the next ``schedule`` (a shutdown
@@ -181,13 +187,14 @@ class Scheduler:
         pending = [request for request in self._requests.values() if not request.ended]
         for request in pending:
             request.error = error
+            self._watched[request.id] = request
         return len(pending)
 
     # ---- the step --------------------------------------------------------------------------
     def schedule(self) -> Plan:
         now = self.clock()
         plan = Plan()
-        for request in list(self._requests.values()):
+        for request in list(self._watched.values()):
             reason = self._reason_to_end(request, now)
             if reason is not None:
                 self._end(request, reason, plan)
@@ -197,7 +204,7 @@ class Scheduler:
         if wanted is None:
             plan.wake_after = self.policy.wake_after(work, now)
         else:
-            self._queues = _queues(requests, self.policy.order)
+            self._queues = None  # built only when a forecast asks: sorting every request each step costs
             for request in requests:
                 self._resize(request, wanted.get(request.id, 0), plan, now)
         self._charge(plan)
@@ -234,6 +241,7 @@ class Scheduler:
             if request.done == len(request.items):
                 request.state, request.finished_at = State.FINISHED, now
                 del self._requests[request.id]
+                self._watched.pop(request.id, None)
                 finished.append(request)
         if self.policy.holds_finished:
             self._held.extend(finished)
@@ -291,6 +299,7 @@ class Scheduler:
         counts, old = item.request.counts, item.state
         counts[old] = counts.get(old, 0) - 1
         counts[state] = counts.get(state, 0) + 1
+        item.request.demand += (state in _NEEDS_SLOT) - (old in _NEEDS_SLOT)
         queued = (State.WAITING, State.PREEMPTED)
         change = (state in queued) - (old in queued)
         if change:
@@ -337,17 +346,20 @@ class Scheduler:
 
         The batch works off ``max_batch`` row-steps per step; the request finishes once the
         work ahead of it (more urgent levels, and its own level's requests before it in the
-        policy's order, as of the last schedule) and its own are done — and no sooner than its
+        policy's order, as of the first forecast since the last schedule) and its own are done — and no sooner than its
         own steps one after another."""
         now = self.clock()
         n = len(request.items)
         steps = cost.steps(cost.expected) if cost.expected is not None else 1.0
-        ahead = sum(q.work for p, q in self._queues.items() if p < request.priority)
-        queue = self._queues.get(request.priority)
+        if self._queues is None:
+            self._queues = _queues(list(self._requests.values()), self.policy.order)
+        queues = self._queues
+        ahead = sum(q.work for p, q in queues.items() if p < request.priority)
+        queue = queues.get(request.priority)
         if queue is not None:
             order = (self.policy.rank(now, self._virtual_deadline(now, n, cost, request.deadline)), -1)
             ahead += queue.work_before[bisect.bisect_left(queue.orders, order)]
-        rows = min(self.max_batch, sum(q.demand for q in self._queues.values()) + n)
+        rows = min(self.max_batch, sum(q.demand for q in queues.values()) + n)
         return max(steps, (ahead + n * steps) / self.max_batch) * self.timer.predict(rows)
 
     def _choose(self, request: Request, candidates: Sequence[Candidate], target: float | None) -> Candidate:
@@ -396,6 +408,7 @@ class Scheduler:
             if not item.state.terminal:
                 self._move(item, state)
         self._requests.pop(request.id, None)
+        self._watched.pop(request.id, None)
         plan.ended.append(request)
 
     def _release_held(self) -> list[Request]:

@@ -480,3 +480,23 @@ def test_a_policy_registered_by_name_decides_the_batch(monkeypatch):
     h.run_until(first)
     assert first.started_at >= third.finished_at and h.scheduler.policy.decisions > 0
     assert all(r.state is State.FINISHED for r in (first, second, third))
+
+
+@pytest.mark.parametrize("policy", ["fair", "fifo", "static"])
+def test_each_requests_demand_is_kept_through_joins_parks_finishes_and_endings(policy):
+    """Demand (items still needing a slot) is a counter the scheduler keeps as items move, not a
+    count made every step: it always equals the request's waiting, running and parked items."""
+    h = Harness(max_batch=6, policy=policy)
+    requests = [h.submit([9] * 10)]  # fills the batch: the fair policy parks its rows for those after it
+    for step in range(60):
+        if step == 2:
+            requests += [h.submit([3 + i % 4] * (1 + i % 5)) for i in range(12)]
+            h.scheduler.cancel(requests[4])
+        if step == 5:
+            requests.append(h.submit([2, 9, 9], deadline=h.clock.now + 0.01))  # expires while running
+        h.step()
+        for request in requests:
+            active = [i for i in request.items if i.state in (State.WAITING, State.RUNNING, State.PREEMPTED)]
+            assert request.demand == len(active), (step, request.id)
+    assert any(r.preemptions for r in requests) == (policy == "fair")
+    assert requests[4].demand == 0 and requests[-1].state is State.EXPIRED
