@@ -93,7 +93,9 @@ def test_bfloat16_answers_match_float32_on_real_digits(served, digits):
     assert low.solved.precision == "bfloat16" and exact.solved.precision == "float32"
     assert (low.labels != exact.labels).sum() <= 1
     assert np.abs(low.probabilities - exact.probabilities).max() < 0.05
-    assert abs(low.items.nfe.mean() - exact.items.nfe.mean()) <= 0.1 * exact.items.nfe.mean()
+    # Under Hairer's first-step rule (the shipped ODE-Net) bfloat16's noise reaches the first
+    # step's probe: 8-13% more NFE measured (docs/solvers.md); the card's table says where.
+    assert abs(low.items.nfe.mean() - exact.items.nfe.mean()) <= 0.15 * exact.items.nfe.mean()
 
 
 def test_a_cnf_samples_and_evaluates_densities_in_bfloat16(served):
@@ -101,12 +103,14 @@ def test_a_cnf_samples_and_evaluates_densities_in_bfloat16(served):
         reference = client.sample(64, model=DENSITY, seed=3, tol=1e-6, precision="float32")
         exact = client.sample(64, model=DENSITY, seed=3, tol=1e-2, precision="float32")
         low = client.sample(64, model=DENSITY, seed=3, tol=1e-2, precision="bfloat16")
-        back = client.log_density(low.points, model=DENSITY, tol=1e-5, precision="float32")
+        backs = [client.log_density(r.points, model=DENSITY, tol=1e-5, precision="float32") for r in (low, exact)]
     assert low.solved.precision == "bfloat16" and exact.solved.precision == "float32"
     # The same base draws: bfloat16's samples are about as far from a tight solve's as float32's at this tolerance.
     error_low, error_exact = (np.linalg.norm(r.points - reference.points, axis=1).mean() for r in (low, exact))
     assert error_low <= 2 * error_exact + 0.01, (error_low, error_exact)
-    assert np.abs(low.log_density - back.log_density).mean() < 0.05  # what bf16 sampling says of its own points
+    # And what each says of its own points' density, against a tight solve back from them.
+    density_low, density_exact = (np.abs(r.log_density - b.log_density).mean() for r, b in zip((low, exact), backs))
+    assert density_low <= 2 * density_exact + 0.01, (density_low, density_exact)
 
 
 def test_metrics_count_requests_and_items_by_precision(served, digits):
