@@ -267,6 +267,18 @@ def test_fair_share_does_not_churn_when_many_single_item_requests_arrive():
     assert parked == 0  # requests of one item each run to the end once admitted
 
 
+def test_fair_share_never_parks_while_the_newcomers_fit_in_the_free_slots():
+    h = Harness(max_batch=8)
+    big = h.submit([9] * 5)
+    h.step()
+    small = h.submit([3, 3])  # 5 running + 2 = 7 of 8 slots: room for all
+    plan = h.step()
+    assert not plan.park and [i.request for i in plan.join] == [small, small]
+    late = h.submit([3, 3])  # 9 items for 8 slots: the free one is its guaranteed slot
+    assert not h.step().park and late.count(State.RUNNING) == 1 and late.count(State.WAITING) == 1
+    assert big.preemptions == small.preemptions == 0
+
+
 def test_preempted_items_keep_their_progress_and_nfe():
     h = Harness(max_batch=2)
     big = h.submit([6, 6])
