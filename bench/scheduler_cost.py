@@ -1,8 +1,9 @@
 """The scheduler's own cost per solver step as the queue grows: ``schedule`` and ``update`` of
 one model's scheduler, every policy, with 16 to 4,000 one-item requests queued and the batch full,
 driven by a fake executor (no torch: the steps themselves cost nothing here). A step of the
-shipped ODE-Net's full batch takes about 30 ms on this CPU, so what the scheduler adds per step
-should stay far below that however long the queue.
+shipped ODE-Net's full batch takes about 100 ms on this CPU (``bench/serve_load.py`` section 5:
+10 steps a second at 245 rows), so what the scheduler adds per step should stay far below that
+however long the queue.
 
     python bench/scheduler_cost.py [--steps 200] [--name scheduler_cost]
 

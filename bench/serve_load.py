@@ -137,11 +137,10 @@ class InProcessTarget:
         from server.engine import Engine
         from server.models import load_models
         from server.scheduling import SchedulerConfig
+        from server.stats import discard
 
         device = resolve_device("auto")  # where `python -m server` puts the models too
         self.model = load_models(checkpoints, device)[CLASSIFIER]
-        from server.stats import discard
-
         scheduler = SchedulerConfig(max_batch=max_batch, max_delay=max_delay, **POLICIES[policy])
         self.engine = Engine(device, EngineConfig(scheduler, step_graphs=step_graphs), stats=stats or discard)
         self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER, expected_nfe=self.model.expected_nfe)
@@ -374,7 +373,7 @@ def _timed(fn, add_seconds):
 
 class StepRows:
     """Each executor step's stepped rows and its time without the joins and leaves it ran
-    (an instrument for this benchmark, wrapped in place like :class:`EngineTimes`)."""
+    (an instrument for this benchmark, wrapped in place around the executor's methods)."""
 
     def __init__(self, executor) -> None:
         self.steps: list[tuple[int, float]] = []

@@ -92,7 +92,7 @@ class ServedModel:
         x = math.log(tol)
         if x >= points[-1][0] or len(points) == 1:
             return math.exp(points[-1][1])
-        (x0, y0), (x1, y1) = next(((a, b) for a, b in zip(points, points[1:]) if x <= b[0]))
+        (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if x <= b[0])
         slope = (y1 - y0) / (x1 - x0)
         if x < x0:
             error_order = getattr(get_method(method), "error_order", None)

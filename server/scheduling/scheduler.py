@@ -346,8 +346,8 @@ class Scheduler:
 
         The batch works off ``max_batch`` row-steps per step; the request finishes once the
         work ahead of it (more urgent levels, and its own level's requests before it in the
-        policy's order, as of the first forecast since the last schedule) and its own are done — and no sooner than its
-        own steps one after another."""
+        policy's order, as of the first forecast since the last schedule) and its own are
+        done — and no sooner than its own steps one after another."""
         now = self.clock()
         n = len(request.items)
         steps = cost.steps(cost.expected) if cost.expected is not None else 1.0
