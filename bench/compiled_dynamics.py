@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import statistics
@@ -34,18 +32,12 @@ sys.path.insert(0, str(ROOT))
 from live_server import CLASSIFIER, SHIPPED, metric, start_server  # noqa: E402
 
 from client import Client  # noqa: E402
+from neuralode.devices import cpu_description  # noqa: E402
 
 TOL = 1e-3
 COMPILED = re.compile(
     r"f compiled for (\d+) rows \((\w+)\) in ([\d.]+) s: ([\d.]+) ms against ([\d.]+) ms eager; (.+)$"
 )
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -114,7 +106,7 @@ def main() -> None:
         )
     document = {
         "benchmark": "compiled_dynamics",
-        "machine": f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu_description(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/compiled_dynamics.py " + " ".join(sys.argv[1:]),
         "settings": {"tol": TOL, "repeats": args.repeats, "sizes": args.sizes, "model": CLASSIFIER},

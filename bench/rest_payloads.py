@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from live_server import CLASSIFIER, SHIPPED, start_server  # noqa: E402
 
+from neuralode.devices import cpu_description  # noqa: E402
 from server.oip import grpc_predict_v2_pb2 as oip  # noqa: E402
 from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc  # noqa: E402
 
@@ -75,13 +74,6 @@ def _grpc(stub: oip_grpc.GRPCInferenceServiceStub, images: np.ndarray) -> tuple[
     begin = time.perf_counter()
     response = stub.ModelInfer(message, timeout=120)
     return time.perf_counter() - begin, message.ByteSize(), response.ByteSize()
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -139,7 +131,7 @@ def main() -> None:
             server.stop()
     document = {
         "benchmark": "rest_payloads",
-        "machine": f"{_cpu_model()}, {platform.machine()}, {os.cpu_count()} cores",
+        "machine": cpu_description(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/rest_payloads.py " + " ".join(sys.argv[1:]),
         "settings": {"tol": TOL, "repeats": args.repeats, "sizes": args.sizes, "model": CLASSIFIER},

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from neuralode.devices import cpu_description  # noqa: E402
 from server.scheduling import POLICIES, Cost, Scheduler, SchedulerConfig, State, StepOutputs  # noqa: E402
 
 COST = Cost(start=2, step=6, expected=30.0)
@@ -80,7 +81,7 @@ def main() -> None:
     path = args.out / f"{args.name}.json"
     document = {
         "benchmark": "scheduler_cost",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{cpu_description()}, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/scheduler_cost.py " + " ".join(sys.argv[1:]),
         "max_batch": args.max_batch,

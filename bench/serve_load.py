@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -61,6 +60,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "server"))  # the test harness starts real servers
 
+from neuralode.devices import cpu_description  # noqa: E402
 from odeserve.v1 import odeserve_pb2 as pb  # noqa: E402
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -736,7 +736,7 @@ def main() -> None:
 
     record["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    machine = torch.cuda.get_device_name() if device == "cuda" else cpu_description()
     _print(record, args, machine)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name or f'serve_load_{device}'}.json"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -14,3 +19,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: no CUDA device is available here")
     return device
+
+
+def cpu_description() -> str:
+    """This machine's CPU as benchmark records name it: its model, architecture and cores, so
+    that figures from different machines are never compared unknowingly."""
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {platform.machine()}, {os.cpu_count()} cores"

@@ -120,7 +120,8 @@ def _classifier(sub, kind: str, help_text: str) -> None:
         default=None,
         metavar="STATE",
         help="continue from this training-state file (same recipe: the flags that decide the weights "
-        "must match), bit-identically to the run that never stopped; the state is then kept there",
+        "must match), bit-identically to the run that never stopped; the state is then kept there "
+        "unless --state names another file",
     )
     resume.add_argument(
         "--state",

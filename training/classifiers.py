@@ -197,7 +197,8 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     if device.type == "cuda":  # TF32 only inside convolutions and matrix products; the solver stays float32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     out = Path(args.out)
-    state_path = Path(args.resume or args.state or out.with_suffix(".state.pt"))
+    # Read from --resume; written to --state when given, else back where it was read from.
+    state_path = Path(args.state or args.resume or out.with_suffix(".state.pt"))
     setup_logging(out.with_suffix(".log"), world.is_main, append=args.resume is not None)
     generator = seed_everything(args.seed)
 
@@ -229,7 +230,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     position, order, best, running = Position(), None, None, _Running()
     if args.resume is not None:
         try:
-            state = load_state(state_path, recipe)
+            state = load_state(args.resume, recipe)
         except TrainingStateError as error:
             raise SystemExit(str(error)) from None
         model.load_state_dict(state["model"])
@@ -245,7 +246,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         position.sittings += 1
         log.info(
             "resumed from %s: epoch %d, batch %d of %d, step %d of %d, %.0f s trained before (sitting %d)",
-            state_path,
+            args.resume,
             position.epoch,
             position.batch,
             steps_per_epoch,

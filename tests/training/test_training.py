@@ -810,8 +810,10 @@ def test_a_run_stopped_and_resumed_gives_the_weights_of_the_run_that_never_stopp
     assert not broken.exists() and state.exists()
     assert f"--resume {state}" in first.stderr
     _run(*common, "--out", str(broken), "--resume", str(state), "--stop-after", "2", env=env)
-    resumed = _run(*common, "--out", str(broken), "--resume", str(state), env=env)
+    second, moved = state.read_bytes(), tmp_path / "moved.state.pt"
+    resumed = _run(*common, "--out", str(broken), "--resume", str(state), "--state", str(moved), env=env)
     assert "resumed from" in resumed.stderr and "epoch 1, batch 6 of 6, step 6 of 12" in resumed.stderr
+    assert state.read_bytes() == second and moved.exists()  # --state: the state read from stays as it was
     whole, parts = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(broken)
     for (name, a), b in zip(whole.model.state_dict().items(), parts.model.state_dict().values()):
         assert torch.equal(a, b), name
