@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import re
 import sys
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from neuralode.card import ModelCard  # noqa: E402
 from neuralode.checkpoint import read_card  # noqa: E402
+from neuralode.devices import cpu_description  # noqa: E402
 
 PAPER_TEST_ERROR = {"mlp": 0.0160, "resnet": 0.0041, "rknet": 0.0047, "odenet": 0.0042}
 PAPER_PARAMETERS = {"mlp": 0.24e6, "resnet": 0.60e6, "rknet": 0.22e6, "odenet": 0.22e6}
@@ -57,10 +59,15 @@ def row(path: Path, gnu_time_dir: Path | None) -> dict:
         "peak_rss_mib": _peak_rss(card, path, gnu_time_dir),
         "paper_test_error": PAPER_TEST_ERROR.get(kind),
         "paper_parameters": PAPER_PARAMETERS.get(kind),
-        "command": training.command,
+        "command": _relative(training.command),
         "device": training.device,
         "code_version": card.code_version,
     }
+
+
+def _relative(command: str) -> str:
+    """``command`` with absolute paths made relative to the repository, as records keep them."""
+    return " ".join(os.path.relpath(word, ROOT) if os.path.isabs(word) else word for word in command.split(" "))
 
 
 def _peak_rss(card: ModelCard, path: Path, gnu_time_dir: Path | None) -> float | None:
@@ -96,7 +103,11 @@ def main() -> None:
     parser.add_argument(
         "--gnu-time-dir", type=Path, default=None, help="folder of <name>.time files from /usr/bin/time -v"
     )
-    parser.add_argument("--note", default="", help="conditions worth recording next to the figures (load, threads)")
+    parser.add_argument(
+        "--note",
+        default=None,
+        help="conditions worth recording next to the figures (load, threads; --update keeps the old)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON to write")
     parser.add_argument(
         "--update",
@@ -105,17 +116,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     rows = [row(path, args.gnu_time_dir) for path in args.checkpoints]
+    note = args.note or ""
     if args.update and args.out and args.out.exists():
         fresh = {r["kind"]: r for r in rows}
-        kept = json.loads(args.out.read_text())["rows"]
-        rows = [fresh.pop(r["kind"], r) for r in kept] + list(fresh.values())
+        previous = json.loads(args.out.read_text())
+        rows = [fresh.pop(r["kind"], r) for r in previous["rows"]] + list(fresh.values())
+        note = previous.get("note", "") if args.note is None else args.note
     print(markdown(rows))
     if args.out:
         result = {
             "benchmark": "paper_table",
-            "machine": f"{platform.machine()}, {rows[0]['device']}",
+            "machine": f"{cpu_description()}; {rows[0]['device']}",
             "date": date.today().isoformat(),
-            "note": args.note,
+            "note": note,
             "rows": rows,
         }
         args.out.write_text(json.dumps(result, indent=2) + "\n")
