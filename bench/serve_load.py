@@ -129,29 +129,22 @@ class InProcessTarget:
         policy: str = "fair",
         max_delay: float = 0.005,
         stats=None,
-        compile_steps: bool = False,
     ) -> None:
-        """``policy``: a configuration of :data:`POLICIES`; ``stats``: the engine's stats sink;
-        ``compile_steps``: the engine's setting, every padded size compiled before measuring (by
-        the server's own warm-up)."""
+        """``policy``: a configuration of :data:`POLICIES`; ``stats``: the engine's stats sink."""
         from neuralode.devices import resolve_device
         from server.adapters import Limits
-        from server.config import EngineConfig, ServerConfig
+        from server.config import EngineConfig
         from server.engine import Engine
         from server.models import load_models
         from server.scheduling import SchedulerConfig
         from server.stats import discard
-        from server.warmup import warm_up
 
         device = resolve_device("auto")  # where `python -m server` puts the models too
         self.model = load_models(checkpoints, device)[CLASSIFIER]
         scheduler = SchedulerConfig(max_batch=max_batch, max_delay=max_delay, **POLICIES[policy])
-        config = EngineConfig(scheduler, step_graphs=step_graphs, compile_steps=compile_steps)
-        self.engine = Engine(device, config, stats=stats or discard)
+        self.engine = Engine(device, EngineConfig(scheduler, step_graphs=step_graphs), stats=stats or discard)
         self.engine.add(self.model.key, self.model.adapter, label=CLASSIFIER, expected_nfe=self.model.expected_nfe)
         self.limits = Limits(max_items=1024, max_abs_input=1e6)
-        if compile_steps:
-            warm_up(self.engine, self.model, ServerConfig(max_batch=max_batch, compile_steps="on"))
 
     def _future(self, images: np.ndarray, tol: float):
         from server.api import Kind
@@ -320,16 +313,13 @@ def engine_breakdown(
     step_graphs: bool,
     repeats: int,
     max_delay: float,
-    compile_steps: bool = False,
 ) -> dict:
     """Each configuration of :data:`POLICIES` in-process under ``load`` (closed loop, runs
     interleaved): its throughput, latency and where its engine's time went (:class:`Breakdown`)."""
     runs: dict[str, list[dict]] = {policy: [] for policy in POLICIES}
     sinks = {policy: Breakdown() for policy in POLICIES}
     targets = {
-        policy: InProcessTarget(
-            checkpoints, max_batch, step_graphs, policy, max_delay, stats=sinks[policy], compile_steps=compile_steps
-        )
+        policy: InProcessTarget(checkpoints, max_batch, step_graphs, policy, max_delay, stats=sinks[policy])
         for policy in POLICIES
     }
     warm = MixedLoad(load.images, load.warmup, 0.0, load.max_images, load.seed + 1)
@@ -623,12 +613,6 @@ def main() -> None:
         default="off",
         help="the servers' and the in-process engine's step_graphs setting",
     )
-    parser.add_argument(
-        "--compile-steps",
-        choices=("off", "on"),
-        default="off",
-        help="the servers' and the in-process engine's compile_steps setting",
-    )
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument(
         "--capacity-clients",
@@ -659,10 +643,8 @@ def main() -> None:
         str(args.max_delay_ms),
         "--step-graphs",
         args.step_graphs,
-        "--compile-steps",
-        args.compile_steps,
     )
-    step_graphs, compile_steps = args.step_graphs == "on", args.compile_steps == "on"
+    step_graphs = args.step_graphs == "on"
     with tempfile.TemporaryDirectory() as tmp:
         targets = {
             name: GrpcTarget(args.checkpoints, Path(tmp) / name, *batch_flags, *server_flags(settings))
@@ -673,9 +655,7 @@ def main() -> None:
             if "mixed" in sections:
                 load = MixedLoad(images, args.duration, args.warmup, args.max_images, args.seed)
                 mixed_targets = {f"grpc {name}": target for name, target in targets.items()}
-                mixed_targets["in-process fair"] = InProcessTarget(
-                    args.checkpoints, args.max_batch, step_graphs, compile_steps=compile_steps
-                )
+                mixed_targets["in-process fair"] = InProcessTarget(args.checkpoints, args.max_batch, step_graphs)
                 closed: dict[str, list[dict]] = {name: [] for name in mixed_targets}
                 for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits all alike
                     for name, target in mixed_targets.items():
@@ -739,7 +719,6 @@ def main() -> None:
                 step_graphs,
                 args.repeats,
                 args.max_delay_ms / 1e3,
-                compile_steps,
             )
             for name, (clients, max_images) in workloads.items()
         }

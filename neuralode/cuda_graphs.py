@@ -10,35 +10,23 @@ autograd recording, a scalar ``t``) it calls f directly.
 
 The solver's own step is a few hundred more kernels. :class:`StepGraphs` captures the whole
 step — f's evaluations with it — as one graph per padded size, with finished rows masked
-instead of removed, so the host only looks every few steps. Off the GPU it can compile the same
-masked step with ``torch.compile`` per padded size instead (``compile=True``): on a small CPU
-batch the step's few hundred tensor operations cost what their kernel launches cost a GPU.
+instead of removed, so the host only looks every few steps.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch._dynamo
 from torch import Tensor
 
-from .compiled import Compiled
 from .solvers import SolverState, Status, Stepper
 from .solvers.solver import Func, rows_of
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
-
-log = logging.getLogger("neuralode.cuda_graphs")
-MaskedStep = Callable[[SolverState], tuple[SolverState, Tensor]]
-_TIMED_STEPS = 5  # per variant, after compiling: the median decides
 
 
 @dataclass
@@ -147,33 +135,14 @@ class StepGraphs:
     (finished rows are stepped masked until then, their values and NFE untouched). Off the GPU,
     or with ``capture=False``, the same masked steps run eagerly: that is the path the CPU tests
     check against :func:`~neuralode.solve_ivp`. ``func`` must treat rows independently and be
-    capturable (no host synchronisation).
+    capturable (no host synchronisation)."""
 
-    ``compile``: where steps are not captured, each padded size's masked step is compiled by
-    ``torch.compile`` on its first use (f traced into it) and kept only where it then measures
-    faster than the eager masked step on the rows such a size holds; ``on_compile`` hears of
-    each. A compiled step is float32-rounding close to the eager one, not bit-identical
-    (inductor fuses and orders the arithmetic its own way)."""
-
-    def __init__(
-        self,
-        stepper: Stepper,
-        func: Func,
-        *,
-        check_every: int = 4,
-        capture: bool | None = None,
-        compile: bool = False,
-        on_compile: Callable[[Compiled], None] | None = None,
-    ) -> None:
+    def __init__(self, stepper: Stepper, func: Func, *, check_every: int = 4, capture: bool | None = None) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.stepper, self.func, self.check_every, self.capture = stepper, func, check_every, capture
-        self.compile, self.on_compile = compile, on_compile
         self._graphs: dict[tuple, _StepGraph] = {}
         self._pool: _POOL_HANDLE | None = None
-        self._eager: MaskedStep = functools.partial(masked_step, stepper, func)
-        self._steps: dict[tuple, MaskedStep] = {}  # padded size's key -> the step it was given
-        self.compiled: list[Compiled] = []
 
     @property
     def captured_sizes(self) -> list[int]:
@@ -221,43 +190,9 @@ class StepGraphs:
 
     def _step(self, padded: SolverState, graph: _StepGraph | None) -> tuple[SolverState, Tensor]:
         if graph is None:
-            if not self.compile:
-                return self._eager(padded)
-            key = _key(padded)
-            step = self._steps.get(key) or self._compiled_step(key, padded)
-            return step(padded)
+            return masked_step(self.stepper, self.func, padded)
         graph.graph.replay()
         return graph.static, graph.accepted
-
-    def _compiled_step(self, key: tuple, padded: SolverState) -> MaskedStep:
-        """This size's step: compiled where that measured faster than eager, else eager."""
-        compiled = torch.compile(self._eager, dynamic=False)
-        began = time.perf_counter()
-        try:
-            # Dynamo keeps a bounded number of graphs per function (8 by default): every padded
-            # size of every group must fit, or one would fall back to eager silently.
-            with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
-                compiled(padded)
-        except Exception:  # noqa: BLE001 - a step inductor cannot take stays eager
-            log.warning("could not compile the step for %d rows; it runs eagerly", key[0], exc_info=True)
-            self._steps[key] = self._eager
-            return self._eager
-        compile_seconds = time.perf_counter() - began
-        # A padded size holds batches of size/2 + 1 .. size rows: compiled must beat eager on
-        # the middle of that range, 3/4 of the size, padding and all.
-        typical = _first_rows(padded, max(1, 3 * key[0] // 4))
-        record = Compiled(
-            rows=key[0],
-            precision="float32" if key[1] is None else str(key[1]).removeprefix("torch."),
-            compile_seconds=compile_seconds,
-            eager_ms=_median_ms(self._eager, typical),
-            compiled_ms=_median_ms(compiled, padded),
-        )
-        self.compiled.append(record)
-        if self.on_compile is not None:
-            self.on_compile(record)
-        self._steps[key] = compiled if record.kept else self._eager
-        return self._steps[key]
 
     def _graph(self, padded: SolverState) -> _StepGraph | None:
         capture = self.capture if self.capture is not None else padded.y.is_cuda
@@ -269,25 +204,6 @@ class StepGraphs:
                 self._pool = torch.cuda.graph_pool_handle()
             self._graphs[key] = _StepGraph(self.stepper, self.func, _first_rows(padded, padded.batch_size), self._pool)
         return self._graphs[key]
-
-
-def _key(state: SolverState) -> tuple:
-    """What a compiled step is specialised to: the padded size, the row shape and dtype, the
-    autocast dtype f runs under (None: none), the device."""
-    device = state.y.device
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    return (state.batch_size, autocast, tuple(state.y.shape[1:]), state.y.dtype, device)
-
-
-def _median_ms(step: MaskedStep, state: SolverState) -> float:
-    seconds = []
-    for _ in range(_TIMED_STEPS):
-        began = time.perf_counter()
-        step(state)
-        if state.y.is_cuda:
-            torch.cuda.synchronize(state.y.device)
-        seconds.append(time.perf_counter() - began)
-    return 1000 * statistics.median(seconds)
 
 
 def _padded(state: SolverState, size: int) -> SolverState:

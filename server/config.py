@@ -32,7 +32,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     step_graphs: bool = False
     compile_dynamics: bool = False
-    compile_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,6 @@ class ServerConfig:
     max_batch: int = 256
     step_graphs: str = "off"
     compile_dynamics: str = "off"
-    compile_steps: str = "off"
     warmup: str = "on"
     bfloat16: str = "native"
     max_delay_ms: float = 5.0
@@ -104,10 +102,6 @@ class ServerConfig:
             problems.append(f"warmup must be off or on, got {self.warmup!r}")
         if self.compile_dynamics not in ("off", "on"):
             problems.append(f"compile_dynamics must be off or on, got {self.compile_dynamics!r}")
-        if self.compile_steps not in ("off", "on"):
-            problems.append(f"compile_steps must be off or on, got {self.compile_steps!r}")
-        elif self.compile_steps == "on" and self.compile_dynamics == "on":
-            problems.append("compile_steps compiles f with each step: turn compile_dynamics off")
         if self.bfloat16 not in ("native", "on", "off"):
             problems.append(f"bfloat16 must be native, on or off, got {self.bfloat16!r}")
         if self.log_format not in LOG_FORMATS:
@@ -180,10 +174,7 @@ class ServerConfig:
             auto_headroom=self.auto_headroom,
         )
         return EngineConfig(
-            scheduler=scheduler,
-            step_graphs=self.step_graphs == "on",
-            compile_dynamics=self.compile_dynamics == "on",
-            compile_steps=self.compile_steps == "on",
+            scheduler=scheduler, step_graphs=self.step_graphs == "on", compile_dynamics=self.compile_dynamics == "on"
         )
 
     def as_dict(self) -> dict:
@@ -215,7 +206,6 @@ _HELP = {
     "step_graphs": "on: continuous batching takes each solver step as one CUDA graph replay per padded batch size (GPU; not yet measured on one)",
     "warmup": "on: before a model is served (at start, and on reload before it replaces the old version) it solves each kind it answers in each precision it serves at the batch sizes the engine runs, so the first requests pay no one-time costs; a model whose warm-up fails is not served; off: serve at once",
     "compile_dynamics": "on: f is compiled by torch.compile per padded batch size (powers of two up to max_batch), each kept only where it measured faster than eager; the warm-up compiles them before a model serves (seconds each); off: f runs eagerly",
-    "compile_steps": "on: each solver step, f included, is compiled by torch.compile per padded batch size (powers of two up to max_batch), each kept only where it measured faster than the eager step; the warm-up compiles them before a model serves (15-20 s each on a 2-core CPU); off: steps run eagerly. Not with compile_dynamics",
     "bfloat16": "native: serve requests in bfloat16 (precision bfloat16, or auto where the model card allows it) only on a device with bfloat16 units (CPUs with AVX512-BF16 or AMX, recent GPUs); on: also where it is emulated, which is slower than float32; off: float32 only",
     "max_delay_ms": "static policy: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",

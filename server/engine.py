@@ -183,35 +183,26 @@ class ModelWorker:
         ``compile_dynamics`` (None: the adapter's, eager)."""
         if not self.config.compile_dynamics:
             return None
-        return CompiledDynamics(
-            self.adapter.dynamics, max_rows=self.max_batch, on_compile=lambda size: self._compiled("f", size)
-        )
 
-    def _compiled(self, what: str, size: Compiled) -> None:
-        """Told of every padded size compiled (``what``: f, or the whole step)."""
-        log.info(
-            "model %s: %s compiled for %d rows (%s) in %.1f s: %.2f ms against %.2f ms eager; %s",
-            self.name,
-            what,
-            size.rows,
-            size.precision,
-            size.compile_seconds,
-            size.compiled_ms,
-            size.eager_ms,
-            "compiled" if size.kept else "eager kept",
-        )
-        # Counted during the warm-up too: compiles are the model's, not a request's.
-        self.stats(CompileStats(self.name, size.rows, size.precision, size.compile_seconds, size.kept))
+        def compiled(size: Compiled) -> None:
+            log.info(
+                "model %s: f compiled for %d rows (%s) in %.1f s: %.2f ms against %.2f ms eager; %s",
+                self.name,
+                size.rows,
+                size.precision,
+                size.compile_seconds,
+                size.compiled_ms,
+                size.eager_ms,
+                "compiled" if size.kept else "eager kept",
+            )
+            # Counted during the warm-up too: compiles are the model's, not a request's.
+            self.stats(CompileStats(self.name, size.rows, size.precision, size.compile_seconds, size.kept))
+
+        return CompiledDynamics(self.adapter.dynamics, max_rows=self.max_batch, on_compile=compiled)
 
     def _executor(self) -> Executor:
         return Executor(
-            self.adapter,
-            self.device,
-            step_graphs=self.config.step_graphs,
-            dynamics=self.dynamics,
-            times=self.times,
-            compile_steps=self.config.compile_steps,
-            on_compile=lambda size: self._compiled("step", size),
+            self.adapter, self.device, step_graphs=self.config.step_graphs, dynamics=self.dynamics, times=self.times
         )
 
     # ---- called from request threads ---------------------------------------------------

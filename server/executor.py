@@ -20,7 +20,6 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from neuralode.compiled import Compiled
 from neuralode.cuda_graphs import StepGraphs
 from neuralode.precision import in_precision, precision_dtype
 from neuralode.solvers import Norm, SolverState, Status, Stepper, get_method, takes_first_step
@@ -97,8 +96,7 @@ class _Group:
     """The running rows of one method and precision; ``ids`` and ``kinds`` mirror the rows on
     the host, so knowing which item a row is never needs the device. ``dynamics`` is the
     model's f evaluated in the group's precision, its time counted in ``times``. With ``graphs``
-    its steps are masked steps replayed from CUDA graphs, or compiled, or eager off the GPU
-    (f's time then counts in the step's: it runs inside the graph)."""
+    its steps are masked steps replayed from CUDA graphs (eagerly off the GPU)."""
 
     def __init__(
         self,
@@ -112,10 +110,9 @@ class _Group:
     ) -> None:
         self.method, self.precision = method, precision
         self.dtype = precision_dtype(precision)
-        precise = in_precision(dynamics, self.dtype)
-        self.dynamics = times.inner("f", precise)
+        self.dynamics = times.inner("f", in_precision(dynamics, self.dtype))
         self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
-        self.graphs: StepGraphs | None = None if graphs_of is None else graphs_of(self.stepper, precise)
+        self.graphs: StepGraphs | None = None if graphs_of is None else graphs_of(self.stepper, self.dynamics)
         self.state: SolverState | None = None
         self.ids: list[int] = []
         self.kinds: list[Kind] = []
@@ -148,8 +145,7 @@ class _Group:
 class Executor:
     """``step_graphs``: take each step as one replayed CUDA graph per padded batch size
     (:class:`~neuralode.cuda_graphs.StepGraphs`) instead of a few hundred kernels; off the GPU
-    the same masked steps run eagerly. ``compile_steps``: off the GPU, compile each padded
-    size's masked step (f included) where that measures faster; ``on_compile`` hears of each. ``times`` accumulates where each step's time goes (its
+    the same masked steps run eagerly. ``times`` accumulates where each step's time goes (its
     owner takes it per iteration); on a GPU, phases time their kernel launches, not the kernels."""
 
     def __init__(
@@ -160,8 +156,6 @@ class Executor:
         step_graphs: bool = False,
         dynamics: Callable | None = None,
         times: PhaseTimes | None = None,
-        compile_steps: bool = False,
-        on_compile: Callable[[Compiled], None] | None = None,
     ) -> None:
         """``dynamics``: f as the groups evaluate it (default: the adapter's, eager), e.g.
         :class:`~neuralode.compiled.CompiledDynamics` over it."""
@@ -170,12 +164,7 @@ class Executor:
         self.times = PhaseTimes() if times is None else times
         self._encode = self.times.inner("model", adapter.start)
         self._decode = self.times.inner("model", adapter.finish)
-        self._graphs_of: Callable | None = None
-        if step_graphs or compile_steps:
-            capture = None if step_graphs else False  # None: CUDA graphs wherever the rows are on a GPU
-            self._graphs_of = functools.partial(
-                StepGraphs, capture=capture, compile=compile_steps, on_compile=on_compile
-            )
+        self._graphs_of = StepGraphs if step_graphs else None
         self.groups: dict[tuple[str, str], _Group] = {}
         self.parked: dict[int, _Parked] = {}
 

@@ -49,11 +49,11 @@ class WarmUp:
 
 
 def batch_sizes(max_batch: int, padded: bool) -> tuple[int, ...]:
-    """The batch sizes warmed. With step graphs, compiled dynamics or compiled steps
-    (``padded``), each padded size (a power of two) is a CUDA graph or a compiled f or step of
-    its own, made on first use: every one up to ``max_batch``'s. Eager, shapes have no buckets
-    (a batch's size changes step by step as items finish): the smallest and the largest batch,
-    whose allocations the ones between reuse."""
+    """The batch sizes warmed. With step graphs or compiled dynamics (``padded``), each padded
+    size (a power of two) is a CUDA graph or a compiled f of its own, made on first use: every
+    one up to ``max_batch``'s. Eager, shapes have no buckets (a batch's size changes step by
+    step as items finish): the smallest and the largest batch, whose allocations the ones
+    between reuse."""
     if padded:
         return tuple(sorted({min(1 << k, max_batch) for k in range(max_batch.bit_length() + 1)}))
     return tuple(sorted({1, max_batch}))
@@ -61,7 +61,7 @@ def batch_sizes(max_batch: int, padded: bool) -> tuple[int, ...]:
 
 def plan(model: ServedModel, config: ServerConfig) -> tuple[Solve, ...]:
     """Every kind the model answers × every precision it serves × :func:`batch_sizes`."""
-    sizes = batch_sizes(config.max_batch, "on" in (config.step_graphs, config.compile_dynamics, config.compile_steps))
+    sizes = batch_sizes(config.max_batch, "on" in (config.step_graphs, config.compile_dynamics))
     return tuple(
         Solve(kind, precision, items)
         for kind in model.adapter.signatures

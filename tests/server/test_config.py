@@ -115,12 +115,3 @@ def test_batching_is_no_longer_a_listed_setting(capsys):
     help_text = capsys.readouterr().out
     assert "--batching" not in help_text and "--policy" in help_text and "static" in help_text
     assert "batching" not in ServerConfig().as_dict()
-
-
-def test_compile_steps_takes_on_or_off_and_is_not_combined_with_compile_dynamics():
-    assert parse_config(["--compile-steps", "on"]).engine().compile_steps
-    assert not ServerConfig().engine().compile_steps
-    with pytest.raises(ValueError, match="compile_steps must be off or on, got 'yes'"):
-        ServerConfig(compile_steps="yes")
-    with pytest.raises(ValueError, match="compile_steps compiles f with each step: turn compile_dynamics off"):
-        ServerConfig(compile_steps="on", compile_dynamics="on")

@@ -74,36 +74,24 @@ def test_a_parked_row_resumes_bit_identically_among_other_rows():
 
 
 def test_step_graphs_give_every_item_the_same_solve_through_joins_parks_and_leaves():
-    """The GPU engine's path (masked steps per padded batch size), run eagerly and compiled per
-    padded size: items joining and leaving between steps, one parked and resumed, each ends as
-    under the plain executor (compiled: to float32 rounding)."""
+    """The GPU engine's path (masked steps per padded batch size), run eagerly: items joining
+    and leaving between steps, one parked and resumed, each ends as under the plain executor."""
     tolerances = (1e-2, 1e-4, 1e-6, 1e-8, 1e-3)
     works = [
         Work(Kind.CLASSIFY, torch.tensor([0.5, -1.2, 2.0]) * (i + 1), tol, tol, "dopri5", 100_000)
         for i, tol in enumerate(tolerances)
     ]
-    runs, compiled = [], []
-    for step_graphs, compile_steps in ((False, False), (True, False), (False, True)):
-        executor = Executor(
-            ElementwiseAdapter(),
-            torch.device("cpu"),
-            step_graphs=step_graphs,
-            compile_steps=compile_steps,
-            on_compile=compiled.append,
-        )
+    runs = []
+    for step_graphs in (False, True):
+        executor = Executor(ElementwiseAdapter(), torch.device("cpu"), step_graphs=step_graphs)
         items = _items(works)
         outcomes = _run(executor, Plan(join=items[:3]), steps=2)
         outcomes.update(_run(executor, Plan(join=items[3:], park=[items[1]]), steps=4))
         outcomes.update(_run(executor, Plan(resume=[items[1]]), until={i.id for i in items}))
         runs.append([outcomes[i.id] for i in items])
-    for plain, *others in zip(*runs):
-        for other in others:
-            assert other.status is plain.status is Status.SUCCESS and other.nfe == plain.nfe
-            torch.testing.assert_close(other.outputs["y"], plain.outputs["y"], rtol=1e-5, atol=1e-6)
-    # Each padded size the batch passed through was compiled once and timed against eager.
-    sizes = [size.rows for size in compiled]
-    assert len(sizes) == len(set(sizes)) and {4, 8} <= set(sizes) <= {1, 2, 4, 8}
-    assert all(size.compile_seconds > 0 and size.eager_ms > 0 and size.compiled_ms > 0 for size in compiled)
+    for plain, graphed in zip(*runs):
+        assert graphed.status is plain.status is Status.SUCCESS and graphed.nfe == plain.nfe
+        torch.testing.assert_close(graphed.outputs["y"], plain.outputs["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_preempted_odenet_item_equals_its_unpreempted_solve_bit_for_bit(shipped):
