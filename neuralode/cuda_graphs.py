@@ -84,6 +84,9 @@ class GraphedDynamics:
         return captured
 
 
+_FIELDS = tuple(f.name for f in fields(SolverState))  # constants: torch.compile traces the step whole
+
+
 def masked_step(stepper: Stepper, func: Func, state: SolverState) -> tuple[SolverState, Tensor]:
     """One attempted step of the RUNNING rows, every other row kept exactly as it was; returns
     the rows and which of them accepted their step (``[B]``, False for the others).
@@ -99,9 +102,9 @@ def masked_step(stepper: Stepper, func: Func, state: SolverState) -> tuple[Solve
         return None if old is None else torch.where(rows_of(running, old), cast(Tensor, new), old)  # set with old
 
     values: dict[str, Any] = {}
-    for f in fields(SolverState):
-        new, old = getattr(stepped, f.name), getattr(state, f.name)
-        values[f.name] = {k: keep(new[k], v) for k, v in old.items()} if isinstance(old, dict) else keep(new, old)
+    for name in _FIELDS:
+        new, old = getattr(stepped, name), getattr(state, name)
+        values[name] = {k: keep(new[k], v) for k, v in old.items()} if isinstance(old, dict) else keep(new, old)
     return SolverState(**values), record.accepted & running
 
 
