@@ -338,6 +338,7 @@ def engine_breakdown(
                         "latency_p50_ms": row["latency_p50_ms"],
                         "latency_p99_ms": row["latency_p99_ms"],
                         "mean_nfe": row["mean_nfe"],
+                        **{key: value for key, value in row.items() if key.startswith(("p50_ms_tol", "p99_ms_tol"))},
                         **sinks[policy].summary(wall, cpu),
                     }
                 )
