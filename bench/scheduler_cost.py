@@ -13,8 +13,6 @@ Writes ``bench/results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -23,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from records import write_record  # noqa: E402
 
 from neuralode.devices import cpu_description  # noqa: E402
 from server.scheduling import POLICIES, Cost, Scheduler, SchedulerConfig, State, StepOutputs  # noqa: E402
@@ -77,18 +77,10 @@ def main() -> None:
     print(f"  {'policy':<8}" + "".join(f"{n:>9}" for n in args.queued))
     for policy, row in rows.items():
         print(f"  {policy:<8}" + "".join(f"{ms:>9.2f}" for ms in row.values()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    document = {
-        "benchmark": "scheduler_cost",
-        "machine": f"{cpu_description()}, Python {platform.python_version()}",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/scheduler_cost.py " + " ".join(sys.argv[1:]),
-        "max_batch": args.max_batch,
-        "ms_per_step_by_queued": rows,
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    machine = f"{cpu_description()}, Python {platform.python_version()}"
+    write_record(
+        args.out, args.name, "scheduler_cost", machine, {"max_batch": args.max_batch, "ms_per_step_by_queued": rows}
+    )
 
 
 if __name__ == "__main__":

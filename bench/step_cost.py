@@ -23,7 +23,6 @@ Writes ``bench/results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from records import write_record  # noqa: E402
 
 from neuralode.checkpoint import load_checkpoint  # noqa: E402
 from neuralode.cuda_graphs import masked_step  # noqa: E402
@@ -133,13 +134,7 @@ def main() -> None:
                 f"{figures['arithmetic_compiled_ms']:.2f} ms"
             )
         print(line)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    document = {
-        "benchmark": "step_cost",
-        "machine": f"{cpu_description()}, {torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/step_cost.py " + " ".join(sys.argv[1:]),
+    figures = {
         "checkpoint": os.path.relpath(args.checkpoint.resolve(), ROOT),
         "method": "dopri5",
         "tol": TOL,
@@ -148,8 +143,7 @@ def main() -> None:
         "by_rows": by_rows,
         "median_arithmetic_share": statistics.median(f["arithmetic_ms"] / f["step_ms"] for f in by_rows.values()),
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    write_record(args.out, args.name, "step_cost", f"{cpu_description()}, {torch.get_num_threads()} threads", figures)
 
 
 if __name__ == "__main__":

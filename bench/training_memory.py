@@ -17,16 +17,16 @@ Writes ``bench/results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from records import write_record  # noqa: E402
 
 from neuralode.checkpoint import load_checkpoint  # noqa: E402
 from neuralode.devices import cpu_description  # noqa: E402
@@ -81,20 +81,13 @@ def main() -> None:
                 f"tol {tol:g}, {mode}: {figures['saved_mib']:.1f} MiB saved for backward, "
                 f"forward NFE {figures['nfe_forward']:.1f}{backward}"
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    document = {
-        "benchmark": "training_memory",
-        "machine": cpu_description(),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python bench/training_memory.py " + " ".join(sys.argv[1:]),
+    figures = {
         "checkpoint": os.path.relpath(args.checkpoint.resolve(), ROOT),
         "batch": args.batch,
         "images": f"the first {args.batch} MNIST training digits",
         "rows": rows,
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    write_record(args.out, args.name, "training_memory", cpu_description(), figures)
 
 
 if __name__ == "__main__":

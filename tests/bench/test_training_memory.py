@@ -2,27 +2,10 @@
 the same with the adjoint however many evaluations the solve takes, and grows with them when
 backpropagating through the solver (the paper's O(1) against O(L̃))."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_the_adjoint_saves_the_same_memory_at_any_tolerance_and_backprop_more_with_more_steps(tmp_path, mnist_dir):
-    done = subprocess.run(
-        [sys.executable, "bench/training_memory.py", "--batch", "8", "--tolerances", "1e-1", "1e-5"]
-        + ["--data-dir", str(mnist_dir), "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = json.loads((tmp_path / "training_memory.json").read_text())["rows"]
+def test_the_adjoint_saves_the_same_memory_at_any_tolerance_and_backprop_more_with_more_steps(run_bench, mnist_dir):
+    args = ("--batch", "8", "--tolerances", "1e-1", "1e-5", "--data-dir", str(mnist_dir))
+    rows = run_bench("training_memory.py", *args, record="training_memory.json", threads=1)["rows"]
     adjoint = [row for row in rows if row["mode"].startswith("odenet")]
     backprop = [row for row in rows if row["mode"].startswith("rknet")]
     loose, tight = backprop
