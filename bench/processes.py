@@ -1,0 +1,247 @@
+"""Threads or processes: a CPU machine's cores used by one server process with an intra-op
+thread per core, or by one server process per core with one thread each (issue 33, item 3).
+
+A server runs each model's steps on one Python thread; f's convolutions use torch's intra-op
+threads, but everything around them (the solver's arithmetic, joins, scheduling, gRPC) holds
+the interpreter's lock. At one image per request that is most of a step, so the second core of
+this CPU mostly waits. Separate processes have no shared lock. Each layout is real ``python -m
+server`` processes on their own ports (``OMP_NUM_THREADS`` set per process), and the clients
+are one SDK ``Client`` shared by ``--clients`` threads, ``round_robin`` over the processes'
+addresses: spread per call, as behind a headless Service (deploy/k8s). Every layout and policy
+is started first and then measured in turn, interleaved, so drift hits them alike.
+
+    python bench/processes.py --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "server"))  # the test harness starts real servers
+
+from live_server import RunningServer, metric, start_server  # noqa: E402
+from records import write_record  # noqa: E402
+
+from client import Client  # noqa: E402
+from neuralode.devices import cpu_description  # noqa: E402
+
+CLASSIFIER = "odenet-mnist"
+TOLERANCES = {1e-1: 0.5, 1e-3: 0.3, 1e-5: 0.2}  # tolerance: share of requests, as bench/serve_load.py
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    """``"2x1"``: two processes of one intra-op thread each."""
+    processes, _, threads = text.partition("x")
+    return int(processes), int(threads)
+
+
+class Layout:
+    """``processes`` servers of ``threads`` intra-op threads each, and a client spread over them."""
+
+    def __init__(self, checkpoints: Path, tmp: Path, processes: int, threads: int, policy: str) -> None:
+        self.servers: list[RunningServer] = []
+        try:
+            for index in range(processes):
+                folder = tmp / f"{policy}-{processes}x{threads}-{index}"
+                folder.mkdir(parents=True)
+                self.servers.append(
+                    start_server(
+                        checkpoints,
+                        folder,
+                        "--http-port",
+                        "-1",
+                        "--policy",
+                        policy,
+                        env={"OMP_NUM_THREADS": str(threads)},
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.client = Client(
+            "ipv4:" + ",".join(server.target for server in self.servers), load_balancing="round_robin", timeout_s=600
+        )
+
+    def cpu_seconds(self) -> float | None:
+        """User and system CPU time of the server processes so far (Linux), else None."""
+        total = 0.0
+        for server in self.servers:
+            stat = Path(f"/proc/{server.process.pid}/stat")
+            if not stat.exists():
+                return None
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def items_served(self) -> list[float]:
+        """Items each process has answered (its ``odeserve_items_total``): how the calls spread."""
+        return [metric(server.metrics_url, "odeserve_items_total") for server in self.servers]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def closed_loop(layout: Layout, images: np.ndarray, max_images: int, clients: int, seconds: float, seed: int) -> dict:
+    """``clients`` threads, each sending its next request when its last one returns."""
+    for _ in range(2 * len(layout.servers)):  # every process answers once before the clock starts
+        for tol in TOLERANCES:
+            layout.client.classify(images[:1], model=CLASSIFIER, tol=tol)
+    latencies: dict[float, list[float]] = {tol: [] for tol in TOLERANCES}
+    answered = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        rng = random.Random(seed + index)
+        while time.monotonic() < stop_at:
+            tol = rng.choices(list(TOLERANCES), weights=list(TOLERANCES.values()))[0]
+            size = min(max_images, int(math.exp(rng.uniform(0.0, math.log(max_images + 1)))))
+            batch = images[rng.sample(range(len(images)), size)]
+            begin = time.monotonic()
+            layout.client.classify(batch, model=CLASSIFIER, tol=tol)
+            with lock:
+                answered[0] += size
+                latencies[tol].append(time.monotonic() - begin)
+
+    cpu_before, start = layout.cpu_seconds(), time.monotonic()
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed, cpu_after = time.monotonic() - start, layout.cpu_seconds()
+    every = [latency for values in latencies.values() for latency in values]
+    return {
+        "items_per_s": round(answered[0] / elapsed, 1),
+        "p50_ms": round(1e3 * float(np.percentile(every, 50)), 1),
+        "p99_ms": round(1e3 * float(np.percentile(every, 99)), 1),
+        "p99_ms_by_tol": {f"{tol:g}": round(1e3 * float(np.percentile(v, 99)), 1) for tol, v in latencies.items() if v},
+        "server_cores": None
+        if cpu_before is None or cpu_after is None
+        else round((cpu_after - cpu_before) / elapsed, 2),
+    }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Each figure's median over the interleaved runs."""
+
+    def median(values) -> float | None:
+        values = list(values)
+        return None if None in values else round(statistics.median(values), 2)
+
+    return {
+        key: {k: median(run[key][k] for run in runs) for k in runs[0][key]}
+        if isinstance(runs[0][key], dict)
+        else median(run[key] for run in runs)
+        for key in runs[0]
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
+    parser.add_argument("--layouts", nargs="+", default=["1x2", "2x1"], help="PROCESSESxTHREADS each")
+    parser.add_argument("--policies", nargs="+", default=["fair", "static"])
+    parser.add_argument("--loads", nargs="+", default=["one", "mixed"], help="one: 1 image a request; mixed: 1–256")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=15.0, help="per run")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per configuration")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default="processes_cpu")
+    args = parser.parse_args()
+
+    from training.data import load_mnist
+
+    images = load_mnist(args.data_dir, train=False, download=False).images[:2000, 0].numpy()
+    max_images = {"one": 1, "mixed": 256}
+    runs: dict[str, dict[str, dict[str, list[dict]]]] = {
+        load: {policy: {layout: [] for layout in args.layouts} for policy in args.policies} for load in args.loads
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        layouts: dict[tuple[str, str], Layout] = {}
+        try:
+            for policy in args.policies:
+                for layout in args.layouts:
+                    layouts[policy, layout] = Layout(args.checkpoints, Path(tmp), *parse_layout(layout), policy)
+            for repeat in range(args.repeats):
+                for load in args.loads:
+                    for (policy, layout), running in layouts.items():
+                        figures = closed_loop(
+                            running, images, max_images[load], args.clients, args.seconds, args.seed + 1000 * repeat
+                        )
+                        runs[load][policy][layout].append(figures)
+                        print(f"{load:>5} {policy:>6} {layout}: {figures}", flush=True)
+            spread = {
+                policy: {layout: running.items_served() for (p, layout), running in layouts.items() if p == policy}
+                for policy in args.policies
+            }
+        finally:
+            for running in layouts.values():
+                running.close()
+
+    medians = {
+        load: {
+            policy: {layout: median_run(r) for layout, r in by_layout.items()}
+            for policy, by_layout in by_policy.items()
+        }
+        for load, by_policy in runs.items()
+    }
+    ratios: dict[str, dict] = {}
+    for load, by_policy in medians.items():
+        ratios[load] = {}
+        first, *others = args.layouts
+        for policy, by_layout in by_policy.items():
+            for layout in others:
+                ratios[load][f"{policy}: {layout} over {first} throughput"] = round(
+                    by_layout[layout]["items_per_s"] / by_layout[first]["items_per_s"], 2
+                )
+        if {"fair", "static"} <= set(by_policy):
+            for layout in args.layouts:
+                fair, static = by_policy["fair"][layout], by_policy["static"][layout]
+                ratios[load][f"{layout}: fair over static throughput"] = round(
+                    fair["items_per_s"] / static["items_per_s"], 2
+                )
+                ratios[load][f"{layout}: fair over static p99"] = round(fair["p99_ms"] / static["p99_ms"], 2)
+    machine = cpu_description()
+    write_record(
+        args.out,
+        args.name,
+        "server processes against intra-op threads, over gRPC (issue 33)",
+        machine,
+        {
+            "settings": {
+                "clients": args.clients,
+                "seconds": args.seconds,
+                "repeats": args.repeats,
+                "tolerances": {f"{tol:g}": share for tol, share in TOLERANCES.items()},
+                "checkpoints": os.path.relpath(args.checkpoints, ROOT),
+                "client": "one SDK Client, round_robin over the processes' addresses, shared by the client threads",
+            },
+            "medians": medians,
+            "ratios": ratios,
+            "items_per_process": spread,
+            "runs": runs,
+        },
+    )
+    for load, figures in ratios.items():
+        print(load, figures)
+
+
+if __name__ == "__main__":
+    main()
