@@ -18,7 +18,7 @@ import yaml
 from deploy_tools import DEPLOY, ROOT, require_tool
 
 K8S = DEPLOY / "k8s"
-VARIANTS = ("base", "overlays/cpu", "overlays/gpu")
+VARIANTS = ("base", "overlays/cpu", "overlays/cpu-per-core", "overlays/gpu")
 # The oldest release with native gRPC probes (GA in 1.27), and a current one.
 KUBERNETES_VERSIONS = ("1.27.0", "1.35.0")
 # Custom resources: kubernetes-validate has no schema for them, so their fields are checked here.
@@ -278,6 +278,19 @@ def test_cpu_overlay_runs_the_cpu_image_without_a_gpu():
     assert GPU not in resource_keys(cpu.container)
     assert not any(t.get("key") == GPU for t in cpu.pod["spec"].get("tolerations", []))
     assert GPU not in render("overlays/cpu")
+
+
+def test_cpu_per_core_overlay_runs_one_intra_op_thread_per_pod_on_the_same_cores():
+    per_core, cpu = Manifests("overlays/cpu-per-core"), Manifests("overlays/cpu")
+    container = per_core.container
+    assert container["image"] == cpu.container["image"] and per_core.config == cpu.config
+    assert cpu_millis(container["resources"]["limits"]["cpu"]) == 1000
+    threads = next(e for e in container["env"] if e["name"] == "OMP_NUM_THREADS")["valueFrom"]["resourceFieldRef"]
+    assert threads["resource"] == "limits.cpu" and str(threads["divisor"]) == "1"  # so torch runs one thread
+    # As many cores at the most as the cpu overlay's pods: twice the pods of half the limit.
+    most = {m.variant: m.one("HorizontalPodAutoscaler")["spec"]["maxReplicas"] for m in (per_core, cpu)}
+    limits = {m.variant: cpu_millis(m.container["resources"]["limits"]["cpu"]) for m in (per_core, cpu)}
+    assert most[per_core.variant] * limits[per_core.variant] == most[cpu.variant] * limits[cpu.variant]
 
 
 def cpu_millis(quantity) -> float:
