@@ -9,7 +9,7 @@ lifecycle, admission, budgets and forecasts that every policy shares.
 from .config import AUTO_HEADROOM, CLIENT_QUEUE_SHARE, GUARANTEED_SHARE, LOWER_LEVEL_SHARE, SchedulerConfig
 from .fair import FairShare
 from .fifo import FirstComeFirstServed
-from .policy import Policy, Workload
+from .policy import Level, Policy, Workload
 from .registry import POLICIES, policy_class
 from .requests import (
     BudgetExhausted,
@@ -44,6 +44,7 @@ __all__ = [
     "FairShare",
     "FirstComeFirstServed",
     "Item",
+    "Level",
     "Plan",
     "Policy",
     "QueueFull",

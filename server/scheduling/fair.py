@@ -17,6 +17,7 @@ flood of urgent work slows the others down but never stops them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -31,32 +32,38 @@ class FairShare(Policy):
     def slots(self, work: Workload, now: float) -> dict[int, int]:
         """Slots per request: priority between levels (each leaving the less urgent ones
         ``lower_level_share`` of the free slots while they have work); within one, the
-        guaranteed share split max-min fairly, the rest by earliest virtual deadline."""
+        guaranteed share split max-min fairly, the rest by earliest virtual deadline. Requests
+        left out get none. Reads each level only as far as it hands out slots."""
         config = self.config
-        requests = work.requests
         shares: dict[int, int] = {}
         left = config.max_batch
-        priorities = sorted({r.priority for r in requests})
-        level_demand = {p: 0 for p in priorities}
-        for request in requests:
-            level_demand[request.priority] += request.demand
-        below = sum(level_demand.values())
-        for priority in priorities:
-            level = sorted((r for r in requests if r.priority == priority), key=_by_virtual_deadline)
-            demand = {r.id: r.demand for r in level}
-            below -= level_demand[priority]
+        below = sum(level.demand for level in work.levels.values())
+        for priority in sorted(work.levels):
+            level = work.levels[priority]  # in virtual-deadline order (rank)
+            if not level:
+                continue
+            below -= level.demand
             # Rows kept for the less urgent levels while they have work: none of them starves.
             kept = min(below, math.ceil(config.lower_level_share * left)) if config.lower_level_share else 0
             free = left - kept
             # At least a slot per request while there are slots for all: nobody waits for a first one.
             pool = min(free, max(int(config.guaranteed_share * free), len(level)))
-            guaranteed = _water_fill(level, demand, pool)
+            if len(level) > pool:
+                # More requests than free slots: max-min gives one each to the earliest virtual
+                # deadlines and nothing is left over.
+                for request in itertools.islice((r for r in level if r.demand), pool):
+                    shares[request.id] = 1
+                    left -= 1
+                continue
+            requests = list(level)  # no more of them than free slots
+            demand = {r.id: r.demand for r in requests}
+            guaranteed = _water_fill(requests, demand, pool)
             spare = free - sum(guaranteed.values())
-            for request in level:
+            for request in requests:
                 extra = min(demand[request.id] - guaranteed[request.id], spare)
                 shares[request.id] = guaranteed[request.id] + extra
                 spare -= extra
-            left -= sum(shares[r.id] for r in level)
+            left -= sum(shares[r.id] for r in requests)
         return shares
 
 

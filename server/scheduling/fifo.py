@@ -11,8 +11,11 @@ class FirstComeFirstServed(Policy):
 
     def slots(self, work: Workload, now: float) -> dict[int, int] | None:
         free = self.config.max_batch - work.running
-        wanted = {}
-        for request in sorted(work.requests, key=lambda r: r.id):
+        wanted = {request.id: request.count(State.RUNNING) for request in work.holding}
+        for request in work.requests:  # oldest first, only until the free slots are given
+            if free <= 0:
+                break
             extra = min(request.count(State.WAITING) + request.count(State.PREEMPTED), free)
-            wanted[request.id], free = request.count(State.RUNNING) + extra, free - extra
+            if extra:
+                wanted[request.id], free = request.count(State.RUNNING) + extra, free - extra
         return wanted

@@ -8,8 +8,9 @@ A new policy is a module with a :class:`Policy` subclass and one line in
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,13 +20,42 @@ if TYPE_CHECKING:
     from .config import SchedulerConfig
 
 
+class Level:
+    """One priority level's requests not ended, kept in the policy's order (:meth:`Policy.order`)
+    as they arrive and leave, with the items they still need a slot for: a policy reads as much
+    of the queue as it hands slots to, not the whole of it, at every step."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[float, int]] = []
+        self._requests: list[Request] = []
+        self.demand = 0  # waiting, running and parked items of its requests (kept by the scheduler)
+
+    def add(self, request: Request, key: tuple[float, int]) -> None:
+        position = bisect.bisect(self._keys, key)
+        self._keys.insert(position, key)
+        self._requests.insert(position, request)
+
+    def remove(self, key: tuple[float, int]) -> None:
+        position = bisect.bisect_left(self._keys, key)
+        del self._keys[position], self._requests[position]
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._requests)
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+
 @dataclass(frozen=True)
 class Workload:
-    """What a policy decides over: the requests not ended (oldest first) and the batch now."""
+    """What a policy decides over: the requests not ended (oldest first), the same by priority
+    level in the policy's order, those holding running items, and the batch now."""
 
-    requests: Sequence[Request]
+    requests: Collection[Request]
     running: int  # items in the running batch
     rows: int  # items holding a row of solver state: running or parked
+    levels: Mapping[int, Level]  # by priority; some may be empty
+    holding: Collection[Request]  # requests with running items
 
 
 class Policy(ABC):

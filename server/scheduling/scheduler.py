@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import SchedulerConfig
-from .policy import Policy, Workload
+from .policy import Level, Policy, Workload
 from .registry import policy_class
 from .requests import (
     ENDED_BY,
@@ -80,7 +80,9 @@ class Scheduler:
         self.max_batch, self.max_queued = config.max_batch, config.max_queued
         self.policy: Policy = policy_class(config.policy)(config)
         self.timer = StepTimer()
-        self._requests: dict[int, Request] = {}  # not ended, by id
+        self._requests: dict[int, Request] = {}  # not ended, by id (so oldest first)
+        self._levels: dict[int, Level] = {}  # the same by priority, in the policy's order
+        self._holding: dict[int, Request] = {}  # those with running items, by id
         self._watched: dict[int, Request] = {}  # those that may end before they finish: a deadline, or cancelled
         self._live: dict[int, Item] = {}  # running or parked items, by id
         self._held: list[Request] = []  # policy.holds_finished: finished, handed back when the batch ends
@@ -157,6 +159,9 @@ class Scheduler:
         if owner is not None:
             self._queued_by[owner] = self._queued_by.get(owner, 0) + len(payloads)
         self._requests[request.id] = request
+        level = self._levels.setdefault(request.priority, Level())
+        level.add(request, self.policy.order(request))
+        level.demand += len(payloads)
         if deadline is not None:
             self._watched[request.id] = request
         return request
@@ -198,15 +203,15 @@ class Scheduler:
             reason = self._reason_to_end(request, now)
             if reason is not None:
                 self._end(request, reason, plan)
-        requests = list(self._requests.values())
-        work = Workload(requests, running=self._running, rows=len(self._live))
+        work = Workload(self._requests.values(), self._running, len(self._live), self._levels, self._holding.values())
         wanted = self.policy.slots(work, now)
         if wanted is None:
             plan.wake_after = self.policy.wake_after(work, now)
         else:
-            self._queues = None  # built only when a forecast asks: sorting every request each step costs
-            for request in requests:
-                self._resize(request, wanted.get(request.id, 0), plan, now)
+            self._queues = None  # built only when a forecast asks
+            # Only requests given slots or holding some can change: the rest of the queue waits as it is.
+            for request_id in sorted(wanted.keys() | self._holding.keys()):
+                self._resize(self._requests[request_id], wanted.get(request_id, 0), plan, now)
         self._charge(plan)
         plan.running = self._running
         if plan.running:
@@ -240,8 +245,7 @@ class Scheduler:
             request.done += 1
             if request.done == len(request.items):
                 request.state, request.finished_at = State.FINISHED, now
-                del self._requests[request.id]
-                self._watched.pop(request.id, None)
+                self._forget(request)
                 finished.append(request)
         if self.policy.holds_finished:
             self._held.extend(finished)
@@ -296,10 +300,19 @@ class Scheduler:
 
     def _move(self, item: Item, state: State) -> None:
         """Change an item's state, keeping the counts by state up to date."""
-        counts, old = item.request.counts, item.state
+        request, old = item.request, item.state
+        counts = request.counts
         counts[old] = counts.get(old, 0) - 1
         counts[state] = counts.get(state, 0) + 1
-        item.request.demand += (state in _NEEDS_SLOT) - (old in _NEEDS_SLOT)
+        needs = (state in _NEEDS_SLOT) - (old in _NEEDS_SLOT)
+        if needs:
+            request.demand += needs
+            self._levels[request.priority].demand += needs
+        if state is not old and State.RUNNING in (state, old):
+            if counts[State.RUNNING]:
+                self._holding[request.id] = request
+            else:
+                self._holding.pop(request.id, None)
         queued = (State.WAITING, State.PREEMPTED)
         change = (state in queued) - (old in queued)
         if change:
@@ -317,8 +330,8 @@ class Scheduler:
     def _charge(self, plan: Plan) -> None:
         """Stop, before the step, every request whose budget cannot pay for it."""
         joining = {id(item) for item in plan.join}
-        for request in list(self._requests.values()):
-            if request.budget is None or not request.count(State.RUNNING):
+        for request in [self._holding[i] for i in sorted(self._holding)]:
+            if request.budget is None:
                 continue
             cost = request.cost
             running = [i for i in request.items if i.state is State.RUNNING]
@@ -352,7 +365,7 @@ class Scheduler:
         n = len(request.items)
         steps = cost.steps(cost.expected) if cost.expected is not None else 1.0
         if self._queues is None:
-            self._queues = _queues(list(self._requests.values()), self.policy.order)
+            self._queues = {p: _queue(level, self.policy.order) for p, level in sorted(self._levels.items()) if level}
         queues = self._queues
         ahead = sum(q.work for p, q in queues.items() if p < request.priority)
         queue = queues.get(request.priority)
@@ -407,22 +420,22 @@ class Scheduler:
                     plan.drop.append(item)
             if not item.state.terminal:
                 self._move(item, state)
-        self._requests.pop(request.id, None)
-        self._watched.pop(request.id, None)
+        self._forget(request)
         plan.ended.append(request)
+
+    def _forget(self, request: Request) -> None:
+        """``request`` has ended: out of every index of the requests not ended."""
+        if self._requests.pop(request.id, None) is not None:
+            self._levels[request.priority].remove(self.policy.order(request))
+        self._watched.pop(request.id, None)
+        self._holding.pop(request.id, None)
 
     def _release_held(self) -> list[Request]:
         held, self._held = self._held, []
         return held
 
 
-def _queues(requests: list[Request], key: Callable[[Request], tuple[float, int]]) -> dict[int, _Queue]:
-    """Each priority level's queue, in the policy's order."""
-    ordered = sorted(requests, key=key)
-    return {p: _queue([r for r in ordered if r.priority == p], key) for p in sorted({r.priority for r in requests})}
-
-
-def _queue(level: list[Request], key) -> _Queue:
+def _queue(level: Level, key: Callable[[Request], tuple[float, int]]) -> _Queue:
     orders, before, total = [], [], 0.0
     for request in level:
         orders.append(key(request))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from toy_policy import NewestFirst
 
+import server.scheduling.scheduler as scheduler_module
 from server.scheduling import (
     POLICIES,
     BudgetExhausted,
@@ -17,6 +18,7 @@ from server.scheduling import (
     Expired,
     FairShare,
     FirstComeFirstServed,
+    Level,
     Plan,
     QueueFull,
     Scheduler,
@@ -25,6 +27,7 @@ from server.scheduling import (
     StaticBatching,
     StepOutputs,
     StepTimer,
+    Workload,
     policy_class,
 )
 
@@ -512,3 +515,85 @@ def test_each_requests_demand_is_kept_through_joins_parks_finishes_and_endings(p
             assert request.demand == len(active), (step, request.id)
     assert any(r.preemptions for r in requests) == (policy == "fair")
     assert requests[4].demand == 0 and requests[-1].state is State.EXPIRED
+
+
+@pytest.mark.parametrize("policy", ["fair", "fifo", "static"])
+def test_the_policy_sees_each_level_in_its_order_with_its_demand_and_who_holds_slots(policy):
+    """What the scheduler keeps as requests arrive, move and end (not recounted each step) is
+    what a full recount gives: each level's requests in the policy's order and their demand,
+    and the requests holding running items."""
+    h = Harness(max_batch=6, policy=policy)
+    seen: list[Workload] = []
+    decide = h.scheduler.policy.slots
+    h.scheduler.policy.slots = lambda work, now: (seen.append(work), decide(work, now))[1]  # type: ignore[method-assign]
+    requests = [h.submit([9] * 10, priority=2)]
+    for step in range(60):
+        if step == 2:
+            requests += [h.submit([3 + i % 4] * (1 + i % 5), priority=1 + i % 3) for i in range(12)]
+            h.scheduler.cancel(requests[4])
+        if step == 5:
+            requests.append(h.submit([2, 9, 9], deadline=h.clock.now + 0.01))
+        h.step()
+        work = seen[-1]
+        live = [r for r in requests if not r.ended]
+        for priority, level in work.levels.items():
+            mine = sorted((r for r in live if r.priority == priority), key=h.scheduler.policy.order)
+            assert list(level) == mine and level.demand == sum(r.demand for r in mine), (step, priority)
+        assert {r.id for r in work.holding} == {r.id for r in live if r.count(State.RUNNING)}, step
+    assert all(r.ended for r in requests)
+
+
+class CountingLevel(Level):
+    """A level that counts the requests read from it."""
+
+    read = 0
+
+    def __iter__(self):
+        for request in super().__iter__():
+            CountingLevel.read += 1
+            yield request
+
+
+def test_the_fair_policy_reads_a_long_queue_only_as_far_as_it_hands_out_slots(monkeypatch):
+    monkeypatch.setattr(scheduler_module, "Level", CountingLevel)
+    h = Harness(max_batch=4)
+    requests = [h.submit([10]) for _ in range(2_000)]
+    for _ in range(3):
+        CountingLevel.read = 0
+        h.step()
+        # The earliest virtual deadlines (here: the first to arrive) hold the batch, and the
+        # policy read no further into the queue than the four requests it gave a slot.
+        assert [r.count(State.RUNNING) for r in requests[:5]] == [1, 1, 1, 1, 0]
+        assert CountingLevel.read == 4
+
+
+def test_fifo_reads_a_long_queue_only_until_the_free_slots_are_given():
+    h = Harness(max_batch=4, policy="fifo")
+    requests = [h.submit([3]) for _ in range(2_000)]
+    read = []
+
+    def oldest_first():
+        for request in requests:
+            read.append(request)
+            yield request
+
+    work = Workload(_Lazy(oldest_first), running=0, rows=0, levels={}, holding=[])
+    wanted = h.scheduler.policy.slots(work, h.clock.now)
+    assert wanted == {r.id: 1 for r in requests[:4]}
+    assert len(read) == 5  # the fifth is where it saw there was no slot left
+
+
+class _Lazy:
+    """An iterable over what ``make`` yields, made anew on each pass."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def __iter__(self):
+        return self.make()
+
+    def __len__(self) -> int:
+        raise AssertionError("the policy counted the whole queue")
+
+    def __contains__(self, item) -> bool:
+        raise AssertionError("the policy searched the whole queue")
