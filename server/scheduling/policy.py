@@ -28,15 +28,17 @@ class Level:
     def __init__(self) -> None:
         self._keys: list[tuple[float, int]] = []
         self._requests: list[Request] = []
+        self._key_of: dict[int, tuple[float, int]] = {}  # by request id: where it stands
         self.demand = 0  # waiting, running and parked items of its requests (kept by the scheduler)
 
     def add(self, request: Request, key: tuple[float, int]) -> None:
         position = bisect.bisect(self._keys, key)
         self._keys.insert(position, key)
         self._requests.insert(position, request)
+        self._key_of[request.id] = key
 
-    def remove(self, key: tuple[float, int]) -> None:
-        position = bisect.bisect_left(self._keys, key)
+    def remove(self, request: Request) -> None:
+        position = bisect.bisect_left(self._keys, self._key_of.pop(request.id))
         del self._keys[position], self._requests[position]
 
     def __iter__(self) -> Iterator[Request]:

@@ -426,7 +426,7 @@ class Scheduler:
     def _forget(self, request: Request) -> None:
         """``request`` has ended: out of every index of the requests not ended."""
         if self._requests.pop(request.id, None) is not None:
-            self._levels[request.priority].remove(self.policy.order(request))
+            self._levels[request.priority].remove(request)
         self._watched.pop(request.id, None)
         self._holding.pop(request.id, None)
 
