@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,30 +50,12 @@ def parse_layout(text: str) -> tuple[int, int]:
 
 
 class Layout:
-    """``processes`` servers of ``threads`` intra-op threads each, and a client spread over them."""
+    """Server processes started alike, and one client spread over them."""
 
-    def __init__(self, checkpoints: Path, tmp: Path, processes: int, threads: int, policy: str) -> None:
-        self.servers: list[RunningServer] = []
-        try:
-            for index in range(processes):
-                folder = tmp / f"{policy}-{processes}x{threads}-{index}"
-                folder.mkdir(parents=True)
-                self.servers.append(
-                    start_server(
-                        checkpoints,
-                        folder,
-                        "--http-port",
-                        "-1",
-                        "--policy",
-                        policy,
-                        env={"OMP_NUM_THREADS": str(threads)},
-                    )
-                )
-        except BaseException:
-            self.close()
-            raise
+    def __init__(self, servers: list[RunningServer]) -> None:
+        self.servers = servers
         self.client = Client(
-            "ipv4:" + ",".join(server.target for server in self.servers), load_balancing="round_robin", timeout_s=600
+            "ipv4:" + ",".join(server.target for server in servers), load_balancing="round_robin", timeout_s=600
         )
 
     def cpu_seconds(self) -> float | None:
@@ -93,6 +76,36 @@ class Layout:
     def close(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+def start_layouts(checkpoints: Path, tmp: Path, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], Layout]:
+    """A :class:`Layout` per ``(policy, "PROCESSESxTHREADS")``: every server of every layout is
+    started side by side (each loads and warms up its models); all or none."""
+
+    def start(policy: str, layout: str, index: int) -> RunningServer:
+        folder = tmp / f"{policy}-{layout}-{index}"
+        folder.mkdir(parents=True)
+        threads = str(parse_layout(layout)[1])
+        return start_server(
+            checkpoints, folder, "--http-port", "-1", "--policy", policy, env={"OMP_NUM_THREADS": threads}
+        )
+
+    jobs = [(key, index) for key in wanted for index in range(parse_layout(key[1])[0])]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = [(key, pool.submit(start, *key, index)) for key, index in jobs]
+    started: dict[tuple[str, str], list[RunningServer]] = {key: [] for key in wanted}
+    failures = []
+    for key, future in futures:
+        try:
+            started[key].append(future.result())
+        except Exception as error:  # the others are stopped, then the first error raised
+            failures.append(error)
+    if failures:
+        for servers in started.values():
+            for server in servers:
+                server.stop()
+        raise failures[0]
+    return {key: Layout(servers) for key, servers in started.items()}
 
 
 def closed_loop(layout: Layout, images: np.ndarray, max_images: int, clients: int, seconds: float, seed: int) -> dict:
@@ -174,11 +187,9 @@ def main() -> None:
         load: {policy: {layout: [] for layout in args.layouts} for policy in args.policies} for load in args.loads
     }
     with tempfile.TemporaryDirectory() as tmp:
-        layouts: dict[tuple[str, str], Layout] = {}
+        wanted = [(policy, layout) for policy in args.policies for layout in args.layouts]
+        layouts = start_layouts(args.checkpoints, Path(tmp), wanted)
         try:
-            for policy in args.policies:
-                for layout in args.layouts:
-                    layouts[policy, layout] = Layout(args.checkpoints, Path(tmp), *parse_layout(layout), policy)
             for repeat in range(args.repeats):
                 for load in args.loads:
                     for (policy, layout), running in layouts.items():
