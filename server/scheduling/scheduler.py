@@ -424,11 +424,11 @@ class Scheduler:
         plan.ended.append(request)
 
     def _forget(self, request: Request) -> None:
-        """``request`` has ended: out of every index of the requests not ended."""
+        """``request`` has ended: out of the indexes of the requests not ended (it left the
+        holders when its last item stopped running)."""
         if self._requests.pop(request.id, None) is not None:
             self._levels[request.priority].remove(request)
         self._watched.pop(request.id, None)
-        self._holding.pop(request.id, None)
 
     def _release_held(self) -> list[Request]:
         held, self._held = self._held, []
@@ -442,4 +442,4 @@ def _queue(level: Level, key: Callable[[Request], tuple[float, int]]) -> _Queue:
         before.append(total)
         total += request.demand * request.cost.steps(request.cost.expected or 0.0)
     before.append(total)
-    return _Queue(orders, before, total, sum(request.demand for request in level))
+    return _Queue(orders, before, total, level.demand)

@@ -4,7 +4,7 @@ each layout's processes, a record per layout with the figures the docs quote."""
 
 def test_the_processes_bench_spreads_calls_over_every_process_and_records_each_layout(run_bench):
     args = ("--layouts", "1x1", "2x1", "--policies", "fair", "--loads", "one", "--clients", "4")
-    recorded = run_bench(*("processes.py", *args, "--seconds", "1", "--repeats", "1"), record="processes_cpu.json")
+    recorded = run_bench("processes.py", *args, "--seconds", "1", "--repeats", "1", record="processes_cpu.json")
     layouts = recorded["medians"]["one"]["fair"]
     assert set(layouts) == {"1x1", "2x1"}
     for figures in layouts.values():
