@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "server"))  # the test harness starts real servers
 
-from live_server import RunningServer, metric, start_server  # noqa: E402
+from live_server import RunningServer, end_on_sigterm, metric, start_server  # noqa: E402
 from records import write_record  # noqa: E402
 
 from client import Client  # noqa: E402
@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="processes_cpu")
     args = parser.parse_args()
+    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
 
     from training.data import load_mnist
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "server"))  # the test harness starts real servers
 sys.path.insert(0, str(ROOT))
 
-from live_server import CLASSIFIER, SHIPPED, start_server  # noqa: E402
+from live_server import CLASSIFIER, SHIPPED, end_on_sigterm, start_server  # noqa: E402
 
 from neuralode.devices import cpu_description  # noqa: E402
 from server.oip import grpc_predict_v2_pb2 as oip  # noqa: E402
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 1024])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rest_payloads_cpu.json")
     args = parser.parse_args()
+    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
     raw = args.data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     digits = np.fromfile(raw, np.uint8, offset=16).reshape(-1, 28, 28)
     with tempfile.TemporaryDirectory() as tmp:

@@ -628,6 +628,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default=None, help="result file name (default: serve_load_<device>)")
     args = parser.parse_args()
+    from live_server import end_on_sigterm
+
+    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
     sections = set(args.sections.split(","))
 
     import torch

@@ -229,7 +229,9 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file name (default: soak_cpu or soak_cpu_<duration>s)")
     args = parser.parse_args()
 
-    from live_server import start_server
+    from live_server import end_on_sigterm, start_server
+
+    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
 
     load_before = os.getloadavg()
     pool = build_pool(args.checkpoints, args.data_dir, args.pool, args.seed, args.max_images)

@@ -177,7 +177,9 @@ def main() -> None:
     parser.add_argument("--before", default="", help="git revision of the baseline (default: merge-base with main)")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
     args = parser.parse_args()
-    from live_server import start_server
+    from live_server import end_on_sigterm, start_server
+
+    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
 
     before = args.before or subprocess.check_output(["git", "merge-base", "HEAD", "main"], cwd=ROOT, text=True).strip()
     collector, otlp = Collector(), grpc.server(futures.ThreadPoolExecutor(2))
@@ -195,14 +197,14 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
         run_old = f"import sys; sys.path[:0] = [{str(old)!r}, {str(old / 'client')!r}]; from server.app import main; sys.exit(main())"
         servers = {}
-        for name, flags, python in (
-            ("before", (), ("-c", run_old)),
-            ("off", (), ("-m", "server")),
-            ("on", ("--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"), ("-m", "server")),
-        ):
-            (folder / name).mkdir(exist_ok=True)
-            servers[name] = start_server(checkpoints, folder / name, *flags, python=python)
         try:
+            for name, flags, python in (
+                ("before", (), ("-c", run_old)),
+                ("off", (), ("-m", "server")),
+                ("on", ("--otlp-endpoint", f"http://127.0.0.1:{otlp_port}"), ("-m", "server")),
+            ):
+                (folder / name).mkdir(exist_ok=True)
+                servers[name] = start_server(checkpoints, folder / name, *flags, python=python)
             rounds: dict[str, dict[str, list[dict]]] = {
                 w: {n: [] for n in servers} for w in ("server_live", "log_density")
             }

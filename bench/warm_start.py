@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "server"))  # the test harness starts real servers
 
-from live_server import CLASSIFIER, DENSITIES, SHIPPED, scrape, start_server, value  # noqa: E402
+from live_server import CLASSIFIER, DENSITIES, SHIPPED, end_on_sigterm, scrape, start_server, value  # noqa: E402
 
 from client import Client, OdeServeError  # noqa: E402
 
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--compile-dynamics", default="off", choices=("off", "on"), help="the servers' setting")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
     from training.data import load_mnist
 
     digits = load_mnist(args.data_dir, train=False, download=False).images[: args.batch, 0].numpy()

@@ -1,6 +1,14 @@
 """bench/processes.py in one short run: real servers in two layouts, one SDK client spread over
 each layout's processes, a record per layout with the figures the docs quote."""
 
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_the_processes_bench_spreads_calls_over_every_process_and_records_each_layout(run_bench):
     args = ("--layouts", "1x1", "2x1", "--policies", "fair", "--loads", "one", "--clients", "4")
@@ -17,3 +25,40 @@ def test_the_processes_bench_spreads_calls_over_every_process_and_records_each_l
     ratio = recorded["ratios"]["one"]["fair: 2x1 over 1x1 throughput"]
     assert ratio == round(layouts["2x1"]["items_per_s"] / layouts["1x1"]["items_per_s"], 2)
     assert recorded["command"].startswith("python bench/processes.py") and "cores" in recorded["machine"]
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_sigterm_to_the_bench_stops_the_servers_it_started():
+    args = ("--layouts", "2x1", "--policies", "fair", "--loads", "one", "--clients", "2", "--seconds", "1")
+    with tempfile.TemporaryDirectory() as out:
+        bench = subprocess.Popen(
+            [sys.executable, "bench/processes.py", *args, "--repeats", "50", "--out", out],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert bench.stdout is not None
+            first_run = bench.stdout.readline()  # printed once its servers answered a run
+            assert "fair 2x1" in first_run, first_run
+            servers = _children(bench.pid)
+            assert len(servers) == 2
+            bench.send_signal(signal.SIGTERM)
+            bench.wait(timeout=120)
+        finally:
+            bench.kill()
+    assert bench.returncode != 0  # interrupted, not finished
+    assert [pid for pid in servers if Path(f"/proc/{pid}").exists()] == []

@@ -50,6 +50,13 @@ class RunningServer:
         return self.process.wait(timeout)
 
 
+def end_on_sigterm() -> None:
+    """Make SIGTERM end this process as Ctrl-C does (KeyboardInterrupt), so the ``finally``
+    blocks of a script that started servers stop them instead of leaving them running. Call
+    it from the main thread, before starting any."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def start_server(
     checkpoints: Path,
     tmp: Path,
