@@ -6,7 +6,14 @@ policies, registered by name in ``registry``; ``config``: the settings; ``schedu
 lifecycle, admission, budgets and forecasts that every policy shares.
 """
 
-from .config import AUTO_HEADROOM, CLIENT_QUEUE_SHARE, GUARANTEED_SHARE, LOWER_LEVEL_SHARE, SchedulerConfig
+from .config import (
+    AUTO_HEADROOM,
+    CLIENT_QUEUE_SHARE,
+    GUARANTEED_SHARE,
+    LOWER_LEVEL_SHARE,
+    TIME_ALONE_WEIGHT,
+    SchedulerConfig,
+)
 from .fair import FairShare
 from .fifo import FirstComeFirstServed
 from .policy import Level, Policy, Workload
@@ -35,6 +42,7 @@ __all__ = [
     "GUARANTEED_SHARE",
     "LOWER_LEVEL_SHARE",
     "POLICIES",
+    "TIME_ALONE_WEIGHT",
     "BudgetExhausted",
     "Cancelled",
     "Candidate",

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import SchedulerConfig
+from .config import TIME_ALONE_WEIGHT, SchedulerConfig
 from .policy import Level, Policy, Workload
 from .registry import policy_class
 from .requests import (
@@ -346,13 +346,12 @@ class Scheduler:
 
     # ---- predictions -------------------------------------------------------------------------
     def _virtual_deadline(self, arrival: float, items: int, cost: Cost, deadline: float | None) -> float:
-        """The call's deadline, or its arrival plus what it would take alone on the batch (its
-        steps, in as many waves as its items need, at the measured time per step), whichever
-        is earlier. Weights above 1 on the time alone were measured and let cheap requests
-        overtake further at a worse p99 (docs/server.md)."""
+        """The call's deadline, or its arrival plus :data:`TIME_ALONE_WEIGHT` times what it would
+        take alone on the batch (its steps, in as many waves as its items need, at the measured
+        time per step), whichever is earlier."""
         steps = cost.steps(cost.expected) if cost.expected is not None else 1.0
         alone = math.ceil(items / self.max_batch) * steps * self.timer.predict(min(items, self.max_batch))
-        return min(arrival + alone, math.inf if deadline is None else deadline)
+        return min(arrival + TIME_ALONE_WEIGHT * alone, math.inf if deadline is None else deadline)
 
     def predict_seconds(self, request: Request, cost: Cost) -> float:
         """How long ``request`` (not yet submitted) would take at ``cost`` if it arrived now.

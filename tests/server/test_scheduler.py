@@ -11,6 +11,7 @@ from toy_policy import NewestFirst
 import server.scheduling.scheduler as scheduler_module
 from server.scheduling import (
     POLICIES,
+    TIME_ALONE_WEIGHT,
     BudgetExhausted,
     Cancelled,
     Candidate,
@@ -239,6 +240,22 @@ def test_a_deadline_earlier_than_its_virtual_deadline_moves_a_request_ahead():
     h.step()
     assert (hurried.count(State.RUNNING), first.count(State.RUNNING)) == (20, 4)
     assert first.preemptions == 16
+
+
+def test_a_cheap_request_overtakes_a_dear_one_that_arrived_most_of_its_time_alone_earlier():
+    """Virtual deadlines lie twice a request's time alone after its arrival, so a request that
+    would take a fifth of a dear one's time alone overtakes it even when it arrives after 90%
+    of that time (at once its time alone, it would wait)."""
+    h = Harness(max_batch=24)  # guaranteed: 6 slots, 3 each; 18 by virtual deadline
+    h.run_until(h.submit([1]))
+    arrival = h.clock.now
+    first = h.submit([100] * 20, cost=Cost(START, STEP, START + 50 * STEP))
+    alone = (first.virtual_deadline - arrival) / TIME_ALONE_WEIGHT
+    h.clock.now += 0.9 * alone
+    later = h.submit([100] * 20, cost=Cost(START, STEP, START + 10 * STEP))  # a fifth of the steps
+    assert later.virtual_deadline == pytest.approx(h.clock.now + TIME_ALONE_WEIGHT * alone / 5)
+    h.step()
+    assert (later.count(State.RUNNING), first.count(State.RUNNING)) == (20, 4)
 
 
 def test_with_more_requests_than_slots_the_earliest_virtual_deadlines_run():
