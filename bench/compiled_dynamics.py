@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compiled_dynamics_cpu.json")
     args = parser.parse_args()
-    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
+    end_on_sigterm()
     raw = args.data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     digits = np.fromfile(raw, np.uint8, offset=16).reshape(-1, 28, 28)
     with tempfile.TemporaryDirectory() as tmp:

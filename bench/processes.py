@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="processes_cpu")
     args = parser.parse_args()
-    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
+    end_on_sigterm()
 
     from training.data import load_mnist
 

@@ -637,7 +637,7 @@ def main() -> None:
     args = parser.parse_args()
     from live_server import end_on_sigterm
 
-    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
+    end_on_sigterm()
     sections = set(args.sections.split(","))
 
     import torch

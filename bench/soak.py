@@ -231,7 +231,7 @@ def main() -> None:
 
     from live_server import end_on_sigterm, start_server
 
-    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
+    end_on_sigterm()
 
     load_before = os.getloadavg()
     pool = build_pool(args.checkpoints, args.data_dir, args.pool, args.seed, args.max_images)

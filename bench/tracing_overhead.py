@@ -179,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     from live_server import end_on_sigterm, start_server
 
-    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
+    end_on_sigterm()
 
     before = args.before or subprocess.check_output(["git", "merge-base", "HEAD", "main"], cwd=ROOT, text=True).strip()
     collector, otlp = Collector(), grpc.server(futures.ThreadPoolExecutor(2))

@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--compile-dynamics", default="off", choices=("off", "on"), help="the servers' setting")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    end_on_sigterm()  # a SIGTERM stops the servers this run starts, as Ctrl-C does
+    end_on_sigterm()
     from training.data import load_mnist
 
     digits = load_mnist(args.data_dir, train=False, download=False).images[: args.batch, 0].numpy()

@@ -10,10 +10,10 @@ deadline* — the call's deadline, or its arrival plus twice what it would take 
 batch (``TIME_ALONE_WEIGHT``), whichever is earlier — each request taking what it still
 needs. Work is served nearly in arrival order (the tail stays near that of
 first-come-first-served), yet a cheap request overtakes an expensive one that arrived shortly
-before it. A request holding more than it is allocated
-is preempted, row by row, for the others. No level starves: while less urgent levels have
-work, each level leaves them ``lower_level_share`` of the rows still free (at least one), so a
-flood of urgent work slows the others down but never stops them.
+before it. A request holding more than it is allocated is preempted, row by row, for the
+others. No level starves: while less urgent levels have work, each level leaves them
+``lower_level_share`` of the rows still free (at least one), so a flood of urgent work slows
+the others down but never stops them.
 """
 
 from __future__ import annotations
