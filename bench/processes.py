@@ -8,9 +8,12 @@ this CPU mostly waits. Separate processes have no shared lock. Each layout is re
 server`` processes on their own ports (``OMP_NUM_THREADS`` set per process), and the clients
 are one SDK ``Client`` shared by ``--clients`` threads, ``round_robin`` over the processes'
 addresses: spread per call, as behind a headless Service (deploy/k8s). Every layout and policy
-is started first and then measured in turn, interleaved, so drift hits them alike.
+is started first and then measured in turn, interleaved, so drift hits them alike. A layout
+may carry server settings of its own (``1x2:keep-freed-memory=off``), so one setting's effect
+is measured the same way, side by side.
 
     python bench/processes.py --data-dir ../shared/data
+    python bench/processes.py --data-dir ../shared/data --layouts 1x2 1x2:keep-freed-memory=off
 """
 
 from __future__ import annotations
@@ -43,10 +46,18 @@ CLASSIFIER = "odenet-mnist"
 TOLERANCES = {1e-1: 0.5, 1e-3: 0.3, 1e-5: 0.2}  # tolerance: share of requests, as bench/serve_load.py
 
 
-def parse_layout(text: str) -> tuple[int, int]:
-    """``"2x1"``: two processes of one intra-op thread each."""
-    processes, _, threads = text.partition("x")
-    return int(processes), int(threads)
+def parse_layout(text: str) -> tuple[int, int, tuple[str, ...]]:
+    """``"2x1"``: two processes of one intra-op thread each; settings of the servers may follow,
+    ``"1x2:keep-freed-memory=off"`` (``--keep-freed-memory off``), to compare them side by side."""
+    shape, *settings = text.split(":")
+    processes, _, threads = shape.partition("x")
+    flags = []
+    for setting in settings:
+        name, equals, value = setting.partition("=")
+        if not (name and equals):
+            raise ValueError(f"layout {text!r}: a server setting is written name=value, got {setting!r}")
+        flags += [f"--{name}", value]
+    return int(processes), int(threads), tuple(flags)
 
 
 class Layout:
@@ -85,9 +96,9 @@ def start_layouts(checkpoints: Path, tmp: Path, wanted: list[tuple[str, str]]) -
     def start(policy: str, layout: str, index: int) -> RunningServer:
         folder = tmp / f"{policy}-{layout}-{index}"
         folder.mkdir(parents=True)
-        threads = str(parse_layout(layout)[1])
+        _, threads, flags = parse_layout(layout)
         return start_server(
-            checkpoints, folder, "--http-port", "-1", "--policy", policy, env={"OMP_NUM_THREADS": threads}
+            checkpoints, folder, "--http-port", "-1", "--policy", policy, *flags, env={"OMP_NUM_THREADS": str(threads)}
         )
 
     jobs = [(key, index) for key in wanted for index in range(parse_layout(key[1])[0])]
@@ -168,7 +179,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
-    parser.add_argument("--layouts", nargs="+", default=["1x2", "2x1"], help="PROCESSESxTHREADS each")
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["1x2", "2x1"],
+        help="PROCESSESxTHREADS each, optionally followed by server settings: 1x2:keep-freed-memory=off",
+    )
     parser.add_argument("--policies", nargs="+", default=["fair", "static"])
     parser.add_argument("--loads", nargs="+", default=["one", "mixed"], help="one: 1 image a request; mixed: 1–256")
     parser.add_argument("--clients", type=int, default=16)

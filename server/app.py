@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from neuralode.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory
 from neuralode.devices import resolve_device
 
 from . import logs
@@ -344,6 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logs.configure(config.log_level, config.log_format)
     log.info("settings: %s", config.as_dict())
+    if config.keep_freed_memory == "on":
+        skipped = keep_freed_memory()
+        if skipped is None:
+            log.info(
+                "keep_freed_memory: glibc's malloc serves blocks up to %d MiB from its heaps and keeps up to %d MiB "
+                "free at a heap's top",
+                MMAP_THRESHOLD >> 20,
+                TRIM_THRESHOLD >> 20,
+            )
+        else:
+            log.info("keep_freed_memory: glibc's malloc settings left as they are (%s)", skipped)
     if not asyncio.run(serve(config)):
         # A thread still inside torch would abort the interpreter's exit (SIGABRT): leave now.
         logging.shutdown()

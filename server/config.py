@@ -57,6 +57,7 @@ class ServerConfig:
     compile_dynamics: str = "off"
     warmup: str = "on"
     bfloat16: str = "native"
+    keep_freed_memory: str = "on"
     max_delay_ms: float = 5.0
     max_queued_items: int = 4096
     max_items_per_request: int = 1024
@@ -104,6 +105,8 @@ class ServerConfig:
             problems.append(f"compile_dynamics must be off or on, got {self.compile_dynamics!r}")
         if self.bfloat16 not in ("native", "on", "off"):
             problems.append(f"bfloat16 must be native, on or off, got {self.bfloat16!r}")
+        if self.keep_freed_memory not in ("off", "on"):
+            problems.append(f"keep_freed_memory must be off or on, got {self.keep_freed_memory!r}")
         if self.log_format not in LOG_FORMATS:
             problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if not 0 <= self.trace_sample_ratio <= 1:
@@ -207,6 +210,7 @@ _HELP = {
     "warmup": "on: before a model is served (at start, and on reload before it replaces the old version) it solves each kind it answers in each precision it serves at the batch sizes the engine runs, so the first requests pay no one-time costs; a model whose warm-up fails is not served; off: serve at once",
     "compile_dynamics": "on: f is compiled by torch.compile per padded batch size (powers of two up to max_batch), each kept only where it measured faster than eager; the warm-up compiles them before a model serves (seconds each); off: f runs eagerly",
     "bfloat16": "native: serve requests in bfloat16 (precision bfloat16, or auto where the model card allows it) only on a device with bfloat16 units (CPUs with AVX512-BF16 or AMX, recent GPUs); on: also where it is emulated, which is slower than float32; off: float32 only",
+    "keep_freed_memory": "on: glibc's malloc keeps the memory the solver's steps free (blocks up to 32 MB from its heaps, up to 256 MB free at a heap's top) for the next step instead of handing it back and faulting it in again (docs/server.md, 'Memory the steps give back'); not set where the C library is not glibc or the environment sets MALLOC_*_ or GLIBC_TUNABLES; off: glibc's defaults",
     "max_delay_ms": "static policy: longest wait for a full batch",
     "max_queued_items": "items waiting beyond this are refused at once with RESOURCE_EXHAUSTED",
     "max_items_per_request": "images or points per request, and Sample's n",

@@ -4,6 +4,7 @@ deprecated ``batching`` setting, still read and mapped onto ``policy``."""
 from __future__ import annotations
 
 import logging
+import platform
 
 import pytest
 
@@ -115,3 +116,16 @@ def test_batching_is_no_longer_a_listed_setting(capsys):
     help_text = capsys.readouterr().out
     assert "--batching" not in help_text and "--policy" in help_text and "static" in help_text
     assert "batching" not in ServerConfig().as_dict()
+
+
+def test_keep_freed_memory_is_on_or_off(capsys):
+    assert ServerConfig().keep_freed_memory == "on"
+    assert parse_config(["--keep-freed-memory", "off"]).keep_freed_memory == "off"
+    with pytest.raises(SystemExit):
+        parse_config(["--keep-freed-memory", "yes"])
+    assert "keep_freed_memory must be off or on, got 'yes'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+def test_the_server_keeps_freed_memory_by_default(server):
+    assert "keep_freed_memory: glibc's malloc serves blocks up to 32 MiB from its heaps" in server.log.read_text()

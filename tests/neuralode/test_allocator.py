@@ -1,0 +1,112 @@
+"""glibc's malloc kept from handing a solver's freed tensors back (neuralode.allocator): the page
+faults it saves, counted in fresh processes, and the operator's own settings left alone."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neuralode import allocator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Steps of 256 rows of ODE-Net's state (2.4 MB a tensor) in a worker thread, as the server
+# takes them; prints the process's minor page faults per step once the heaps have grown.
+_STEPS_IN_A_THREAD = """
+import json, resource, sys, threading
+import torch
+from neuralode.allocator import keep_freed_memory
+from neuralode.solvers import Stepper, get_method
+
+skipped = keep_freed_memory() if sys.argv[1] == "on" else "off"
+result = {"skipped": skipped}
+
+def steps():
+    rows = 256
+    stepper = Stepper(get_method("dopri5"))
+    func = lambda t, y: y * -0.5
+    tol = torch.full((rows,), 1e-3)
+    state = stepper.init(func, torch.randn(rows, 64, 6, 6), torch.zeros(rows), torch.ones(rows), torch.ones(rows), tol, tol)
+    with torch.no_grad():
+        for _ in range(10):
+            stepper.step(func, state)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(30):
+            stepper.step(func, state)
+        result["faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30
+
+worker = threading.Thread(target=steps)
+worker.start()
+worker.join()
+print(json.dumps(result))
+"""
+
+
+def _without_allocator_settings(environment) -> dict:
+    ignored = {*allocator.OPERATOR_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD"}
+    return {name: value for name, value in environment.items() if name not in ignored}
+
+
+def _faults_per_step(mode: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _STEPS_IN_A_THREAD, mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_without_allocator_settings(os.environ), "OMP_NUM_THREADS": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+def test_kept_memory_spares_a_worker_threads_steps_the_page_faults_of_glibcs_defaults():
+    kept, default = _faults_per_step("on"), _faults_per_step("off")
+    assert kept["skipped"] is None
+    # A step's new tensors are 2.4 MB (600 pages) each; by default most of them fault in again.
+    assert default["faults_per_step"] > 600, default
+    assert kept["faults_per_step"] < default["faults_per_step"] / 10, (kept, default)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("MALLOC_TRIM_THRESHOLD_", "1000000", "the environment sets MALLOC_TRIM_THRESHOLD_"),
+        ("MALLOC_MMAP_THRESHOLD_", "1000000", "the environment sets MALLOC_MMAP_THRESHOLD_"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000", "the environment sets GLIBC_TUNABLES"),
+        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "LD_PRELOAD loads jemalloc"),
+    ],
+)
+def test_an_operators_own_allocator_settings_stand(monkeypatch, variable, value, reason):
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the settings are glibc's")
+    for name in (*allocator.OPERATOR_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    opened = []
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *args, **kwargs: opened.append(args))
+    assert allocator.keep_freed_memory() == reason
+    assert opened == []  # glibc was not asked to change anything
+
+
+def test_glibc_tunables_of_other_subsystems_do_not_stop_it(monkeypatch):
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the settings are glibc's")
+    for name in (*allocator.OPERATOR_SETTINGS, "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *args, **kwargs: Libc())
+    assert allocator.keep_freed_memory() is None
+    assert calls == [(-3, allocator.MMAP_THRESHOLD), (-1, allocator.TRIM_THRESHOLD)]
