@@ -8,9 +8,9 @@ this CPU mostly waits. Separate processes have no shared lock. Each layout is re
 server`` processes on their own ports (``OMP_NUM_THREADS`` set per process), and the clients
 are one SDK ``Client`` shared by ``--clients`` threads, ``round_robin`` over the processes'
 addresses: spread per call, as behind a headless Service (deploy/k8s). Every layout and policy
-is started first and then measured in turn, interleaved, so drift hits them alike. A layout
-may carry server settings of its own (``1x2:keep-freed-memory=off``), so one setting's effect
-is measured the same way, side by side.
+is started first and then measured in turn, interleaved (every other round in reverse order),
+so drift hits them alike. A layout may carry server settings of its own
+(``1x2:keep-freed-memory=off``), so one setting's effect is measured the same way, side by side.
 
     python bench/processes.py --data-dir ../shared/data
     python bench/processes.py --data-dir ../shared/data --layouts 1x2 1x2:keep-freed-memory=off
@@ -69,16 +69,25 @@ class Layout:
             "ipv4:" + ",".join(server.target for server in servers), load_balancing="round_robin", timeout_s=600
         )
 
+    def _stat_fields(self) -> list[list[str]] | None:
+        """Each server process's /proc stat fields after its name (Linux), else None."""
+        stats = [Path(f"/proc/{server.process.pid}/stat") for server in self.servers]
+        if not all(stat.exists() for stat in stats):
+            return None
+        return [stat.read_text().rsplit(")", 1)[1].split() for stat in stats]
+
     def cpu_seconds(self) -> float | None:
         """User and system CPU time of the server processes so far (Linux), else None."""
-        total = 0.0
-        for server in self.servers:
-            stat = Path(f"/proc/{server.process.pid}/stat")
-            if not stat.exists():
-                return None
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        fields = self._stat_fields()
+        if fields is None:
+            return None
+        return sum(int(f[11]) + int(f[12]) for f in fields) / os.sysconf("SC_CLK_TCK")
+
+    def page_faults(self) -> int | None:
+        """Minor page faults of the server processes so far (Linux), else None: memory the
+        processes had handed back and touched again."""
+        fields = self._stat_fields()
+        return None if fields is None else sum(int(f[7]) for f in fields)
 
     def items_served(self) -> list[float]:
         """Items each process has answered (its ``odeserve_items_total``): how the calls spread."""
@@ -141,13 +150,13 @@ def closed_loop(layout: Layout, images: np.ndarray, max_images: int, clients: in
                 answered[0] += size
                 latencies[tol].append(time.monotonic() - begin)
 
-    cpu_before, start = layout.cpu_seconds(), time.monotonic()
+    cpu_before, faults_before, start = layout.cpu_seconds(), layout.page_faults(), time.monotonic()
     threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed, cpu_after = time.monotonic() - start, layout.cpu_seconds()
+    elapsed, cpu_after, faults_after = time.monotonic() - start, layout.cpu_seconds(), layout.page_faults()
     every = [latency for values in latencies.values() for latency in values]
     return {
         "items_per_s": round(answered[0] / elapsed, 1),
@@ -157,6 +166,9 @@ def closed_loop(layout: Layout, images: np.ndarray, max_images: int, clients: in
         "server_cores": None
         if cpu_before is None or cpu_after is None
         else round((cpu_after - cpu_before) / elapsed, 2),
+        "server_page_faults_per_item": None
+        if faults_before is None or faults_after is None
+        else round((faults_after - faults_before) / max(1, answered[0]), 1),
     }
 
 
@@ -208,8 +220,9 @@ def main() -> None:
         layouts = start_layouts(args.checkpoints, Path(tmp), wanted)
         try:
             for repeat in range(args.repeats):
+                order = list(layouts.items())
                 for load in args.loads:
-                    for (policy, layout), running in layouts.items():
+                    for (policy, layout), running in order if repeat % 2 == 0 else reversed(order):
                         figures = closed_loop(
                             running, images, max_images[load], args.clients, args.seconds, args.seed + 1000 * repeat
                         )

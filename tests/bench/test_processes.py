@@ -21,6 +21,7 @@ def test_the_processes_bench_spreads_calls_over_every_process_and_records_each_l
     for figures in layouts.values():
         assert figures["items_per_s"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"]
         assert set(figures["p99_ms_by_tol"]) <= {"0.1", "0.001", "1e-05"}
+        assert figures["server_page_faults_per_item"] >= 0
     # round_robin reaches both processes of the two-process layout, and the one of the other.
     spread = recorded["items_per_process"]["fair"]
     assert len(spread["1x1"]) == 1 and len(spread[two]) == 2
