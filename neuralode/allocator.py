@@ -5,7 +5,7 @@ of ODE-Net state, 2.4 MB each. Under glibc's defaults a block from 128 KB up is 
 ``mmap`` until frees raise that threshold, and a heap's free memory above a trim threshold is
 handed back to the system, so the next step's tensors fault their pages in again, in a worker
 thread's heap far more than in the main one. With the settings here, blocks up to 32 MB
-(glibc's largest threshold) come from the heaps, and up to 256 MB of free memory at a heap's
+(as high as glibc's own threshold ever rises) come from the heaps, and up to 256 MB of free memory at a heap's
 top stays there for reuse instead of being trimmed. What that buys the server is measured in
 docs/server.md ("Memory the steps give back").
 """
@@ -29,8 +29,11 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> str | None:
     """Set glibc's thresholds for this process (``mallopt``), from now on. Returns None when
-    they were set, else why not: not glibc, another allocator preloaded, or the operator's own
-    settings in the environment."""
+    they were set, else why not: not glibc, another allocator preloaded, the operator's own
+    settings in the environment, or glibc refusing a value."""
+    for value in (mmap_threshold, trim_threshold):
+        if not 0 < value < 1 << 31:  # mallopt takes a C int
+            raise ValueError(f"a threshold is a positive number of bytes below 2 GiB, got {value}")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the C library is not glibc"
     preloaded = os.environ.get("LD_PRELOAD", "")
@@ -42,8 +45,8 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
         given.append("GLIBC_TUNABLES")
     if given:
         return f"the environment sets {', '.join(given)}"
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
     for option, value in ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)):
-        if libc.mallopt(option, value) != 1:
-            raise ValueError(f"glibc refused mallopt({option}, {value})")
+        if libc.mallopt(option, value) != 1:  # some builds refuse some thresholds
+            return f"glibc refused mallopt({option}, {value})"
     return None

@@ -110,3 +110,24 @@ def test_glibc_tunables_of_other_subsystems_do_not_stop_it(monkeypatch):
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *args, **kwargs: Libc())
     assert allocator.keep_freed_memory() is None
     assert calls == [(-3, allocator.MMAP_THRESHOLD), (-1, allocator.TRIM_THRESHOLD)]
+
+
+def test_a_threshold_glibc_refuses_is_reported_not_raised(monkeypatch):
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the settings are glibc's")
+    for name in (*allocator.OPERATOR_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+
+    # This glibc takes every value mallopt can be given; other builds refuse some thresholds.
+    class Libc:
+        def mallopt(self, option, value):
+            return 0
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *args, **kwargs: Libc())
+    assert allocator.keep_freed_memory() == f"glibc refused mallopt(-3, {allocator.MMAP_THRESHOLD})"
+
+
+@pytest.mark.parametrize("threshold", [0, -1, 1 << 31])
+def test_a_threshold_mallopt_cannot_take_is_refused_before_glibc_is_asked(threshold):
+    with pytest.raises(ValueError, match="a threshold is a positive number of bytes below 2 GiB"):
+        allocator.keep_freed_memory(trim_threshold=threshold)
