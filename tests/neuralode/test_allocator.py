@@ -66,11 +66,12 @@ def _faults_per_step(mode: str) -> dict:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 def test_kept_memory_spares_a_worker_threads_steps_the_page_faults_of_glibcs_defaults():
-    kept, default = _faults_per_step("on"), _faults_per_step("off")
+    kept = _faults_per_step("on")
     assert kept["skipped"] is None
-    # A step's new tensors are 2.4 MB (600 pages) each; by default most of them fault in again.
-    assert default["faults_per_step"] > 600, default
-    assert kept["faults_per_step"] < default["faults_per_step"] / 10, (kept, default)
+    # A step's new tensors are 2.4 MB (600 pages) each: kept, none of them faults in again. With
+    # glibc's defaults (2.36 here) a step took 6,116 faults; other versions may differ, so that
+    # is shown, not asserted.
+    assert kept["faults_per_step"] < 60, (kept, _faults_per_step("off"))
 
 
 @pytest.mark.parametrize(
