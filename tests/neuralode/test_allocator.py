@@ -46,9 +46,19 @@ print(json.dumps(result))
 """
 
 
-def _without_allocator_settings(environment) -> dict:
-    ignored = {*allocator.OPERATOR_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD"}
-    return {name: value for name, value in environment.items() if name not in ignored}
+_ALLOCATOR_VARIABLES = (*allocator.OPERATOR_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")
+"""What keep_freed_memory reads from the environment: cleared for every test here."""
+
+glibc_only = pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc",
+    reason="mallopt and its thresholds are glibc's: elsewhere keep_freed_memory returns before asking",
+)
+
+
+@pytest.fixture
+def no_allocator_settings(monkeypatch):
+    for name in _ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
 
 def _faults_per_step(mode: str) -> dict:
@@ -58,13 +68,13 @@ def _faults_per_step(mode: str) -> dict:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**_without_allocator_settings(os.environ), "OMP_NUM_THREADS": "2"},
+        env={**{k: v for k, v in os.environ.items() if k not in _ALLOCATOR_VARIABLES}, "OMP_NUM_THREADS": "2"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+@glibc_only
 def test_kept_memory_spares_a_worker_threads_steps_the_page_faults_of_glibcs_defaults():
     kept = _faults_per_step("on")
     assert kept["skipped"] is None
@@ -83,11 +93,8 @@ def test_kept_memory_spares_a_worker_threads_steps_the_page_faults_of_glibcs_def
         ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "LD_PRELOAD loads jemalloc"),
     ],
 )
-def test_an_operators_own_allocator_settings_stand(monkeypatch, variable, value, reason):
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the settings are glibc's")
-    for name in (*allocator.OPERATOR_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD"):
-        monkeypatch.delenv(name, raising=False)
+@glibc_only
+def test_an_operators_own_allocator_settings_stand(monkeypatch, no_allocator_settings, variable, value, reason):
     monkeypatch.setenv(variable, value)
     opened = []
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *args, **kwargs: opened.append(args))
@@ -95,11 +102,8 @@ def test_an_operators_own_allocator_settings_stand(monkeypatch, variable, value,
     assert opened == []  # glibc was not asked to change anything
 
 
-def test_glibc_tunables_of_other_subsystems_do_not_stop_it(monkeypatch):
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the settings are glibc's")
-    for name in (*allocator.OPERATOR_SETTINGS, "LD_PRELOAD"):
-        monkeypatch.delenv(name, raising=False)
+@glibc_only
+def test_glibc_tunables_of_other_subsystems_do_not_stop_it(monkeypatch, no_allocator_settings):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
     calls = []
 
@@ -113,12 +117,8 @@ def test_glibc_tunables_of_other_subsystems_do_not_stop_it(monkeypatch):
     assert calls == [(-3, allocator.MMAP_THRESHOLD), (-1, allocator.TRIM_THRESHOLD)]
 
 
-def test_a_threshold_glibc_refuses_is_reported_not_raised(monkeypatch):
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the settings are glibc's")
-    for name in (*allocator.OPERATOR_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD"):
-        monkeypatch.delenv(name, raising=False)
-
+@glibc_only
+def test_a_threshold_glibc_refuses_is_reported_not_raised(monkeypatch, no_allocator_settings):
     # This glibc takes every value mallopt can be given; other builds refuse some thresholds.
     class Libc:
         def mallopt(self, option, value):
