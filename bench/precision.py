@@ -1,16 +1,20 @@
 """f in bfloat16 against float32, side by side in one run, on the shipped ODE-Net and real MNIST.
 
-Two measurements, each alternating the precisions round by round so that a noisy machine
-slows both alike:
+Two measurements, each alternating the variants round by round so that a noisy machine
+slows all alike:
 
 * the ODE block alone: one solve of a batch of real test digits' features (after the
-  downsampling) at each tolerance — wall time (median of rounds), mean NFE;
+  downsampling) at each tolerance, f eager and compiled (``neuralode.compiled.CompiledDynamics``,
+  as the server's ``compile_dynamics = on`` runs it; compiled before timing) in each precision —
+  wall time (median of rounds), mean NFE, speed-up over float32 eager, and the largest
+  difference from float32 eager's z(1);
 * the whole model on the first ``--images`` test digits at each tolerance — test error, mean
   NFE, wall time — and how many labels the two precisions disagree on.
 
 The solver's state, error norm and step control stay float32 in both; ``bfloat16`` evaluates
 f (and the downsampling and head, in the whole model) under autocast. oneDNN's choice of
-kernels is recorded (``ONEDNN_VERBOSE``-free: ``torch.backends.cpu.get_cpu_capability()``).
+kernels is recorded: torch's CPU capability and, from ``ONEDNN_VERBOSE`` in a child process,
+the ISA oneDNN dispatches to and the implementation of a bfloat16 convolution of f's shape.
 
     python bench/precision.py [--batch 1000] [--images 2000] [--rounds 3] [--threads 1]
 
@@ -21,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from neuralode.checkpoint import load_checkpoint  # noqa: E402
+from neuralode.compiled import CompiledDynamics  # noqa: E402
+from neuralode.devices import cpu_description  # noqa: E402
+from neuralode.solvers import solve_ivp  # noqa: E402
+from neuralode.solvers.accuracy import solve_settings  # noqa: E402
 from training.data import load_mnist, to_float  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
@@ -45,29 +55,88 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - begin, result
 
 
+VARIANTS = tuple((precision, compiled) for compiled in (False, True) for precision in PRECISIONS)
+
+
+def _variant(precision: str, compiled: bool) -> str:
+    return f"{precision}{'_compiled' if compiled else ''}"
+
+
+def _solve(block, func, features: torch.Tensor, tol: float, precision: str):
+    settings = solve_settings(
+        {"rtol": tol, "atol": tol, "precision": precision},
+        rtol=block.rtol,
+        atol=block.atol,
+        method=block.method,
+        first_step=block.first_step,
+    )
+    return solve_ivp(func, features, (0.0, block.t1), **settings)
+
+
 @torch.no_grad()
 def block_solves(model, features: torch.Tensor, rounds: int) -> list[dict]:
+    block = model.block
+    funcs = {False: block.func, True: CompiledDynamics(block.func, max_rows=len(features))}
     rows = []
     for tol in TOLERANCES:
-        times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+        times: dict[str, list[float]] = {_variant(*v): [] for v in VARIANTS}
         nfe: dict[str, float] = {}
-        model.block(features[:8], rtol=tol, atol=tol)  # warm-up
-        for _ in range(rounds):
-            for precision in PRECISIONS:
-                seconds, (_, solution) = _timed(lambda: model.block(features, rtol=tol, atol=tol, precision=precision))
-                times[precision].append(seconds)
-                nfe[precision] = float(solution.nfe.double().mean())
-        median = {p: statistics.median(times[p]) for p in PRECISIONS}
+        y1: dict[str, torch.Tensor] = {}
+        for precision, compiled in VARIANTS:  # warm-up: compiles every padded size this solve meets
+            _solve(block, funcs[compiled], features, tol, precision)
+        for round_ in range(rounds):
+            for precision, compiled in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
+                name = _variant(precision, compiled)
+                seconds, solution = _timed(lambda: _solve(block, funcs[compiled], features, tol, precision))
+                times[name].append(seconds)
+                nfe[name] = float(solution.nfe.double().mean())
+                y1[name] = solution.y1
+        median = {name: statistics.median(values) for name, values in times.items()}
         rows.append(
             {
                 "tol": tol,
-                **{f"{p}_s": round(median[p], 4) for p in PRECISIONS},
-                **{f"{p}_nfe": round(nfe[p], 2) for p in PRECISIONS},
-                "speedup": round(median["float32"] / median["bfloat16"], 2),
+                **{f"{name}_s": round(median[name], 4) for name in median},
+                **{f"{name}_nfe": round(nfe[name], 2) for name in median},
+                **{
+                    f"{name}_speedup": round(median["float32"] / median[name], 2)
+                    for name in median
+                    if name != "float32"
+                },
+                **{
+                    f"{name}_max_diff": round(float((y1[name] - y1["float32"]).abs().max()), 4)
+                    for name in median
+                    if name != "float32"
+                },
             }
         )
         print(rows[-1], flush=True)
+    compiles = funcs[True].sizes.values()
+    print("compiled sizes:", [(c.rows, c.precision, round(c.compile_seconds, 1), c.kept) for c in compiles])
     return rows
+
+
+_ONEDNN_PROBE = """
+import torch
+torch.set_num_threads(1)
+conv = torch.nn.Conv2d(65, 64, 3, padding=1)
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    conv(torch.randn(16, 65, 6, 6))
+"""
+
+
+def onednn_kernels() -> dict[str, str]:
+    """The ISA oneDNN dispatches to here and the implementation it ran a bfloat16 convolution
+    of f's shape with (its verbose log, read in a child process so this one stays quiet)."""
+    log = subprocess.run(
+        [sys.executable, "-c", _ONEDNN_PROBE],
+        env={**os.environ, "ONEDNN_VERBOSE": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    isa = next((line.split("isa:", 1)[1] for line in log if ",info,cpu,isa:" in line), "unknown")
+    convolution = next((line.split(",")[5] for line in log if ",exec,cpu,convolution," in line), "unknown")
+    return {"isa": isa, "bfloat16_convolution": convolution}
 
 
 @torch.no_grad()
@@ -121,7 +190,9 @@ def main() -> None:
     record = {
         "benchmark": "precision",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
+        "cpu": cpu_description(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn": onednn_kernels(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/precision.py " + " ".join(sys.argv[1:]),
         "checkpoint": relative(args.checkpoint),
