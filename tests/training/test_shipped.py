@@ -50,3 +50,21 @@ def test_shipped_cnf_meets_its_card_and_integrates_to_one(name):
     assert measured["test_log_likelihood"] == pytest.approx(card.metrics.test_log_likelihood, abs=0.02)
     _, log_p = density_grid(checkpoint.model, extent=6.0, resolution=150, tol=1e-5, device=torch.device("cpu"))
     assert abs(grid_mass(log_p, 6.0, 150) - 1.0) < 0.02
+
+
+def test_the_shipped_odenet_card_measured_bfloat16_beside_float32_at_every_table_tolerance():
+    """What the server's precision=auto reads: both precisions per tolerance, bfloat16's verdict
+    agreeing with its own figures (docs/solvers.md, "Precision")."""
+    from training.classifiers import PRECISION_ERROR_MARGIN, PRECISION_NFE_MARGIN
+
+    rows = load_checkpoint(SHIPPED / "odenet-mnist.pt").card.metrics.precision_table
+    assert rows is not None
+    assert [(row.tol, row.precision) for row in rows] == [
+        (tol, precision) for tol in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for precision in ("float32", "bfloat16")
+    ]
+    for exact, low in zip(rows[::2], rows[1::2]):
+        agrees = (
+            low.test_error <= exact.test_error + PRECISION_ERROR_MARGIN
+            and low.nfe_mean <= PRECISION_NFE_MARGIN * exact.nfe_mean
+        )
+        assert low.matches_float32 is agrees
