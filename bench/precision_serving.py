@@ -4,7 +4,7 @@ requests asking ``auto`` (and, with ``--precisions``, ``bfloat16``), on one real
 One ``python -m server`` process serves the shipped ODE-Net (or ``--checkpoint``, whose card's
 precision table is what ``auto`` reads); N closed-loop gRPC clients send
 ``bench/serve_load.py``'s mixed load — 1–256 real MNIST test digits per request (log-uniform),
-tolerance 50% 1e-1 / 30% 1e-3 / 20% 1e-5 — every request of a run asking one precision. Each
+tolerance 50% 1e-1 / 30% 1e-3 / 20% 1e-5 (or ``--tolerances``, in equal shares) — every request of a run asking one precision. Each
 round runs every precision once on the same request sequence, in alternating order from round
 to round, so that a noisy machine slows all alike. Reported per precision: throughput (items/s,
 median of rounds, and the ratio to float32 round by round), closed-loop latency p50/p99 over
@@ -63,8 +63,20 @@ class Answer:
         self.errors, self.nfe, self.precision = errors, nfe, precision
 
 
-def run(stub, images, labels, precision: str, clients: int, seconds: float, warmup: float, seed: int, max_images: int):
-    """``clients`` closed-loop clients for ``warmup + seconds``; the answers ending after the warm-up."""
+def run(
+    stub,
+    images,
+    labels,
+    precision: str,
+    tolerances: dict[float, float],
+    clients: int,
+    seconds: float,
+    warmup: float,
+    seed: int,
+    max_images: int,
+):
+    """``clients`` closed-loop clients for ``warmup + seconds``, each request's tolerance drawn
+    from ``tolerances`` (tolerance: share); the answers ending after the warm-up."""
     answers: list[Answer] = []
     lock = threading.Lock()
     start = time.monotonic()
@@ -73,7 +85,7 @@ def run(stub, images, labels, precision: str, clients: int, seconds: float, warm
     def client(index: int) -> None:
         rng = random.Random(seed * 1000 + index)  # the same requests for every precision of a round
         while time.monotonic() < stop_at:
-            tol = rng.choices(list(TOLERANCES), weights=list(TOLERANCES.values()))[0]
+            tol = rng.choices(list(tolerances), weights=list(tolerances.values()))[0]
             size = min(max_images, int(math.exp(rng.uniform(0.0, math.log(max_images + 1)))))
             chosen = rng.sample(range(len(images)), size)
             batch = images[chosen]
@@ -133,6 +145,13 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / f"{CLASSIFIER}.pt")
     parser.add_argument("--precisions", nargs="+", default=["float32", "auto"], choices=["float32", "auto", "bfloat16"])
+    parser.add_argument(
+        "--tolerances",
+        type=float,
+        nargs="+",
+        default=None,
+        help="request tolerances, in equal shares (default: the mixed load's 50%% 1e-1 / 30%% 1e-3 / 20%% 1e-5)",
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before each run's measurement")
@@ -146,6 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     end_on_sigterm()
     images, labels = mnist_test(args.data_dir)
+    tolerances = TOLERANCES if args.tolerances is None else {tol: 1.0 / len(args.tolerances) for tol in args.tolerances}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoints"
         folder.mkdir()
@@ -174,6 +194,7 @@ def main() -> None:
                         images,
                         labels,
                         precision,
+                        tolerances,
                         args.clients,
                         args.seconds,
                         args.warmup,
@@ -214,7 +235,7 @@ def main() -> None:
                 "warmup": args.warmup,
                 "rounds": args.rounds,
                 "max_images": args.max_images,
-                "tolerances": {str(t): s for t, s in TOLERANCES.items()},
+                "tolerances": {str(t): round(s, 3) for t, s in tolerances.items()},
                 "server_flags": args.server_flags,
             },
             "results": results,
