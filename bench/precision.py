@@ -135,7 +135,7 @@ def onednn_kernels() -> dict[str, str]:
         check=True,
     ).stdout.splitlines()
     isa = next((line.split("isa:", 1)[1] for line in log if ",info,cpu,isa:" in line), "unknown")
-    convolution = next((line.split(",")[5] for line in log if ",exec,cpu,convolution," in line), "unknown")
+    convolution = next((line.split(",")[6] for line in log if ",exec,cpu,convolution," in line), "unknown")
     return {"isa": isa, "bfloat16_convolution": convolution}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ def write_record(out: Path, name: str, benchmark: str, machine: str, figures: di
         "benchmark": benchmark,
         "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
-        "command": f"python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         **figures,
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
