@@ -74,7 +74,8 @@ def _solve(block, func, features: torch.Tensor, tol: float, precision: str):
 
 
 @torch.no_grad()
-def block_solves(model, features: torch.Tensor, rounds: int) -> list[dict]:
+def block_solves(model, features: torch.Tensor, rounds: int) -> tuple[list[dict], list[dict]]:
+    """Each tolerance's row, and each padded size compiled: whether its compiled f was kept."""
     block = model.block
     funcs = {False: block.func, True: CompiledDynamics(block.func, max_rows=len(features))}
     rows = []
@@ -110,9 +111,19 @@ def block_solves(model, features: torch.Tensor, rounds: int) -> list[dict]:
             }
         )
         print(rows[-1], flush=True)
-    compiles = funcs[True].sizes.values()
-    print("compiled sizes:", [(c.rows, c.precision, round(c.compile_seconds, 1), c.kept) for c in compiles])
-    return rows
+    compiled_sizes = [
+        {
+            "rows": c.rows,
+            "precision": c.precision,
+            "compile_s": round(c.compile_seconds, 1),
+            "compiled_ms": round(c.compiled_ms, 2),
+            "eager_ms": round(c.eager_ms, 2),
+            "kept": c.kept,
+        }
+        for c in funcs[True].sizes.values()
+    ]
+    print("compiled sizes:", compiled_sizes)
+    return rows, compiled_sizes
 
 
 _ONEDNN_PROBE = """
@@ -183,7 +194,7 @@ def main() -> None:
     with torch.no_grad():
         features = model.downsample(images[: args.batch])
     print(f"ODE block, batch {args.batch}: seconds per solve (median of {args.rounds} interleaved rounds)")
-    block = block_solves(model, features, args.rounds)
+    block, compiled_sizes = block_solves(model, features, args.rounds)
     print(f"whole model, {args.images} test digits in batches of {args.batch}")
     whole = whole_model(model, images, labels, args.batch)
     relative = lambda path: str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)  # noqa: E731
@@ -198,6 +209,7 @@ def main() -> None:
         "checkpoint": relative(args.checkpoint),
         "torch": torch.__version__,
         "block": block,
+        "compiled_sizes": compiled_sizes,
         "whole_model": whole,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
