@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -53,14 +54,17 @@ def mnist_test(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+@dataclass(frozen=True)
 class Answer:
     """One request's outcome, as the client saw it."""
 
-    __slots__ = ("end", "latency", "tol", "items", "errors", "nfe", "precision")
-
-    def __init__(self, end: float, latency: float, tol: float, items: int, errors: int, nfe: float, precision: str):
-        self.end, self.latency, self.tol, self.items = end, latency, tol, items
-        self.errors, self.nfe, self.precision = errors, nfe, precision
+    end: float
+    latency: float
+    tol: float
+    items: int
+    errors: int
+    nfe: float
+    precision: str
 
 
 def run(
