@@ -41,8 +41,6 @@ sys.path.insert(0, str(ROOT))
 from neuralode.checkpoint import load_checkpoint  # noqa: E402
 from neuralode.compiled import CompiledDynamics  # noqa: E402
 from neuralode.devices import cpu_description  # noqa: E402
-from neuralode.solvers import solve_ivp  # noqa: E402
-from neuralode.solvers.accuracy import solve_settings  # noqa: E402
 from training.data import load_mnist, to_float  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
@@ -62,17 +60,6 @@ def _variant(precision: str, compiled: bool) -> str:
     return f"{precision}{'_compiled' if compiled else ''}"
 
 
-def _solve(block, func, features: torch.Tensor, tol: float, precision: str):
-    settings = solve_settings(
-        {"rtol": tol, "atol": tol, "precision": precision},
-        rtol=block.rtol,
-        atol=block.atol,
-        method=block.method,
-        first_step=block.first_step,
-    )
-    return solve_ivp(func, features, (0.0, block.t1), **settings)
-
-
 @torch.no_grad()
 def block_solves(model, features: torch.Tensor, rounds: int) -> tuple[list[dict], list[dict]]:
     """Each tolerance's row, and each padded size compiled: whether its compiled f was kept."""
@@ -84,11 +71,13 @@ def block_solves(model, features: torch.Tensor, rounds: int) -> tuple[list[dict]
         nfe: dict[str, float] = {}
         y1: dict[str, torch.Tensor] = {}
         for precision, compiled in VARIANTS:  # warm-up: compiles every padded size this solve meets
-            _solve(block, funcs[compiled], features, tol, precision)
+            block._solve(funcs[compiled], features, {"rtol": tol, "atol": tol, "precision": precision})
         for round_ in range(rounds):
             for precision, compiled in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
                 name = _variant(precision, compiled)
-                seconds, solution = _timed(lambda: _solve(block, funcs[compiled], features, tol, precision))
+                seconds, solution = _timed(
+                    lambda: block._solve(funcs[compiled], features, {"rtol": tol, "atol": tol, "precision": precision})
+                )
                 times[name].append(seconds)
                 nfe[name] = float(solution.nfe.double().mean())
                 y1[name] = solution.y1

@@ -19,7 +19,6 @@ Writes ``bench/results/precision_serving_cpu.json``.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shutil
 import statistics
@@ -40,18 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from live_server import CLASSIFIER, end_on_sigterm, start_server  # noqa: E402
 from records import write_record  # noqa: E402
-from serve_load import TOLERANCES  # noqa: E402
+from serve_load import TOLERANCES, draw_request  # noqa: E402
 
 from neuralode.devices import cpu_description  # noqa: E402
 from odeserve.v1 import odeserve_pb2 as pb  # noqa: E402
 from odeserve.v1 import odeserve_pb2_grpc as pb_grpc  # noqa: E402
-
-
-def mnist_test(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    raw = data_dir / "MNIST" / "raw"
-    images = np.fromfile(raw / "t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 28, 28)
-    labels = np.fromfile(raw / "t10k-labels-idx1-ubyte", np.uint8, offset=8)
-    return images, labels
+from training.data import load_mnist  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -89,9 +82,7 @@ def run(
     def client(index: int) -> None:
         rng = random.Random(seed * 1000 + index)  # the same requests for every precision of a round
         while time.monotonic() < stop_at:
-            tol = rng.choices(list(tolerances), weights=list(tolerances.values()))[0]
-            size = min(max_images, int(math.exp(rng.uniform(0.0, math.log(max_images + 1)))))
-            chosen = rng.sample(range(len(images)), size)
+            chosen, tol = draw_request(rng, len(images), max_images, tolerances)
             batch = images[chosen]
             request = pb.ClassifyRequest(
                 model=CLASSIFIER,
@@ -103,7 +94,13 @@ def run(
             end = time.monotonic()
             errors = int((np.asarray(response.labels) != labels[chosen]).sum())
             answer = Answer(
-                end, end - begin, tol, size, errors, float(np.mean(response.items.nfe)), response.solved.precision
+                end,
+                end - begin,
+                tol,
+                len(chosen),
+                errors,
+                float(np.mean(response.items.nfe)),
+                response.solved.precision,
             )
             with lock:
                 answers.append(answer)
@@ -168,7 +165,8 @@ def main() -> None:
     parser.add_argument("--name", default="precision_serving_cpu")
     args = parser.parse_args()
     end_on_sigterm()
-    images, labels = mnist_test(args.data_dir)
+    test = load_mnist(args.data_dir, train=False, download=False)
+    images, labels = test.images[:, 0].numpy(), test.labels.numpy()
     tolerances = TOLERANCES if args.tolerances is None else {tol: 1.0 / len(args.tolerances) for tol in args.tolerances}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "checkpoints"

@@ -166,6 +166,16 @@ class InProcessTarget:
 
 
 # ---- 1. mixed load -----------------------------------------------------------------------
+def draw_request(
+    rng: random.Random, images: int, max_images: int, tolerances: dict[float, float] = TOLERANCES
+) -> tuple[list[int], float]:
+    """One request of the mixed load: which of ``images`` it sends (1–``max_images`` of them,
+    log-uniform) and its tolerance, drawn from ``tolerances`` (tolerance: share)."""
+    tol = rng.choices(list(tolerances), weights=list(tolerances.values()))[0]
+    size = min(max_images, int(math.exp(rng.uniform(0.0, math.log(max_images + 1)))))
+    return rng.sample(range(images), size), tol
+
+
 class MixedLoad:
     """Requests of 1–``max_images`` images (log-uniform) at the tolerance mix, drawn from a
     seeded generator, so every configuration gets the same sequence."""
@@ -174,9 +184,8 @@ class MixedLoad:
         self.images, self.duration, self.warmup, self.max_images, self.seed = images, duration, warmup, max_images, seed
 
     def draw(self, rng: random.Random) -> tuple[np.ndarray, float]:
-        tol = rng.choices(list(TOLERANCES), weights=list(TOLERANCES.values()))[0]
-        size = min(self.max_images, int(math.exp(rng.uniform(0.0, math.log(self.max_images + 1)))))
-        return self.images[rng.sample(range(len(self.images)), size)], tol
+        chosen, tol = draw_request(rng, len(self.images), self.max_images)
+        return self.images[chosen], tol
 
     def closed_loop(self, target, clients: int) -> dict:
         """``clients`` clients, each sending its next request when the last one returns: the
