@@ -8,7 +8,8 @@ image each over its tolerance mix (50% 1e-1, 30% 1e-3, 20% 1e-5). Prints through
 and mean NFE per checkpoint (medians over the rounds) and the ratios of the second to the first.
 
     git show 172d6ef:checkpoints/odenet-mnist.pt > runs/odenet-mnist-rule.pt   # as shipped before tuning
-    python bench/first_step.py runs/odenet-mnist-rule.pt checkpoints/odenet-mnist.pt
+    git show 693cd5b:checkpoints/odenet-mnist.pt > runs/odenet-mnist-span.pt   # the same, tuned
+    python bench/first_step.py runs/odenet-mnist-rule.pt runs/odenet-mnist-span.pt
 """
 
 from __future__ import annotations

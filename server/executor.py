@@ -110,7 +110,9 @@ class _Group:
     ) -> None:
         self.method, self.precision = method, precision
         self.dtype = precision_dtype(precision)
-        self.dynamics = times.inner("f", in_precision(dynamics, self.dtype))
+        # Timed inside the precision wrapper, so that the solver still finds f's full-precision
+        # version, which it evaluates f(t0, y0) and the first-step probe in.
+        self.dynamics = in_precision(times.inner("f", dynamics), self.dtype)
         self.stepper = Stepper(get_method(method), norm=norm, max_steps=max_steps)
         self.graphs: StepGraphs | None = None if graphs_of is None else graphs_of(self.stepper, self.dynamics)
         self.state: SolverState | None = None
