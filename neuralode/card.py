@@ -269,6 +269,8 @@ class Training(_Record):
     preset: str | None = _typed(_text)
     time_budget_s: float | None = _typed(_number)
     tf32: bool | None = _typed(_flag)
+    precision: str | None = _typed(_text)
+    """What f (and ODE-Net's downsampling and head) was evaluated in during training; None: float32."""
     optimizer: str | None = _typed(_text)
     lr: float | None = _typed(_number)
     weight_decay: float | None = _typed(_number)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from neuralode.models import CLASSIFY, model_spec, specs
+from neuralode.precision import PRECISIONS
 
 from .common import default_data_dir
 from .presets import PRESETS
@@ -87,6 +88,14 @@ def _classifier(sub, kind: str, help_text: str) -> None:
     _common(parser, epochs=3, steps=None, batch_size=128, lr=2e-3, out=f"runs/{kind}-mnist.pt")
     if model_spec(kind).has_ode:
         _ode_flags(parser)
+        parser.add_argument(
+            "--precision",
+            choices=list(PRECISIONS),
+            default="float32",
+            help="what the downsampling, f and the head are evaluated in during training (the weights, "
+            "the solver's state and step control stay float32); bfloat16 only where the device computes "
+            "it natively (AVX512-BF16 or AMX CPUs, recent GPUs). Default: %(default)s",
+        )
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps to warm up over")

@@ -23,6 +23,7 @@ from neuralode.card import Dataset, Metrics, ModelCard, TableRow, Training
 from neuralode.checkpoint import save_checkpoint
 from neuralode.models import ODENet, Regularisation
 from neuralode.models.registry import build_model, model_spec, specs
+from neuralode.precision import computes_natively
 from neuralode.solvers import Solution
 
 from .common import (
@@ -173,12 +174,16 @@ class RegularisedForward(nn.Module):
     """ODE-Net's training forward (logits, solution, regulariser integrals) as a module's
     ``forward``, so that DistributedDataParallel sees it and averages its gradients."""
 
-    def __init__(self, model: ODENet, regularisation: Regularisation, noise: torch.Generator) -> None:
+    def __init__(
+        self, model: ODENet, regularisation: Regularisation, noise: torch.Generator, precision: str = "float32"
+    ) -> None:
         super().__init__()
-        self.model, self.regularisation, self.noise = model, regularisation, noise
+        self.model, self.regularisation, self.noise, self.precision = model, regularisation, noise, precision
 
     def forward(self, images: Tensor) -> tuple[Tensor, Solution, Tensor]:
-        return self.model.forward_regularised(images, self.regularisation, generator=self.noise)
+        return self.model.forward_regularised(
+            images, self.regularisation, generator=self.noise, precision=self.precision
+        )
 
 
 def train(kind: str, args: argparse.Namespace) -> Path:
@@ -190,6 +195,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     adjoint = _adjoint_choice(kind, args.adjoint)
     regularisation = regularisation_from(args)
     device = resolve_device(args.device)
+    precision = _precision_choice(getattr(args, "precision", "float32"), device)  # ODE classifiers have the flag
     if args.threads:
         torch.set_num_threads(args.threads)
     world = Distributed.from_environment(device)
@@ -213,7 +219,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     if model_spec(kind).has_ode:
         ode_net = cast(ODENet, model)  # an ODE classifier is an ODENet (RK-Net: without the adjoint)
         ode_net.block.adjoint = adjoint
-        forward = RegularisedForward(ode_net, regularisation, noise)
+        forward = RegularisedForward(ode_net, regularisation, noise, precision)
     trained = nn.parallel.DistributedDataParallel(forward) if world.enabled else forward
 
     steps_per_epoch = len(train_set) // (args.batch_size * world.world_size)
@@ -224,7 +230,9 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     plan = StepPlan(total_steps, args.warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)
     budget = TimeBudget(args.time_budget, device) if args.time_budget else None
-    recipe = _recipe(kind, hyper, args, adjoint, regularisation, world.world_size, len(train_set), len(test_set))
+    recipe = _recipe(
+        kind, hyper, args, adjoint, regularisation, precision, world.world_size, len(train_set), len(test_set)
+    )
     generators = {"data": generator, "noise": noise}
 
     position, order, best, running = Position(), None, None, _Running()
@@ -257,7 +265,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         )
     log.info(
         "%s: %d parameters, %d training / %d test images, %d steps (%d epochs of %d) at batch %d x %d, tol %g, "
-        "adjoint %s, %s, %s",
+        "adjoint %s, %s, %s, %s",
         kind,
         sum(p.numel() for p in model.parameters()),
         len(train_set),
@@ -270,6 +278,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
         args.tol,
         adjoint,
         regularisation,
+        precision,
         device_name(device),
     )
 
@@ -441,6 +450,7 @@ def train(kind: str, args: argparse.Namespace) -> Path:
                 preset=args.preset,
                 time_budget_s=args.time_budget,
                 tf32=args.tf32,
+                precision=precision,
                 optimizer=args.optimizer,
                 lr=args.lr,
                 weight_decay=args.weight_decay,
@@ -469,6 +479,7 @@ def _recipe(
     args: argparse.Namespace,
     adjoint: bool,
     regularisation: Regularisation,
+    precision: str,
     world_size: int,
     train_images: int,
     test_images: int,
@@ -479,6 +490,7 @@ def _recipe(
         "hyper": hyper,
         "adjoint": adjoint,
         "regularisation": regularisation.card(),
+        "precision": precision,
         "batch_size": args.batch_size,
         "world_size": world_size,
         "optimizer": args.optimizer,
@@ -557,6 +569,18 @@ def _adjoint_choice(kind: str, requested: bool | None) -> bool:
             f"{kind} does not train with the adjoint" + (f" (that is {kin})" if spec.has_ode and kin else "")
         )
     return False
+
+
+def _precision_choice(precision: str, device: torch.device) -> str:
+    """``precision``, refused where it would make training slower instead of faster: bfloat16
+    on a device that emulates it (on an AVX2-only CPU the ODE block's convolution took 12x
+    longer, docs/server.md)."""
+    if not computes_natively(precision, device):
+        raise SystemExit(
+            f"--precision {precision}: {device_name(device)} has no {precision} units, so it would be emulated "
+            "and train several times slower than float32 (docs/training.md, 'Training in bfloat16')"
+        )
+    return precision
 
 
 def _row_at(table: list[EvalRow], tol: float | None) -> EvalRow:

@@ -98,18 +98,25 @@ class ODEBlock(nn.Module):
         return cast(Tensor, solution.y1), solution  # the state is a tensor
 
     def forward_regularised(
-        self, z: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None
+        self,
+        z: Tensor,
+        regularisation: Regularisation,
+        *,
+        generator: torch.Generator | None = None,
+        precision: str | None = None,
     ) -> tuple[Tensor, Solution, Tensor]:
         """z(1), the solution and the integrals ``[B, 2]`` (∫‖f‖² dt/D, ∫‖εᵀ ∂f/∂z‖² dt/D) at the
         block's own tolerance, all from one solve of the flat per-sample state ``[z, ε, K, J]``
         (``solution.y1`` is that state; ε only with the Jacobian term, zeros when it is off).
-        The Rademacher noise ε is drawn here, once per sample, from ``generator``."""
+        The Rademacher noise ε is drawn here, once per sample, from ``generator``. ``precision``
+        is what f (with the regularisers' rates) is evaluated in; the state stays float32."""
         if regularisation.density_curvature > 0:
             raise ValueError("the density curvature is a CNF's regulariser: ODE-Net has no log-density")
         if regularisation.local_error > 0:
             raise ValueError("the local error term is trained for CNFs only (CNF.span_error)")
+        accuracy: Accuracy = {} if precision is None else {"precision": precision}
         if not regularisation.active:
-            y1, solution = self(z)
+            y1, solution = self(z, **accuracy)
             return y1, solution, z.new_zeros(z.shape[0], INTEGRALS)
         shape, size = z.shape[1:], z[0].numel()
         flat = z.flatten(1)
@@ -134,7 +141,7 @@ class ODEBlock(nn.Module):
             return rates if differentiable else rates.detach()
 
         state = torch.cat([flat, noise, flat.new_zeros(flat.shape[0], INTEGRALS)], 1)
-        solution = self._solve(dynamics, state, {}, norm=lambda scaled: rms_norm(scaled[:, :size]))
+        solution = self._solve(dynamics, state, accuracy, norm=lambda scaled: rms_norm(scaled[:, :size]))
         y1 = cast(Tensor, solution.y1)  # the state is a tensor
         return y1[:, :size].view(-1, *shape), solution, integrals_of(y1, forward=True)
 
@@ -156,6 +163,11 @@ class ODEBlock(nn.Module):
             adjoint=adjoint,
             adjoint_params=tuple(self.func.parameters()) if adjoint else None,
         )
+
+
+def _in_precision(module: nn.Module, x: Tensor, precision: str | None) -> Tensor:
+    """``module(x)`` evaluated in ``precision``, answering in ``x``'s dtype."""
+    return in_precision(lambda _, x: module(x), precision_dtype(precision))(cast(Tensor, None), x)
 
 
 def downsampling(channels: int = 64) -> nn.Sequential:
@@ -204,21 +216,25 @@ class ODENet(nn.Module):
     def forward(self, images: Tensor, **accuracy: Unpack[Accuracy]) -> tuple[Tensor, Solution]:
         """Logits and the block's solution. ``precision="bfloat16"`` evaluates the downsampling,
         f and the head in bfloat16; the ODE's state and step control stay float32."""
-        dtype = precision_dtype(accuracy.get("precision"))
-        no_t = cast(Tensor, None)  # the functions below take no time
-        features = in_precision(lambda _, x: self.downsample(x), dtype)(no_t, images)
-        features, solution = self.block(features, **accuracy)
-        return in_precision(lambda _, x: self.head(x), dtype)(no_t, features), solution
+        precision = accuracy.get("precision")
+        features, solution = self.block(_in_precision(self.downsample, images, precision), **accuracy)
+        return _in_precision(self.head, features, precision), solution
 
     def forward_regularised(
-        self, images: Tensor, regularisation: Regularisation, *, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        regularisation: Regularisation,
+        *,
+        generator: torch.Generator | None = None,
+        precision: str | None = None,
     ) -> tuple[Tensor, Solution, Tensor]:
         """Training's forward: logits, the solution and the regularisers' integrals ``[B, 2]``
-        (see :meth:`ODEBlock.forward_regularised`)."""
+        (see :meth:`ODEBlock.forward_regularised`), with the downsampling, f and the head in
+        ``precision`` as :meth:`forward` evaluates them."""
         features, solution, integrals = self.block.forward_regularised(
-            self.downsample(images), regularisation, generator=generator
+            _in_precision(self.downsample, images, precision), regularisation, generator=generator, precision=precision
         )
-        return self.head(features), solution, integrals
+        return _in_precision(self.head, features, precision), solution, integrals
 
     # ---- the servable-model protocol (neuralode.models.servable) ------------------------
     # One operation, "classify": images → downsampling (encode) → the ODE block per sample →

@@ -493,6 +493,7 @@ def test_regularised_odenet_training_records_its_settings(tmp_path, mnist_dir):
     )
     training = load_checkpoint(out).card.training
     assert training.regularisation == {"kinetic": 0.01, "jacobian": 0.02}
+    assert training.precision == "float32"
     assert training.peak_memory_mib["host_rss"] > 100
     epoch_line = next(line for line in out.with_suffix(".log").read_text().splitlines() if "epoch 1:" in line)
     assert "kinetic" in epoch_line and "jacobian" in epoch_line
@@ -720,6 +721,29 @@ def test_training_refuses_contradictory_flags(tmp_path):
         timeout=300,
     )
     assert result.returncode != 0 and "reverse KL" in result.stderr
+
+
+def test_bfloat16_training_runs_where_the_cpu_computes_it_and_is_refused_where_it_would_be_emulated(
+    tmp_path, mnist_dir
+):
+    """``--precision bfloat16``: on a CPU with bfloat16 units a short run trains and its card
+    and recipe say so; on one without (CI's), the run is refused before it starts, with why."""
+    from neuralode.precision import computes_natively
+
+    out = tmp_path / "bf16.pt"
+    command = [sys.executable, "-m", "training", "odenet", "--precision", "bfloat16", "--data-dir", str(mnist_dir)]
+    command += ["--steps", "2", "--batch-size", "8", "--tol", "1e-1", "--train-subset", "32", "--test-subset", "16"]
+    result = subprocess.run(
+        [*command, "--device", "cpu", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    if computes_natively("bfloat16", torch.device("cpu")):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert load_checkpoint(out).card.training.precision == "bfloat16"
+        assert torch.load(out.with_suffix(".state.pt"), weights_only=True)["recipe"]["precision"] == "bfloat16"
+    else:
+        assert result.returncode != 0 and not out.exists()
+        assert "has no bfloat16 units, so it would be emulated" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_a_preset_fills_defaults_and_explicit_flags_win():
