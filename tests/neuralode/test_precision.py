@@ -105,7 +105,7 @@ def test_adjoint_gradients_under_bfloat16_match_float32_and_finite_differences()
         y1 = solve_ivp(func, z, (0.0, 1.0), rtol=1e-3, atol=1e-3, adjoint=True, precision=precision).y1
         loss = (y1**2).mean()
         loss.backward()
-        return float(loss), torch.cat([p.grad.flatten() for p in func.parameters()])
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in func.parameters()])
 
     loss32, grad32 = loss_and_grads("float32")
     loss16, grad16 = loss_and_grads("bfloat16")
