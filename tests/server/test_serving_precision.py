@@ -160,6 +160,17 @@ def test_a_server_without_bfloat16_refuses_it_and_auto_stays_float32(folder, dig
     )
 
 
+def _served(adapter, works: list[Work]) -> list:
+    """Each work's outcome from a fresh executor stepping them all together to their ends."""
+    executor = Executor(adapter, torch.device("cpu"))
+    items = Scheduler(SchedulerConfig(max_batch=64, max_queued=64)).submit(works, cost=step_cost("dopri5")).items
+    outcomes, plan = {}, Plan(join=items)
+    while len(outcomes) < len(items):
+        outcomes.update(executor.step(plan).finished)
+        plan = Plan()
+    return [outcomes[item.id] for item in items]
+
+
 def test_rows_in_bfloat16_take_in_a_batch_the_steps_they_take_alone(shipped, digits):
     """Within a precision, a row's NFE and answer do not depend on the rows beside it."""
     images, _ = digits
@@ -169,18 +180,8 @@ def test_rows_in_bfloat16_take_in_a_batch_the_steps_they_take_alone(shipped, dig
         Work(Kind.CLASSIFY, row, tol, tol, "dopri5", 10_000, "bfloat16")
         for row, tol in zip(rows, (1e-1, 1e-3, 1e-1, 1e-2, 1e-3, 1e-1))
     ]
-
-    def solve(batch: list[Work]) -> list:
-        executor = Executor(adapter, torch.device("cpu"))
-        items = Scheduler(SchedulerConfig(max_batch=64, max_queued=64)).submit(batch, cost=step_cost("dopri5")).items
-        outcomes, plan = {}, Plan(join=items)
-        while len(outcomes) < len(items):
-            outcomes.update(executor.step(plan).finished)
-            plan = Plan()
-        return [outcomes[item.id] for item in items]
-
-    together = solve(works)
-    alone = [solve([work])[0] for work in works]
+    together = _served(adapter, works)
+    alone = [_served(adapter, [work])[0] for work in works]
     assert [o.nfe for o in together] == [o.nfe for o in alone]
     for a, b in zip(together, alone):
         torch.testing.assert_close(a.outputs["probabilities"], b.outputs["probabilities"], atol=2e-2, rtol=0)
@@ -196,14 +197,9 @@ def test_served_bfloat16_rows_take_the_steps_of_the_models_own_bfloat16_solve(sh
     adapter = adapter_for(model)
     rows = adapter.prepare(Kind.CLASSIFY, {"images": images[:32]}, Limits(max_items=64, max_abs_input=1e6))
     works = [Work(Kind.CLASSIFY, row, 1e-1, 1e-1, "dopri5", 10_000, "bfloat16") for row in rows]
-    executor = Executor(adapter, torch.device("cpu"))
-    items = Scheduler(SchedulerConfig(max_batch=64, max_queued=64)).submit(works, cost=step_cost("dopri5")).items
-    outcomes, plan = {}, Plan(join=items)
-    while len(outcomes) < len(items):
-        outcomes.update(executor.step(plan).finished)
-        plan = Plan()
+    outcomes = _served(adapter, works)
     with torch.no_grad():
         logits, solution = model(rows, rtol=1e-1, atol=1e-1, precision="bfloat16")
-    assert [outcomes[item.id].nfe for item in items] == solution.nfe.tolist()
-    served = torch.stack([outcomes[item.id].outputs["probabilities"] for item in items])
+    assert [outcome.nfe for outcome in outcomes] == solution.nfe.tolist()
+    served = torch.stack([outcome.outputs["probabilities"] for outcome in outcomes])
     torch.testing.assert_close(served, torch.softmax(logits.float(), dim=1), atol=1e-2, rtol=0)
