@@ -105,7 +105,9 @@ def test_a_cnf_samples_and_evaluates_densities_in_bfloat16(served):
         exact = client.sample(64, model=DENSITY, seed=3, tol=1e-2, precision="float32")
         low = client.sample(64, model=DENSITY, seed=3, tol=1e-2, precision="bfloat16")
         backs = [client.log_density(r.points, model=DENSITY, tol=1e-5, precision="float32") for r in (low, exact)]
+        automatic = client.sample(8, model=DENSITY, seed=3, tol=1e-1)  # its card: bfloat16 matched nowhere
     assert low.solved.precision == "bfloat16" and exact.solved.precision == "float32"
+    assert automatic.solved.precision == "float32"
     # The same base draws: bfloat16's samples are about as far from a tight solve's as float32's at this tolerance.
     error_low, error_exact = (np.linalg.norm(r.points - reference.points, axis=1).mean() for r in (low, exact))
     assert error_low <= 2 * error_exact + 0.01, (error_low, error_exact)

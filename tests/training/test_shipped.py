@@ -68,3 +68,25 @@ def test_the_shipped_odenet_card_measured_bfloat16_beside_float32_at_every_table
             and low.nfe_mean <= PRECISION_NFE_MARGIN * exact.nfe_mean
         )
         assert low.matches_float32 is agrees
+
+
+@pytest.mark.parametrize("name", DENSITIES)
+def test_the_shipped_cnf_cards_measured_bfloat16_beside_float32_in_both_directions(name):
+    """What ``precision=auto`` reads for Sample and LogDensity: both precisions per tolerance,
+    each verdict agreeing with its own figures. bfloat16 matched nowhere for these two
+    (docs/server.md, "Precision"), so they are served in float32 unless asked."""
+    from training.densities import PRECISION_ERROR_MARGIN, PRECISION_NFE_MARGIN
+
+    rows = load_checkpoint(SHIPPED / f"{name}.pt").card.metrics.precision_table
+    assert rows is not None
+    assert [(row.tol, row.precision) for row in rows] == [
+        (tol, precision) for tol in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for precision in ("float32", "bfloat16")
+    ]
+    for exact, low in zip(rows[::2], rows[1::2]):
+        agrees = all(
+            getattr(low, f"{way}_log_density_error")
+            <= getattr(exact, f"{way}_log_density_error") + PRECISION_ERROR_MARGIN
+            and getattr(low, f"{way}_nfe_mean") <= PRECISION_NFE_MARGIN * getattr(exact, f"{way}_nfe_mean")
+            for way in ("back", "forward")
+        )
+        assert low.matches_float32 is agrees
