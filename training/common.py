@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neuralode.devices import resolve_device
+from neuralode.devices import cpu_description, resolve_device
 from neuralode.models import Regularisation
 
 __all__ = [
@@ -33,9 +33,11 @@ log = logging.getLogger("training")
 
 
 def device_name(device: torch.device) -> str:
+    """The device as cards and logs name it: a GPU's name, or the CPU's model, cores and torch's
+    threads, so that a card's times say which machine they came from."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"{cpu_description()}, {torch.get_num_threads()} threads"
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

@@ -12,6 +12,7 @@ import torch
 
 from neuralode.card import ModelCard, Training
 from neuralode.checkpoint import load_checkpoint
+from neuralode.devices import cpu_description
 from neuralode.models import ODENet, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,6 +495,7 @@ def test_regularised_odenet_training_records_its_settings(tmp_path, mnist_dir):
     training = load_checkpoint(out).card.training
     assert training.regularisation == {"kinetic": 0.01, "jacobian": 0.02}
     assert training.precision == "float32"
+    assert training.device.startswith(f"{cpu_description()}, ")  # the CPU's model, then torch's threads
     assert training.peak_memory_mib["host_rss"] > 100
     epoch_line = next(line for line in out.with_suffix(".log").read_text().splitlines() if "epoch 1:" in line)
     assert "kinetic" in epoch_line and "jacobian" in epoch_line
