@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from neuralode.devices import cpu_description
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,7 +36,7 @@ def test_the_gpu_inference_script_runs_every_step_and_records_each_figure(mnist_
     overhead = json.loads((tmp_path / "solver_overhead_cpu.json").read_text())
     assert [r["batch"] for r in overhead["rows"]] == [1, 50]
     table = json.loads((tmp_path / "odenet-mnist-eval.json").read_text())  # the seed's Table 1
-    assert table["test_images"] == 200 and table["device"].startswith("cpu")
+    assert table["test_images"] == 200 and table["device"].startswith(cpu_description())  # not a GPU
     nfe = [row["nfe_mean"] for row in sorted(table["rows"], key=lambda row: row["tol"])]
     assert nfe == sorted(nfe, reverse=True) and all(row["test_error"] < 0.05 for row in table["rows"])
     for graphs in ("off", "on"):
