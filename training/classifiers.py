@@ -195,9 +195,9 @@ def train(kind: str, args: argparse.Namespace) -> Path:
     adjoint = _adjoint_choice(kind, args.adjoint)
     regularisation = regularisation_from(args)
     device = resolve_device(args.device)
-    precision = _precision_choice(getattr(args, "precision", "float32"), device)  # ODE classifiers have the flag
     if args.threads:
         torch.set_num_threads(args.threads)
+    precision = _precision_choice(getattr(args, "precision", "float32"), device)  # ODE classifiers have the flag
     world = Distributed.from_environment(device)
     device = world.device_for(device)
     if device.type == "cuda":  # TF32 only inside convolutions and matrix products; the solver stays float32
