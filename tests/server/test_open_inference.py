@@ -304,11 +304,6 @@ def _venv(tmp_path_factory, name: str, requirement: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tritonclient_venv(tmp_path_factory) -> Path:
-    return _venv(tmp_path_factory, "tritonclient", "tritonclient[grpc]")
-
-
-@pytest.fixture(scope="session")
 def kserve_venv(tmp_path_factory) -> Path:
     return _venv(tmp_path_factory, "kserve", "kserve")
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import grpc
 import numpy as np
 import pytest
-from live_server import CLASSIFIER, DENSITIES, metric, start_server, stock_client_venv
+from live_server import CLASSIFIER, DENSITIES, metric, start_server
 
 from server.oip import grpc_predict_v2_pb2 as oip
 from server.oip import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -293,16 +293,11 @@ def test_the_connection_cap_drops_the_longest_idle_connection_not_new_clients(gu
         connection.close()
 
 
-@pytest.fixture(scope="session")
-def tritonclient_http_venv(tmp_path_factory) -> Path:
-    return stock_client_venv(tmp_path_factory.mktemp("tritonclient-http") / "venv", "tritonclient[http]")
-
-
-def test_the_stock_tritonclient_http_classifies_real_mnist(tritonclient_http_venv, server, mnist_dir):
+def test_the_stock_tritonclient_http_classifies_real_mnist(tritonclient_venv, server, mnist_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     run = subprocess.run(
         [
-            str(tritonclient_http_venv / "bin" / "python"),
+            str(tritonclient_venv / "bin" / "python"),
             "-I",
             str(HERE / "oip_tritonclient_http.py"),
             urlsplit(server.http_url).netloc,
