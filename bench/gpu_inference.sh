@@ -32,7 +32,8 @@ if [ -d "$WHEELS" ]; then  # what the device lacks (torchdiffeq, pytest, ...), b
 fi
 batches=(1 1000) repeats=10 overhead_repeats=3 subset=()
 serve=(--clients 64 --duration 6 --warmup 2 --repeats 1 --engine-seconds 6)
-sections_on=mixed,engine,ceiling  # the sections run with step_graphs on (off runs all three)
+serve_sections=mixed,engine,ceiling
+sections_on=$serve_sections  # those run again with step_graphs on
 if [ "${SMOKE:-0}" = 1 ]; then
     batches=(1 50) repeats=2 overhead_repeats=1 subset=(--test-subset 200)
     serve=(--clients 4 --duration 2 --warmup 1 --repeats 1 --max-images 8 --engine-clients 4 --engine-seconds 2)
@@ -50,7 +51,7 @@ checkpoint=checkpoints/odenet-mnist.pt
 "$PYTHON" -m training evaluate "$checkpoint" --data-dir "$DATA" --device "$DEVICE" "${subset[@]}" \
     --out "$RESULTS" | tee "$RESULTS/evaluate.txt"
 for graphs in off on; do
-    sections=mixed,engine,ceiling
+    sections=$serve_sections
     [ "$graphs" = on ] && sections=$sections_on
     "$PYTHON" bench/serve_load.py --data-dir "$DATA" --sections "$sections" --step-graphs "$graphs" "${serve[@]}" \
         --out "$RESULTS/step-graphs-$graphs" | tee "$RESULTS/serve_load_step_graphs_$graphs.txt"

@@ -299,13 +299,9 @@ def test_metadata_health_and_repository(stubs):
     assert {m.name for m in index.models} == {CLASSIFIER, *DENSITIES} and {m.state for m in index.models} == {"READY"}
 
 
-def _venv(tmp_path_factory, name: str, requirement: str) -> Path:
-    return stock_client_venv(tmp_path_factory.mktemp(name) / "venv", requirement)
-
-
 @pytest.fixture(scope="session")
 def kserve_venv(tmp_path_factory) -> Path:
-    return _venv(tmp_path_factory, "kserve", "kserve")
+    return stock_client_venv(tmp_path_factory.mktemp("kserve") / "venv", "kserve")
 
 
 def _report(venv: Path, script: str, server, mnist_dir: Path) -> dict:
